@@ -1,0 +1,42 @@
+"""Fixtures shared by every test file: real sockets, real processes, nothing left behind."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Tests never talk to the W&B servers: offline mode writes the run files locally, and we read them back.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def free_tcp_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def tcp_endpoint() -> str:
+    """A fresh loopback endpoint for one test."""
+    return f"tcp://127.0.0.1:{free_tcp_port()}"
+
+
+@pytest.fixture
+def subprocess_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for child processes: repo on the path, wandb offline into tmp_path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    env["WANDB_MODE"] = "offline"
+    env["WANDB_SILENT"] = "true"
+    env["WANDB_DIR"] = str(tmp_path)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
