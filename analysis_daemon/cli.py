@@ -1,0 +1,210 @@
+"""Command line of the analysis daemon.
+
+    analysis-daemon --listen tcp://127.0.0.1:5555 --results-dir runs      (same as python -m analysis_daemon)
+    analysis-daemon keygen DIR --name daemon                                (CurveZMQ keypair, via protocol)
+
+torch is imported only after the thread settings are in place: OMP_WAIT_POLICY=PASSIVE must be in the
+environment before libgomp loads (busy-waiting OpenMP threads in two processes on the same cores
+double the trainer's step time, see DESIGN.md), and it cannot be changed once torch is imported.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+LOGGER = "embedding_monitor.daemon"
+
+
+def default_threads() -> int:
+    """Half the CPU cores this process may run on (at least 1): the rest stay free for a trainer."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores // 2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (every option has help text; tests check it)."""
+    p = argparse.ArgumentParser(
+        prog="analysis-daemon",
+        description="Receive embedding snapshots from trainers, measure drift and geometry, and report "
+                    "each result to the console, <results-dir>/<run>/analysis.jsonl and W&B. "
+                    "`analysis-daemon keygen DIR [--name NAME]` makes a CurveZMQ keypair.",
+        epilog="W&B follows wandb's own settings: WANDB_MODE (online/offline/disabled), WANDB_PROJECT, "
+               "WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_DIR, WANDB_API_KEY; a trainer's hello message, "
+               "when it names a project and group, takes precedence.")
+    net = p.add_argument_group("network")
+    net.add_argument("--listen", default="tcp://127.0.0.1:5555", metavar="ENDPOINT",
+                     help="ZeroMQ endpoint to bind (tcp://HOST:PORT or ipc:///path; default: %(default)s)")
+    net.add_argument("--curve-secret", type=Path, metavar="FILE",
+                     help="the daemon's CurveZMQ secret key file (NAME.key_secret from `analysis-daemon "
+                          "keygen`); enables authentication and encryption")
+    net.add_argument("--curve-authorized-dir", type=Path, metavar="DIR",
+                     help="directory of the trainers' public keys (*.key) allowed to connect "
+                          "(required with --curve-secret)")
+    net.add_argument("--allow-insecure", action="store_true",
+                     help="allow binding a non-loopback tcp endpoint without CurveZMQ (trusted networks only)")
+    net.add_argument("--max-rows", type=int, metavar="V",
+                     help="reject snapshots with more rows (vocabulary size) than this")
+    net.add_argument("--max-cols", type=int, metavar="D",
+                     help="reject snapshots with more columns (embedding width) than this")
+    net.add_argument("--max-bytes", type=int, metavar="N",
+                     help="reject snapshots whose tensor has more bytes than this")
+
+    ana = p.add_argument_group("analysis")
+    ana.add_argument("--threshold", type=float, default=0.7,
+                     help="cosine similarity above which two tokens count as neighbours (default: %(default)s)")
+    ana.add_argument("--chunk-size", type=int, default=512,
+                     help="rows per block of the pairwise similarity pass; memory is O(chunk x V) "
+                          "(default: %(default)s)")
+    ana.add_argument("--top-k", type=int, default=50,
+                     help="how many most/least drifted tokens to report (default: %(default)s)")
+    ana.add_argument("--threads", type=int, default=None,
+                     help="torch threads for the analysis (default: half the usable cores, at least 1, "
+                          f"here {default_threads()}, leaving the rest to a trainer on the same host)")
+    ana.add_argument("--nice", type=int, default=10,
+                     help="raise the process's niceness by this much so a trainer on the same host wins "
+                          "the CPU (default: %(default)s; 0 keeps the priority)")
+    ana.add_argument("--progress-interval", type=float, default=5.0, metavar="SECONDS",
+                     help="log a progress line this often during a long analysis (default: %(default)s)")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--results-dir", type=Path, default=Path("runs"),
+                     help="results go to RESULTS_DIR/<run>/analysis.jsonl (default: %(default)s)")
+    out.add_argument("--state-dir", type=Path,
+                     help="keep each run's latest snapshot here so drift continues across a restart")
+    out.add_argument("--log-file", type=Path, help="also write the log to this file")
+    out.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                     help="log level (default: %(default)s)")
+    out.add_argument("--no-console", action="store_true",
+                     help="do not print the summary block of each result on stdout")
+    out.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=True,
+                     help="log results to W&B, one wandb run per trainer run (default: on; "
+                          "WANDB_MODE=disabled also turns it off)")
+    out.add_argument("--wandb-project",
+                     help="W&B project when the trainer's hello names none (default: WANDB_PROJECT, "
+                          "else embedding-monitor)")
+
+    life = p.add_argument_group("lifecycle")
+    life.add_argument("--exit-on-end", action="store_true",
+                      help="exit 0 once every run that connected has sent `end` and its work is done")
+    life.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
+                      help="on SIGTERM/SIGINT, let the running analysis finish for this long, then "
+                           "abandon it (default: %(default)s)")
+    return p
+
+
+def setup_logging(level: str, log_file: Path | None) -> logging.Logger:
+    """stderr (and optionally a file) handlers on the daemon's logger."""
+    logger = logging.getLogger(LOGGER)
+    logger.setLevel(level)
+    fmt = logging.Formatter("%(asctime)s analysis-daemon %(levelname)s %(message)s")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        logger.addHandler(h)
+    logger.propagate = False
+    return logger
+
+
+def _ensure_passive_omp(argv: list[str]) -> None:
+    # Importing the analysis_daemon package may already have loaded torch (its __init__ re-exports the
+    # math); libgomp read OMP_WAIT_POLICY then. If it was unset, re-run ourselves with it set.
+    if "OMP_WAIT_POLICY" in os.environ:
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    if "torch" in sys.modules:
+        os.execv(sys.executable, [sys.executable, "-m", "analysis_daemon", *argv])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `analysis-daemon` / `python -m analysis_daemon`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["keygen"]:
+        from protocol.keygen import main as keygen_main
+        return keygen_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    _ensure_passive_omp(argv)
+    log = setup_logging(args.log_level, args.log_file)
+
+    import torch  # only now: see the module docstring
+
+    from protocol import DEFAULT_LIMITS, CurveServer
+
+    from .daemon import Daemon, DaemonConfig
+    from .sinks import Sink, SinkSet
+    from .sinks.console import ConsoleSink
+    from .sinks.jsonl import JsonlSink
+    from .worker import AnalysisSettings
+
+    def fail(message: str) -> int:
+        print(f"Error: {message}", file=sys.stderr)
+        return 2
+
+    for name in ("threshold", "chunk_size", "top_k", "threads", "max_rows", "max_cols", "max_bytes"):
+        value = getattr(args, name)
+        if value is not None and name != "threshold" and value < 1:
+            return fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    threads = args.threads or default_threads()
+    torch.set_num_threads(threads)
+    if args.nice > 0:
+        try:
+            os.nice(args.nice)
+        except OSError as exc:
+            log.warning("could not lower the priority (--nice %d): %s", args.nice, exc)
+
+    limits = DEFAULT_LIMITS
+    overrides = {k: v for k, v in (("max_rows", args.max_rows), ("max_cols", args.max_cols),
+                                   ("max_payload_bytes", args.max_bytes)) if v is not None}
+    if overrides:
+        from dataclasses import replace
+        limits = replace(DEFAULT_LIMITS, **overrides)
+
+    curve = None
+    if args.curve_secret or args.curve_authorized_dir:
+        if not (args.curve_secret and args.curve_authorized_dir):
+            return fail("CurveZMQ needs both --curve-secret and --curve-authorized-dir")
+        try:
+            curve = CurveServer(args.curve_secret, args.curve_authorized_dir)
+        except ValueError as exc:
+            return fail(str(exc))
+
+    sinks: list[Sink] = [JsonlSink(args.results_dir)]
+    if not args.no_console:
+        sinks.insert(0, ConsoleSink())
+    if args.wandb and os.environ.get("WANDB_MODE", "").lower() != "disabled":
+        from .sinks.wandb_sink import WandbSink
+        sinks.append(WandbSink(default_project=args.wandb_project,
+                               close_timeout=max(args.shutdown_grace, 30.0),
+                               config={"threshold": args.threshold, "chunk_size": args.chunk_size,
+                                       "top_k": args.top_k, "threads": threads}))
+    config = DaemonConfig(
+        listen=args.listen, limits=limits, exit_on_end=args.exit_on_end, state_dir=args.state_dir,
+        shutdown_grace=args.shutdown_grace, curve=curve, allow_insecure=args.allow_insecure,
+        analysis=AnalysisSettings(threshold=args.threshold, chunk_size=args.chunk_size,
+                                  top_k=args.top_k, progress_interval=args.progress_interval))
+    log.info("starting: %d analysis thread(s), nice +%d, OMP_WAIT_POLICY=%s, sinks: %s", threads,
+             max(args.nice, 0), os.environ.get("OMP_WAIT_POLICY"), ", ".join(s.name for s in sinks))
+    try:
+        daemon = Daemon(config, SinkSet(sinks))
+        return daemon.serve()
+    except ValueError as exc:  # bad endpoint, insecure endpoint refused
+        SinkSet(sinks).close()
+        return fail(str(exc))
+    except Exception as exc:
+        import zmq
+        if isinstance(exc, zmq.ZMQError):
+            SinkSet(sinks).close()
+            return fail(f"cannot listen on {args.listen}: {exc} (is another daemon running there?)")
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

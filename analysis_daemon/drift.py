@@ -1,0 +1,156 @@
+"""Semantic drift between two embedding snapshots: orthogonal Procrustes on centred rows, then per-token change.
+
+Semantics (DESIGN.md, "Semantics of the numbers"): centre both snapshots, find the orthogonal R minimising
+||X_c R - Y_c||_F (from the SVD of X_c^T Y_c), and compare X_c R with Y_c row by row. So Y = X Q + b
+(any orthogonal Q, any translation b) gives cosine 1 and distance 0 for every token, up to rounding.
+"""
+from __future__ import annotations
+
+import math
+from typing import Final
+
+import torch
+
+# Rows are processed this many at a time so float64 temporaries stay small (O(rows x d), not O(V x d)).
+_ROWS: Final = 4096
+# A centred row shorter than this fraction of the snapshot's scale is float32 rounding noise: no direction.
+_DEGENERATE_REL: Final = 1e-6
+
+
+class DriftShapeMismatch(ValueError):
+    """The two snapshots cannot be compared token by token: their shapes differ (or are not 2-D)."""
+
+
+def _as_float32(t: torch.Tensor) -> torch.Tensor:
+    """`t` as a float32 CPU tensor, without a copy when it already is one."""
+    return t.detach().to("cpu", torch.float32)
+
+
+def _finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """Which rows of `x` are all finite: one summing pass, the exact check only where a row sum is not finite."""
+    finite = torch.ones(x.shape[0], dtype=torch.bool)
+    suspect = ~torch.isfinite(x.sum(dim=1))  # a non-finite entry always spoils the sum; overflow may too
+    if suspect.any():
+        finite[suspect] = torch.isfinite(x[suspect]).all(dim=1)
+    return finite
+
+
+def _power_of_two_scale(x: torch.Tensor) -> float:
+    """1.0 for ordinary magnitudes, else the power of two nearest above the largest |entry|."""
+    if x.numel() == 0:
+        return 1.0
+    lo, hi = torch.aminmax(x)
+    biggest = max(-float(lo), float(hi))
+    if biggest == 0.0 or 2.0**-40 <= biggest <= 2.0**40:
+        return 1.0
+    return 2.0 ** math.frexp(biggest)[1]
+
+
+def _column_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of the rows of `x`, summed in float64 chunk by chunk (no float64 copy of the whole matrix)."""
+    acc = torch.zeros(x.shape[1], dtype=torch.float64)
+    for a in range(0, x.shape[0], _ROWS):
+        acc += x[a : a + _ROWS].sum(dim=0, dtype=torch.float64)
+    return acc / x.shape[0]
+
+
+def _token_list(ids: torch.Tensor, cos: torch.Tensor) -> list[list]:
+    """[[token_id, cosine], ...] as plain Python numbers (JSON-ready)."""
+    return [[int(i), float(c)] for i, c in zip(ids.tolist(), cos.tolist())]
+
+
+@torch.no_grad()
+def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 50) -> dict:
+    """Per-token drift from snapshot `prev` (X) to snapshot `curr` (Y), both (V, d), after Procrustes alignment.
+
+    Contract:
+    - Raises DriftShapeMismatch (a ValueError) when the shapes differ or are not 2-D; the message names
+      both shapes. Raises ValueError for a negative top_k. Never returns NaN.
+    - Rows with a non-finite entry in either snapshot are left out of the fit and of every statistic,
+      counted in `nonfinite_rows`.
+    - A row whose centred vector (in X or in Y) is zero, up to float32 rounding, has no direction: it is
+      left out of `average_cosine_similarity` and the token lists, counted in `degenerate_rows`, and kept
+      in `average_euclidean_distance`.
+    - `most_drifted_tokens`: the top_k lowest cosines, ascending; `least_drifted_tokens`: the top_k
+      highest, descending; each a list of [token_id, cosine] with token_id the row index in the input;
+      ties keep token order. Averages are None (and lists empty) when no row qualifies.
+    Inputs may be float16/bfloat16/float32/float64; the work is float32 with float64 sums (float64 values
+    beyond float32's range count as non-finite).
+    """
+    if prev.dim() != 2 or curr.dim() != 2 or prev.shape != curr.shape:
+        raise DriftShapeMismatch(
+            f"snapshot shapes differ: prev {list(prev.shape)} vs curr {list(curr.shape)}; drift needs equal (V, d)"
+        )
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be a non-negative integer, got {top_k!r}")
+    v = prev.shape[0]
+    x = _as_float32(prev)
+    y = _as_float32(curr)
+    finite = _finite_rows(x) & _finite_rows(y)
+    n = int(finite.sum())
+    result: dict = {
+        "rows": v,
+        "nonfinite_rows": v - n,
+        "degenerate_rows": 0,
+        "average_cosine_similarity": None,
+        "average_euclidean_distance": None,
+        "most_drifted_tokens": [],
+        "least_drifted_tokens": [],
+    }
+    if n == 0:
+        return result
+    ids = None
+    if n < v:
+        ids = finite.nonzero().squeeze(1)
+        x, y = x[ids], y[ids]
+
+    # Extreme magnitudes are brought near 1 by an exact power of two, so no float32 step below can
+    # overflow or underflow; the float64 comparison undoes it.
+    scale_x, scale_y = _power_of_two_scale(x), _power_of_two_scale(y)
+    if scale_x != 1.0:
+        x = x * (1.0 / scale_x)
+    if scale_y != 1.0:
+        y = y * (1.0 / scale_y)
+    mean_x, mean_y = _column_mean(x), _column_mean(y)
+    xc = x - mean_x.float()
+    yc = y - mean_y.float()
+    # X_c^T Y_c is d x d: chunks of float32 products summed in float64; its SVD in float64 is cheap.
+    m = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    for a in range(0, n, _ROWS):
+        m += (xc[a : a + _ROWS].T @ yc[a : a + _ROWS]).double()
+    u, _, vh = torch.linalg.svd(m)
+    rot = (u @ vh).float()
+
+    cos = torch.empty(n, dtype=torch.float64)
+    dist = torch.empty(n, dtype=torch.float64)
+    norm_x = torch.empty(n, dtype=torch.float64)
+    norm_y = torch.empty(n, dtype=torch.float64)
+    for a in range(0, n, _ROWS):
+        xr = (xc[a : a + _ROWS] @ rot).double()
+        yr = yc[a : a + _ROWS].double()
+        if scale_x != 1.0 or scale_y != 1.0:
+            xr, yr = xr * scale_x, yr * scale_y
+        b = a + xr.shape[0]
+        norm_x[a:b] = torch.linalg.vector_norm(xr, dim=1)
+        norm_y[a:b] = torch.linalg.vector_norm(yr, dim=1)
+        dist[a:b] = torch.linalg.vector_norm(xr - yr, dim=1)
+        cos[a:b] = (xr * yr).sum(dim=1)
+    # Rounding in the centring is ~eps * (|mean| + |row|); a centred norm this small is that noise.
+    size_x = scale_x * float(mean_x.norm()) + float(norm_x.square().mean().sqrt())
+    size_y = scale_y * float(mean_y.norm()) + float(norm_y.square().mean().sqrt())
+    directed = (norm_x > _DEGENERATE_REL * size_x) & (norm_y > _DEGENERATE_REL * size_y)
+    result["degenerate_rows"] = n - int(directed.sum())
+    result["average_euclidean_distance"] = float(dist.mean())
+
+    keep = directed.nonzero().squeeze(1)
+    if keep.numel() == 0:
+        return result
+    cos = (cos[keep] / (norm_x[keep] * norm_y[keep])).clamp_(-1.0, 1.0)
+    token_ids = keep if ids is None else ids[keep]
+    result["average_cosine_similarity"] = float(cos.mean())
+    k = min(top_k, cos.numel())
+    order = torch.sort(cos, stable=True).indices
+    result["most_drifted_tokens"] = _token_list(token_ids[order[:k]], cos[order[:k]])
+    order = torch.sort(cos, descending=True, stable=True).indices
+    result["least_drifted_tokens"] = _token_list(token_ids[order[:k]], cos[order[:k]])
+    return result

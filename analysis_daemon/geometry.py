@@ -1,0 +1,302 @@
+"""Embedding geometry: statistics of all pairwise cosines between rows, streamed one row chunk at a time.
+
+Semantics (DESIGN.md, "Semantics of the numbers"): rows are L2-normalised; the statistics run over all
+ordered pairs (i, j), i != j, of valid rows (rows with a non-finite entry and all-zero rows are left out
+and counted). Memory stays O(chunk_size x V): no V x V matrix is ever held.
+
+How the chunked pass stays close to the cost of the matmul itself:
+- Only one triangle of blocks is computed: row chunk r0:r1 against columns r0:V. The square part of
+  that block holds both orders of its pairs, the rest stands for its mirror image too, so it counts twice.
+- The histogram's affine map is folded into the matmul: with A = [k*u_i, c] and B = [u_j, 1] one product
+  gives x = k*cos + c, where k = bins / (hi - lo) and c puts every cosine in [-1, 1] strictly inside
+  (0, 255). Casting x to uint8 then floors it (x > 0), and one bincount over 256 values gives every bin,
+  the values below and above the range, at about 1 ns per similarity instead of ~5 for histc.
+- The mean and std come from O(V d^2) sums (`pairwise_moments`), not from the pass.
+- With the default threshold 0.7 lying on a bin edge, the neighbour count comes from the same bincount.
+"""
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from typing import Callable, Final
+
+import torch
+
+HIST_BINS: Final = 100
+HIST_RANGE: Final = (-0.5, 1.0)
+# Rows are normalised and packed this many at a time, to bound the float32/float64 temporaries.
+_PREP_ROWS: Final = 4096
+# Padding the matmul's inner dimension to a multiple of 16 floats keeps the rows 64-byte aligned.
+_INNER_ALIGN: Final = 16
+
+
+def _check_weights(weights: torch.Tensor) -> None:
+    """Raise ValueError unless `weights` is a 2-D float tensor."""
+    if weights.dim() != 2:
+        raise ValueError(f"embedding weights must be 2-D (V, d), got shape {list(weights.shape)}")
+    if not weights.dtype.is_floating_point:
+        raise ValueError(f"embedding weights must be a float tensor, got {weights.dtype}")
+
+
+def _finite_rows(w: torch.Tensor, row_reduction: torch.Tensor) -> torch.Tensor:
+    """Which rows of `w` are all finite, given a reduction of each row (sum, norm) that is finite for them.
+
+    A non-finite entry always makes the row's reduction non-finite, so only those rows need the exact
+    (three-pass) isfinite check; a finite row whose reduction overflowed is found finite there.
+    """
+    finite = torch.ones(w.shape[0], dtype=torch.bool)
+    suspect = ~torch.isfinite(row_reduction)
+    if suspect.any():
+        finite[suspect] = torch.isfinite(w[suspect]).all(dim=1)
+    return finite
+
+
+def _valid_unit_rows(weights: torch.Tensor, extra_cols: int = 0) -> tuple[torch.Tensor, int, int]:
+    """Pack the L2-normalised valid rows of `weights` into a new float32 (n, d + extra_cols) buffer.
+
+    Returns (buffer, nonfinite_rows, zero_rows); the first n rows of the buffer are the unit rows, in
+    the original order, with zeros in the extra columns. Rows whose float32 norm overflows or underflows
+    (finite values beyond ~1e19 or below ~1e-19) are normalised in float64 instead of becoming inf or 0.
+    Values outside float32's range (float64 input) become inf in float32 and count as non-finite.
+    """
+    _check_weights(weights)
+    v, d = weights.shape
+    out = torch.empty(v, d + extra_cols, dtype=torch.float32)
+    out[:, d:] = 0.0
+    n = nonfinite = zero = 0
+    for a in range(0, v, _PREP_ROWS):
+        w = weights[a : a + _PREP_ROWS].detach().to("cpu", torch.float32)
+        norms = torch.linalg.vector_norm(w, dim=1)
+        finite = _finite_rows(w, norms)
+        unsafe = finite & ~(norms.isfinite() & (norms > 1e-18))
+        w = w / norms[:, None]  # unsafe rows come out inf/nan here and are redone just below
+        if unsafe.any():  # rare: norms in float64, where squares of float32 values never overflow/underflow
+            w64 = weights[a : a + _PREP_ROWS][unsafe].detach().to("cpu", torch.float64)
+            norms64 = torch.linalg.vector_norm(w64, dim=1, keepdim=True)
+            w[unsafe] = torch.where(norms64 > 0, w64 / norms64, 0.0).float()
+            norms[unsafe] = (norms64.squeeze(1) > 0).float()
+        nonzero = norms > 0
+        keep = finite & nonzero
+        nonfinite += int((~finite).sum())
+        zero += int((finite & ~nonzero).sum())
+        m = int(keep.sum())
+        out[n : n + m, :d] = w if m == w.shape[0] else w[keep]
+        n += m
+    return out[:n], nonfinite, zero
+
+
+def _moments_of_unit_rows(u: torch.Tensor) -> tuple[int, float | None, float | None]:
+    """(pairs, mean, std with ddof=1) of cos(u_i, u_j) over ordered pairs i != j, from O(n d^2) sums.
+
+    sum_{i != j} u_i.u_j = ||sum_i u_i||^2 - sum_i ||u_i||^2 and
+    sum_{i != j} (u_i.u_j)^2 = ||U^T U||_F^2 - sum_i ||u_i||^4 (or ||U U^T||_F^2 when n < d).
+    All in float64, chunk by chunk: the variance is a difference of two large sums, and a float32 Gram
+    matrix would leave an error of ~sqrt(1e-7) in the std when every cosine is nearly the same.
+    """
+    n, d = u.shape
+    pairs = n * (n - 1)
+    if n < 2:
+        return pairs, None, None
+    row_sum = torch.zeros(d, dtype=torch.float64)
+    sq_norms = torch.empty(n, dtype=torch.float64)
+    gram = torch.zeros(min(n, d), min(n, d), dtype=torch.float64)
+    if n < d:  # small n: the n x n Gram matrix has the same Frobenius norm and costs less
+        u64 = u.double()
+        torch.mm(u64, u64.T, out=gram)
+        row_sum = u64.sum(dim=0)
+        sq_norms = gram.diagonal().clone()
+    else:
+        for a in range(0, n, _PREP_ROWS):
+            c = u[a : a + _PREP_ROWS].double()
+            gram.addmm_(c.T, c)
+            row_sum += c.sum(dim=0)
+            sq_norms[a : a + c.shape[0]] = c.square().sum(dim=1)
+    total = float(row_sum.square().sum()) - float(sq_norms.sum())
+    total_sq = float(gram.square().sum()) - float(sq_norms.square().sum())
+    mean = total / pairs
+    # pairs >= 2 here, so the ddof=1 denominator is positive; rounding can leave a tiny negative variance.
+    var = max(0.0, (total_sq - pairs * mean * mean) / (pairs - 1))
+    return pairs, mean, math.sqrt(var)
+
+
+@torch.no_grad()
+def pairwise_moments(weights: torch.Tensor) -> dict:
+    """Mean and std (ddof=1) of all pairwise cosines of the valid rows, in O(V d^2) instead of O(V^2 d).
+
+    Pairs are ordered, i != j, as in `analyze_embedding_geometry`; with fewer than 2 valid rows there
+    are no pairs and mean/std are None.
+    """
+    u, nonfinite, zero = _valid_unit_rows(weights)
+    pairs, mean, std = _moments_of_unit_rows(u)
+    return {
+        "rows": int(weights.shape[0]),
+        "valid_rows": int(u.shape[0]),
+        "nonfinite_rows": nonfinite,
+        "zero_rows": zero,
+        "pairs": pairs,
+        "mean_similarity": mean,
+        "std_similarity": std,
+    }
+
+
+def _bincount_u8(flat: torch.Tensor, pool: ThreadPoolExecutor | None, parts: int) -> torch.Tensor:
+    """bincount of a contiguous uint8 tensor over 256 values, split across `parts` threads when pooled.
+
+    torch's bincount runs on one core; torch ops release the GIL, so slices counted in pool threads
+    run side by side. The caller sizes the pool to torch's own thread count, so no extra core is used.
+    """
+    if pool is None or flat.numel() < (1 << 20):
+        return torch.bincount(flat, minlength=256)
+    step = -(-flat.numel() // parts)
+    futures = [pool.submit(torch.bincount, flat[a : a + step], None, 256) for a in range(step, flat.numel(), step)]
+    total = torch.bincount(flat[:step], minlength=256)
+    for f in futures:
+        total += f.result()
+    return total
+
+
+def _bin_map(lo: float, hi: float, bins: int) -> tuple[float, int]:
+    """Scale k and integer offset `off` such that x = k*(cos - lo) + off lies in (0, 255) for |cos| <= 1.
+
+    Bin b then holds floor(x) == off + b; floor(x) < off is below the range. One unit of margin each
+    side covers cosines a rounding error beyond +-1.
+    """
+    k = bins / (hi - lo)
+    off = max(1, math.ceil(k * (lo + 1.0)) + 1)
+    if k * (1.0 - lo) + off >= 254:
+        raise ValueError(f"histogram of {bins} bins on [{lo}, {hi}] does not fit the 8-bit bin index")
+    return k, off
+
+
+def _triangle_pass(
+    packed: torch.Tensor,
+    d: int,
+    k: float,
+    c: float,
+    chunk_size: int,
+    counts: torch.Tensor,
+    x_threshold: float,
+    aligned: bool,
+    pool: ThreadPoolExecutor | None,
+    threads: int,
+    progress: Callable[[float], None] | None,
+) -> int:
+    """Stream one triangle of similarity blocks: add the x = k*cos + c bin counts of all ordered pairs
+    i != j into `counts` (256 uint8 bins) and return the count of x > x_threshold (0 when `aligned`)."""
+    n, inner = packed.shape
+    packed[:, d] = 1.0
+    m_max = min(chunk_size, n)
+    a_buf = torch.zeros(m_max, inner, dtype=torch.float32)
+    a_buf[:, d] = c
+    # One block buffer each, reused: no 100 MB allocation (and its page faults) per chunk.
+    x_buf = torch.empty(m_max * n, dtype=torch.float32)
+    q_buf = torch.empty(m_max * n, dtype=torch.uint8)
+    above = 0
+    total_work = n * (n + 1) // 2
+    done = 0
+    for r0 in range(0, n, chunk_size):
+        r1 = min(r0 + chunk_size, n)
+        m, cols = r1 - r0, n - r0
+        a = a_buf[:m]
+        torch.mul(packed[r0:r1, :d], k, out=a[:, :d])
+        x = x_buf[: m * cols].view(m, cols)
+        torch.mm(a, packed[r0:].T, out=x)
+        q = q_buf[: m * cols].view(m, cols)
+        q.copy_(x)  # float -> uint8 truncates, i.e. floors since x > 0
+        square = q[:, :m]
+        # Whole block twice (its mirror image is never computed), minus the square once (it holds
+        # both orders already), minus the diagonal (self-similarity is not a pair).
+        counts += 2 * _bincount_u8(q.view(-1), pool, threads)
+        counts -= torch.bincount(square.reshape(-1), minlength=256)
+        counts -= torch.bincount(square.diagonal(), minlength=256)
+        if not aligned:
+            xs = x[:, :m]
+            above += 2 * int(torch.count_nonzero(x > x_threshold))
+            above -= int(torch.count_nonzero(xs > x_threshold))
+            above -= int(torch.count_nonzero(xs.diagonal() > x_threshold))
+        done += m * cols - m * (m - 1) // 2
+        if progress is not None:
+            progress(done / total_work)
+    return above
+
+
+@torch.no_grad()
+def analyze_embedding_geometry(
+    weights: torch.Tensor,
+    threshold: float = 0.7,
+    chunk_size: int = 512,
+    *,
+    progress: Callable[[float], None] | None = None,
+) -> dict:
+    """Histogram, mean/std and neighbour density of all pairwise cosines of the rows of `weights` (V, d).
+
+    - Pairs: ordered (i, j), i != j, over valid rows (non-finite or all-zero rows are excluded and
+      counted in `nonfinite_rows` / `zero_rows`); `pairs` = n(n-1) for n valid rows.
+    - `local_density.average_neighborhood_size` = (#pairs with cos > threshold) / n; 0.0 when n == 0.
+    - `global_sparsity.histogram_counts`: 100 equal bins on [-0.5, 1.0], each [left, right) except the
+      last, which is closed (numpy's convention; exact duplicates, cos == 1, land there).
+      `below_range_count` / `above_range_count` hold the rest, so counts + below + above == pairs.
+    - `mean_similarity` / `std_similarity` (ddof=1) over the same pairs, from `pairwise_moments`' sums;
+      None when there are no pairs (n < 2).
+    Cosines within ~1e-6 of a bin edge or of the threshold may fall on either side (float32 matmul).
+    Memory is O(chunk_size x n). `progress(fraction_done)` is called after each row chunk; an exception
+    it raises propagates and abandons the analysis (nothing is left half-updated outside this call).
+    Inputs may be float16/bfloat16/float64: the pass runs in float32, the sums in float64.
+    """
+    threshold = float(threshold)
+    if not math.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number, got {threshold}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    lo, hi = HIST_RANGE
+    k, off = _bin_map(lo, hi, HIST_BINS)
+    c = off - k * lo  # x = k*cos + c
+
+    _check_weights(weights)
+    d = weights.shape[1]
+    inner = -(-(d + 1) // _INNER_ALIGN) * _INNER_ALIGN
+    packed, nonfinite, zero = _valid_unit_rows(weights, extra_cols=inner - d)
+    n = packed.shape[0]
+    pairs, mean, std = _moments_of_unit_rows(packed[:, :d])
+
+    counts = torch.zeros(256, dtype=torch.int64)
+    # Default threshold: on a bin edge j, "cos > threshold" is "floor(x) >= off + j" up to rounding, so
+    # the bincount already holds the count; elsewhere one extra comparison pass per block is needed.
+    edge = k * (threshold - lo)
+    aligned = abs(edge - round(edge)) < 1e-9 and 0 <= round(edge) < HIST_BINS
+    x_threshold = k * threshold + c
+    above_threshold = 0
+
+    if n >= 2:
+        threads = torch.get_num_threads()
+        with ThreadPoolExecutor(threads - 1) if threads > 1 else nullcontext() as pool:
+            above_threshold = _triangle_pass(
+                packed, d, k, c, chunk_size, counts, x_threshold, aligned, pool, threads, progress
+            )
+    if aligned:
+        above_threshold = int(counts[off + round(edge) :].sum())
+
+    hist = counts[off : off + HIST_BINS].clone()
+    hist[-1] += counts[off + HIST_BINS]  # cos == 1 up to rounding: the closed last bin
+    edges = torch.linspace(lo, hi, HIST_BINS + 1, dtype=torch.float64)
+    return {
+        "rows": int(weights.shape[0]),
+        "valid_rows": n,
+        "nonfinite_rows": nonfinite,
+        "zero_rows": zero,
+        "pairs": pairs,
+        "local_density": {
+            "average_neighborhood_size": above_threshold / n if n else 0.0,
+            "threshold": threshold,
+            "neighbor_pairs": above_threshold,
+        },
+        "global_sparsity": {
+            "histogram_counts": [int(v) for v in hist],
+            "histogram_bins": edges.tolist(),
+            "mean_similarity": mean,
+            "std_similarity": std,
+            "below_range_count": int(counts[:off].sum()),
+            "above_range_count": int(counts[off + HIST_BINS + 1 :].sum()),
+        },
+    }

@@ -1,0 +1,77 @@
+"""Console sink: the readable summary block per result, on stdout."""
+from __future__ import annotations
+
+import sys
+from typing import IO, Any
+
+from . import Sink
+
+_SHOW_TOKENS = 5  # tokens listed per direction; the full lists are in the JSONL file
+
+
+def _num(value: Any, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _tokens(pairs: list[list[Any]], strings: list[str] | None) -> str:
+    shown = []
+    for i, (token_id, cos) in enumerate(pairs[:_SHOW_TOKENS]):
+        label = f"{strings[i]!r} ({token_id})" if strings and i < len(strings) else f"#{token_id}"
+        shown.append(f"{label} {cos:.4f}" if cos is not None else f"{label} n/a")
+    return ", ".join(shown)
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """The summary block for one result (the seed's format, extended)."""
+    lines = [f"--- ASYNC ANALYSIS RESULTS FOR ITERATION {result['iter']} (run {result['run']}) ---"]
+    drift = result.get("drift")
+    if drift:
+        lines.append(f"  [Drift] vs iter {result['prev_iter']}: Average Cosine Similarity "
+                     f"{_num(drift['average_cosine_similarity'], '.4f')}, Average Euclidean Distance "
+                     f"{_num(drift['average_euclidean_distance'], '.4f')}")
+        lines.append("  [Drift] Most drifted: " + _tokens(drift.get("most_drifted_tokens") or [],
+                                                          drift.get("most_drifted_token_strings")))
+        lines.append("  [Drift] Least drifted: " + _tokens(drift.get("least_drifted_tokens") or [],
+                                                           drift.get("least_drifted_token_strings")))
+    else:
+        lines.append(f"  [Drift] not measured: {result.get('drift_skipped_reason')}")
+    geom = result.get("geometry")
+    if geom:
+        density, sparsity = geom["local_density"], geom["global_sparsity"]
+        mean, std = sparsity.get("mean_similarity"), sparsity.get("std_similarity")
+        lines.append(f"  [Geometry] Avg Neighbors (Galaxy Size): "
+                     f"{_num(density['average_neighborhood_size'], '.2f')} (cosine > {density['threshold']})")
+        lines.append(f"  [Geometry] Mean Similarity (Universe Sparsity): {_num(mean, '.4f')} "
+                     f"(std {_num(std, '.4f')})")
+    else:
+        lines.append(f"  [Geometry] not measured: {result.get('geometry_error')}")
+    if result.get("non_finite", {}).get("values"):
+        nf = result["non_finite"]
+        lines.append(f"  [Input] {nf['values']} non-finite values in {nf['rows']} rows")
+    c = result["counters"]
+    skipped = result.get("skipped_iters") or []
+    lines.append(f"  [Daemon] {result['shape'][0]}x{result['shape'][1]} {result['dtype']} analysed in "
+                 f"{result['seconds']:.2f} s; run counters: received {c['received']}, analysed "
+                 f"{c['analysed']}, skipped {c['skipped']}, rejected {c['rejected']}"
+                 + (f"; skipped iters {skipped}" if skipped else ""))
+    lines.append("--- END OF ASYNC ANALYSIS RESULTS ---")
+    return "\n".join(lines)
+
+
+class ConsoleSink(Sink):
+    """Prints the summary block of each result."""
+
+    name = "console"
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self.stream = stream
+
+    def handle(self, result: dict[str, Any]) -> None:
+        """Print `result`'s block and flush (launch.sh and tests read it live)."""
+        stream = self.stream or sys.stdout
+        stream.write("\n" + format_result(result) + "\n\n")
+        stream.flush()
+
+    def close(self) -> None:
+        """Flush the stream."""
+        (self.stream or sys.stdout).flush()

@@ -1,0 +1,208 @@
+"""W&B sink: one wandb run per trainer run, the training iteration as x-axis.
+
+wandb is imported and initialised on a thread of this sink's own, so a slow `wandb.init` (network,
+service start-up) delays neither the receive loop nor the other sinks. Runs are created with
+`reinit="create_new"` and used through their Run objects (never the global `wandb.log`), so one
+daemon process can feed several trainer runs at once. Every metric is tied to `analysis/iter` with
+`define_metric(step_metric=...)`: wandb's own step only counts calls, so a result that arrives late
+or out of order is still plotted at its training iteration instead of being dropped.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from typing import Any
+
+from . import Sink
+
+log = logging.getLogger("embedding_monitor.daemon")
+
+STEP_METRIC = "analysis/iter"
+JOB_TYPE = "embedding-analysis"
+_QUEUE_MAX = 256  # results waiting for wandb; beyond that wandb is hopelessly behind and we drop
+
+
+def wandb_run_settings(run: str, hello_wandb: dict[str, Any] | None,
+                       default_project: str | None) -> dict[str, Any]:
+    """The wandb.init keyword arguments for trainer run `run` (hello info first, then WANDB_* env)."""
+    info = hello_wandb or {}
+    trainer_id = info.get("run_id") or info.get("id")
+    project = info.get("project") or default_project or os.environ.get("WANDB_PROJECT")
+    group = info.get("group") or os.environ.get("WANDB_RUN_GROUP") or trainer_id or run
+    kwargs: dict[str, Any] = {
+        "project": project or "embedding-monitor",
+        "group": group,
+        "name": f"{info.get('name') or info.get('run_name') or run}-embeddings",
+        "job_type": JOB_TYPE,
+        "config": {"trainer_run": run, "trainer_wandb_run_id": trainer_id,
+                   "trainer_wandb_run_name": info.get("name") or info.get("run_name")},
+    }
+    entity = info.get("entity") or os.environ.get("WANDB_ENTITY")
+    if entity:
+        kwargs["entity"] = entity
+    return kwargs
+
+
+def metrics_for(result: dict[str, Any], wandb: Any) -> dict[str, Any]:
+    """The wandb log dict of one result (scalars, histogram, token tables, counters)."""
+    data: dict[str, Any] = {STEP_METRIC: result["iter"], "analysis/seconds": result["seconds"]}
+    if result.get("prev_iter") is not None:
+        data["analysis/prev_iter"] = result["prev_iter"]
+    drift = result.get("drift")
+    if drift:
+        for key, name in (("average_cosine_similarity", "drift_cosine_sim"),
+                          ("average_euclidean_distance", "drift_euclidean")):
+            if drift.get(key) is not None:  # None when no row was usable (all non-finite)
+                data[f"analysis/{name}"] = drift[key]
+        for kind in ("most", "least"):
+            pairs = drift.get(f"{kind}_drifted_tokens") or []
+            strings = drift.get(f"{kind}_drifted_token_strings")
+            rows = [[rank, int(tid), strings[rank] if strings and rank < len(strings) else None, cos]
+                    for rank, (tid, cos) in enumerate(pairs)]
+            data[f"analysis/drift_{kind}_drifted_tokens"] = wandb.Table(
+                columns=["rank", "token_id", "token", "cosine_similarity"], data=rows)
+    geom = result.get("geometry")
+    if geom:
+        density, sparsity = geom["local_density"], geom["global_sparsity"]
+        if density.get("average_neighborhood_size") is not None:
+            data["analysis/geom_avg_neighbors"] = density["average_neighborhood_size"]
+        for key, name in (("mean_similarity", "geom_mean_similarity"),
+                          ("std_similarity", "geom_std_similarity")):
+            if sparsity.get(key) is not None:
+                data[f"analysis/{name}"] = sparsity[key]
+        counts, bins = sparsity.get("histogram_counts"), sparsity.get("histogram_bins")
+        if counts is not None and bins is not None:
+            import numpy as np  # numpy arrays are what wandb.Histogram expects
+            data["analysis/geom_similarity_hist"] = wandb.Histogram(
+                np_histogram=(np.asarray(counts), np.asarray(bins)))
+    for key, value in result["counters"].items():
+        data[f"analysis/{key}"] = value
+    data["analysis/rejected_total"] = result["daemon_counters"]["rejected"]
+    data["analysis/skipped_since_last"] = len(result.get("skipped_iters") or [])
+    if result.get("non_finite") is not None:
+        data["analysis/non_finite_values"] = result["non_finite"]["values"]
+    return data
+
+
+class WandbSink(Sink):
+    """Logs results to W&B from a background thread; trouble is logged once and never stops analysis."""
+
+    name = "wandb"
+
+    def __init__(self, default_project: str | None = None, close_timeout: float = 30.0,
+                 config: dict[str, Any] | None = None) -> None:
+        self.default_project = default_project
+        self.config = dict(config or {})  # the daemon's analysis settings, stored in every wandb run
+        self.close_timeout = close_timeout
+        self._hello: dict[str, dict[str, Any] | None] = {}
+        self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=_QUEUE_MAX)
+        self._runs: dict[str, Any] = {}  # trainer run -> wandb Run
+        self._failed: set[str] = set()  # trainer runs whose wandb run could not be used
+        self._dropped = 0
+        self._thread = threading.Thread(target=self._loop, name="wandb-sink", daemon=True)
+        self._thread.start()
+
+    # --- called from the daemon's threads -------------------------------------------------------
+    def run_hello(self, run: str, hello: Any) -> None:
+        """Remember the trainer's wandb info for `run` (used when its wandb run is created)."""
+        self._put(("hello", run, getattr(hello, "wandb", None)))
+
+    def handle(self, result: dict[str, Any]) -> None:
+        """Queue `result` for logging (dropped, and counted, if wandb is far behind)."""
+        self._put(("result", result))
+
+    def run_ended(self, run: str, summary: dict[str, Any]) -> None:
+        """Finish `run`'s wandb run once its queued results are logged."""
+        self._put(("end", run, summary))
+
+    def close(self) -> None:
+        """Log what is queued, finish every wandb run, within `close_timeout` seconds."""
+        try:
+            self._queue.put(("close",), timeout=self.close_timeout)
+        except queue.Full:
+            pass
+        self._thread.join(self.close_timeout)
+        if self._thread.is_alive():
+            log.error("wandb: did not finish within %.0f s; giving up on its remaining data",
+                      self.close_timeout)
+
+    def _put(self, item: tuple[Any, ...]) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self._dropped += 1
+            if self._dropped == 1 or self._dropped % 100 == 0:
+                log.warning("wandb: %d item(s) dropped, wandb is not keeping up", self._dropped)
+
+    # --- the sink's own thread -------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            kind = item[0]
+            try:
+                if kind == "close":
+                    for run in list(self._runs):
+                        self._finish(run, None)
+                    return
+                if kind == "hello":
+                    self._hello[item[1]] = item[2]
+                elif kind == "result":
+                    self._log(item[1])
+                elif kind == "end":
+                    self._finish(item[1], item[2])
+            except Exception as exc:  # keep the thread alive whatever wandb does
+                log.error("wandb: unexpected %s: %s", type(exc).__name__, exc)
+
+    def _wandb_run(self, run: str) -> Any | None:
+        if run in self._failed:
+            return None
+        wb_run = self._runs.get(run)
+        if wb_run is not None:
+            return wb_run
+        try:
+            import wandb
+
+            kwargs = wandb_run_settings(run, self._hello.get(run), self.default_project)
+            kwargs["config"] = {**self.config, **kwargs["config"]}
+            # console="off": wandb must not wrap the daemon's stdout (ready line, summary blocks).
+            wb_run = wandb.init(reinit="create_new", settings=wandb.Settings(console="off"), **kwargs)
+            wb_run.define_metric(STEP_METRIC)
+            wb_run.define_metric("analysis/*", step_metric=STEP_METRIC)
+        except BaseException as exc:  # wandb raises UsageError, CommError, timeouts, even SystemExit
+            self._failed.add(run)
+            log.error("wandb: cannot start a run for %r, results of this run go to the other sinks "
+                      "only: %s: %s", run, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            return None
+        log.info("wandb: run %s (%s) logs trainer run %r, project %r, group %r", wb_run.name,
+                 wb_run.id, run, kwargs["project"], kwargs["group"])
+        self._runs[run] = wb_run
+        return wb_run
+
+    def _log(self, result: dict[str, Any]) -> None:
+        run = result["run"]
+        wb_run = self._wandb_run(run)
+        if wb_run is None:
+            return
+        try:
+            import wandb
+
+            wb_run.log(metrics_for(result, wandb))
+        except Exception as exc:
+            self._failed.add(run)
+            self._runs.pop(run, None)
+            log.error("wandb: logging for %r failed, stopped for this run: %s: %s",
+                      run, type(exc).__name__, exc)
+
+    def _finish(self, run: str, summary: dict[str, Any] | None) -> None:
+        wb_run = self._runs.pop(run, None)
+        if wb_run is None:
+            return
+        try:
+            if summary:
+                wb_run.summary.update({f"daemon/{k}": v for k, v in summary.items()
+                                       if isinstance(v, (int, float, str))})
+            wb_run.finish()
+        except Exception as exc:
+            log.error("wandb: finishing the run for %r failed: %s: %s", run, type(exc).__name__, exc)

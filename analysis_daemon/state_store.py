@@ -1,0 +1,148 @@
+"""--state-dir persistence: each run's baseline snapshot survives a crash (SIGKILL) and a restart.
+
+Layout, one directory per run: `snapshot-<iter>-<seq>.bin` (the raw C-order bytes) and `state.json`
+(a small sidecar naming that file, its dtype, shape and byte count, plus the hello info). Both are
+written to a temporary name, fsynced and renamed, and the sidecar is renamed last, so a crash at
+any point leaves either the old complete state or the new one. No pickle anywhere.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .paths import run_dirname
+from .state import HelloInfo, SnapshotData
+
+log = logging.getLogger("embedding_monitor.daemon")
+
+FORMAT_VERSION = 1
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class StateStoreError(ValueError):
+    """A state directory entry that cannot be used (corrupt, truncated, unknown format)."""
+
+
+def _write_atomic(path: Path, data: bytes | memoryview) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    # The rename itself is only durable once the directory entry is on disk.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class StateStore:
+    """Saves and loads each run's baseline snapshot and hello info under one directory."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        # The receive loop saves hellos and the worker saves snapshots: one sidecar, one writer at a time.
+        self._lock = threading.Lock()
+
+    def _run_dir(self, run: str) -> Path:
+        d = self.root / run_dirname(run)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def _read_sidecar(self, run_dir: Path) -> dict[str, Any]:
+        path = run_dir / "state.json"
+        if not path.exists():
+            return {}
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def _write_sidecar(self, run_dir: Path, sidecar: dict[str, Any]) -> None:
+        sidecar["format"] = FORMAT_VERSION
+        sidecar["written_at"] = time.time()
+        _write_atomic(run_dir / "state.json", json.dumps(sidecar).encode("utf-8"))
+        _fsync_dir(run_dir)
+
+    def save_snapshot(self, run: str, snap: SnapshotData) -> None:
+        """Persist `snap` as `run`'s baseline, replacing the previous one atomically."""
+        raw = snap.tensor.detach().contiguous().view(torch.uint8).numpy()
+        with self._lock:
+            self._save_snapshot(run, snap, raw)
+
+    def _save_snapshot(self, run: str, snap: SnapshotData, raw: Any) -> None:
+        run_dir = self._run_dir(run)
+        sidecar = self._read_sidecar(run_dir)
+        old_file = (sidecar.get("snapshot") or {}).get("file")
+        fname = f"snapshot-{snap.iter}-{snap.seq}.bin"
+        _write_atomic(run_dir / fname, memoryview(raw).cast("B"))
+        sidecar["run"] = run
+        sidecar["snapshot"] = {"file": fname, "iter": snap.iter, "seq": snap.seq, "name": snap.name,
+                               "dtype": snap.dtype, "shape": snap.shape, "nbytes": memoryview(raw).nbytes,
+                               "received_at": snap.received_at}
+        self._write_sidecar(run_dir, sidecar)
+        if old_file and old_file != fname:
+            (run_dir / old_file).unlink(missing_ok=True)
+
+    def save_hello(self, run: str, hello: HelloInfo) -> None:
+        """Persist `run`'s hello info (vocabulary, wandb info) so a restarted daemon still has it."""
+        with self._lock:
+            run_dir = self._run_dir(run)
+            sidecar = self._read_sidecar(run_dir)
+            sidecar["run"] = run
+            sidecar["hello"] = asdict(hello)
+            self._write_sidecar(run_dir, sidecar)
+
+    def _load_run(self, run_dir: Path) -> tuple[str, SnapshotData | None, HelloInfo | None]:
+        try:
+            sidecar = self._read_sidecar(run_dir)
+        except (OSError, ValueError) as exc:
+            raise StateStoreError(f"unreadable state.json: {exc}") from exc
+        if sidecar.get("format") != FORMAT_VERSION or not isinstance(sidecar.get("run"), str):
+            raise StateStoreError(f"state.json has unknown format {sidecar.get('format')!r}")
+        hello = None
+        if isinstance(sidecar.get("hello"), dict):
+            h = sidecar["hello"]
+            hello = HelloInfo(pid=h.get("pid"), host=h.get("host"), vocab=h.get("vocab"),
+                              wandb=h.get("wandb"), meta=h.get("meta") or {})
+        snap = None
+        info = sidecar.get("snapshot")
+        if info:
+            dtype = _DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise StateStoreError(f"unknown dtype {info.get('dtype')!r}")
+            shape = [int(x) for x in info["shape"]]
+            data = (run_dir / info["file"]).read_bytes()
+            expected = shape[0] * shape[1] * torch.tensor([], dtype=dtype).element_size()
+            if len(data) != info["nbytes"] or len(data) != expected:
+                raise StateStoreError(f"{info['file']} has {len(data)} bytes, expected {expected}")
+            tensor = torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+            snap = SnapshotData(iter=int(info["iter"]), seq=int(info["seq"]), name=str(info["name"]),
+                                tensor=tensor, received_at=float(info["received_at"]))
+        return sidecar["run"], snap, hello
+
+    def load_all(self) -> dict[str, tuple[SnapshotData | None, HelloInfo | None]]:
+        """Every run's saved (baseline snapshot, hello info); unusable entries are logged and skipped."""
+        out: dict[str, tuple[SnapshotData | None, HelloInfo | None]] = {}
+        for run_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            try:
+                run, snap, hello = self._load_run(run_dir)
+            except (StateStoreError, OSError, KeyError, TypeError, ValueError) as exc:
+                log.warning("state dir: ignoring %s: %s", run_dir, exc)
+                continue
+            out[run] = (snap, hello)
+        return out

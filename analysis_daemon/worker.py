@@ -1,0 +1,224 @@
+"""The analysis thread: takes one job at a time from the daemon, runs drift + geometry, feeds the sinks.
+
+torch releases the GIL inside its matmuls and reductions, so the receive loop on the main thread keeps
+draining the socket (and releasing shared-memory slots) while this thread computes.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from .state import Job, SnapshotData
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = logging.getLogger("embedding_monitor.daemon")
+
+
+class AnalysisAbandoned(Exception):
+    """Raised from the progress callback to stop a running analysis at shutdown."""
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """Parameters of every analysis (from the command line)."""
+
+    threshold: float = 0.7
+    chunk_size: int = 512
+    top_k: int = 50
+    progress_interval: float = 5.0  # seconds between progress lines of one long analysis
+
+
+def jsonable(value: Any) -> Any:
+    """`value` as plain JSON types: tensors/arrays to lists, non-finite floats to None."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return jsonable(value.detach().cpu().tolist())
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy arrays and scalars
+        return jsonable(value.tolist())
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return str(value)
+
+
+def _non_finite(t: torch.Tensor) -> dict[str, int]:
+    bad = ~torch.isfinite(t)
+    return {"values": int(bad.sum()), "rows": int(bad.any(dim=1).sum()) if t.dim() == 2 else 0}
+
+
+def _token_strings(pairs: Any, vocab: list[str] | None) -> list[str | None] | None:
+    if not vocab:
+        return None
+    out: list[str | None] = []
+    for pair in pairs:
+        token_id = int(pair[0])
+        out.append(vocab[token_id] if 0 <= token_id < len(vocab) else None)
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def analyse(job: Job, settings: AnalysisSettings,
+            progress: Callable[[float], None] | None = None) -> dict[str, Any]:
+    """Run drift (vs `job.previous`) and geometry on `job.current`; the result record minus counters."""
+    from .drift import measure_semantic_drift
+    from .geometry import analyze_embedding_geometry
+
+    cur: SnapshotData = job.current
+    prev = job.previous
+    started = time.monotonic()
+    # Rows with non-finite values are left out by the math itself (and counted there); the daemon
+    # reports the totals so a diverging run is visible in every result.
+    non_finite = _non_finite(cur.tensor)
+    vocab = job.hello.vocab if job.hello else None
+
+    drift: dict[str, Any] | None = None
+    reason: str | None = None
+    drift_seconds = 0.0
+    if prev is None:
+        reason = "first snapshot of this run"
+    elif prev.shape != cur.shape:
+        reason = f"shape changed from {prev.shape} (iter {prev.iter}) to {cur.shape}"
+    else:
+        t0 = time.monotonic()
+        try:
+            drift = measure_semantic_drift(prev.tensor, cur.tensor, top_k=settings.top_k)
+        except Exception as exc:  # a math failure costs this drift, never the daemon
+            reason = f"drift failed: {_first_line(exc)}"
+            log.error("run %s iter %d: %s", job.run, cur.iter, reason)
+        drift_seconds = time.monotonic() - t0
+    if drift is not None:
+        drift = jsonable(drift)
+        for kind in ("most", "least"):
+            strings = _token_strings(drift.get(f"{kind}_drifted_tokens") or [], vocab)
+            if strings is not None:
+                drift[f"{kind}_drifted_token_strings"] = strings
+
+    geometry: dict[str, Any] | None = None
+    geometry_error: str | None = None
+    t0 = time.monotonic()
+    try:
+        geometry = jsonable(analyze_embedding_geometry(
+            cur.tensor, threshold=settings.threshold, chunk_size=settings.chunk_size, progress=progress))
+    except AnalysisAbandoned:
+        raise
+    except Exception as exc:
+        geometry_error = f"geometry failed: {_first_line(exc)}"
+        log.error("run %s iter %d: %s", job.run, cur.iter, geometry_error)
+    geometry_seconds = time.monotonic() - t0
+
+    return {
+        "run": job.run,
+        "iter": cur.iter,
+        "prev_iter": prev.iter if prev is not None else None,
+        "seconds": round(time.monotonic() - started, 6),
+        "drift": drift,
+        "geometry": geometry,
+        "drift_skipped_reason": reason,
+        "geometry_error": geometry_error,
+        "skipped_iters": list(job.skipped_iters),
+        "name": cur.name,
+        "seq": cur.seq,
+        "shape": cur.shape,
+        "dtype": cur.dtype,
+        "non_finite": non_finite,
+        "drift_seconds": round(drift_seconds, 6),
+        "geometry_seconds": round(geometry_seconds, 6),
+        "waited_seconds": round(started - cur.received_mono, 6),
+        "sent_at": cur.sent_at,
+        "received_at": cur.received_at,
+        "finished_at": time.time(),
+    }
+
+
+class AnalysisWorker(threading.Thread):
+    """The one thread that runs analyses and calls the sinks, in order, one result at a time."""
+
+    def __init__(self, daemon: "Daemon", settings: AnalysisSettings) -> None:
+        super().__init__(name="analysis-worker", daemon=True)
+        self.daemon_ref = daemon
+        self.settings = settings
+        self.current: Job | None = None  # read by the main thread at shutdown (for its log line)
+        self.fraction_done = 0.0
+        self._hello_sent: dict[str, Any] = {}
+
+    def _progress_callback(self, job: Job) -> Callable[[float], None]:
+        started = time.monotonic()
+        last = [started]
+        abandon = self.daemon_ref.abandon
+
+        def progress(fraction: float) -> None:
+            self.fraction_done = fraction
+            if abandon.is_set():
+                raise AnalysisAbandoned(f"abandoned at {fraction:.0%}")
+            now = time.monotonic()
+            if now - last[0] >= self.settings.progress_interval:
+                last[0] = now
+                log.info("run %s iter %d: geometry %.0f%% done after %.1f s",
+                         job.run, job.current.iter, 100 * fraction, now - started)
+        return progress
+
+    def run(self) -> None:
+        """Take tasks until the daemon says stop."""
+        d = self.daemon_ref
+        while True:
+            task = d.next_task()
+            if task is None:
+                return
+            if isinstance(task, Job):
+                self._run_job(task)
+            else:
+                run, summary = task
+                d.sinks.run_ended(run, summary)
+                d.mark_closed(run)
+
+    def _run_job(self, job: Job) -> None:
+        d = self.daemon_ref
+        self.current, self.fraction_done = job, 0.0
+        if job.hello is not None and self._hello_sent.get(job.run) is not job.hello:
+            self._hello_sent[job.run] = job.hello
+            d.sinks.run_hello(job.run, job.hello)
+        if d.store is not None:
+            # The snapshot about to be analysed is the baseline of the next one: persist it first,
+            # so a crash mid-analysis still leaves the right baseline for after the restart.
+            try:
+                d.store.save_snapshot(job.run, job.current)
+            except OSError as exc:
+                log.error("state dir: could not save run %s iter %d: %s", job.run, job.current.iter, exc)
+        prev_iter = job.previous.iter if job.previous is not None else None
+        log.info("run %s iter %d: analysing %s %s (drift vs iter %s)", job.run, job.current.iter,
+                 "x".join(map(str, job.current.shape)), job.current.dtype, prev_iter)
+        try:
+            result = analyse(job, self.settings, self._progress_callback(job))
+        except AnalysisAbandoned as exc:
+            log.warning("run %s iter %d: analysis abandoned on shutdown (%s)", job.run,
+                        job.current.iter, exc)
+            self.current = None
+            d.job_finished(job)
+            return
+        except Exception as exc:  # analyse() catches math errors itself; this is a daemon bug
+            log.exception("run %s iter %d: analysis crashed: %s", job.run, job.current.iter, exc)
+            self.current = None
+            d.job_finished(job)
+            return
+        d.add_counters(job, result)
+        log.info("run %s iter %d: analysed in %.2f s", job.run, job.current.iter, result["seconds"])
+        d.sinks.handle(result)
+        self.current = None
+        # Only now is the job done: --exit-on-end must not exit between the analysis and the sinks.
+        d.job_finished(job)

@@ -1,0 +1,195 @@
+"""Benchmark of the analysis core: geometry against its matmul floor, peak memory, drift, and the seed's sketch.
+
+Run:  .venv/bin/python benchmarks/bench_analysis.py [--vocab 50304 --dim 768] [--seed-vocab N | --skip-seed]
+
+Every measurement runs in a fresh subprocess, so each peak RSS (ru_maxrss) belongs to that part alone;
+the input (a seeded low-rank-plus-noise matrix with a shared offset, like trained token embeddings) is
+built inside the subprocess and counts towards its peak, as a snapshot does in the daemon.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from analysis_daemon.drift import measure_semantic_drift  # noqa: E402
+from analysis_daemon.geometry import analyze_embedding_geometry  # noqa: E402
+
+
+def make_embeddings(vocab: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """Low-rank structure + isotropic noise + a shared offset: mean cosine > 0 and a spread-out histogram."""
+    g = torch.Generator().manual_seed(seed)
+    rank = min(64, dim)
+    w = torch.randn(vocab, rank, generator=g) @ (torch.randn(rank, dim, generator=g) / math.sqrt(rank))
+    w += 0.7 * torch.randn(vocab, dim, generator=g)
+    w += 0.4 * torch.randn(1, dim, generator=g)
+    return w
+
+
+def seed_geometry(embedding_weights: torch.Tensor, threshold: float = 0.7, chunk_size: int = 512) -> dict:
+    """The original sketch's geometry (original-spec.txt, Part 2), defects included, for comparison only."""
+    weights = embedding_weights.clone().float()
+    weights_norm = F.normalize(weights, p=2, dim=1)
+    vocab_size, _ = weights_norm.shape
+    total_neighbors = 0
+    all_sim_values = []
+    for i in range(0, vocab_size, chunk_size):
+        chunk_end = min(i + chunk_size, vocab_size)
+        chunk = weights_norm[i:chunk_end, :]
+        sim_matrix_chunk = torch.matmul(chunk, weights_norm.T)
+        for j in range(chunk.shape[0]):
+            global_idx = i + j
+            sim_matrix_chunk[j, global_idx] = -1.0
+        total_neighbors += (sim_matrix_chunk > threshold).sum().item()
+        all_sim_values.append(sim_matrix_chunk.flatten())
+    full_sim_distribution = torch.cat(all_sim_values)
+    avg_neighborhood_size = total_neighbors / vocab_size
+    hist = torch.histogram(full_sim_distribution, bins=100, range=(-0.5, 1.0))
+    return {
+        "local_density": {"average_neighborhood_size": avg_neighborhood_size, "threshold": threshold},
+        "global_sparsity": {
+            "histogram_counts": hist.hist.tolist(),
+            "histogram_bins": hist.bin_edges.tolist(),
+            "mean_similarity": full_sim_distribution.mean().item(),
+            "std_similarity": full_sim_distribution.std().item(),
+        },
+    }
+
+
+def interleaved(weights: torch.Tensor, threshold: float, chunk_size: int) -> tuple[float, float]:
+    """(geometry seconds, floor seconds) with the floor's block matmul run inside geometry's progress
+    callback, right after the same row chunk: both see the same load on a shared machine, chunk by chunk.
+    Assumes every row is valid (random input), so the floor's chunks are geometry's chunks."""
+    u = F.normalize(weights.float(), dim=1)
+    v = u.shape[0]
+    buf = torch.empty(min(chunk_size, v) * v)
+    state = {"chunk": 0, "floor": 0.0}
+
+    def floor_block(_fraction: float) -> None:
+        r0 = state["chunk"] * chunk_size
+        r1 = min(r0 + chunk_size, v)
+        t0 = time.perf_counter()
+        torch.mm(u[r0:r1], u[r0:].T, out=buf[: (r1 - r0) * (v - r0)].view(r1 - r0, v - r0))
+        state["floor"] += time.perf_counter() - t0
+        state["chunk"] += 1
+
+    t0 = time.perf_counter()
+    analyze_embedding_geometry(weights, threshold=threshold, chunk_size=chunk_size, progress=floor_block)
+    total = time.perf_counter() - t0
+    return total - state["floor"], state["floor"]
+
+
+def run_part(args: argparse.Namespace) -> dict:
+    """One measurement, inside its own process; returns seconds, peak RSS and a few result figures."""
+    vocab = args.vocab
+    w = make_embeddings(vocab, args.dim, args.seed)
+    out: dict = {"part": args.part, "vocab": vocab}
+    if args.part == "geometry":
+        # Geometry alone first, so the peak RSS read right after it is the geometry's (input included).
+        t0 = time.perf_counter()
+        r = analyze_embedding_geometry(w, threshold=args.threshold, chunk_size=args.chunk_size)
+        out["seconds"] = time.perf_counter() - t0
+        out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        out.update(mean=r["global_sparsity"]["mean_similarity"], neighbors=r["local_density"]["average_neighborhood_size"])
+        out["interleaved"] = [interleaved(w, args.threshold, args.chunk_size) for _ in range(args.repeats)]
+        return out
+    t0 = time.perf_counter()
+    if args.part == "ours":
+        r = analyze_embedding_geometry(w, threshold=args.threshold, chunk_size=args.chunk_size)
+        out.update(mean=r["global_sparsity"]["mean_similarity"], neighbors=r["local_density"]["average_neighborhood_size"])
+    elif args.part == "seed":
+        r = seed_geometry(w, threshold=args.threshold, chunk_size=args.chunk_size)
+        out.update(mean=r["global_sparsity"]["mean_similarity"], neighbors=r["local_density"]["average_neighborhood_size"])
+    elif args.part == "drift":
+        g = torch.Generator().manual_seed(args.seed + 1)
+        q, _ = torch.linalg.qr(torch.randn(args.dim, args.dim, generator=g))
+        curr = (w @ q + 0.01 * torch.randn(vocab, args.dim, generator=g) + 1.0).contiguous()
+        t0 = time.perf_counter()
+        r = measure_semantic_drift(w, curr, top_k=50)
+        out.update(cos=r["average_cosine_similarity"])
+    out["seconds"] = time.perf_counter() - t0
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def spawn(args: argparse.Namespace, part: str, vocab: int) -> dict:
+    """Run one part in a fresh interpreter and return its JSON figures."""
+    cmd = [sys.executable, __file__, "--part", part, "--vocab", str(vocab), "--dim", str(args.dim),
+           "--chunk-size", str(args.chunk_size), "--threshold", str(args.threshold), "--seed", str(args.seed),
+           "--repeats", str(args.repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def seed_fit(dim: int) -> int:
+    """Largest V the seed's sketch fits in: the V x V list plus its concatenation (8 V^2 bytes) and the input,
+    within a quarter of the memory available now (other processes share this machine)."""
+    avail = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    budget = avail / 4
+    v = int(math.sqrt(budget / 8.5))
+    return max(1000, v // 1000 * 1000)
+
+
+def main() -> None:
+    """Print the figures: geometry vs matmul floor, peak RSS, drift, seed's sketch side by side."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--vocab", type=int, default=50304)
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--chunk-size", type=int, default=512)
+    p.add_argument("--threshold", type=float, default=0.7)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed-vocab", type=int, default=0, help="V for the seed's sketch (0: largest that fits)")
+    p.add_argument("--skip-seed", action="store_true", help="skip part (e)")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved geometry/matmul rounds (best ratio shown)")
+    p.add_argument("--part", choices=["geometry", "ours", "drift", "seed"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.part:
+        print(json.dumps(run_part(args)))
+        return
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
+          f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    v, d = args.vocab, args.dim
+    print(f"V={v} d={d} chunk_size={args.chunk_size} threshold={args.threshold} float32")
+    geo = spawn(args, "geometry", v)
+    drift = spawn(args, "drift", v)
+    g, m = min(geo["interleaved"], key=lambda gm: gm[0] / gm[1])
+    rounds = ", ".join(f"{a:.2f}/{b:.2f}" for a, b in geo["interleaved"])
+    print(f"(a) geometry wall time            {geo['seconds']:8.2f} s   (alone; mean cos {geo['mean']:.4f}, "
+          f"avg neighbours {geo['neighbors']:.3f})")
+    print(f"    geometry, interleaved         {g:8.2f} s   (its own time with (b) run block by block inside it)")
+    print(f"(b) triangle matmul (floor)       {m:8.2f} s   (same blocks, timed between geometry's; rounds a/b: {rounds} s)")
+    print(f"    ratio (a)/(b)                 {g / m:8.3f}    (interleaved, best of {args.repeats}; target <= 1.25)")
+    print(f"(c) peak RSS, geometry process    {geo['peak_rss_mib']:8.0f} MiB (target < 1536; input included)")
+    print(f"(d) drift wall time               {drift['seconds']:8.2f} s   (target < 3; avg cos {drift['cos']:.4f}), "
+          f"peak RSS {drift['peak_rss_mib']:.0f} MiB (both snapshots included)")
+    if not args.skip_seed:
+        sv = args.seed_vocab or min(seed_fit(d), v)
+        seed = spawn(args, "seed", sv)
+        ours = spawn(args, "ours", sv)
+        print(f"(e) at V={sv}: seed sketch {seed['seconds']:.2f} s, peak RSS {seed['peak_rss_mib']:.0f} MiB; "
+              f"ours {ours['seconds']:.2f} s, peak RSS {ours['peak_rss_mib']:.0f} MiB; "
+              f"speed-up {seed['seconds'] / ours['seconds']:.1f}x, memory {seed['peak_rss_mib'] / ours['peak_rss_mib']:.1f}x")
+        print(f"    seed mean cos {seed['mean']:.4f} (diagonal -1 included) vs ours {ours['mean']:.4f}")
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()

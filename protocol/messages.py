@@ -1,0 +1,322 @@
+"""Message kinds, header schema, limits, encode and decode: the wire format in one place.
+
+A message is a list of ZeroMQ frames. Frame 0 is a msgpack map (the header). A `snapshot` sent
+inline has a second frame with the raw C-order tensor bytes; a `snapshot` that travels through
+shared memory has only the header, whose `shm` entry names the slot. `hello` and `end` are one frame.
+Nothing is ever unpickled: msgpack is unpacked with hard limits and no extension types.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Union
+
+import msgpack
+
+PROTOCOL_VERSION: Final[int] = 1
+
+KIND_HELLO: Final[str] = "hello"
+KIND_SNAPSHOT: Final[str] = "snapshot"
+KIND_END: Final[str] = "end"
+KINDS: Final[tuple[str, ...]] = (KIND_HELLO, KIND_SNAPSHOT, KIND_END)
+
+# Bytes per element of every dtype allowed on the wire; bfloat16 travels as raw 2-byte words.
+DTYPE_ITEMSIZE: Final[dict[str, int]] = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+# Shared-memory segment names: "emon-<pid>-<token>-<slot>-<generation>". The reader opens
+# /dev/shm/<name>, so the name must never carry a path separator or anything unexpected.
+SHM_PREFIX: Final[str] = "emon-"
+SHM_NAME_RE: Final[re.Pattern[str]] = re.compile(r"^emon-(\d{1,10})-([0-9a-f]{8})-(\d{1,4})-(\d{1,10})$")
+
+_U64_MAX: Final[int] = 2**64 - 1
+_RUN_FORBIDDEN = re.compile(r"[/\\\x00-\x1f\x7f]")
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the wire format; the text names the field and the value."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds enforced before anything is allocated for a message."""
+
+    max_header_bytes: int = 16 * 1024 * 1024  # hello carries the vocabulary: 200k tokens fit easily
+    max_rows: int = 4 * 1024 * 1024  # V
+    max_cols: int = 64 * 1024  # d
+    max_payload_bytes: int = 8 * 1024**3  # one snapshot's tensor bytes
+    max_string_bytes: int = 64 * 1024  # any single msgpack string (token, run name, meta value)
+    max_map_len: int = 4096  # entries of any msgpack map (meta, wandb info)
+    max_run_chars: int = 200  # run names become directory names on the daemon side
+
+    def max_frame_bytes(self) -> int:
+        """Largest single ZeroMQ frame a receiver should accept (its ZMQ_MAXMSGSIZE)."""
+        return max(self.max_header_bytes, self.max_payload_bytes)
+
+
+DEFAULT_LIMITS: Final[Limits] = Limits()
+
+
+@dataclass(frozen=True)
+class ShmRef:
+    """Where a snapshot's payload lies in shared memory, and the slot sequence it was written with."""
+
+    segment: str  # name under /dev/shm, matches SHM_NAME_RE
+    offset: int  # byte offset of the payload inside the segment
+    slot_seq: int  # the slot's seqlock word when the payload was complete (even)
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Run metadata, sent when a connection to the daemon is (re)established."""
+
+    run: str
+    seq: int
+    pid: int
+    host: str
+    vocab: list[str] | None
+    wandb: dict | None
+    meta: dict
+    publisher: str = ""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One embedding matrix: header fields plus either the inline payload or a shared-memory reference."""
+
+    run: str
+    iter: int
+    seq: int
+    name: str
+    dtype: str
+    shape: tuple[int, int]
+    nbytes: int
+    sent_at: float
+    payload: memoryview | None = field(default=None, repr=False, compare=False)
+    shm: ShmRef | None = None
+    publisher: str = ""
+
+
+@dataclass(frozen=True)
+class End:
+    """Training finished: the publisher's final counters."""
+
+    run: str
+    seq: int
+    final_iter: int | None
+    published: int
+    dropped: int
+    publisher: str = ""
+
+
+Message = Union[Hello, Snapshot, End]
+
+
+# ---------------------------------------------------------------- encoding
+
+def _pack(header: dict[str, Any]) -> bytes:
+    return msgpack.packb(header, use_bin_type=True)
+
+
+def encode_hello(*, run: str, seq: int, pid: int, host: str, vocab: Sequence[str] | None = None,
+                 wandb: dict | None = None, meta: dict | None = None, publisher: str = "") -> list[bytes]:
+    """Frames of a `hello` message."""
+    return [_pack({"v": PROTOCOL_VERSION, "kind": KIND_HELLO, "run": run, "seq": seq, "publisher": publisher,
+                   "pid": pid, "host": host, "vocab": list(vocab) if vocab is not None else None,
+                   "wandb": wandb, "meta": meta or {}})]
+
+
+def encode_snapshot(*, run: str, iter: int, seq: int, name: str, dtype: str, shape: Sequence[int],
+                    payload: Any = None, shm: ShmRef | None = None, sent_at: float | None = None,
+                    publisher: str = "") -> list[Any]:
+    """Frames of a `snapshot`: [header, payload] inline, or [header] when `shm` names the payload."""
+    if (payload is None) == (shm is None):
+        raise ValueError("encode_snapshot needs exactly one of payload= or shm=")
+    if dtype not in DTYPE_ITEMSIZE:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPE_ITEMSIZE)}")
+    rows, cols = (int(n) for n in shape)
+    nbytes = rows * cols * DTYPE_ITEMSIZE[dtype]
+    if payload is not None and memoryview(payload).nbytes != nbytes:
+        raise ValueError(f"payload has {memoryview(payload).nbytes} bytes, shape {shape} {dtype} needs {nbytes}")
+    header = {"v": PROTOCOL_VERSION, "kind": KIND_SNAPSHOT, "run": run, "seq": seq, "publisher": publisher,
+              "iter": iter, "name": name, "dtype": dtype, "shape": [rows, cols], "nbytes": nbytes,
+              "sent_at": float(time.time() if sent_at is None else sent_at),
+              "shm": None if shm is None else {"segment": shm.segment, "offset": shm.offset,
+                                                 "slot_seq": shm.slot_seq}}
+    return [_pack(header)] if payload is None else [_pack(header), payload]
+
+
+def encode_end(*, run: str, seq: int, final_iter: int | None, published: int, dropped: int,
+               publisher: str = "") -> list[bytes]:
+    """Frames of an `end` message."""
+    return [_pack({"v": PROTOCOL_VERSION, "kind": KIND_END, "run": run, "seq": seq, "publisher": publisher,
+                   "final_iter": final_iter, "published": published, "dropped": dropped})]
+
+
+# ---------------------------------------------------------------- decoding
+
+def _as_view(frame: Any) -> memoryview:
+    # zmq.Frame exposes .buffer; bytes and memoryview are buffers already. No zmq import needed here.
+    buf = getattr(frame, "buffer", frame)
+    try:
+        view = memoryview(buf)
+    except TypeError:
+        raise ProtocolError(f"frame of type {type(frame).__name__} is not a buffer") from None
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class _Header:
+    """Typed accessors over an unpacked header map; every failure names the field and value."""
+
+    def __init__(self, data: dict, limits: Limits) -> None:
+        self.data, self.limits = data, limits
+
+    def _get(self, key: str) -> Any:
+        if key not in self.data:
+            raise ProtocolError(f"header: missing key {key!r} in {self.data.get('kind', '?')} message")
+        return self.data[key]
+
+    def int_(self, key: str, *, minimum: int = 0, maximum: int = _U64_MAX, optional: bool = False) -> int | None:
+        value = self._get(key)
+        if value is None and optional:
+            return None
+        if type(value) is not int:  # bool is an int subclass and never a valid count
+            raise ProtocolError(f"header: {key} must be an integer, got {type(value).__name__} {_short(value)}")
+        if not minimum <= value <= maximum:
+            raise ProtocolError(f"header: {key}={value} is outside [{minimum}, {maximum}]")
+        return value
+
+    def str_(self, key: str, *, optional: bool = False) -> str | None:
+        value = self._get(key)
+        if value is None and optional:
+            return None
+        if type(value) is not str:
+            raise ProtocolError(f"header: {key} must be a string, got {type(value).__name__} {_short(value)}")
+        if len(value.encode("utf-8", "surrogatepass")) > self.limits.max_string_bytes:
+            raise ProtocolError(f"header: {key} is longer than max_string_bytes={self.limits.max_string_bytes}")
+        return value
+
+    def float_(self, key: str) -> float:
+        value = self._get(key)
+        if type(value) not in (float, int) or not math.isfinite(value):
+            raise ProtocolError(f"header: {key} must be a finite number, got {_short(value)}")
+        return float(value)
+
+    def dict_(self, key: str, *, optional: bool = False) -> dict | None:
+        value = self._get(key)
+        if value is None and optional:
+            return None
+        if type(value) is not dict:
+            raise ProtocolError(f"header: {key} must be a map, got {type(value).__name__} {_short(value)}")
+        for k in value:
+            if type(k) is not str:
+                raise ProtocolError(f"header: {key} has a non-string key {_short(k)}")
+        return value
+
+
+def check_run_name(run: Any, limits: Limits = DEFAULT_LIMITS) -> str:
+    """Return `run` if it is a usable run name (it becomes a directory on the daemon side), else raise."""
+    if type(run) is not str or not run:
+        raise ProtocolError(f"header: run must be a non-empty string, got {_short(run)}")
+    if len(run) > limits.max_run_chars:
+        raise ProtocolError(f"header: run name of {len(run)} characters exceeds max_run_chars={limits.max_run_chars}")
+    if run in (".", "..") or _RUN_FORBIDDEN.search(run):
+        raise ProtocolError(f"header: run={_short(run)} may not be '.', '..' or contain '/', '\\' or control characters")
+    return run
+
+
+def _unpack_header(frame: memoryview, limits: Limits) -> dict:
+    if frame.nbytes > limits.max_header_bytes:
+        raise ProtocolError(f"header: {frame.nbytes} bytes exceeds max_header_bytes={limits.max_header_bytes}")
+    try:
+        data = msgpack.unpackb(
+            frame, raw=False, strict_map_key=True, use_list=True,
+            max_str_len=limits.max_string_bytes, max_bin_len=0, max_ext_len=0,  # no bytes, no ext, no timestamps
+            max_array_len=max(limits.max_rows, 16), max_map_len=limits.max_map_len)
+    except Exception as exc:  # msgpack raises several unrelated types for malformed input
+        raise ProtocolError(f"header: not a valid msgpack map within limits ({type(exc).__name__}: {exc})") from None
+    if type(data) is not dict:
+        raise ProtocolError(f"header: must be a msgpack map, got {type(data).__name__}")
+    return data
+
+
+def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Validate a received multipart message and return it; raises ProtocolError and nothing else."""
+    if not isinstance(frames, (list, tuple)) or not frames:
+        raise ProtocolError(f"message: expected a non-empty list of frames, got {_short(frames)}")
+    header = _Header(_unpack_header(_as_view(frames[0]), limits), limits)
+    version = header._get("v")
+    if version != PROTOCOL_VERSION or type(version) is not int:
+        raise ProtocolError(f"header: v={_short(version)} is not the supported protocol version {PROTOCOL_VERSION}")
+    kind = header._get("kind")
+    if kind not in KINDS:
+        raise ProtocolError(f"header: kind={_short(kind)} is not one of {list(KINDS)}")
+    run = check_run_name(header._get("run"), limits)
+    seq = header.int_("seq")
+    publisher = header.str_("publisher")
+    if kind == KIND_SNAPSHOT:
+        return _decode_snapshot(frames, header, run, seq, publisher)
+    if len(frames) != 1:
+        raise ProtocolError(f"message: {kind} has {len(frames)} frames, expected 1")
+    if kind == KIND_HELLO:
+        vocab = header._get("vocab")
+        if vocab is not None:
+            if type(vocab) is not list:
+                raise ProtocolError(f"header: vocab must be a list of strings, got {type(vocab).__name__}")
+            for i, token in enumerate(vocab):
+                if type(token) is not str:
+                    raise ProtocolError(f"header: vocab[{i}] must be a string, got {type(token).__name__} {_short(token)}")
+        return Hello(run=run, seq=seq, pid=header.int_("pid", maximum=2**31), host=header.str_("host"), vocab=vocab,
+                     wandb=header.dict_("wandb", optional=True), meta=header.dict_("meta"), publisher=publisher)
+    return End(run=run, seq=seq, final_iter=header.int_("final_iter", optional=True),
+               published=header.int_("published"), dropped=header.int_("dropped"), publisher=publisher)
+
+
+def _decode_snapshot(frames: Sequence[Any], header: _Header, run: str, seq: int, publisher: str) -> Snapshot:
+    limits = header.limits
+    dtype = header.str_("dtype")
+    if dtype not in DTYPE_ITEMSIZE:
+        raise ProtocolError(f"header: dtype={_short(dtype)} is not one of {sorted(DTYPE_ITEMSIZE)}")
+    shape = header._get("shape")
+    if type(shape) is not list or len(shape) != 2 or any(type(n) is not int for n in shape):
+        raise ProtocolError(f"header: shape must be [rows, cols] (2-D, integers), got {_short(shape)}")
+    rows, cols = shape
+    if not 1 <= rows <= limits.max_rows:
+        raise ProtocolError(f"header: shape rows={rows} is outside [1, max_rows={limits.max_rows}]")
+    if not 1 <= cols <= limits.max_cols:
+        raise ProtocolError(f"header: shape cols={cols} is outside [1, max_cols={limits.max_cols}]")
+    nbytes = header.int_("nbytes")
+    expected = rows * cols * DTYPE_ITEMSIZE[dtype]
+    if nbytes != expected:
+        raise ProtocolError(f"header: nbytes={nbytes} does not match shape {shape} x {dtype} = {expected}")
+    if nbytes > limits.max_payload_bytes:
+        raise ProtocolError(f"header: nbytes={nbytes} exceeds max_payload_bytes={limits.max_payload_bytes}")
+    shm_data = header.dict_("shm", optional=True)
+    payload: memoryview | None = None
+    shm: ShmRef | None = None
+    if shm_data is None:
+        if len(frames) != 2:
+            raise ProtocolError(f"message: inline snapshot has {len(frames)} frames, expected 2 (header, payload)")
+        payload = _as_view(frames[1])
+        if payload.nbytes != nbytes:
+            raise ProtocolError(f"payload: frame has {payload.nbytes} bytes, header nbytes={nbytes}")
+    else:
+        if len(frames) != 1:
+            raise ProtocolError(f"message: shared-memory snapshot has {len(frames)} frames, expected 1")
+        sub = _Header(shm_data, limits)
+        segment = sub.str_("segment")
+        if not SHM_NAME_RE.match(segment):
+            raise ProtocolError(f"header: shm.segment={_short(segment)} is not a segment name this protocol creates")
+        shm = ShmRef(segment=segment, offset=sub.int_("offset", maximum=4096), slot_seq=sub.int_("slot_seq"))
+        if shm.slot_seq % 2:
+            raise ProtocolError(f"header: shm.slot_seq={shm.slot_seq} is odd (slot was mid-write)")
+    return Snapshot(run=run, iter=header.int_("iter"), seq=seq, name=header.str_("name"), dtype=dtype,
+                    shape=(rows, cols), nbytes=nbytes, sent_at=header.float_("sent_at"), payload=payload,
+                    shm=shm, publisher=publisher)

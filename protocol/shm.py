@@ -1,0 +1,282 @@
+"""Shared-memory slots: the same-host payload path (Linux /dev/shm, one POSIX segment per slot).
+
+Slot layout: a 64-byte header of little-endian u64 words, then the payload (64-byte aligned):
+    magic | state | seq | nbytes
+`seq` is a seqlock word: the writer makes it odd before touching the payload and even (and larger)
+when the payload is complete; the header sent over the socket carries that even value. The reader
+copies the payload out, checks `seq` again (unchanged: the copy is intact), and sets `state` back to
+FREE: that is the whole back channel. The writer only reuses a slot that is FREE, or one that nobody
+released within a timeout (a reader that died); a reader racing such a reuse sees `seq` change.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import secrets
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+
+from .messages import SHM_NAME_RE, SHM_PREFIX, ProtocolError, ShmRef
+
+SHM_DIR: Final[Path] = Path("/dev/shm")
+SLOT_MAGIC: Final[int] = int.from_bytes(b"EMONSLT1", "little")
+HEADER_BYTES: Final[int] = 64
+FREE: Final[int] = 0  # reader released it (or never used)
+WRITING: Final[int] = 1  # the publisher is filling it
+READY: Final[int] = 2  # complete, waiting for the reader
+
+_WORDS = struct.Struct("<QQQQ")  # magic, state, seq, nbytes
+_STATE_AT, _SEQ_AT = 8, 16
+
+
+def shm_available(directory: Path = SHM_DIR) -> bool:
+    """True where POSIX shared memory is reachable as files (Linux /dev/shm)."""
+    return directory.is_dir() and os.access(directory, os.W_OK)
+
+
+def _map(fd: int, size: int, populate: bool) -> mmap.mmap:
+    flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+    return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+@dataclass
+class _Slot:
+    index: int
+    name: str
+    nbytes: int
+    mm: mmap.mmap
+    ready_since: float = 0.0  # monotonic time the slot became READY
+    expired: bool = False  # its reader is known to be gone: reuse it without waiting
+
+    def words(self) -> tuple[int, int, int, int]:
+        return _WORDS.unpack_from(self.mm, 0)
+
+    def payload(self) -> memoryview:
+        return memoryview(self.mm)[HEADER_BYTES:HEADER_BYTES + self.nbytes]
+
+
+class ShmWriter:
+    """Publisher side: a small ring of reusable slots, created lazily, unlinked by close()."""
+
+    def __init__(self, slots: int = 2, *, reclaim_after_s: float = 30.0, directory: Path = SHM_DIR) -> None:
+        self.directory = directory
+        self.reclaim_after_s = reclaim_after_s
+        self.prefix = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        self._slots: list[_Slot | None] = [None] * slots
+        self._generation = 0
+        self._lock = threading.Lock()  # acquire/commit may run on the training or the sender thread
+        self.reclaimed = 0  # slots taken back from a reader that never released them
+        self.timed_out = 0  # ... of those, taken back because reclaim_after_s passed while connected
+        self.released = 0  # slots a reader released (proof that shared memory reaches the receiver)
+
+    def _create(self, index: int, nbytes: int) -> _Slot:
+        self._generation += 1
+        name = f"{self.prefix}-{index}-{self._generation}"
+        size = HEADER_BYTES + nbytes
+        fd = os.open(self.directory / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            # fallocate reserves the pages now: a full /dev/shm fails here with ENOSPC instead of
+            # killing the trainer with SIGBUS on the first write; MAP_POPULATE pre-faults the mapping.
+            os.posix_fallocate(fd, 0, size)
+            mm = _map(fd, size, populate=True)
+        except BaseException:
+            os.unlink(self.directory / name)
+            raise
+        finally:
+            os.close(fd)
+        _WORDS.pack_into(mm, 0, SLOT_MAGIC, FREE, 0, nbytes)
+        return _Slot(index, name, nbytes, mm)
+
+    def _drop(self, slot: _Slot) -> None:
+        self._slots[slot.index] = None
+        try:
+            slot.mm.close()
+        except BufferError:  # a payload view is still alive somewhere; the unlink below still frees the name
+            pass
+        try:
+            os.unlink(self.directory / slot.name)
+        except FileNotFoundError:
+            pass
+
+    def acquire(self, nbytes: int) -> _Slot | None:
+        """A slot marked WRITING with room for `nbytes`, or None when all are in use (caller drops)."""
+        now = time.monotonic()
+        with self._lock:
+            for i, slot in enumerate(self._slots):
+                if slot is not None:
+                    _, state, _, _ = slot.words()
+                    timed_out = now - slot.ready_since > self.reclaim_after_s
+                    if state == READY and (slot.expired or timed_out):
+                        self.reclaimed += 1  # the reader is gone or stuck: take the slot back
+                        self.timed_out += 0 if slot.expired else 1
+                    elif state != FREE:
+                        continue
+                    if slot.nbytes != nbytes:
+                        self._drop(slot)
+                        slot = None
+                if slot is None:
+                    slot = self._slots[i] = self._create(i, nbytes)
+                _, _, seq, _ = slot.words()
+                # odd seq first, then state: a reader still copying the old payload sees the change
+                struct.pack_into("<Q", slot.mm, _SEQ_AT, seq + 1 if seq % 2 == 0 else seq)
+                struct.pack_into("<Q", slot.mm, _STATE_AT, WRITING)
+                return slot
+        return None
+
+    def commit(self, slot: _Slot) -> ShmRef:
+        """Mark a filled slot READY and return the reference to send."""
+        with self._lock:
+            _, _, seq, _ = slot.words()
+            seq += 1  # even again: the payload is complete
+            struct.pack_into("<Q", slot.mm, _SEQ_AT, seq)
+            struct.pack_into("<Q", slot.mm, _STATE_AT, READY)
+            slot.ready_since = time.monotonic()
+            slot.expired = False
+            return ShmRef(segment=slot.name, offset=HEADER_BYTES, slot_seq=seq)
+
+    def release(self, slot: _Slot) -> None:
+        """Give a slot back unsent (the header could not be sent)."""
+        with self._lock:
+            struct.pack_into("<Q", slot.mm, _STATE_AT, FREE)
+
+    def note_released(self) -> int:
+        """Count slots the reader released since the last call (READY -> FREE) and return that count."""
+        n = 0
+        with self._lock:
+            for slot in self._slots:
+                if slot is not None and slot.ready_since and slot.words()[1] == FREE:
+                    slot.ready_since = 0.0
+                    n += 1
+        self.released += n
+        return n
+
+    def expire(self) -> None:
+        """The receiver went away: slots it did not release may be reused at once (a late read sees seq change)."""
+        with self._lock:
+            for slot in self._slots:
+                if slot is not None:
+                    slot.expired = True
+
+    def busy(self) -> int:
+        """Slots still WRITING or READY (not yet released by the reader)."""
+        with self._lock:
+            return sum(1 for s in self._slots if s is not None and s.words()[1] != FREE)
+
+    def names(self) -> list[str]:
+        """Names of the segments that exist now."""
+        return [s.name for s in self._slots if s is not None]
+
+    def close(self) -> None:
+        """Unmap and unlink every slot (idempotent)."""
+        with self._lock:
+            for slot in list(self._slots):
+                if slot is not None:
+                    self._drop(slot)
+
+
+class ShmReader:
+    """Receiver side: opens slots named in snapshot headers, caching mappings of segments that still exist."""
+
+    def __init__(self, directory: Path = SHM_DIR, max_open: int = 16) -> None:
+        self.directory = directory
+        self.max_open = max_open
+        self._open: dict[str, tuple[int, mmap.mmap]] = {}  # name -> (fd, mapping); insertion order = age
+
+    def _mapping(self, name: str) -> mmap.mmap:
+        if name in self._open:
+            return self._open[name][1]
+        self._sweep()
+        try:
+            fd = os.open(self.directory / name, os.O_RDWR)
+        except FileNotFoundError:
+            raise ProtocolError(f"shm: segment {name!r} does not exist (publisher gone or slot recreated)") from None
+        except OSError as exc:
+            raise ProtocolError(f"shm: cannot open segment {name!r}: {exc.strerror}") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size < HEADER_BYTES:
+                raise ProtocolError(f"shm: segment {name!r} has {size} bytes, less than its header")
+            mm = _map(fd, size, populate=False)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._open[name] = (fd, mm)
+        return mm
+
+    def _sweep(self) -> None:
+        # Keep the fd open so an unlinked segment is noticed (st_nlink 0) and its memory given back.
+        for name, (fd, mm) in list(self._open.items()):
+            if os.fstat(fd).st_nlink == 0 or len(self._open) >= self.max_open:
+                self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        fd, mm = self._open.pop(name)
+        mm.close()
+        os.close(fd)
+
+    def copy_out(self, ref: ShmRef, nbytes: int) -> np.ndarray:
+        """Copy a slot's payload into fresh memory (uint8), verify it was not overwritten, release the slot."""
+        mm = self._mapping(ref.segment)
+        if ref.offset < HEADER_BYTES or ref.offset + nbytes > len(mm):
+            size = len(mm)
+            self._forget(ref.segment)
+            raise ProtocolError(f"shm: segment {ref.segment!r} of {size} bytes cannot hold {nbytes} bytes at offset {ref.offset}")
+        magic, state, seq, slot_nbytes = _WORDS.unpack_from(mm, 0)
+        if magic != SLOT_MAGIC:
+            raise ProtocolError(f"shm: segment {ref.segment!r} has no slot header (magic {magic:#x})")
+        if seq != ref.slot_seq or state != READY:
+            raise ProtocolError(f"shm: slot {ref.segment!r} was overwritten or released (seq {seq}, header says {ref.slot_seq})")
+        if slot_nbytes != nbytes:
+            raise ProtocolError(f"shm: slot {ref.segment!r} holds {slot_nbytes} bytes, header nbytes={nbytes}")
+        out = np.empty(nbytes, dtype=np.uint8)
+        src = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=ref.offset)
+        np.copyto(out, src)
+        del src  # the mapping cannot be closed while an array views it
+        if _WORDS.unpack_from(mm, 0)[2] != ref.slot_seq:
+            raise ProtocolError(f"shm: slot {ref.segment!r} was overwritten while being read (seq {ref.slot_seq} changed)")
+        struct.pack_into("<Q", mm, _STATE_AT, FREE)
+        return out
+
+    def close(self) -> None:
+        """Unmap everything."""
+        for name in list(self._open):
+            self._forget(name)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_segments(directory: Path = SHM_DIR) -> int:
+    """Unlink our slot segments whose creating publisher process no longer exists; returns how many."""
+    if not directory.is_dir():
+        return 0
+    removed = 0
+    for entry in os.scandir(directory):
+        match = SHM_NAME_RE.match(entry.name)
+        if match and not _pid_alive(int(match.group(1))):
+            try:
+                os.unlink(entry.path)
+                removed += 1
+            except (FileNotFoundError, PermissionError):
+                pass
+    return removed
+
+
+def segments_of(pid: int, directory: Path = SHM_DIR) -> list[str]:
+    """Names of our segments created by process `pid` (for tests and diagnostics)."""
+    pattern = re.compile(rf"^{re.escape(SHM_PREFIX)}{pid}-")
+    return sorted(e.name for e in os.scandir(directory) if pattern.match(e.name)) if directory.is_dir() else []

@@ -1,0 +1,509 @@
+"""The analysis daemon as a real subprocess: real sockets, real signals, real wandb offline files."""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import msgpack
+import psutil
+import pytest
+import torch
+import zmq
+
+from analysis_daemon import measure_semantic_drift
+from protocol import encode_end, encode_hello, encode_snapshot
+from tests import wandb_history
+from trainer_hook import EmbeddingPublisher
+
+pytestmark = pytest.mark.timeout(120)
+
+WAIT_S = 60.0  # upper bound of every wait below; normally each takes well under a second
+
+
+def wait_for(what: str, condition: Callable[[], Any], timeout: float = WAIT_S, proc: "DaemonProc | None" = None) -> Any:
+    """Poll `condition` until it returns something truthy; fail with `what` (and the daemon's log) on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if proc is not None and proc.proc.poll() is not None:
+            pytest.fail(f"daemon exited with {proc.proc.returncode} while waiting for {what}\n{proc.log()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{proc.log() if proc else ''}")
+        time.sleep(0.02)
+
+
+class DaemonProc:
+    """A `python -m analysis_daemon` child with its stdout/stderr in files (a full pipe would block it)."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str], endpoint: str, *args: str, tag: str = "d") -> None:
+        self.endpoint = endpoint
+        self.results_dir = tmp_path / "runs"
+        self.out_path, self.err_path = tmp_path / f"{tag}.out", tmp_path / f"{tag}.err"
+        cmd = [sys.executable, "-m", "analysis_daemon", "--listen", endpoint,
+               "--results-dir", str(self.results_dir), "--threads", "1", "--nice", "0", *args]
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=tmp_path)
+        self.ready_line = wait_for("the ready line", self._ready, proc=self)
+
+    def _ready(self) -> str | None:
+        for line in self.out_path.read_text().splitlines():
+            if "ready" in line:
+                return line
+        return None
+
+    def log(self) -> str:
+        """The daemon's stderr so far."""
+        return self.err_path.read_text() if self.err_path.exists() else ""
+
+    def results(self, run: str) -> list[dict[str, Any]]:
+        """Complete lines of `run`'s results file."""
+        path = self.results_dir / run / "analysis.jsonl"
+        if not path.exists():
+            return []
+        text = path.read_text()
+        return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+
+    def wait_results(self, run: str, n: int) -> list[dict[str, Any]]:
+        """Block until `run` has at least `n` results."""
+        wait_for(f"{n} result(s) of run {run}", lambda: len(self.results(run)) >= n, proc=self)
+        return self.results(run)
+
+    def wait_exit(self, timeout: float = WAIT_S) -> int:
+        """The exit code, failing the test if the daemon does not exit in time."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"daemon did not exit within {timeout:.0f} s\n{self.log()}")
+
+    def kill(self) -> None:
+        """Make sure the child is gone (teardown)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def env(subprocess_env: dict[str, str]) -> dict[str, str]:
+    """Child env; OMP_WAIT_POLICY preset so the daemon does not re-exec itself (one test checks that path)."""
+    return dict(subprocess_env, OMP_WAIT_POLICY="PASSIVE")
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path, env: dict[str, str], tcp_endpoint: str):
+    """Factory: start a daemon (default endpoint, env, tmp dir); every one started is killed at teardown."""
+    started: list[DaemonProc] = []
+
+    def start(*args: str, endpoint: str = tcp_endpoint, child_env: dict[str, str] | None = None,
+              tag: str = "d") -> DaemonProc:
+        d = DaemonProc(tmp_path, child_env or env, endpoint, *args, tag=f"{tag}{len(started)}")
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.kill()
+
+
+@pytest.fixture
+def push(tcp_endpoint: str):
+    """A plain PUSH socket connected to the test's endpoint, for hand-made frames."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.connect(tcp_endpoint)
+    yield sock
+    sock.close()
+    ctx.term()
+
+
+def snapshot(push_sock: zmq.Socket, run: str, it: int, t: torch.Tensor, seq: int | None = None) -> None:
+    """Send `t` inline as run/iter."""
+    dtype = str(t.dtype).removeprefix("torch.")
+    raw = t.contiguous().view(torch.uint8).numpy().tobytes()
+    push_sock.send_multipart(encode_snapshot(run=run, iter=it, seq=it if seq is None else seq, name="wte",
+                                             dtype=dtype, shape=list(t.shape), payload=raw))
+
+
+def matrices(n: int, shape: tuple[int, int] = (500, 32), seed: int = 0) -> list[torch.Tensor]:
+    """`n` related embedding matrices: a random walk, so drift is neither 0 nor 1."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(*shape, generator=g)
+    out = []
+    for _ in range(n):
+        w = w + 0.3 * torch.randn(*shape, generator=g)
+        out.append(w.clone())
+    return out
+
+
+def assert_drift_matches(drift: dict[str, Any], prev: torch.Tensor, curr: torch.Tensor, top_k: int = 50) -> None:
+    """The daemon's drift numbers equal measure_semantic_drift on the same tensors."""
+    ref = measure_semantic_drift(prev, curr, top_k=top_k)
+    assert drift["average_cosine_similarity"] == pytest.approx(ref["average_cosine_similarity"], rel=1e-9, abs=1e-12)
+    assert drift["average_euclidean_distance"] == pytest.approx(ref["average_euclidean_distance"], rel=1e-9, abs=1e-12)
+    assert [t for t, _ in drift["most_drifted_tokens"]] == [t for t, _ in ref["most_drifted_tokens"]]
+    assert [t for t, _ in drift["least_drifted_tokens"]] == [t for t, _ in ref["least_drifted_tokens"]]
+
+
+def publisher_for(endpoint: str, run: str, **kw: Any) -> EmbeddingPublisher:
+    """A trainer-side publisher, once it is connected (publish() drops while no daemon is connected)."""
+    pub = EmbeddingPublisher(endpoint, run=run, **kw)
+    wait_for(f"publisher {run} to connect", lambda: pub.connected)
+    return pub
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def test_every_option_has_help_and_keygen_delegates(tmp_path: Path, env: dict[str, str]) -> None:
+    from analysis_daemon.cli import build_parser
+
+    parser = build_parser()
+    options = [a for a in parser._actions if a.option_strings]
+    assert len(options) > 15
+    for action in options:
+        assert action.help and action.help.strip(), f"{action.option_strings} has no help text"
+    out = subprocess.run([sys.executable, "-m", "analysis_daemon", "--help"], env=env, capture_output=True,
+                         text=True, timeout=WAIT_S)
+    assert out.returncode == 0
+    for opt in ("--listen", "--results-dir", "--threshold", "--chunk-size", "--top-k", "--threads",
+                "--exit-on-end", "--state-dir", "--log-file", "--curve-secret", "--shutdown-grace", "--no-wandb"):
+        assert opt in out.stdout
+    keys = subprocess.run([sys.executable, "-m", "analysis_daemon", "keygen", str(tmp_path / "keys"),
+                           "--name", "daemon"], env=env, capture_output=True, text=True, timeout=WAIT_S)
+    assert keys.returncode == 0, keys.stderr
+    assert (tmp_path / "keys" / "daemon.key").exists() and (tmp_path / "keys" / "daemon.key_secret").exists()
+
+
+def test_bad_options_fail_with_one_line(tmp_path: Path, env: dict[str, str]) -> None:
+    out = subprocess.run([sys.executable, "-m", "analysis_daemon", "--listen", "tcp://0.0.0.0:5999",
+                          "--no-wandb"], env=env, capture_output=True, text=True, timeout=WAIT_S, cwd=tmp_path)
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "refusing unencrypted endpoint" in errors[0]
+
+
+# ------------------------------------------------------------------------- results, wandb, ordering
+
+def test_sequence_gives_one_line_each_and_wandb_history_on_iteration_axis(
+        start_daemon, tmp_path: Path, tcp_endpoint: str) -> None:
+    d = start_daemon("--exit-on-end")
+    assert tcp_endpoint in d.ready_line
+    vocab = [f"tok{i}" for i in range(500)]
+    pub = publisher_for(tcp_endpoint, "seq-run", vocab=vocab,
+                        wandb_info={"project": "emb-test", "group": "grp-1", "run_id": "abc123"})
+    mats = matrices(4)
+    # 300 is published before 200: its result is logged first, 200's arrives later at a lower iteration.
+    iters = [100, 300, 200, 400]
+    for i, (it, w) in enumerate(zip(iters, mats)):
+        assert pub.publish(w, it)
+        d.wait_results("seq-run", i + 1)
+    pub.close()
+    assert d.wait_exit() == 0
+
+    results = d.results("seq-run")
+    assert [r["iter"] for r in results] == iters
+    assert [r["prev_iter"] for r in results] == [None, 100, 300, 200]
+    assert results[0]["drift"] is None and results[0]["drift_skipped_reason"] == "first snapshot of this run"
+    for r, prev, curr in zip(results[1:], mats, mats[1:]):
+        assert r["drift"] is not None and r["drift_skipped_reason"] is None
+        assert_drift_matches(r["drift"], prev, curr)
+        tokens = [t for t, _ in r["drift"]["most_drifted_tokens"]]
+        assert r["drift"]["most_drifted_token_strings"] == [vocab[t] for t in tokens]
+    for r in results:
+        g = r["geometry"]
+        assert g["local_density"]["threshold"] == 0.7
+        assert len(g["global_sparsity"]["histogram_counts"]) == 100
+        assert len(g["global_sparsity"]["histogram_bins"]) == 101
+        assert r["shape"] == [500, 32] and r["dtype"] == "float32" and r["skipped_iters"] == []
+        assert r["non_finite"] == {"values": 0, "rows": 0}
+    assert [r["counters"]["analysed"] for r in results] == [1, 2, 3, 4]
+    assert results[-1]["counters"] == {"received": 4, "analysed": 4, "skipped": 0, "rejected": 0}
+
+    files = wandb_history.find_run_files(tmp_path)
+    assert len(files) == 1
+    info = wandb_history.run_info(files[0])
+    assert (info["project"], info["group"], info["name"], info["job_type"]) == \
+        ("emb-test", "grp-1", "seq-run-embeddings", "embedding-analysis")
+    assert info["config"]["trainer_wandb_run_id"] == "abc123" and info["config"]["threshold"] == 0.7
+    assert {"name": "", "glob_name": "analysis/*", "step_metric": "analysis/iter"} in \
+        wandb_history.metric_definitions(files[0])
+    rows = wandb_history.history(files[0])
+    assert [row["analysis/iter"] for row in rows] == iters  # logged in arrival order, none dropped
+    by_iter = {row["analysis/iter"]: row for row in rows}
+    for r in results:
+        row = by_iter[r["iter"]]
+        assert row["analysis/geom_avg_neighbors"] == pytest.approx(
+            r["geometry"]["local_density"]["average_neighborhood_size"])
+        assert row["analysis/geom_mean_similarity"] == pytest.approx(r["geometry"]["global_sparsity"]["mean_similarity"])
+        assert row["analysis/geom_std_similarity"] == pytest.approx(r["geometry"]["global_sparsity"]["std_similarity"])
+        assert row["analysis/geom_similarity_hist._type"] == "histogram"
+        assert row["analysis/geom_similarity_hist.values"] == r["geometry"]["global_sparsity"]["histogram_counts"]
+        assert row["analysis/analysed"] == r["counters"]["analysed"]
+        assert row["analysis/seconds"] == pytest.approx(r["seconds"])
+        if r["drift"] is None:
+            assert "analysis/drift_cosine_sim" not in row
+        else:
+            assert row["analysis/drift_cosine_sim"] == pytest.approx(r["drift"]["average_cosine_similarity"])
+            assert row["analysis/drift_euclidean"] == pytest.approx(r["drift"]["average_euclidean_distance"])
+            assert row["analysis/drift_most_drifted_tokens._type"] == "table-file"
+            assert row["analysis/drift_least_drifted_tokens.nrows"] == 50
+    # The late result (iter 200) was logged after iter 300's and is still on the iteration axis.
+    assert rows.index(by_iter[200]) > rows.index(by_iter[300])
+    assert "run seq-run: end" in d.log() and "received=4 analysed=4 skipped=0 rejected=0" in d.log()
+
+
+def test_two_runs_keep_separate_state(start_daemon, tmp_path: Path, tcp_endpoint: str) -> None:
+    d = start_daemon("--exit-on-end", "--no-console")
+    a = publisher_for(tcp_endpoint, "run-a", wandb_info={"project": "emb-test"})
+    b = publisher_for(tcp_endpoint, "run-b", wandb_info={"project": "emb-test"})
+    ma, mb = matrices(3, seed=1), matrices(3, (400, 16), seed=2)
+    for i in range(3):  # interleaved: a and b alternate on the same socket
+        assert a.publish(ma[i], 10 * (i + 1))
+        assert b.publish(mb[i], 1000 + i)
+        d.wait_results("run-a", i + 1)
+        d.wait_results("run-b", i + 1)
+    a.close()
+    b.close()
+    assert d.wait_exit() == 0
+    ra, rb = d.results("run-a"), d.results("run-b")
+    assert [r["prev_iter"] for r in ra] == [None, 10, 20]
+    assert [r["prev_iter"] for r in rb] == [None, 1000, 1001]
+    assert {r["run"] for r in ra} == {"run-a"} and {r["run"] for r in rb} == {"run-b"}
+    for i in (1, 2):
+        assert_drift_matches(ra[i]["drift"], ma[i - 1], ma[i])
+        assert_drift_matches(rb[i]["drift"], mb[i - 1], mb[i])
+    assert rb[2]["shape"] == [400, 16] and rb[2]["counters"]["received"] == 3
+    assert ra[2]["daemon_counters"]["received"] >= 5  # daemon-wide counters cover both runs
+    files = wandb_history.find_run_files(tmp_path)
+    infos = {wandb_history.run_info(f)["name"]: f for f in files}
+    assert set(infos) == {"run-a-embeddings", "run-b-embeddings"}
+    assert [row["analysis/iter"] for row in wandb_history.history(infos["run-b-embeddings"])] == [1000, 1001, 1002]
+    groups = {wandb_history.run_info(f)["group"] for f in files}
+    assert groups == {"run-a", "run-b"}  # no group in the hello: grouped by the trainer run
+
+
+# ----------------------------------------------------------------------------------------- bad input
+
+def test_malformed_messages_are_rejected_counted_and_survived(start_daemon, push: zmq.Socket, tmp_path: Path) -> None:
+    d = start_daemon("--exit-on-end", "--no-wandb", "--max-rows", "100000")
+    good = torch.randn(64, 8)
+    raw = good.numpy().tobytes()
+
+    def header(**fields: Any) -> bytes:
+        base = {"v": 1, "kind": "snapshot", "run": "bad", "seq": 1, "publisher": "", "iter": 5, "name": "wte",
+                "dtype": "float32", "shape": [64, 8], "nbytes": len(raw), "sent_at": 0.0, "shm": None}
+        base.update(fields)
+        return msgpack.packb(base, use_bin_type=True)
+
+    bad_messages = [
+        [b"\x00garbage\xff"],                                 # not msgpack
+        [msgpack.packb([1, 2, 3])],                           # msgpack, not a map
+        [header(v=99), raw],                                  # wrong protocol version
+        [header(kind="explode"), raw],                        # unknown kind
+        [header(dtype="int64"), raw],                         # dtype not allowed
+        [header(), raw[:-4]],                                 # payload shorter than the header says
+        [header(nbytes=len(raw) + 4), raw],                   # nbytes does not match shape x dtype
+        [header(shape=[64, 8, 1]), raw],                      # not 2-D
+        [header(shape=[200000, 8], nbytes=200000 * 32), raw],  # beyond --max-rows
+        [header(run="../escape"), raw],                       # run name that would leave the results dir
+        [header(), raw, b"extra"],                            # one frame too many
+        [header(iter=-1), raw],                               # negative iteration
+        [header(shm={"segment": "emon-1-0000abcd-0-0", "offset": 64, "slot_seq": 2})],  # segment does not exist
+    ]
+    for frames in bad_messages:
+        push.send_multipart(frames)
+    push.send_multipart(encode_hello(run="bad", seq=0, pid=1, host="h"))
+    snapshot(push, "bad", 7, good)
+    results = d.wait_results("bad", 1)
+    push.send_multipart(encode_end(run="bad", seq=9, final_iter=7, published=1, dropped=0))
+    assert d.wait_exit() == 0
+    assert len(d.results("bad")) == 1
+    (r,) = results
+    n = len(bad_messages)
+    assert r["iter"] == 7 and r["geometry"] is not None
+    assert r["daemon_counters"]["rejected"] == n
+    rejected_lines = [line for line in d.log().splitlines() if "rejected message #" in line]
+    assert len(rejected_lines) == n
+    assert any("is not the supported protocol version" in line for line in rejected_lines)
+    assert any("does not exist" in line for line in rejected_lines)
+    assert f"rejected={n}" in d.log()
+    assert not (tmp_path / "escape").exists()
+
+
+def test_shape_change_and_non_finite_values_are_reported(start_daemon, push: zmq.Socket) -> None:
+    d = start_daemon("--exit-on-end", "--no-wandb")
+    w1 = torch.randn(300, 16)
+    w2 = torch.randn(320, 16)  # vocabulary grew: no token-by-token drift
+    w3 = w2.clone()
+    w3[5, 3] = float("nan")
+    w3[9, :] = float("inf")
+    for i, w in enumerate((w1, w2, w3)):
+        snapshot(push, "shapes", i + 1, w)
+        d.wait_results("shapes", i + 1)
+    push.send_multipart(encode_end(run="shapes", seq=99, final_iter=3, published=3, dropped=0))
+    assert d.wait_exit() == 0
+    r1, r2, r3 = d.results("shapes")
+    assert r2["drift"] is None and "shape changed from [300, 16]" in r2["drift_skipped_reason"]
+    assert r2["geometry"]["global_sparsity"]["mean_similarity"] is not None
+    assert r3["non_finite"] == {"values": 1 + 16, "rows": 2}
+    assert r3["drift"] is not None and r3["drift"]["nonfinite_rows"] == 2
+    assert r3["geometry"]["nonfinite_rows"] == 2
+    assert math.isfinite(r3["drift"]["average_cosine_similarity"])
+
+
+def test_wandb_failure_is_logged_once_and_results_still_written(
+        start_daemon, push: zmq.Socket, env: dict[str, str], tmp_path: Path) -> None:
+    bad_env = {k: v for k, v in env.items() if k != "WANDB_API_KEY"}
+    bad_env.update(WANDB_MODE="online", HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "wbconf"),
+                   WANDB_BASE_URL="http://127.0.0.1:9")  # no credentials, nothing listening
+    d = start_daemon("--exit-on-end", "--no-console", child_env=bad_env)
+    for i, w in enumerate(matrices(3)):
+        snapshot(push, "nowandb", i, w)
+        d.wait_results("nowandb", i + 1)
+    push.send_multipart(encode_end(run="nowandb", seq=99, final_iter=2, published=3, dropped=0))
+    assert d.wait_exit() == 0
+    assert [r["iter"] for r in d.results("nowandb")] == [0, 1, 2]
+    assert d.log().count("wandb: cannot start a run") == 1
+
+
+# -------------------------------------------------------------------------------- signals, restarts
+
+def _big(seed: int = 3) -> torch.Tensor:
+    # Big enough that geometry with 64-row chunks takes seconds on one thread.
+    return torch.randn(24000, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_sigterm_mid_analysis_abandons_after_grace_and_flushes(start_daemon, push: zmq.Socket, tmp_path: Path) -> None:
+    d = start_daemon("--chunk-size", "64", "--progress-interval", "0.2", "--shutdown-grace", "0")
+    snapshot(push, "term", 1, torch.randn(200, 64))
+    d.wait_results("term", 1)
+    snapshot(push, "term", 2, _big())
+    wait_for("a progress line", lambda: "run term iter 2: geometry" in d.log(), proc=d)
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    log = d.log()
+    assert "abandoning it" in log and "analysis abandoned on shutdown" in log
+    assert [r["iter"] for r in d.results("term")] == [1]
+    (run_file,) = wandb_history.find_run_files(tmp_path)
+    assert [row["analysis/iter"] for row in wandb_history.history(run_file)] == [1]
+    assert "analysis-daemon stopped: received=2 analysed=1" in log
+
+
+def test_sigterm_mid_analysis_finishes_within_grace(start_daemon, push: zmq.Socket) -> None:
+    d = start_daemon("--chunk-size", "64", "--progress-interval", "0.2", "--shutdown-grace", "60", "--no-wandb")
+    snapshot(push, "grace", 2, _big())
+    wait_for("a progress line", lambda: "run grace iter 2: geometry" in d.log(), proc=d)
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    assert "finished the running analysis (run grace iter 2)" in d.log()
+    (r,) = d.results("grace")
+    assert r["iter"] == 2 and r["geometry"]["pairs"] == 24000 * 23999
+
+
+def test_sigkill_then_restart_with_state_dir_continues_drift(start_daemon, push: zmq.Socket, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    w1, w2 = (w.to(torch.float16) for w in matrices(2, (256, 32), seed=5))
+    d1 = start_daemon("--state-dir", str(state), "--no-wandb")
+    push.send_multipart(encode_hello(run="crash", seq=0, pid=1, host="h", vocab=[f"t{i}" for i in range(256)]))
+    snapshot(push, "crash", 100, w1)
+    d1.wait_results("crash", 1)
+    d1.proc.send_signal(signal.SIGKILL)
+    assert d1.wait_exit() == -signal.SIGKILL
+
+    d2 = start_daemon("--state-dir", str(state), "--no-wandb", "--exit-on-end")
+    assert "restored run crash (baseline iter 100)" in d2.log()
+    snapshot(push, "crash", 200, w2)
+    results = d2.wait_results("crash", 2)
+    push.send_multipart(encode_end(run="crash", seq=99, final_iter=200, published=2, dropped=0))
+    assert d2.wait_exit() == 0
+    assert [r["iter"] for r in results] == [100, 200]
+    assert results[1]["prev_iter"] == 100 and results[1]["dtype"] == "float16"
+    assert_drift_matches(results[1]["drift"], w1, w2)
+    # The vocabulary from the hello before the crash is still known after it.
+    assert results[1]["drift"]["most_drifted_token_strings"][0].startswith("t")
+
+
+def test_fast_publisher_causes_skips_not_a_backlog(start_daemon, push: zmq.Socket) -> None:
+    d = start_daemon("--exit-on-end", "--no-wandb", "--no-console", "--chunk-size", "32")
+    proc = psutil.Process(d.proc.pid)
+    n, shape = 80, (6000, 128)  # 3 MB each, 234 MB in all; each analysis takes far longer than a send
+    mats = [torch.randn(*shape, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    snapshot(push, "fast", 0, mats[0])
+    wait_for("the first analysis to start", lambda: "run fast iter 0: analysing" in d.log(), proc=d)
+    base_rss = proc.memory_info().rss
+    peak = base_rss
+    for it in range(1, n):
+        snapshot(push, "fast", it, mats[it % 4])
+        peak = max(peak, proc.memory_info().rss)
+    push.send_multipart(encode_end(run="fast", seq=10**6, final_iter=n - 1, published=n, dropped=0))
+    while d.proc.poll() is None:
+        try:
+            peak = max(peak, proc.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.02)
+    assert d.wait_exit() == 0
+    results = d.results("fast")
+    analysed = [r["iter"] for r in results]
+    skipped = [it for r in results for it in r["skipped_iters"]]
+    assert analysed[0] == 0 and analysed[-1] == n - 1  # the newest snapshot is always analysed
+    assert len(skipped) > 0 and sorted(analysed + skipped) == list(range(n))
+    last = results[-1]["counters"]
+    assert last["received"] == n and last["analysed"] + last["skipped"] == n
+    # At most a few snapshots are held at once (baseline, pending, the one being analysed), never all 80.
+    sent_mb = n * shape[0] * shape[1] * 4 / 2**20
+    grew_mb = (peak - base_rss) / 2**20
+    print(f"analysed {len(analysed)} of {n}, RSS grew {grew_mb:.0f} MB, {sent_mb:.0f} MB sent")
+    assert grew_mb < sent_mb / 3, f"RSS grew {grew_mb:.0f} MB while {sent_mb:.0f} MB were sent"
+
+
+# ---------------------------------------------------------------------------------- logs, threads
+
+def test_log_file_progress_and_passive_omp_without_env(start_daemon, push: zmq.Socket,
+                                                       subprocess_env: dict[str, str], tmp_path: Path) -> None:
+    child_env = {k: v for k, v in subprocess_env.items() if k != "OMP_WAIT_POLICY"}
+    log_file = tmp_path / "logs" / "daemon.log"
+    d = start_daemon("--exit-on-end", "--no-wandb", "--log-file", str(log_file), "--chunk-size", "16",
+                     "--progress-interval", "0", child_env=child_env)
+    snapshot(push, "logs", 1, torch.randn(400, 16))
+    d.wait_results("logs", 1)
+    push.send_multipart(encode_end(run="logs", seq=2, final_iter=1, published=1, dropped=0))
+    assert d.wait_exit() == 0
+    text = log_file.read_text()
+    assert "OMP_WAIT_POLICY=PASSIVE" in text and "1 analysis thread(s)" in text
+    assert "run logs iter 1: geometry" in text and "% done after" in text
+    assert "ready on" in text
+    out = d.out_path.read_text()
+    assert out.count("ready") == 1
+    assert "--- ASYNC ANALYSIS RESULTS FOR ITERATION 1 (run logs) ---" in out
+
+
+# ------------------------------------------------------------------------------------------ CurveZMQ
+
+def test_curve_daemon_accepts_only_authorised_trainers(start_daemon, tmp_path: Path, tcp_endpoint: str,
+                                                       env: dict[str, str]) -> None:
+    keys, clients = tmp_path / "keys", tmp_path / "clients"
+    for directory, name in ((keys, "daemon"), (clients, "trainer"), (keys, "stranger")):
+        subprocess.run([sys.executable, "-m", "analysis_daemon", "keygen", str(directory), "--name", name],
+                       env=env, check=True, capture_output=True, timeout=WAIT_S)
+    d = start_daemon("--exit-on-end", "--no-wandb", "--curve-secret", str(keys / "daemon.key_secret"),
+                     "--curve-authorized-dir", str(clients))
+    stranger = EmbeddingPublisher(tcp_endpoint, run="stranger", curve_client_secret=keys / "stranger.key_secret",
+                                  curve_server_public=keys / "daemon.key", shared_memory=False)
+    trusted = publisher_for(tcp_endpoint, "trusted", curve_client_secret=clients / "trainer.key_secret",
+                            curve_server_public=keys / "daemon.key", shared_memory=False)
+    assert not stranger.publish(torch.randn(100, 8), 1)  # never admitted: dropped on its side
+    assert trusted.publish(torch.randn(100, 8), 1)
+    d.wait_results("trusted", 1)
+    trusted.close()
+    stranger.close(timeout=0.5)
+    assert d.wait_exit() == 0
+    assert not (d.results_dir / "stranger").exists()
+    assert "received=1 analysed=1" in d.log()

@@ -1,0 +1,254 @@
+"""EmbeddingPublisher: hand embedding snapshots to the analysis daemon without ever blocking training.
+
+    publisher = EmbeddingPublisher("tcp://127.0.0.1:5555", run="my-run")
+    publisher.publish(raw_model.transformer.wte.weight, iter_num)  # True: handed off, False: dropped
+    publisher.close()                                               # also runs at interpreter exit
+
+On the training thread publish() only copies: CPU weights straight into a shared-memory slot (same
+host) or a reusable buffer (tcp); CUDA weights with a non-blocking DMA into a pinned buffer plus an
+event. Everything else (waiting for the event, sending, recycling buffers) is the sender thread's.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zmq
+
+from protocol import (CurveClient, ShmWriter, check_endpoint, check_run_name, connect_publisher, encode_hello,
+                      is_local_endpoint, shm_available, wire_dtype)
+
+from .sender import EndJob, Sender, SnapshotJob
+from .staging import EventFactory, StagingPool, cuda_event
+
+log = logging.getLogger("embedding_monitor.hook")
+
+_REWARN_AFTER_S = 300.0  # a new episode of drops is logged again only after this long
+
+
+def _is_rank_zero() -> bool:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def embedding_weight(obj: Any) -> torch.Tensor:
+    """The (V, d) weight of a tensor, an nn.Embedding / module with .weight, or a module with main_weight.weight."""
+    if isinstance(obj, torch.Tensor):
+        weight = obj
+    elif isinstance(getattr(getattr(obj, "main_weight", None), "weight", None), torch.Tensor):
+        weight = obj.main_weight.weight
+    elif isinstance(getattr(obj, "weight", None), torch.Tensor):
+        weight = obj.weight
+    else:
+        raise TypeError(f"cannot find an embedding weight in {type(obj).__name__}: pass a tensor, an nn.Embedding "
+                        "or a module with .weight or .main_weight.weight")
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"embedding weight must be a 2-D floating tensor, got {tuple(weight.shape)} {weight.dtype}")
+    return weight.detach()
+
+
+def _copy_into(dst: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, shape: tuple[int, int], *,
+               non_blocking: bool = False) -> None:
+    """Copy `weight` into the uint8 buffer `dst` as a C-order (V, d) array of `dtype`."""
+    if not weight.is_cuda and weight.dtype == dtype and weight.is_contiguous():
+        # A plain memcpy on this thread: as fast as numpy's copy, and it leaves torch's
+        # intra-op thread pool (busy with training work) out of it.
+        np.copyto(dst.numpy(), weight.view(torch.uint8).view(-1).numpy())
+    else:  # conversion (e.g. to float16), strided weights, device-to-host DMA
+        dst.view(dtype).view(shape).copy_(weight, non_blocking=non_blocking)
+
+
+class EmbeddingPublisher:
+    """Sends embedding snapshots to an analysis daemon; never blocks, drops and counts instead."""
+
+    def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", run: str | None = None, *,
+                 vocab: Sequence[str] | None = None, wandb_info: dict | None = None,
+                 send_dtype: torch.dtype | None = None, max_in_flight: int = 2,
+                 shared_memory: bool | None = None, curve_client_secret: str | os.PathLike | None = None,
+                 curve_server_public: str | os.PathLike | None = None, allow_insecure: bool = False,
+                 enabled: bool | None = None, name: str = "wte", meta: dict | None = None,
+                 shm_reclaim_s: float = 120.0, _event_factory: EventFactory | None = None) -> None:
+        self.endpoint = endpoint
+        self.run = check_run_name(run or (wandb_info or {}).get("run_name") or (wandb_info or {}).get("name")
+                                  or f"{socket.gethostname()}-{os.getpid()}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.name = name
+        self.send_dtype = send_dtype
+        if send_dtype is not None:
+            wire_dtype(send_dtype)  # fail now, not at the first publish
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        self.enabled = _is_rank_zero() if enabled is None else bool(enabled)
+        self._lock = threading.Lock()
+        self._published = self._dropped = 0
+        self._last_iter: int | None = None
+        self._dropping = False
+        self._last_warning = -_REWARN_AFTER_S
+        self._closed = False
+        self._pid = os.getpid()
+        self._sender: Sender | None = None
+        self._writer: ShmWriter | None = None
+        self._event_factory = _event_factory
+        if not self.enabled:
+            return
+
+        curve = None
+        if curve_client_secret or curve_server_public:
+            if not (curve_client_secret and curve_server_public):
+                raise ValueError("CurveZMQ needs both curve_client_secret and curve_server_public")
+            curve = CurveClient(Path(curve_client_secret), Path(curve_server_public))
+        check_endpoint(endpoint, secured=curve is not None, allow_insecure=allow_insecure)
+        if shared_memory is None:
+            shared_memory = is_local_endpoint(endpoint) and shm_available()
+        elif shared_memory and not shm_available():
+            raise ValueError("shared_memory=True but /dev/shm is not available here; pass shared_memory=False")
+        self._writer = ShmWriter(max_in_flight, reclaim_after_s=shm_reclaim_s) if shared_memory else None
+        self._pool = StagingPool(max_in_flight)
+        host, vocab_list = socket.gethostname(), list(vocab) if vocab is not None else None
+        hello_meta = {"name": name, "endpoint": endpoint, "shared_memory": bool(shared_memory),
+                      "torch": torch.__version__, **(meta or {})}
+        publisher_id = f"{host}/{self._pid}/{secrets.token_hex(4)}"
+
+        def hello_frames(seq: int) -> list[bytes]:
+            return encode_hello(run=self.run, seq=seq, pid=self._pid, host=host, vocab=vocab_list,
+                                wandb=wandb_info, meta=hello_meta, publisher=publisher_id)
+
+        ctx = zmq.Context()
+        sock = connect_publisher(ctx, endpoint, curve, allow_insecure, connect=False)
+        self._sender = Sender(sock, ctx, run=self.run, publisher_id=publisher_id, hello_frames=hello_frames,
+                              pool=self._pool, writer=self._writer, on_sent=self._on_sent, on_drop=self._drop,
+                              counters=lambda: (self._published, self._dropped, self._last_iter))
+        sock.connect(endpoint)  # only now: the sender's monitor is attached and sees the handshake
+        self._sender.start()
+        atexit.register(self.close)
+
+    # ------------------------------------------------------------ counters
+
+    @property
+    def published(self) -> int:
+        """Snapshots handed to ZeroMQ for a connected daemon."""
+        return self._published
+
+    @property
+    def dropped(self) -> int:
+        """Snapshots not sent (no daemon, daemon busy, buffers in flight)."""
+        return self._dropped
+
+    @property
+    def connected(self) -> bool:
+        """Whether a daemon has completed the handshake and not disconnected since."""
+        return self._sender is not None and self._sender.connected
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for a daemon to connect (at start-up, never in the loop); True if connected."""
+        deadline = time.monotonic() + timeout
+        while not self.connected and self._sender is not None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return self.connected
+
+    def _on_sent(self, iter_num: int) -> None:
+        with self._lock:
+            self._published += 1
+            self._last_iter = iter_num
+            self._dropping = False
+
+    def _drop(self, reason: str) -> bool:
+        with self._lock:
+            self._dropped += 1
+            warn = not self._dropping and time.monotonic() - self._last_warning > _REWARN_AFTER_S
+            self._dropping = True
+            if warn:
+                self._last_warning = time.monotonic()
+        if warn:
+            log.warning("embedding snapshots are being dropped (%s, endpoint %s); training is not slowed, "
+                        "further drops are counted silently", reason, self.endpoint)
+        return False
+
+    # ------------------------------------------------------------ publishing
+
+    def publish(self, weight_or_module: Any, iter_num: int) -> bool:
+        """Copy the embedding weight and hand it off; True if handed off, False if dropped. Never blocks."""
+        if not self.enabled or self._closed or self._sender is None:
+            return False
+        weight = embedding_weight(weight_or_module)
+        sender = self._sender
+        if not sender.connected:
+            return self._drop("no analysis daemon connected")  # skip the copy: nobody could receive it
+        dtype = self.send_dtype or (weight.dtype if weight.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                                    else torch.float32)
+        shape = (int(weight.shape[0]), int(weight.shape[1]))
+        nbytes = shape[0] * shape[1] * dtype.itemsize
+        self._shm_fallback_check()
+        job = SnapshotJob(iter=int(iter_num), name=self.name, dtype=wire_dtype(dtype), shape=shape)
+        try:
+            if weight.is_cuda or self._event_factory is not None or not sender.shm_enabled:
+                job.staged = self._pool.acquire(nbytes, pin=weight.is_cuda)
+                if job.staged is None:
+                    return self._drop("snapshots still in flight (daemon slow or unreachable)")
+                _copy_into(job.staged.data, weight, dtype, shape, non_blocking=weight.is_cuda)
+                if weight.is_cuda or self._event_factory is not None:
+                    job.event = (self._event_factory or cuda_event)()
+                    job.event.record()  # fires after the DMA; the sender thread waits on it, not us
+            else:
+                job.slot = self._writer.acquire(nbytes)
+                if job.slot is None:
+                    return self._drop("every shared-memory slot is still held by the daemon")
+                view = torch.frombuffer(job.slot.payload(), dtype=torch.uint8)
+                _copy_into(view, weight, dtype, shape)
+                del view  # the slot's mapping must not stay exported
+                job.ref = self._writer.commit(job.slot)
+        except OSError as exc:  # e.g. /dev/shm full: go inline over the socket from now on
+            self._disable_shm(f"shared memory failed ({exc.strerror}); sending payloads over the socket")
+            return self._drop("shared memory failed")
+        sender.jobs.put(job)
+        return True
+
+    def _shm_fallback_check(self) -> None:
+        # Slots that were only ever reclaimed, never released: the daemon cannot see our /dev/shm
+        # (e.g. a loopback port forwarded into another container). Send payloads inline instead.
+        writer = self._writer
+        if writer is not None and writer.timed_out >= 2 and writer.released == 0:
+            self._disable_shm("the daemon never released a shared-memory slot; sending payloads over the socket")
+
+    def _disable_shm(self, why: str) -> None:
+        if self._sender is not None and self._sender.shm_enabled:
+            self._sender.shm_enabled = False
+            log.warning("embedding publisher: %s", why)
+
+    # ------------------------------------------------------------ shutdown
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send `end`, wait up to `timeout` s for in-flight snapshots, free everything; safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if os.getpid() != self._pid:  # a forked child (DataLoader worker) must not tear down the parent's
+            return
+        atexit.unregister(self.close)
+        if self._sender is not None:
+            end = EndJob(deadline=time.monotonic() + timeout)
+            self._sender.jobs.put(end)
+            end.done.wait(timeout + 1.0)
+            self._sender.join(1.0)
+            self._pool.clear()
+        if self._writer is not None:
+            self._writer.close()
+        if self.enabled:
+            log.info("embedding publisher closed: %d snapshots published, %d dropped", self._published, self._dropped)
+
+    def __enter__(self) -> "EmbeddingPublisher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,219 @@
+"""The publisher's background thread: the only user of its ZeroMQ socket.
+
+The training thread copies the weights and queues a job; this thread waits for CUDA copies to
+finish (event.synchronize() here, never on the training thread), moves staged CUDA copies into
+shared memory, sends hello/snapshot/end without ever blocking (NOBLOCK), watches the socket's
+monitor to know whether a daemon is connected, and recycles buffers once libzmq has let go of them.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from protocol import ShmRef, ShmWriter, encode_end, encode_snapshot
+
+from .staging import CopyEvent, StagingBuffer, StagingPool
+
+log = logging.getLogger("embedding_monitor.hook")
+
+_UP_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED
+_DOWN_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_MONITOR_STOPPED)
+
+
+@dataclass
+class SnapshotJob:
+    """One snapshot on its way out: either committed to a shm slot, or in a staging buffer."""
+
+    iter: int
+    name: str
+    dtype: str
+    shape: tuple[int, int]
+    staged: StagingBuffer | None = None
+    event: CopyEvent | None = None
+    slot: object | None = None
+    ref: ShmRef | None = None
+
+
+@dataclass
+class EndJob:
+    """close(): send `end`, wait for in-flight sends until the deadline, then shut the socket."""
+
+    deadline: float
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class Sender(threading.Thread):
+    """Owns the socket; see the module docstring."""
+
+    def __init__(self, sock: zmq.Socket, ctx: zmq.Context, *, run: str, publisher_id: str,
+                 hello_frames: Callable[[int], list[bytes]], pool: StagingPool, writer: ShmWriter | None,
+                 on_sent: Callable[[int], None], on_drop: Callable[[str], None],
+                 counters: Callable[[], tuple[int, int, int | None]]) -> None:
+        super().__init__(name="embedding-publisher", daemon=True)  # daemon: atexit's close() still runs
+        self.sock, self.ctx = sock, ctx
+        self.monitor = sock.get_monitor_socket(_UP_EVENTS | _DOWN_EVENTS)
+        self.run_name, self.publisher_id = run, publisher_id
+        self.hello_frames, self.pool, self.writer = hello_frames, pool, writer
+        self.on_sent, self.on_drop, self.counters = on_sent, on_drop, counters
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.connected = False  # read by the training thread to skip copies nobody can receive
+        self.shm_enabled = writer is not None
+        self._need_hello = True
+        self._seq = 0
+        self._pending: list[tuple[zmq.MessageTracker, StagingBuffer]] = []
+
+    # ------------------------------------------------------------ helpers
+
+    def _next_seq(self) -> int:
+        seq, self._seq = self._seq, self._seq + 1
+        return seq
+
+    def _poll_monitor(self) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return
+            if event & _UP_EVENTS:
+                self.connected = True
+                self._need_hello = True  # a (re)started daemon has not seen our hello
+            elif event & _DOWN_EVENTS:
+                if self.connected and self.writer is not None:
+                    # headers queued at a daemon that is gone are lost with it: its slots are free to reuse
+                    self.writer.expire()
+                self.connected = False
+
+    def _reap(self) -> None:
+        still = []
+        for tracker, buf in self._pending:
+            if tracker.done:
+                self.pool.release(buf)
+            else:
+                still.append((tracker, buf))
+        self._pending = still
+        if self.writer is not None:
+            self.writer.note_released()
+
+    def _send(self, frames: list, *, track: bool = False) -> zmq.MessageTracker | bool:
+        for attempt in (0, 1):
+            try:
+                if track:
+                    return self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False, track=True)
+                self.sock.send_multipart(frames, flags=zmq.NOBLOCK)
+                return True
+            except zmq.Again:  # no daemon connected (IMMEDIATE) or its queue is full: drop, never wait
+                if attempt == 0:
+                    # libzmq only processes its pending "queue has room again" commands now and then
+                    # on send; reading ZMQ_EVENTS processes them, so a queue that just drained is seen.
+                    self.sock.getsockopt(zmq.EVENTS)
+        return False
+
+    def _send_hello(self) -> bool:
+        if self._send(self.hello_frames(self._seq)) is not False:
+            self._next_seq()
+            self._need_hello = False
+            return True
+        return False
+
+    # ------------------------------------------------------------ jobs
+
+    def _snapshot(self, job: SnapshotJob) -> None:
+        if job.event is not None:
+            job.event.synchronize()  # the device-to-host copy has landed in the staging buffer
+        if job.staged is not None and self.shm_enabled and self.writer is not None:
+            job.slot = self.writer.acquire(job.staged.nbytes)
+            if job.slot is None:
+                self.pool.release(job.staged)
+                self.on_drop("every shared-memory slot is still held by the daemon")
+                return
+            np.copyto(np.frombuffer(job.slot.payload(), dtype=np.uint8), job.staged.data.numpy())
+            job.ref = self.writer.commit(job.slot)
+            self.pool.release(job.staged)
+            job.staged = None
+        if self._need_hello and not self._send_hello():
+            return self._fail(job, "no analysis daemon connected")
+        common = dict(run=self.run_name, iter=job.iter, seq=self._seq, name=job.name, dtype=job.dtype,
+                      shape=job.shape, publisher=self.publisher_id)
+        if job.ref is not None:
+            ok = self._send(encode_snapshot(shm=job.ref, **common)) is not False
+        else:
+            tracker = self._send(encode_snapshot(payload=job.staged.frame(), **common), track=True)
+            ok = tracker is not False
+            if ok:
+                self._pending.append((tracker, job.staged))
+                job.staged = None  # now owned by libzmq until the tracker says done
+        if not ok:
+            return self._fail(job, "no analysis daemon connected, or it is not keeping up")
+        self._next_seq()
+        self.on_sent(job.iter)
+
+    def _fail(self, job: SnapshotJob, reason: str) -> None:
+        if job.slot is not None:
+            self.writer.release(job.slot)
+        if job.staged is not None:
+            self.pool.release(job.staged)
+        self.on_drop(reason)
+
+    def _end(self, job: EndJob) -> None:
+        published, dropped, final_iter = self.counters()  # read here: every earlier job is done
+        frames = encode_end(run=self.run_name, seq=self._seq, final_iter=final_iter, published=published,
+                            dropped=dropped, publisher=self.publisher_id)
+        while time.monotonic() < job.deadline:
+            self._poll_monitor()
+            if not self.connected:
+                break
+            if self._send(frames) is not False:
+                self._next_seq()
+                break
+            time.sleep(0.005)  # the queue is full of snapshots still going out
+        # Bounded wait for snapshots in flight: tcp frames libzmq still holds, shm slots not yet released.
+        while time.monotonic() < job.deadline:
+            self._reap()
+            shm_busy = self.writer.busy() if self.writer is not None else 0
+            if not self._pending and (not shm_busy or not self.connected):
+                break
+            self._poll_monitor()
+            time.sleep(0.005)
+        linger_ms = max(0, int((job.deadline - time.monotonic()) * 1000))
+        self.sock.disable_monitor()
+        self.monitor.close(0)
+        self.sock.close(linger_ms)
+        self.ctx.term()  # bounded: the only socket is closed with a finite linger
+
+    # ------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        """Serve jobs until an EndJob arrives."""
+        while True:
+            try:
+                job = self.jobs.get(timeout=0.005 if self._pending else 0.05)
+            except queue.Empty:
+                job = None
+            self._poll_monitor()
+            self._reap()
+            if self._need_hello and self.connected:
+                self._send_hello()  # tell a newly connected daemon about the run right away
+            if job is None:
+                continue
+            if isinstance(job, EndJob):
+                try:
+                    self._end(job)
+                finally:
+                    job.done.set()
+                return
+            try:
+                self._snapshot(job)
+            except Exception:  # never let one bad job kill the thread the trainer relies on
+                log.exception("embedding publisher: sending a snapshot failed")
+                self._fail(job, "internal error")
