@@ -1,5 +1,29 @@
-"""Analysis daemon for embedding-monitor: the pure analysis functions are importable on their own."""
-from analysis_daemon.drift import DriftShapeMismatch, measure_semantic_drift
-from analysis_daemon.geometry import analyze_embedding_geometry, pairwise_moments
+"""Analysis daemon for embedding-monitor: the pure analysis functions are importable on their own.
 
-__all__ = ["DriftShapeMismatch", "analyze_embedding_geometry", "measure_semantic_drift", "pairwise_moments"]
+    from analysis_daemon import measure_semantic_drift, analyze_embedding_geometry
+
+The functions are imported lazily (PEP 562): `python -m analysis_daemon` must set OMP_WAIT_POLICY
+before torch (and its OpenMP runtime) loads, and importing this package must not load torch first.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+_EXPORTS = {
+    "DriftShapeMismatch": "analysis_daemon.drift",
+    "measure_semantic_drift": "analysis_daemon.drift",
+    "analyze_embedding_geometry": "analysis_daemon.geometry",
+    "pairwise_moments": "analysis_daemon.geometry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'analysis_daemon' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value

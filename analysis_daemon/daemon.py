@@ -26,7 +26,7 @@ from protocol import (DEFAULT_LIMITS, End, Hello, Limits, ProtocolError, ShmRead
 from .sinks import SinkSet
 from .state import Counters, HelloInfo, Job, RunState, SnapshotData
 from .state_store import StateStore
-from .worker import AnalysisSettings, AnalysisWorker
+from .worker import AnalysisSettings, AnalysisWorker, warm_up
 
 log = logging.getLogger("embedding_monitor.daemon")
 
@@ -245,6 +245,7 @@ class Daemon:
             sock = bind_receiver(ctx, self.config.listen, self.config.limits, self.config.curve,
                                  self.config.allow_insecure)
             endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT) or self.config.listen
+            warm_up(self.config.analysis)
             self.worker.start()
             out = ready_stream or sys.stdout
             out.write(f"analysis-daemon ready on {endpoint}\n")

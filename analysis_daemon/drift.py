@@ -3,6 +3,9 @@
 Semantics (DESIGN.md, "Semantics of the numbers"): centre both snapshots, find the orthogonal R minimising
 ||X_c R - Y_c||_F (from the SVD of X_c^T Y_c), and compare X_c R with Y_c row by row. So Y = X Q + b
 (any orthogonal Q, any translation b) gives cosine 1 and distance 0 for every token, up to rounding.
+
+The centred matrices are never materialised: rows are centred a chunk at a time, while the chunk is in
+cache, once to accumulate X_c^T Y_c and once to compare; so memory beyond the inputs is O(chunk x d).
 """
 from __future__ import annotations
 
@@ -11,19 +14,14 @@ from typing import Final
 
 import torch
 
-# Rows are processed this many at a time so float64 temporaries stay small (O(rows x d), not O(V x d)).
-_ROWS: Final = 4096
-# A centred row shorter than this fraction of the snapshot's scale is float32 rounding noise: no direction.
+# Rows per chunk: small enough that a chunk's temporaries stay in cache, big enough for an efficient matmul.
+_ROWS: Final = 2048
+# A centred row shorter than this fraction of the snapshot's size is float32 rounding noise: no direction.
 _DEGENERATE_REL: Final = 1e-6
 
 
 class DriftShapeMismatch(ValueError):
     """The two snapshots cannot be compared token by token: their shapes differ (or are not 2-D)."""
-
-
-def _as_float32(t: torch.Tensor) -> torch.Tensor:
-    """`t` as a float32 CPU tensor, without a copy when it already is one."""
-    return t.detach().to("cpu", torch.float32)
 
 
 def _finite_rows(x: torch.Tensor) -> torch.Tensor:
@@ -36,7 +34,10 @@ def _finite_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _power_of_two_scale(x: torch.Tensor) -> float:
-    """1.0 for ordinary magnitudes, else the power of two nearest above the largest |entry|."""
+    """1.0 for ordinary magnitudes, else the power of two just above the largest |entry|.
+
+    Dividing by it is exact and keeps every float32 product and sum below far from overflow/underflow.
+    """
     if x.numel() == 0:
         return 1.0
     lo, hi = torch.aminmax(x)
@@ -46,12 +47,24 @@ def _power_of_two_scale(x: torch.Tensor) -> float:
     return 2.0 ** math.frexp(biggest)[1]
 
 
-def _column_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean of the rows of `x`, summed in float64 chunk by chunk (no float64 copy of the whole matrix)."""
-    acc = torch.zeros(x.shape[1], dtype=torch.float64)
-    for a in range(0, x.shape[0], _ROWS):
-        acc += x[a : a + _ROWS].sum(dim=0, dtype=torch.float64)
-    return acc / x.shape[0]
+class _Centred:
+    """Rows of one snapshot, scaled by an exact power of two and centred on demand, chunk by chunk."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+        self.scale = _power_of_two_scale(x)
+        acc = torch.zeros(x.shape[1], dtype=torch.float64)  # float64 sums, no float64 copy of x
+        for a in range(0, x.shape[0], _ROWS):
+            acc += x[a : a + _ROWS].sum(dim=0, dtype=torch.float64)
+        self.mean = acc / (x.shape[0] * self.scale)  # in scaled units
+        self.mean32 = self.mean.float()
+
+    def chunk(self, a: int) -> torch.Tensor:
+        """Centred (scaled) rows a : a + _ROWS as a fresh float32 tensor."""
+        rows = self.x[a : a + _ROWS]
+        if self.scale != 1.0:
+            rows = rows * (1.0 / self.scale)
+        return rows - self.mean32
 
 
 def _token_list(ids: torch.Tensor, cos: torch.Tensor) -> list[list]:
@@ -83,9 +96,9 @@ def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 
         )
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be a non-negative integer, got {top_k!r}")
-    v = prev.shape[0]
-    x = _as_float32(prev)
-    y = _as_float32(curr)
+    v, d = prev.shape
+    x = prev.detach().to("cpu", torch.float32)  # no copy when it already is a float32 CPU tensor
+    y = curr.detach().to("cpu", torch.float32)
     finite = _finite_rows(x) & _finite_rows(y)
     n = int(finite.sum())
     result: dict = {
@@ -103,41 +116,33 @@ def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 
     if n < v:
         ids = finite.nonzero().squeeze(1)
         x, y = x[ids], y[ids]
+    cx, cy = _Centred(x), _Centred(y)
 
-    # Extreme magnitudes are brought near 1 by an exact power of two, so no float32 step below can
-    # overflow or underflow; the float64 comparison undoes it.
-    scale_x, scale_y = _power_of_two_scale(x), _power_of_two_scale(y)
-    if scale_x != 1.0:
-        x = x * (1.0 / scale_x)
-    if scale_y != 1.0:
-        y = y * (1.0 / scale_y)
-    mean_x, mean_y = _column_mean(x), _column_mean(y)
-    xc = x - mean_x.float()
-    yc = y - mean_y.float()
-    # X_c^T Y_c is d x d: chunks of float32 products summed in float64; its SVD in float64 is cheap.
-    m = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    # X_c^T Y_c is d x d: float32 chunk products summed in float64; its SVD in float64 is cheap.
+    m = torch.zeros(d, d, dtype=torch.float64)
     for a in range(0, n, _ROWS):
-        m += (xc[a : a + _ROWS].T @ yc[a : a + _ROWS]).double()
+        m += (cx.chunk(a).T @ cy.chunk(a)).double()
     u, _, vh = torch.linalg.svd(m)
     rot = (u @ vh).float()
 
-    cos = torch.empty(n, dtype=torch.float64)
-    dist = torch.empty(n, dtype=torch.float64)
+    dot = torch.empty(n, dtype=torch.float64)
     norm_x = torch.empty(n, dtype=torch.float64)
     norm_y = torch.empty(n, dtype=torch.float64)
+    dist = torch.empty(n, dtype=torch.float64)
     for a in range(0, n, _ROWS):
-        xr = (xc[a : a + _ROWS] @ rot).double()
-        yr = yc[a : a + _ROWS].double()
-        if scale_x != 1.0 or scale_y != 1.0:
-            xr, yr = xr * scale_x, yr * scale_y
+        xr = cx.chunk(a) @ rot
+        yc = cy.chunk(a)
         b = a + xr.shape[0]
-        norm_x[a:b] = torch.linalg.vector_norm(xr, dim=1)
-        norm_y[a:b] = torch.linalg.vector_norm(yr, dim=1)
-        dist[a:b] = torch.linalg.vector_norm(xr - yr, dim=1)
-        cos[a:b] = (xr * yr).sum(dim=1)
-    # Rounding in the centring is ~eps * (|mean| + |row|); a centred norm this small is that noise.
-    size_x = scale_x * float(mean_x.norm()) + float(norm_x.square().mean().sqrt())
-    size_y = scale_y * float(mean_y.norm()) + float(norm_y.square().mean().sqrt())
+        dot[a:b] = torch.linalg.vecdot(xr, yc).double() * (cx.scale * cy.scale)
+        norm_x[a:b] = torch.linalg.vector_norm(xr, dim=1).double() * cx.scale
+        norm_y[a:b] = torch.linalg.vector_norm(yc, dim=1).double() * cy.scale
+        if cx.scale == cy.scale:
+            dist[a:b] = torch.linalg.vector_norm(xr - yc, dim=1).double() * cx.scale
+        else:  # different scales: subtract in float64, where both magnitudes fit
+            dist[a:b] = torch.linalg.vector_norm(xr.double() * cx.scale - yc.double() * cy.scale, dim=1)
+    # Centring rounds at ~eps * (|mean| + |row|); a centred norm this far below the snapshot's size is noise.
+    size_x = cx.scale * float(cx.mean.norm()) + float(norm_x.square().mean().sqrt())
+    size_y = cy.scale * float(cy.mean.norm()) + float(norm_y.square().mean().sqrt())
     directed = (norm_x > _DEGENERATE_REL * size_x) & (norm_y > _DEGENERATE_REL * size_y)
     result["degenerate_rows"] = n - int(directed.sum())
     result["average_euclidean_distance"] = float(dist.mean())
@@ -145,7 +150,7 @@ def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 
     keep = directed.nonzero().squeeze(1)
     if keep.numel() == 0:
         return result
-    cos = (cos[keep] / (norm_x[keep] * norm_y[keep])).clamp_(-1.0, 1.0)
+    cos = (dot[keep] / (norm_x[keep] * norm_y[keep])).clamp_(-1.0, 1.0)
     token_ids = keep if ids is None else ids[keep]
     result["average_cosine_similarity"] = float(cos.mean())
     k = min(top_k, cos.numel())

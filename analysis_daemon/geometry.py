@@ -8,9 +8,10 @@ How the chunked pass stays close to the cost of the matmul itself:
 - Only one triangle of blocks is computed: row chunk r0:r1 against columns r0:V. The square part of
   that block holds both orders of its pairs, the rest stands for its mirror image too, so it counts twice.
 - The histogram's affine map is folded into the matmul: with A = [k*u_i, c] and B = [u_j, 1] one product
-  gives x = k*cos + c, where k = bins / (hi - lo) and c puts every cosine in [-1, 1] strictly inside
-  (0, 255). Casting x to uint8 then floors it (x > 0), and one bincount over 256 values gives every bin,
-  the values below and above the range, at about 1 ns per similarity instead of ~5 for histc.
+  gives x = k*cos + c, where k = bins / (hi - lo) and the integer offset in c puts every cosine in
+  [-1, 1] inside [1, 254]. Casting x to uint8 then floors it (x > 0), and one bincount over 256 values
+  gives every bin and the values below and above the range: ~0.5 ns per similarity instead of ~4 for
+  torch.histc (the matmul itself costs ~9 ns per similarity at d=768 on 2 cores).
 - The mean and std come from O(V d^2) sums (`pairwise_moments`), not from the pass.
 - With the default threshold 0.7 lying on a bin edge, the neighbour count comes from the same bincount.
 """
@@ -58,7 +59,7 @@ def _valid_unit_rows(weights: torch.Tensor, extra_cols: int = 0) -> tuple[torch.
     Returns (buffer, nonfinite_rows, zero_rows); the first n rows of the buffer are the unit rows, in
     the original order, with zeros in the extra columns. Rows whose float32 norm overflows or underflows
     (finite values beyond ~1e19 or below ~1e-19) are normalised in float64 instead of becoming inf or 0.
-    Values outside float32's range (float64 input) become inf in float32 and count as non-finite.
+    float64 values beyond float32's range become inf (non-finite row) or 0 (zero row if all are).
     """
     _check_weights(weights)
     v, d = weights.shape
@@ -192,6 +193,7 @@ def _triangle_pass(
     # One block buffer each, reused: no 100 MB allocation (and its page faults) per chunk.
     x_buf = torch.empty(m_max * n, dtype=torch.float32)
     q_buf = torch.empty(m_max * n, dtype=torch.uint8)
+    gt_buf = None if aligned else torch.empty(m_max * n, dtype=torch.bool)
     above = 0
     total_work = n * (n + 1) // 2
     done = 0
@@ -210,9 +212,9 @@ def _triangle_pass(
         counts += 2 * _bincount_u8(q.view(-1), pool, threads)
         counts -= torch.bincount(square.reshape(-1), minlength=256)
         counts -= torch.bincount(square.diagonal(), minlength=256)
-        if not aligned:
+        if gt_buf is not None:
             xs = x[:, :m]
-            above += 2 * int(torch.count_nonzero(x > x_threshold))
+            above += 2 * int(torch.count_nonzero(torch.gt(x, x_threshold, out=gt_buf[: m * cols].view(m, cols))))
             above -= int(torch.count_nonzero(xs > x_threshold))
             above -= int(torch.count_nonzero(xs.diagonal() > x_threshold))
         done += m * cols - m * (m - 1) // 2

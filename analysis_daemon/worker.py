@@ -73,6 +73,22 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
+def warm_up(settings: AnalysisSettings) -> None:
+    """Run both analyses once on a tiny matrix, before the ready line.
+
+    The first SVD and the first blocked matmul load LAPACK and start torch's thread pool (a few
+    hundred ms on a loaded machine); paid here, they do not delay the first real snapshot, which would
+    make the next one arrive while the worker is still busy and be skipped.
+    """
+    from .drift import measure_semantic_drift
+    from .geometry import analyze_embedding_geometry
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 16, generator=gen), torch.randn(64, 16, generator=gen)
+    measure_semantic_drift(a, b, top_k=settings.top_k)
+    analyze_embedding_geometry(b, threshold=settings.threshold, chunk_size=min(settings.chunk_size, 32))
+
+
 def analyse(job: Job, settings: AnalysisSettings,
             progress: Callable[[float], None] | None = None) -> dict[str, Any]:
     """Run drift (vs `job.previous`) and geometry on `job.current`; the result record minus counters."""

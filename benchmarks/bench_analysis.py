@@ -2,9 +2,13 @@
 
 Run:  .venv/bin/python benchmarks/bench_analysis.py [--vocab 50304 --dim 768] [--seed-vocab N | --skip-seed]
 
-Every measurement runs in a fresh subprocess, so each peak RSS (ru_maxrss) belongs to that part alone;
-the input (a seeded low-rank-plus-noise matrix with a shared offset, like trained token embeddings) is
-built inside the subprocess and counts towards its peak, as a snapshot does in the daemon.
+Every part runs in a fresh subprocess, so each peak RSS (ru_maxrss) belongs to that part alone; the
+input (a seeded low-rank-plus-noise matrix with a shared offset, like trained token embeddings) is built
+inside the subprocess and counts towards its peak, as a snapshot does in the daemon.
+The ratio (a)/(b) is measured interleaved: geometry runs with a progress callback that runs and times the
+plain matmul of the block geometry just finished, so both see the same load on a shared machine; (a) is
+geometry's own time (total minus the callback's). The geometry's peak RSS is read before that, after a
+run alone.
 """
 from __future__ import annotations
 

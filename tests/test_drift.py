@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from analysis_daemon import DriftShapeMismatch, measure_semantic_drift
@@ -203,6 +203,9 @@ def test_top_k_bounds() -> None:
 @given(v=st.integers(2, 60), d=st.integers(1, 12), seed=st.integers(0, 2**16), shift=st.floats(-100, 100))
 def test_drift_is_invariant_to_any_rotation_and_translation(v: int, d: int, seed: int, shift: float) -> None:
     x = embeddings(v, d, seed)
+    centred = torch.linalg.vector_norm(x.double() - x.double().mean(0), dim=1)
+    # A row within float32 rounding of the centre has no direction and is rightly counted degenerate.
+    assume(float(centred.min()) > 1e-3 * float(centred.max()))
     result = measure_semantic_drift(x, moved(x, seed + 1, translation=shift), top_k=v)
     assert result["degenerate_rows"] == 0
     assert all(c > 1 - 1e-4 for _, c in result["most_drifted_tokens"])

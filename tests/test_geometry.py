@@ -319,3 +319,16 @@ def test_row_order_and_row_scale_do_not_matter(v: int, seed: int) -> None:
 def test_zero_width_rows_are_all_zero_rows() -> None:
     result = analyze_embedding_geometry(torch.zeros(5, 0))
     assert (result["zero_rows"], result["valid_rows"], result["pairs"]) == (5, 0, 0)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_large_blocks_counted_across_threads_match_the_reference(threads: int) -> None:
+    """Blocks of over 2^20 similarities are bincounted in slices by a pool sized to torch's thread count."""
+    w = structured(1100, 8, seed=10)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = analyze_embedding_geometry(w, threshold=0.41, chunk_size=1024)
+    finally:
+        torch.set_num_threads(before)
+    assert_matches(result, dense_reference(w, 0.41))

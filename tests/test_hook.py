@@ -128,7 +128,7 @@ def test_every_dtype_and_input_kind_arrives_intact(tcp_endpoint, listeners, shar
 def test_no_daemon_publish_returns_fast_and_logs_once(tcp_endpoint, caplog):
     caplog.set_level(logging.INFO, logger="embedding_monitor.hook")
     weight = torch.randn(1000, 64)
-    pub = EmbeddingPublisher(tcp_endpoint, run="alone")
+    pub = EmbeddingPublisher(tcp_endpoint, run="alone", connect_grace_s=0)
     results = [timed_publish(pub, weight, i) for i in range(50)]
     assert results == [False] * 50
     assert (pub.published, pub.dropped) == (0, 50)
@@ -139,6 +139,33 @@ def test_no_daemon_publish_returns_fast_and_logs_once(tcp_endpoint, caplog):
     assert len(warnings) == 1 and "no analysis daemon connected" in warnings[0].getMessage()
     assert not pub.publish(weight, 99)  # closed: a no-op
     pub.close()  # twice is fine
+    assert segments_of(os.getpid()) == []
+
+
+@pytest.mark.parametrize("shared_memory", TRANSPORTS)
+def test_publish_right_after_start_up_is_not_lost_to_the_handshake(tcp_endpoint, listeners, shared_memory):
+    listener = listeners(tcp_endpoint)
+    weight = torch.randn(100, 8)
+    with EmbeddingPublisher(tcp_endpoint, run="eager", shared_memory=shared_memory) as pub:
+        # No wait_connected(): a trainer publishes at iteration 0 milliseconds after creating the hook.
+        assert timed_publish(pub, weight, 0)
+        assert listener.next()["kind"] == "hello"
+        got = listener.next_snapshot()
+        assert got["iter"] == 0 and got["digest"] == digest(weight)
+    assert (pub.published, pub.dropped) == (1, 0)
+
+
+def test_start_up_grace_without_daemon_is_bounded(tcp_endpoint):
+    weight = torch.randn(100, 8)
+    pub = EmbeddingPublisher(tcp_endpoint, run="early-alone", connect_grace_s=0.3)
+    assert timed_publish(pub, weight, 0)  # within the grace: copied and handed to the sender thread
+    deadline = time.monotonic() + 5
+    while pub.dropped == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (pub.published, pub.dropped) == (0, 1)  # the sender gave up once the grace was over
+    assert not timed_publish(pub, weight, 1)  # after the grace: dropped at once, no copy
+    pub.close(timeout=1.0)
+    assert (pub.published, pub.dropped) == (0, 2)
     assert segments_of(os.getpid()) == []
 
 

@@ -78,7 +78,8 @@ class EmbeddingPublisher:
                  shared_memory: bool | None = None, curve_client_secret: str | os.PathLike | None = None,
                  curve_server_public: str | os.PathLike | None = None, allow_insecure: bool = False,
                  enabled: bool | None = None, name: str = "wte", meta: dict | None = None,
-                 shm_reclaim_s: float = 120.0, _event_factory: EventFactory | None = None) -> None:
+                 shm_reclaim_s: float = 120.0, connect_grace_s: float = 2.0,
+                 _event_factory: EventFactory | None = None) -> None:
         self.endpoint = endpoint
         self.run = check_run_name(run or (wandb_info or {}).get("run_name") or (wandb_info or {}).get("name")
                                   or f"{socket.gethostname()}-{os.getpid()}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -99,6 +100,10 @@ class EmbeddingPublisher:
         self._sender: Sender | None = None
         self._writer: ShmWriter | None = None
         self._event_factory = _event_factory
+        # Until this moment a publish with no daemon connected yet is still copied and handed to the
+        # sender thread, which waits for the first handshake: a trainer that publishes at iteration 0,
+        # milliseconds after start-up, must not lose its first snapshot to the connection set-up.
+        self._connect_deadline = time.monotonic() + max(0.0, connect_grace_s)
         if not self.enabled:
             return
 
@@ -182,14 +187,18 @@ class EmbeddingPublisher:
             return False
         weight = embedding_weight(weight_or_module)
         sender = self._sender
+        connect_deadline = None
         if not sender.connected:
-            return self._drop("no analysis daemon connected")  # skip the copy: nobody could receive it
+            if sender.settled or time.monotonic() >= self._connect_deadline:
+                return self._drop("no analysis daemon connected")  # skip the copy: nobody could receive it
+            connect_deadline = self._connect_deadline
         dtype = self.send_dtype or (weight.dtype if weight.dtype in (torch.float32, torch.float16, torch.bfloat16)
                                     else torch.float32)
         shape = (int(weight.shape[0]), int(weight.shape[1]))
         nbytes = shape[0] * shape[1] * dtype.itemsize
         self._shm_fallback_check()
-        job = SnapshotJob(iter=int(iter_num), name=self.name, dtype=wire_dtype(dtype), shape=shape)
+        job = SnapshotJob(iter=int(iter_num), name=self.name, dtype=wire_dtype(dtype), shape=shape,
+                          connect_deadline=connect_deadline)
         try:
             if weight.is_cuda or self._event_factory is not None or not sender.shm_enabled:
                 job.staged = self._pool.acquire(nbytes, pin=weight.is_cuda)

@@ -41,6 +41,9 @@ class SnapshotJob:
     event: CopyEvent | None = None
     slot: object | None = None
     ref: ShmRef | None = None
+    # Set for a publish made while the first connection was still being set up: the sender may wait
+    # (on its own thread) until then for the handshake instead of dropping the run's first snapshot.
+    connect_deadline: float | None = None
 
 
 @dataclass
@@ -66,6 +69,9 @@ class Sender(threading.Thread):
         self.on_sent, self.on_drop, self.counters = on_sent, on_drop, counters
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.connected = False  # read by the training thread to skip copies nobody can receive
+        # Set by the first handshake event, success or failure (e.g. a CURVE key the daemon refuses):
+        # from then on "not connected" means gone or refused, not "still connecting".
+        self.settled = False
         self.shm_enabled = writer is not None
         self._need_hello = True
         self._seq = 0
@@ -86,9 +92,10 @@ class Sender(threading.Thread):
             except zmq.ZMQError:
                 return
             if event & _UP_EVENTS:
-                self.connected = True
+                self.connected = self.settled = True
                 self._need_hello = True  # a (re)started daemon has not seen our hello
             elif event & _DOWN_EVENTS:
+                self.settled = True
                 if self.connected and self.writer is not None:
                     # headers queued at a daemon that is gone are lost with it: its slots are free to reuse
                     self.writer.expire()
@@ -141,6 +148,8 @@ class Sender(threading.Thread):
             job.ref = self.writer.commit(job.slot)
             self.pool.release(job.staged)
             job.staged = None
+        if job.connect_deadline is not None:
+            self._await_first_connection(job.connect_deadline)
         if self._need_hello and not self._send_hello():
             return self._fail(job, "no analysis daemon connected")
         common = dict(run=self.run_name, iter=job.iter, seq=self._seq, name=job.name, dtype=job.dtype,
@@ -157,6 +166,13 @@ class Sender(threading.Thread):
             return self._fail(job, "no analysis daemon connected, or it is not keeping up")
         self._next_seq()
         self.on_sent(job.iter)
+
+    def _await_first_connection(self, deadline: float) -> None:
+        # Only for snapshots published during the start-up grace: the loopback handshake with a daemon
+        # that is up takes milliseconds, and this thread (not the training thread) is the one waiting.
+        while not self.connected and not self.settled and time.monotonic() < deadline:
+            time.sleep(0.005)
+            self._poll_monitor()
 
     def _fail(self, job: SnapshotJob, reason: str) -> None:
         if job.slot is not None:
