@@ -58,12 +58,12 @@ start_daemon() {
 # four busy threads on two cores made each training step 4x slower in our measurements.
 plan_cores() {
     local n; n=$(nproc 2>/dev/null || echo 1)
-    TRAINER_PREFIX=""; DAEMON_PREFIX="nice -n 10"; DAEMON_THREADS=${DAEMON_THREADS:-}
+    TRAINER_PREFIX=""; DAEMON_PREFIX=""; DAEMON_THREADS=${DAEMON_THREADS:-}  # the daemon lowers its own priority (--nice 10)
     if command -v taskset >/dev/null && [ "$n" -ge 2 ]; then
         local daemon_cores=$(( n / 4 > 1 ? n / 4 : 1 ))
         local last=$((n - 1)) first_daemon=$((n - daemon_cores))
         TRAINER_PREFIX="taskset -c 0-$((first_daemon - 1))"
-        DAEMON_PREFIX="nice -n 10 taskset -c $first_daemon-$last"
+        DAEMON_PREFIX="taskset -c $first_daemon-$last"
         DAEMON_THREADS=${DAEMON_THREADS:-$daemon_cores}
         export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$first_daemon}
     fi
@@ -154,8 +154,8 @@ cmd_daemon() {
     mkdir -p "$RESULTS_DIR/$run"
     echo "$run" > "$RESULTS_DIR/.current"
     log "daemon log: $RESULTS_DIR/$run/daemon.log"
-    DAEMON_PREFIX="nice -n 10"
-    exec $DAEMON_PREFIX "$PY" -m analysis_daemon --listen "$listen" --results-dir "$RESULTS_DIR" \
+
+    exec "$PY" -m analysis_daemon --listen "$listen" --results-dir "$RESULTS_DIR" \
         --log-file "$RESULTS_DIR/$run/daemon.log" "${curve[@]}" "${extra[@]}"
 }
 

@@ -2,6 +2,7 @@
 
     analysis-daemon --listen tcp://127.0.0.1:5555 --results-dir runs      (same as python -m analysis_daemon)
     analysis-daemon keygen DIR --name daemon                                (CurveZMQ keypair, via protocol)
+    analysis-daemon report runs/my-run -o report.html                       (HTML report of a run's results)
 
 torch is imported only after the thread settings are in place: OMP_WAIT_POLICY=PASSIVE must be in the
 environment before libgomp loads (busy-waiting OpenMP threads in two processes on the same cores
@@ -33,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="analysis-daemon",
         description="Receive embedding snapshots from trainers, measure drift and geometry, and report "
                     "each result to the console, <results-dir>/<run>/analysis.jsonl and W&B. "
-                    "`analysis-daemon keygen DIR [--name NAME]` makes a CurveZMQ keypair.",
+                    "`analysis-daemon keygen DIR [--name NAME]` makes a CurveZMQ keypair; "
+                    "`analysis-daemon report RUN_DIR [-o OUT.html]` turns a run's results into one HTML page.",
         epilog="W&B follows wandb's own settings: WANDB_MODE (online/offline/disabled), WANDB_PROJECT, "
                "WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_DIR, WANDB_API_KEY; a trainer's hello message, "
                "when it names a project and group, takes precedence.")
@@ -71,6 +73,33 @@ def build_parser() -> argparse.ArgumentParser:
                           "the CPU (default: %(default)s; 0 keeps the priority)")
     ana.add_argument("--progress-interval", type=float, default=5.0, metavar="SECONDS",
                      help="log a progress line this often during a long analysis (default: %(default)s)")
+
+    ins = p.add_argument_group("insight and alerts")
+    ins.add_argument("--extras", action=argparse.BooleanOptionalAction, default=True,
+                     help="compute the insight metrics (effective rank, isotropy, row norms, frozen tokens, "
+                          "neighbourhood drift, probes); --no-extras leaves drift and geometry only "
+                          "(default: on)")
+    ins.add_argument("--knn-k", type=int, default=10,
+                     help="nearest neighbours per token for the neighbourhood drift (default: %(default)s)")
+    ins.add_argument("--probe", action="append", default=[], metavar="TOKENS",
+                     help="comma-separated probe tokens, as strings (looked up in the trainer's vocabulary) "
+                          "or ids, e.g. --probe king,queen,paris or --probe 17,42; repeatable")
+    ins.add_argument("--probe-k", type=int, default=10,
+                     help="neighbours listed per probe token (default: %(default)s)")
+    ins.add_argument("--collapse-mean-sim", type=float, default=0.9,
+                     help="alert when the mean pairwise cosine exceeds this (default: %(default)s)")
+    ins.add_argument("--collapse-min-rank-fraction", type=float, default=0.1,
+                     help="alert when the effective rank falls below this fraction of the embedding width "
+                          "(default: %(default)s)")
+    ins.add_argument("--drift-window", type=int, default=20,
+                     help="recent drift values a drift spike is judged against (at least 5 needed; "
+                          "default: %(default)s)")
+    ins.add_argument("--drift-spike-mads", type=float, default=3.0,
+                     help="alert when the drift cosine is this many robust std (1.4826 x MAD) below the "
+                          "median of the recent drift values (default: %(default)s)")
+    ins.add_argument("--alert-interval", type=float, default=300.0, metavar="SECONDS",
+                     help="at most one logged warning and wandb.alert per kind per run this often "
+                          "(every alert still goes into the results file; default: %(default)s)")
 
     out = p.add_argument_group("output")
     out.add_argument("--results-dir", type=Path, default=Path("runs"),
@@ -130,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["keygen"]:
         from protocol.keygen import main as keygen_main
         return keygen_main(argv[1:])
+    if argv[:1] == ["report"]:
+        from .report import main as report_main
+        return report_main(argv[1:])
     args = build_parser().parse_args(argv)
     _ensure_passive_omp(argv)
     log = setup_logging(args.log_level, args.log_file)
@@ -142,16 +174,23 @@ def main(argv: list[str] | None = None) -> int:
     from .sinks import Sink, SinkSet
     from .sinks.console import ConsoleSink
     from .sinks.jsonl import JsonlSink
+    from .alerts import AlertSettings
     from .worker import AnalysisSettings
 
     def fail(message: str) -> int:
         print(f"Error: {message}", file=sys.stderr)
         return 2
 
-    for name in ("threshold", "chunk_size", "top_k", "threads", "max_rows", "max_cols", "max_bytes"):
+    for name in ("threshold", "chunk_size", "top_k", "threads", "max_rows", "max_cols", "max_bytes",
+                 "knn_k", "probe_k"):
         value = getattr(args, name)
         if value is not None and name != "threshold" and value < 1:
             return fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.drift_window < 5:
+        return fail(f"--drift-window must be at least 5, got {args.drift_window}")
+    if args.alert_interval < 0 or args.drift_spike_mads <= 0:
+        return fail("--alert-interval must be >= 0 and --drift-spike-mads > 0")
+    probes = tuple(t.strip() for spec in args.probe for t in spec.split(",") if t.strip())
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
     if args.nice > 0:
@@ -184,12 +223,19 @@ def main(argv: list[str] | None = None) -> int:
         sinks.append(WandbSink(default_project=args.wandb_project,
                                close_timeout=max(args.shutdown_grace, 30.0),
                                config={"threshold": args.threshold, "chunk_size": args.chunk_size,
-                                       "top_k": args.top_k, "threads": threads}))
+                                       "top_k": args.top_k, "threads": threads, "extras": args.extras,
+                                       "knn_k": args.knn_k, "probes": list(probes)}))
     config = DaemonConfig(
         listen=args.listen, limits=limits, exit_on_end=args.exit_on_end, state_dir=args.state_dir,
         shutdown_grace=args.shutdown_grace, curve=curve, allow_insecure=args.allow_insecure,
         analysis=AnalysisSettings(threshold=args.threshold, chunk_size=args.chunk_size,
-                                  top_k=args.top_k, progress_interval=args.progress_interval))
+                                  top_k=args.top_k, progress_interval=args.progress_interval,
+                                  extras=args.extras, knn_k=args.knn_k, probes=probes, probe_k=args.probe_k,
+                                  alerts=AlertSettings(
+                                      collapse_mean_sim=args.collapse_mean_sim,
+                                      collapse_min_rank_fraction=args.collapse_min_rank_fraction,
+                                      drift_window=args.drift_window, drift_spike_mads=args.drift_spike_mads,
+                                      interval=args.alert_interval)))
     log.info("starting: %d analysis thread(s), nice +%d, OMP_WAIT_POLICY=%s, sinks: %s", threads,
              max(args.nice, 0), os.environ.get("OMP_WAIT_POLICY"), ", ".join(s.name for s in sinks))
     try:

@@ -32,6 +32,12 @@ log = logging.getLogger("embedding_monitor.daemon")
 
 _POLL_MS = 100  # receive-loop poll timeout: how quickly a signal or exit condition is noticed
 _DRAIN_MAX = 64  # messages handled per wake-up before flags are checked again
+# A run's state holds a full snapshot (150 MB at GPT-2 size). Ended runs keep it a while, so a trainer
+# resumed under the same run name continues its drift; beyond this many the oldest are forgotten
+# (with --state-dir their baseline stays on disk and comes back if the run reappears).
+_KEEP_ENDED_RUNS = 4
+# Runs open at once; a peer inventing run names must not grow the daemon without bound.
+_MAX_OPEN_RUNS = 64
 
 
 @dataclass
@@ -46,6 +52,10 @@ class DaemonConfig:
     shutdown_grace: float = 10.0
     curve: Any = None  # protocol.security.CurveServer or None
     allow_insecure: bool = False
+
+
+class TooManyRuns(Exception):
+    """A message for a new run while _MAX_OPEN_RUNS runs are open."""
 
 
 class Daemon:
@@ -63,6 +73,8 @@ class Daemon:
         self.stopping = False  # the worker takes no new job once this is set
         self.abandon = threading.Event()  # the running analysis gives up at its next progress call
         self.seen_runs: set[str] = set()  # runs that said hello/snapshot to this process
+        self._ended_order: list[str] = []  # closed runs still in memory, oldest first
+        self._evicted: set[str] = set()  # runs forgotten from memory (their state may be on disk)
         self._signals = 0
         self.worker = AnalysisWorker(self, config.analysis)
         if self.store is not None:
@@ -72,7 +84,25 @@ class Daemon:
     def _state(self, run: str) -> RunState:
         state = self.runs.get(run)
         if state is None:
-            state = self.runs[run] = RunState(run=run)
+            open_runs = sum(1 for s in self.runs.values() if not s.closed)
+            if open_runs >= _MAX_OPEN_RUNS:
+                raise TooManyRuns(f"{open_runs} runs are open already (limit {_MAX_OPEN_RUNS}); "
+                                  f"run {run!r} refused until one ends")
+            state = self.runs[run] = self._restored(run) or RunState(run=run)
+        if run in self._ended_order:
+            self._ended_order.remove(run)
+        return state
+
+    def _restored(self, run: str) -> RunState | None:
+        # A run forgotten from memory comes back with its on-disk baseline, when there is one.
+        if self.store is None or run not in self._evicted:
+            return None
+        self._evicted.discard(run)
+        loaded = self.store.load_all().get(run)
+        if loaded is None:
+            return None
+        state = RunState(run=run)
+        state.previous, state.hello = loaded
         return state
 
     def _restore(self) -> None:
@@ -121,9 +151,20 @@ class Daemon:
             self.cond.notify_all()
 
     def mark_closed(self, run: str) -> None:
-        """The sinks have been told that `run` ended (for --exit-on-end)."""
+        """The sinks have been told that `run` ended (for --exit-on-end); old ended runs are forgotten."""
         log.info("run %s: closed", run)
         with self.cond:
+            state = self.runs.get(run)
+            if state is not None and state.closed and run not in self._ended_order:
+                self._ended_order.append(run)
+            while len(self._ended_order) > _KEEP_ENDED_RUNS:
+                old = self._ended_order.pop(0)
+                old_state = self.runs.get(old)
+                if old_state is not None and old_state.closed and old_state.idle():
+                    del self.runs[old]
+                    self._evicted.add(old)
+                    log.info("run %s: state released from memory (%d newer ended runs kept)", old,
+                             _KEEP_ENDED_RUNS)
             self.cond.notify_all()
 
     def _run_summary(self, state: RunState) -> dict[str, Any]:
@@ -215,6 +256,8 @@ class Daemon:
                 self._on_hello(msg)
             else:
                 self._on_end(msg)
+        except TooManyRuns as exc:
+            self._reject(str(exc))
         except Exception as exc:  # never exit because of input, whatever it triggers
             self._reject(f"could not handle {type(msg).__name__.lower()}: {type(exc).__name__}: {exc}",
                          msg.run)
@@ -223,7 +266,8 @@ class Daemon:
         with self.lock:
             if not self.seen_runs:
                 return False
-            return all(self.runs[r].closed and self.runs[r].idle() for r in self.seen_runs)
+            return all(r not in self.runs or (self.runs[r].closed and self.runs[r].idle())
+                       for r in self.seen_runs)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signals += 1

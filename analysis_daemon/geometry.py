@@ -53,11 +53,13 @@ def _finite_rows(w: torch.Tensor, row_reduction: torch.Tensor) -> torch.Tensor:
     return finite
 
 
-def _valid_unit_rows(weights: torch.Tensor, extra_cols: int = 0) -> tuple[torch.Tensor, int, int]:
+def _valid_unit_rows(weights: torch.Tensor, extra_cols: int = 0,
+                     index: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, int, int]:
     """Pack the L2-normalised valid rows of `weights` into a new float32 (n, d + extra_cols) buffer.
 
     Returns (buffer, nonfinite_rows, zero_rows); the first n rows of the buffer are the unit rows, in
-    the original order, with zeros in the extra columns. Rows whose float32 norm overflows or underflows
+    the original order, with zeros in the extra columns. When `index` is a list, the original row
+    numbers of the packed rows are appended to it (one tensor per block of rows). Rows whose float32 norm overflows or underflows
     (finite values beyond ~1e19 or below ~1e-19) are normalised in float64 instead of becoming inf or 0.
     float64 values beyond float32's range become inf (non-finite row) or 0 (zero row if all are).
     """
@@ -83,6 +85,8 @@ def _valid_unit_rows(weights: torch.Tensor, extra_cols: int = 0) -> tuple[torch.
         zero += int((finite & ~nonzero).sum())
         m = int(keep.sum())
         out[n : n + m, :d] = w if m == w.shape[0] else w[keep]
+        if index is not None:
+            index.append(torch.nonzero(keep).squeeze(1) + a)
         n += m
     return out[:n], nonfinite, zero
 
@@ -170,6 +174,133 @@ def _bin_map(lo: float, hi: float, bins: int) -> tuple[float, int]:
     return k, off
 
 
+class _NearestNeighbours:
+    """Each packed row's k most similar other rows, gathered from the blocks of the triangle pass.
+
+    Block x holds rows r0:r1 against columns r0:n; a pair (i, j) with j past the block's square is
+    seen only here, so it is offered to row i's list and, as column j, to row j's list too. Values
+    stay in the pass's x = k*cos + c units (same order as cos). Once a row's list is full, only values
+    above its k-th best can enter, and after the first block those are few (~k per row per block at
+    first, then fewer). So a block costs one comparison of its uint8 bins q = floor(x) (already made
+    for the histogram) against each row's and each column's k-th best, a scan of the mask 8 bytes at a
+    time, and a sort-merge of the few candidates: no topk along the columns, which would cost more
+    than the pass itself. Rows whose list is not full yet (the first block) take a plain topk instead.
+    """
+
+    # When more than this fraction of a block's 8-byte mask words hold a candidate, the uint8 bins are
+    # too coarse (cosines bunched in a few bins, as in a collapsed embedding): compare exact values.
+    _COARSE = 1 / 2
+
+    def __init__(self, n: int, k: int, m_max: int) -> None:
+        self.k = max(0, min(k, n - 1))
+        self.vals = torch.full((n, self.k), -math.inf, dtype=torch.float32)
+        self.idx = torch.full((n, self.k), -1, dtype=torch.int64)
+        self.width = -(-n // 8) * 8  # mask rows padded to whole 8-byte words
+        self.mask = torch.zeros(min(m_max, n) * self.width, dtype=torch.bool)
+        self.tmp = torch.empty(min(m_max, n) * n, dtype=torch.uint8)  # thresholds, then a mask
+
+    def _merge(self, rows: slice | torch.Tensor, vals: torch.Tensor, idx: torch.Tensor) -> None:
+        all_vals = torch.cat([self.vals[rows], vals], dim=1)
+        top, pos = all_vals.topk(self.k, dim=1)  # sorted, best first
+        self.vals[rows] = top
+        self.idx[rows] = torch.cat([self.idx[rows], idx], dim=1).gather(1, pos)
+
+    def _merge_pairs(self, targets: torch.Tensor, ids: torch.Tensor, vals: torch.Tensor, base: int) -> None:
+        """Offer candidate `ids` with `vals` to the full lists of `targets` (all >= base, any number each)."""
+        if targets.numel() == 0:
+            return
+        present = torch.zeros(self.vals.shape[0] - base, dtype=torch.bool)
+        present[targets - base] = True
+        uniq = torch.nonzero(present).squeeze(1)
+        inv = (torch.cumsum(present, 0) - 1)[targets - base]
+        u, k = uniq.numel(), self.k
+        uniq += base
+        group = torch.cat([torch.arange(u).repeat_interleave(k), inv])
+        all_vals = torch.cat([self.vals[uniq].reshape(-1), vals])
+        all_ids = torch.cat([self.idx[uniq].reshape(-1), ids])
+        # One int64 sort by (group, value descending): float32 bits made order-preserving as signed
+        # ints (negative floats have their 31 value bits flipped), then flipped for descending order.
+        bits = all_vals.view(torch.int32).long()
+        bits = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+        perm = torch.argsort((group << 32) | ((1 << 31) - 1 - bits))
+        counts = torch.bincount(group, minlength=u)
+        starts = torch.cumsum(counts, 0) - counts
+        keep = perm[torch.arange(perm.numel()) - starts[group[perm]] < k]  # k per group: the list was full
+        self.vals[uniq] = all_vals[keep].view(u, k)
+        self.idx[uniq] = all_ids[keep].view(u, k)
+
+    def _hits(self, m: int, cols: int) -> torch.Tensor:
+        """(row, col) of the set entries of the block's mask, scanning 8 bytes at a time."""
+        wide = self.mask[: m * self.width].view(m, self.width)
+        words = torch.nonzero(wide.view(torch.int64)) if self.width else torch.zeros(0, 2, dtype=torch.int64)
+        if words.shape[0] == 0:
+            return words
+        inner = torch.nonzero(wide.view(m, -1, 8)[words[:, 0], words[:, 1]])
+        word = words[inner[:, 0]]
+        return torch.stack([word[:, 0], word[:, 1] * 8 + inner[:, 1]], dim=1)
+
+    def _mask(self, x: torch.Tensor, q: torch.Tensor, r0: int, m: int, exact: bool) -> int:
+        """Fill the mask with the candidates of rows (all columns) and of columns past the square."""
+        cols = x.shape[1]
+        wide = self.mask[: m * self.width].view(m, self.width)
+        wide[:, cols:] = False
+        b = wide[:, :cols]
+        buf = self.tmp[: m * cols]
+        t = buf.view(torch.bool).view(m, cols)[:, m:]
+        thr_rows, thr_cols = self.vals[r0 : r0 + m, -1:], self.vals[r0 + m :, -1]
+        if exact:
+            torch.gt(x, thr_rows, out=b)
+            torch.gt(x[:, m:], thr_cols, out=t)
+        else:  # x > thr implies floor(x) >= floor(thr): a superset, checked exactly afterwards
+            # A per-row threshold broadcast along the row is ~3x slower in torch than a full operand.
+            full = buf.view(m, cols)
+            full.copy_(thr_rows.floor().clamp(0, 255).to(torch.uint8).expand(m, cols))
+            torch.ge(q, full, out=b)
+            torch.ge(q[:, m:], thr_cols.floor().clamp(0, 255).to(torch.uint8), out=t)
+        b[:, m:].logical_or_(t)
+        b[:, :m].diagonal().fill_(False)  # a row is not its own neighbour
+        return int(torch.count_nonzero(wide.view(torch.int64)))
+
+    def add_block(self, x: torch.Tensor, q: torch.Tensor, r0: int, m: int) -> None:
+        """Merge block x (m rows from r0, columns r0:n; q its uint8 bins) into the lists."""
+        if self.k == 0:
+            return
+        cols = x.shape[1]
+        rows_full = bool(torch.isfinite(self.vals[r0 : r0 + m, -1]).all())
+        cols_full = bool(torch.isfinite(self.vals[r0 + m :, -1]).all())
+        if not (rows_full and cols_full):  # first block(s): lists still filling, take plain topks
+            x[:, :m].diagonal().fill_(-math.inf)
+            v, j = x.topk(min(self.k, cols), dim=1)
+            self._merge(slice(r0, r0 + m), v, j + r0)
+            rest = x[:, m:]
+            if rest.shape[1]:
+                v, i = rest.T.topk(min(self.k, m), dim=1)
+                self._merge(slice(r0 + m, None), v, i + r0)
+            return
+        exact = self._mask(x, q, r0, m, exact=False) > self._COARSE * m * self.width / 8
+        if exact:
+            self._mask(x, q, r0, m, exact=True)
+        hits = self._hits(m, cols)
+        i, j = hits[:, 0], hits[:, 1]
+        vals = x[i, j]
+        to_row = vals > self.vals[r0 + i, -1]
+        past = j >= m
+        to_col = past & (vals > self.vals[(r0 + j).clamp(max=self.vals.shape[0] - 1), -1])
+        self._merge_pairs(torch.cat([r0 + i[to_row], r0 + j[to_col]]),
+                          torch.cat([r0 + j[to_row], r0 + i[to_col]]),
+                          torch.cat([vals[to_row], vals[to_col]]), r0)
+
+    def result(self, index: torch.Tensor, rows: int, k_scale: float, c: float,
+               want: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, cosines), both (rows, want): original row ids (-1: none) and cosines (nan: none)."""
+        ids = torch.full((rows, want), -1, dtype=torch.int32)
+        cos = torch.full((rows, want), math.nan, dtype=torch.float32)
+        found = torch.isfinite(self.vals)
+        ids[index, : self.k] = torch.where(found, index[self.idx.clamp(min=0)], -1).to(torch.int32)
+        cos[index, : self.k] = torch.where(found, (self.vals - c) / k_scale, math.nan)
+        return ids, cos
+
+
 def _triangle_pass(
     packed: torch.Tensor,
     d: int,
@@ -182,6 +313,7 @@ def _triangle_pass(
     pool: ThreadPoolExecutor | None,
     threads: int,
     progress: Callable[[float], None] | None,
+    knn: _NearestNeighbours | None = None,
 ) -> int:
     """Stream one triangle of similarity blocks: add the x = k*cos + c bin counts of all ordered pairs
     i != j into `counts` (256 uint8 bins) and return the count of x > x_threshold (0 when `aligned`)."""
@@ -217,6 +349,8 @@ def _triangle_pass(
             above += 2 * int(torch.count_nonzero(torch.gt(x, x_threshold, out=gt_buf[: m * cols].view(m, cols))))
             above -= int(torch.count_nonzero(xs > x_threshold))
             above -= int(torch.count_nonzero(xs.diagonal() > x_threshold))
+        if knn is not None:  # last: it may overwrite the diagonal of x
+            knn.add_block(x, q, r0, m)
         done += m * cols - m * (m - 1) // 2
         if progress is not None:
             progress(done / total_work)
@@ -246,6 +380,26 @@ def analyze_embedding_geometry(
     it raises propagates and abandons the analysis (nothing is left half-updated outside this call).
     Inputs may be float16/bfloat16/float64: the pass runs in float32, the sums in float64.
     """
+    return geometry_and_neighbours(weights, threshold, chunk_size, knn_k=0, progress=progress)[0]
+
+
+@torch.no_grad()
+def geometry_and_neighbours(
+    weights: torch.Tensor,
+    threshold: float = 0.7,
+    chunk_size: int = 512,
+    *,
+    knn_k: int = 10,
+    progress: Callable[[float], None] | None = None,
+) -> tuple[dict, tuple[torch.Tensor, torch.Tensor] | None]:
+    """`analyze_embedding_geometry`'s dict plus every row's `knn_k` nearest rows by cosine, from the same pass.
+
+    The second value is None when knn_k == 0, else (ids, cosines), both (V, knn_k): original row ids,
+    best first, self excluded, -1 / nan where there is none (invalid rows, fewer than knn_k + 1 valid
+    rows). Ties at the k-th place are broken arbitrarily.
+    """
+    if isinstance(knn_k, bool) or not isinstance(knn_k, int) or knn_k < 0:
+        raise ValueError(f"knn_k must be a non-negative integer, got {knn_k!r}")
     threshold = float(threshold)
     if not math.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number, got {threshold}")
@@ -258,8 +412,10 @@ def analyze_embedding_geometry(
     _check_weights(weights)
     d = weights.shape[1]
     inner = -(-(d + 1) // _INNER_ALIGN) * _INNER_ALIGN
-    packed, nonfinite, zero = _valid_unit_rows(weights, extra_cols=inner - d)
+    index_parts: list[torch.Tensor] = []
+    packed, nonfinite, zero = _valid_unit_rows(weights, extra_cols=inner - d, index=index_parts)
     n = packed.shape[0]
+    knn = _NearestNeighbours(n, knn_k, chunk_size) if knn_k else None
     pairs, mean, std = _moments_of_unit_rows(packed[:, :d])
 
     counts = torch.zeros(256, dtype=torch.int64)
@@ -274,7 +430,7 @@ def analyze_embedding_geometry(
         threads = torch.get_num_threads()
         with ThreadPoolExecutor(threads - 1) if threads > 1 else nullcontext() as pool:
             above_threshold = _triangle_pass(
-                packed, d, k, c, chunk_size, counts, x_threshold, aligned, pool, threads, progress
+                packed, d, k, c, chunk_size, counts, x_threshold, aligned, pool, threads, progress, knn
             )
     if aligned:
         above_threshold = int(counts[off + round(edge) :].sum())
@@ -282,6 +438,10 @@ def analyze_embedding_geometry(
     hist = counts[off : off + HIST_BINS].clone()
     hist[-1] += counts[off + HIST_BINS]  # cos == 1 up to rounding: the closed last bin
     edges = torch.linspace(lo, hi, HIST_BINS + 1, dtype=torch.float64)
+    neighbours = None
+    if knn is not None:
+        index = torch.cat(index_parts) if index_parts else torch.zeros(0, dtype=torch.int64)
+        neighbours = knn.result(index, int(weights.shape[0]), k, c, knn_k)
     return {
         "rows": int(weights.shape[0]),
         "valid_rows": n,
@@ -301,4 +461,4 @@ def analyze_embedding_geometry(
             "below_range_count": int(counts[:off].sum()),
             "above_range_count": int(counts[off + HIST_BINS + 1 :].sum()),
         },
-    }
+    }, neighbours

@@ -95,3 +95,13 @@ class RunState:
     def idle(self) -> bool:
         """True when nothing of this run is waiting or being analysed."""
         return self.pending is None and not self.busy
+
+
+@dataclass
+class RunInsight:
+    """What the worker keeps per run between results for the insight metrics and alerts (worker thread only)."""
+
+    knn_iter: int | None = None  # iteration whose neighbour lists `knn_ids` are
+    knn_ids: torch.Tensor | None = None  # (V, k) int32 neighbour ids of the last analysed snapshot
+    alerts: Any = None  # alerts.RunAlerts, created on first use
+    probes_logged: bool = False  # unknown probe tokens are logged once per run

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .state import Job, SnapshotData
+from .alerts import AlertSettings, RunAlerts, check as check_alerts
+from .state import Job, RunInsight, SnapshotData
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -34,6 +35,11 @@ class AnalysisSettings:
     chunk_size: int = 512
     top_k: int = 50
     progress_interval: float = 5.0  # seconds between progress lines of one long analysis
+    extras: bool = True  # the "insight" section (insight.py): rank, isotropy, norms, neighbours, probes
+    knn_k: int = 10  # neighbours per token for the neighbourhood drift
+    probes: tuple[str, ...] = ()  # probe tokens: ids or strings looked up in the trainer's vocabulary
+    probe_k: int = 10  # neighbours listed per probe
+    alerts: AlertSettings = AlertSettings()
 
 
 def jsonable(value: Any) -> Any:
@@ -87,14 +93,22 @@ def warm_up(settings: AnalysisSettings) -> None:
     a, b = torch.randn(64, 16, generator=gen), torch.randn(64, 16, generator=gen)
     measure_semantic_drift(a, b, top_k=settings.top_k)
     analyze_embedding_geometry(b, threshold=settings.threshold, chunk_size=min(settings.chunk_size, 32))
+    if settings.extras:
+        from .insight import compute_insight
+        compute_insight(b, prev=a, probe_ids=[0])  # eigh's first call loads LAPACK too
 
 
-def analyse(job: Job, settings: AnalysisSettings,
-            progress: Callable[[float], None] | None = None) -> dict[str, Any]:
-    """Run drift (vs `job.previous`) and geometry on `job.current`; the result record minus counters."""
+def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], None] | None = None,
+            insight_state: RunInsight | None = None) -> dict[str, Any]:
+    """Run drift (vs `job.previous`), geometry and the extras on `job.current`; the result record minus counters.
+
+    `insight_state` is the run's state between results (previous neighbour lists, alert history); a
+    fresh one (no neighbourhood drift, no drift history) when None.
+    """
     from .drift import measure_semantic_drift
-    from .geometry import analyze_embedding_geometry
+    from .geometry import geometry_and_neighbours
 
+    state = insight_state if insight_state is not None else RunInsight()
     cur: SnapshotData = job.current
     prev = job.previous
     started = time.monotonic()
@@ -127,10 +141,14 @@ def analyse(job: Job, settings: AnalysisSettings,
 
     geometry: dict[str, Any] | None = None
     geometry_error: str | None = None
+    knn_ids = None
     t0 = time.monotonic()
     try:
-        geometry = jsonable(analyze_embedding_geometry(
-            cur.tensor, threshold=settings.threshold, chunk_size=settings.chunk_size, progress=progress))
+        geom, neighbours = geometry_and_neighbours(
+            cur.tensor, threshold=settings.threshold, chunk_size=settings.chunk_size,
+            knn_k=settings.knn_k if settings.extras else 0, progress=progress)
+        geometry = jsonable(geom)
+        knn_ids = neighbours[0] if neighbours is not None else None
     except AnalysisAbandoned:
         raise
     except Exception as exc:
@@ -138,11 +156,23 @@ def analyse(job: Job, settings: AnalysisSettings,
         log.error("run %s iter %d: %s", job.run, cur.iter, geometry_error)
     geometry_seconds = time.monotonic() - t0
 
-    return {
+    insight, insight_error, insight_seconds = None, None, 0.0
+    if settings.extras:
+        t0 = time.monotonic()
+        try:
+            insight = _insight(job, settings, state, knn_ids, vocab)
+        except Exception as exc:  # like geometry: costs this section, never the daemon
+            insight_error = f"insight failed: {_first_line(exc)}"
+            log.error("run %s iter %d: %s", job.run, cur.iter, insight_error)
+        insight_seconds = time.monotonic() - t0
+        # The next neighbourhood drift compares against this snapshot's lists (None: nothing to compare).
+        state.knn_iter, state.knn_ids = cur.iter, knn_ids
+
+    record = {
         "run": job.run,
         "iter": cur.iter,
         "prev_iter": prev.iter if prev is not None else None,
-        "seconds": round(time.monotonic() - started, 6),
+        "seconds": None,  # set last, once the alerts are in
         "drift": drift,
         "geometry": geometry,
         "drift_skipped_reason": reason,
@@ -155,11 +185,44 @@ def analyse(job: Job, settings: AnalysisSettings,
         "non_finite": non_finite,
         "drift_seconds": round(drift_seconds, 6),
         "geometry_seconds": round(geometry_seconds, 6),
+        "insight": insight,
+        "insight_error": insight_error,
+        "insight_seconds": round(insight_seconds, 6),
         "waited_seconds": round(started - cur.received_mono, 6),
         "sent_at": cur.sent_at,
         "received_at": cur.received_at,
-        "finished_at": time.time(),
     }
+    if state.alerts is None:
+        state.alerts = RunAlerts()
+    record["alerts"] = check_alerts(record, settings.alerts, state.alerts, time.monotonic())
+    for alert in record["alerts"]:
+        if alert.get("notified"):
+            log.warning("run %s ALERT %s: %s", job.run, alert["kind"], alert["message"])
+    record["seconds"] = round(time.monotonic() - started, 6)
+    record["finished_at"] = time.time()
+    return record
+
+
+def _insight(job: Job, settings: AnalysisSettings, state: RunInsight, knn_ids: Any,
+             vocab: list[str] | None) -> dict[str, Any]:
+    from .insight import compute_insight, resolve_probes
+
+    cur, prev = job.current, job.previous
+    probe_ids, unknown = resolve_probes(settings.probes, vocab, cur.tensor.shape[0])
+    if unknown and not state.probes_logged:
+        log.warning("run %s: probe token(s) not found (%s): %s", job.run,
+                    "no vocabulary from the trainer" if not vocab else "not in its vocabulary",
+                    ", ".join(unknown))
+    state.probes_logged = True
+    prev_knn = state.knn_ids
+    if prev_knn is not None and knn_ids is not None and prev_knn.shape != knn_ids.shape:
+        prev_knn = None
+    insight = jsonable(compute_insight(
+        cur.tensor, prev=prev.tensor if prev is not None else None, knn_ids=knn_ids, prev_knn_ids=prev_knn,
+        probe_ids=probe_ids, vocab=vocab, top_k=settings.top_k, probe_k=settings.probe_k))
+    if insight.get("neighbourhood_drift") is not None:
+        insight["neighbourhood_drift"]["prev_iter"] = state.knn_iter  # last analysed, not job.previous
+    return insight
 
 
 class AnalysisWorker(threading.Thread):
@@ -172,6 +235,7 @@ class AnalysisWorker(threading.Thread):
         self.current: Job | None = None  # read by the main thread at shutdown (for its log line)
         self.fraction_done = 0.0
         self._hello_sent: dict[str, Any] = {}
+        self._insight: dict[str, RunInsight] = {}  # per run; only this thread touches it
 
     def _progress_callback(self, job: Job) -> Callable[[float], None]:
         started = time.monotonic()
@@ -220,7 +284,8 @@ class AnalysisWorker(threading.Thread):
         log.info("run %s iter %d: analysing %s %s (drift vs iter %s)", job.run, job.current.iter,
                  "x".join(map(str, job.current.shape)), job.current.dtype, prev_iter)
         try:
-            result = analyse(job, self.settings, self._progress_callback(job))
+            result = analyse(job, self.settings, self._progress_callback(job),
+                             self._insight.setdefault(job.run, RunInsight()))
         except AnalysisAbandoned as exc:
             log.warning("run %s iter %d: analysis abandoned on shutdown (%s)", job.run,
                         job.current.iter, exc)

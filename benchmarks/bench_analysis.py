@@ -1,6 +1,7 @@
 """Benchmark of the analysis core: geometry against its matmul floor, peak memory, drift, and the seed's sketch.
 
 Run:  .venv/bin/python benchmarks/bench_analysis.py [--vocab 50304 --dim 768] [--seed-vocab N | --skip-seed]
+      [--skip-core] [--skip-extras]      (f) alone: --skip-core --skip-seed
 
 Every part runs in a fresh subprocess, so each peak RSS (ru_maxrss) belongs to that part alone; the
 input (a seeded low-rank-plus-noise matrix with a shared offset, like trained token embeddings) is built
@@ -30,7 +31,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from analysis_daemon.drift import measure_semantic_drift  # noqa: E402
-from analysis_daemon.geometry import analyze_embedding_geometry  # noqa: E402
+from analysis_daemon.geometry import analyze_embedding_geometry, geometry_and_neighbours  # noqa: E402
+from analysis_daemon.insight import compute_insight  # noqa: E402
 
 
 def make_embeddings(vocab: int, dim: int, seed: int = 0) -> torch.Tensor:
@@ -110,6 +112,27 @@ def run_part(args: argparse.Namespace) -> dict:
         out.update(mean=r["global_sparsity"]["mean_similarity"], neighbors=r["local_density"]["average_neighborhood_size"])
         out["interleaved"] = [interleaved(w, args.threshold, args.chunk_size) for _ in range(args.repeats)]
         return out
+    if args.part == "extras":
+        # What the daemon runs per snapshot, without and with the extras, alternating so both see the
+        # same load: geometry alone vs geometry + neighbour lists + the insight section (drift is the
+        # same either way and left out). The previous neighbour lists are this one's, shifted by a row.
+        prev = w + 0.01 * torch.randn(w.shape, generator=torch.Generator().manual_seed(args.seed + 2))
+        base, extra, knn_part = [], [], []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            analyze_embedding_geometry(w, threshold=args.threshold, chunk_size=args.chunk_size)
+            base.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            _, (ids, _) = geometry_and_neighbours(w, threshold=args.threshold, chunk_size=args.chunk_size, knn_k=10)
+            t1 = time.perf_counter()
+            ins = compute_insight(w, prev=prev, knn_ids=ids, prev_knn_ids=ids.roll(1, dims=0),
+                                  probe_ids=[1, 2, 3], top_k=50, probe_k=10)
+            extra.append(time.perf_counter() - t0)
+            knn_part.append((t1 - t0, time.perf_counter() - t1))
+        out.update(base=base, extra=extra, parts=knn_part, rank=ins["effective_rank"],
+                   iso=ins["isotropy"]["partition_ratio"], overlap=ins["neighbourhood_drift"]["mean_overlap"])
+        out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return out
     t0 = time.perf_counter()
     if args.part == "ours":
         r = analyze_embedding_geometry(w, threshold=args.threshold, chunk_size=args.chunk_size)
@@ -162,7 +185,9 @@ def main() -> None:
     p.add_argument("--seed-vocab", type=int, default=0, help="V for the seed's sketch (0: largest that fits)")
     p.add_argument("--skip-seed", action="store_true", help="skip part (e)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved geometry/matmul rounds (best ratio shown)")
-    p.add_argument("--part", choices=["geometry", "ours", "drift", "seed"], help=argparse.SUPPRESS)
+    p.add_argument("--skip-core", action="store_true", help="skip parts (a)-(d): only the extras' cost (f)")
+    p.add_argument("--skip-extras", action="store_true", help="skip part (f)")
+    p.add_argument("--part", choices=["geometry", "ours", "drift", "seed", "extras"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.part:
         print(json.dumps(run_part(args)))
@@ -172,18 +197,19 @@ def main() -> None:
           f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     v, d = args.vocab, args.dim
     print(f"V={v} d={d} chunk_size={args.chunk_size} threshold={args.threshold} float32")
-    geo = spawn(args, "geometry", v)
-    drift = spawn(args, "drift", v)
-    g, m = min(geo["interleaved"], key=lambda gm: gm[0] / gm[1])
-    rounds = ", ".join(f"{a:.2f}/{b:.2f}" for a, b in geo["interleaved"])
-    print(f"(a) geometry wall time            {geo['seconds']:8.2f} s   (alone; mean cos {geo['mean']:.4f}, "
-          f"avg neighbours {geo['neighbors']:.3f})")
-    print(f"    geometry, interleaved         {g:8.2f} s   (its own time with (b) run block by block inside it)")
-    print(f"(b) triangle matmul (floor)       {m:8.2f} s   (same blocks, timed between geometry's; rounds a/b: {rounds} s)")
-    print(f"    ratio (a)/(b)                 {g / m:8.3f}    (interleaved, best of {args.repeats}; target <= 1.25)")
-    print(f"(c) peak RSS, geometry process    {geo['peak_rss_mib']:8.0f} MiB (target < 1536; input included)")
-    print(f"(d) drift wall time               {drift['seconds']:8.2f} s   (target < 3; avg cos {drift['cos']:.4f}), "
-          f"peak RSS {drift['peak_rss_mib']:.0f} MiB (both snapshots included)")
+    if not args.skip_core:
+        geo = spawn(args, "geometry", v)
+        drift = spawn(args, "drift", v)
+        g, m = min(geo["interleaved"], key=lambda gm: gm[0] / gm[1])
+        rounds = ", ".join(f"{a:.2f}/{b:.2f}" for a, b in geo["interleaved"])
+        print(f"(a) geometry wall time            {geo['seconds']:8.2f} s   (alone; mean cos {geo['mean']:.4f}, "
+              f"avg neighbours {geo['neighbors']:.3f})")
+        print(f"    geometry, interleaved         {g:8.2f} s   (its own time with (b) run block by block inside it)")
+        print(f"(b) triangle matmul (floor)       {m:8.2f} s   (same blocks, timed between geometry's; rounds a/b: {rounds} s)")
+        print(f"    ratio (a)/(b)                 {g / m:8.3f}    (interleaved, best of {args.repeats}; target <= 1.25)")
+        print(f"(c) peak RSS, geometry process    {geo['peak_rss_mib']:8.0f} MiB (target < 1536; input included)")
+        print(f"(d) drift wall time               {drift['seconds']:8.2f} s   (target < 3; avg cos {drift['cos']:.4f}), "
+              f"peak RSS {drift['peak_rss_mib']:.0f} MiB (both snapshots included)")
     if not args.skip_seed:
         sv = args.seed_vocab or min(seed_fit(d), v)
         seed = spawn(args, "seed", sv)
@@ -192,6 +218,16 @@ def main() -> None:
               f"ours {ours['seconds']:.2f} s, peak RSS {ours['peak_rss_mib']:.0f} MiB; "
               f"speed-up {seed['seconds'] / ours['seconds']:.1f}x, memory {seed['peak_rss_mib'] / ours['peak_rss_mib']:.1f}x")
         print(f"    seed mean cos {seed['mean']:.4f} (diagonal -1 included) vs ours {ours['mean']:.4f}")
+    if not args.skip_extras:
+        ex = spawn(args, "extras", v)
+        b, e = min(ex["base"]), min(ex["extra"])
+        pairs = ", ".join(f"{x:.2f}/{y:.2f}" for x, y in zip(ex["base"], ex["extra"]))
+        knn_s, ins_s = min(ex["parts"], key=lambda p: p[0] + p[1])
+        print(f"(f) analysis without extras       {b:8.2f} s   (geometry; drift is the same either way)")
+        print(f"    analysis with extras          {e:8.2f} s   (geometry + neighbour lists {knn_s:.2f} s, "
+              f"insight section {ins_s:.2f} s; rounds without/with: {pairs} s)")
+        print(f"    ratio with/without            {e / b:8.3f}    (best of {args.repeats} each; target <= 1.15; "
+              f"effective rank {ex['rank']:.1f}, isotropy {ex['iso']:.3f}, peak RSS {ex['peak_rss_mib']:.0f} MiB)")
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

@@ -376,8 +376,12 @@ def test_wandb_failure_is_logged_once_and_results_still_written(
 # -------------------------------------------------------------------------------- signals, restarts
 
 def _big(seed: int = 3) -> torch.Tensor:
-    # Big enough that geometry with 64-row chunks takes seconds on one thread.
-    return torch.randn(24000, 64, generator=torch.Generator().manual_seed(seed))
+    # Big enough that geometry takes seconds on one thread even on a fast CPU (about 2e11
+    # multiply-adds), so SIGTERM reliably lands mid-analysis.
+    return torch.randn(BIG_ROWS, 256, generator=torch.Generator().manual_seed(seed))
+
+
+BIG_ROWS = 40000
 
 
 def test_sigterm_mid_analysis_abandons_after_grace_and_flushes(start_daemon, push: zmq.Socket, tmp_path: Path) -> None:
@@ -404,7 +408,7 @@ def test_sigterm_mid_analysis_finishes_within_grace(start_daemon, push: zmq.Sock
     assert d.wait_exit() == 0
     assert "finished the running analysis (run grace iter 2)" in d.log()
     (r,) = d.results("grace")
-    assert r["iter"] == 2 and r["geometry"]["pairs"] == 24000 * 23999
+    assert r["iter"] == 2 and r["geometry"]["pairs"] == BIG_ROWS * (BIG_ROWS - 1)
 
 
 def test_sigkill_then_restart_with_state_dir_continues_drift(start_daemon, push: zmq.Socket, tmp_path: Path) -> None:

@@ -100,3 +100,15 @@ def test_wandb_settings_prefer_hello_then_env(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.delenv("WANDB_RUN_GROUP")
     assert wandb_run_settings("r1", {"run_id": "abc"}, "cli-project")["group"] == "abc"
     assert wandb_run_settings("r1", {"run_id": "abc"}, "cli-project")["project"] == "cli-project"
+
+
+def test_results_file_survives_a_record_it_cannot_write(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    jsonl = JsonlSink(tmp_path)
+    sinks = SinkSet([jsonl])
+    sinks.handle({"run": "r", "iter": 1, "value": float("nan")})  # JSON cannot hold NaN: this record is lost
+    sinks.handle({"run": "r", "iter": 2, "value": 0.5})
+    assert sinks.sinks == [jsonl]  # the error cost one record, not the sink
+    sinks.close()
+    lines = (tmp_path / "r" / "analysis.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iter"] for line in lines] == [2]
+    assert "could not write run r iter 1" in caplog.text

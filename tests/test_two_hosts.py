@@ -25,12 +25,15 @@ def _netns_available() -> str | None:
         return "needs root to create network namespaces"
     if shutil.which("ip") is None:
         return "needs iproute2's ip command"
-    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-    return None if probe.returncode == 0 else f"ip netns unusable: {probe.stderr.strip()}"
+    # Root in a container may still lack CAP_SYS_ADMIN: try the real thing once.
+    name = f"em-probe{os.getpid() % 100000}"
+    probe = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return None if probe.returncode == 0 else f"ip netns unusable here: {probe.stderr.strip()}"
 
 
-pytestmark = [pytest.mark.netns, pytest.mark.skipif(_netns_available() is not None,
-                                                    reason=str(_netns_available()))]
+_NETNS_PROBLEM = _netns_available()
+pytestmark = [pytest.mark.netns, pytest.mark.skipif(_NETNS_PROBLEM is not None, reason=str(_NETNS_PROBLEM))]
 
 
 def _ip(*args: str) -> None:

@@ -129,11 +129,18 @@ class EmbeddingPublisher:
                                 wandb=wandb_info, meta=hello_meta, publisher=publisher_id)
 
         ctx = zmq.Context()
-        sock = connect_publisher(ctx, endpoint, curve, allow_insecure, connect=False)
-        self._sender = Sender(sock, ctx, run=self.run, publisher_id=publisher_id, hello_frames=hello_frames,
-                              pool=self._pool, writer=self._writer, on_sent=self._on_sent, on_drop=self._drop,
-                              counters=lambda: (self._published, self._dropped, self._last_iter))
-        sock.connect(endpoint)  # only now: the sender's monitor is attached and sees the handshake
+        try:
+            sock = connect_publisher(ctx, endpoint, curve, allow_insecure, connect=False)
+            sender = Sender(sock, ctx, run=self.run, publisher_id=publisher_id, hello_frames=hello_frames,
+                            pool=self._pool, writer=self._writer, on_sent=self._on_sent, on_drop=self._drop,
+                            counters=lambda: (self._published, self._dropped, self._last_iter))
+            sock.connect(endpoint)  # only now: the sender's monitor is attached and sees the handshake
+        except zmq.ZMQError as exc:  # e.g. "tcp://host:port" with a bad port or an unknown transport
+            ctx.destroy(linger=0)
+            if self._writer is not None:
+                self._writer.close()
+            raise ValueError(f"cannot connect the embedding publisher to {endpoint!r}: {exc}") from None
+        self._sender = sender
         self._sender.start()
         atexit.register(self.close)
 

@@ -21,6 +21,44 @@ def _tokens(pairs: list[list[Any]], strings: list[str] | None) -> str:
     return ", ".join(shown)
 
 
+def _label(token_id: int, token: str | None) -> str:
+    return repr(token) if token is not None else f"#{token_id}"
+
+
+def insight_lines(result: dict[str, Any]) -> list[str]:
+    """Up to three [Insight] lines (spectrum, neighbourhoods, probes) and one [Alert] line per alert."""
+    lines: list[str] = []
+    ins = result.get("insight")
+    if ins:
+        iso, norms = ins.get("isotropy") or {}, ins.get("row_norms")
+        text = (f"  [Insight] Effective rank {_num(ins.get('effective_rank'), '.1f')} of {result['shape'][1]}, "
+                f"isotropy {_num(iso.get('partition_ratio'), '.3f')}, mean unit vector "
+                f"{_num(iso.get('mean_unit_vector_norm'), '.3f')}")
+        if norms:
+            text += f", row norms {norms['min']:.3g}..{norms['max']:.3g} (mean {norms['mean']:.3g})"
+        lines.append(text)
+        nd, frozen = ins.get("neighbourhood_drift"), ins.get("frozen_tokens")
+        parts = []
+        if nd:
+            parts.append(f"Neighbourhood overlap {_num(nd.get('mean_overlap'), '.3f')} "
+                         f"(k={nd['k']}, vs iter {nd.get('prev_iter')})")
+        if frozen:
+            parts.append(f"frozen tokens {frozen['count']}")
+        if parts:
+            lines.append("  [Insight] " + ", ".join(parts))
+        probes = []
+        for p in (ins.get("probes") or [])[:3]:
+            near = ", ".join(f"{_label(n[0], n[1])} {n[2]:.2f}" for n in p["neighbours"][:3])
+            probes.append(f"{_label(p['token_id'], p['token'])} -> {near or 'none'}")
+        if probes:
+            lines.append("  [Insight] Probes: " + "; ".join(probes))
+    elif result.get("insight_error"):
+        lines.append(f"  [Insight] not measured: {result['insight_error']}")
+    for alert in result.get("alerts") or []:
+        lines.append(f"  [Alert] {alert['kind']}: {alert['message']}")
+    return lines
+
+
 def format_result(result: dict[str, Any]) -> str:
     """The summary block for one result (the seed's format, extended)."""
     lines = [f"--- ASYNC ANALYSIS RESULTS FOR ITERATION {result['iter']} (run {result['run']}) ---"]
@@ -45,6 +83,7 @@ def format_result(result: dict[str, Any]) -> str:
                      f"(std {_num(std, '.4f')})")
     else:
         lines.append(f"  [Geometry] not measured: {result.get('geometry_error')}")
+    lines.extend(insight_lines(result))
     if result.get("non_finite", {}).get("values"):
         nf = result["non_finite"]
         lines.append(f"  [Input] {nf['values']} non-finite values in {nf['rows']} rows")

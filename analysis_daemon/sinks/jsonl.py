@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from pathlib import Path
 from typing import IO, Any
 
 from ..paths import run_dirname
 from . import Sink
+
+log = logging.getLogger("embedding_monitor.daemon")
+_REPORT_EVERY_S = 60.0  # a persisting write error (disk full) is logged at most this often
 
 
 class JsonlSink(Sink):
@@ -18,6 +23,8 @@ class JsonlSink(Sink):
     def __init__(self, results_dir: str | Path) -> None:
         self.results_dir = Path(results_dir)
         self._files: dict[str, IO[str]] = {}
+        self._failures = 0
+        self._last_report = -_REPORT_EVERY_S
 
     def path_for(self, run: str) -> Path:
         """The results file of `run`."""
@@ -33,10 +40,28 @@ class JsonlSink(Sink):
 
     def handle(self, result: dict[str, Any]) -> None:
         """Append `result` and make it durable (a reader or a crash never sees half a line)."""
-        f = self._file(result["run"])
-        f.write(json.dumps(result, allow_nan=False, separators=(",", ":")) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+        # A write error (disk full for a moment, one unwritable run directory, a value JSON cannot
+        # hold) costs this one record, never the results file of every later result: this sink is
+        # the record of the run, so it does not let SinkSet switch it off.
+        try:
+            line = json.dumps(result, allow_nan=False, separators=(",", ":")) + "\n"
+            f = self._file(result["run"])
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        except (OSError, ValueError, TypeError) as exc:
+            self._failures += 1
+            broken = self._files.pop(result.get("run"), None)
+            if broken is not None:  # reopened (append mode) by the next result
+                try:
+                    broken.close()
+                except OSError:
+                    pass
+            now = time.monotonic()
+            if now - self._last_report >= _REPORT_EVERY_S:
+                self._last_report = now
+                log.error("results file: could not write run %s iter %s (%d failure(s) so far): %s: %s",
+                          result.get("run"), result.get("iter"), self._failures, type(exc).__name__, exc)
 
     def run_ended(self, run: str, summary: dict[str, Any]) -> None:
         """Close the run's file; a later result of the same run reopens it in append mode."""

@@ -77,12 +77,40 @@ def metrics_for(result: dict[str, Any], wandb: Any) -> dict[str, Any]:
             import numpy as np  # numpy arrays are what wandb.Histogram expects
             data["analysis/geom_similarity_hist"] = wandb.Histogram(
                 np_histogram=(np.asarray(counts), np.asarray(bins)))
+    data.update(insight_metrics(result, wandb))
     for key, value in result["counters"].items():
         data[f"analysis/{key}"] = value
     data["analysis/rejected_total"] = result["daemon_counters"]["rejected"]
     data["analysis/skipped_since_last"] = len(result.get("skipped_iters") or [])
     if result.get("non_finite") is not None:
         data["analysis/non_finite_values"] = result["non_finite"]["values"]
+    return data
+
+
+def insight_metrics(result: dict[str, Any], wandb: Any) -> dict[str, Any]:
+    """The wandb entries of a result's "insight" section and alerts (scalars, histogram, probe table)."""
+    data: dict[str, Any] = {"analysis/alerts": len(result.get("alerts") or [])}
+    ins = result.get("insight")
+    if not ins:
+        return data
+    iso, norms = ins.get("isotropy") or {}, ins.get("row_norms")
+    nd, frozen = ins.get("neighbourhood_drift"), ins.get("frozen_tokens")
+    scalars = {"effective_rank": ins.get("effective_rank"),
+               "isotropy_partition_ratio": iso.get("partition_ratio"),
+               "mean_unit_vector_norm": iso.get("mean_unit_vector_norm"),
+               "knn_mean_overlap": nd.get("mean_overlap") if nd else None,
+               "frozen_tokens": frozen.get("count") if frozen else None}
+    if norms:
+        scalars.update(row_norm_min=norms["min"], row_norm_mean=norms["mean"], row_norm_max=norms["max"])
+        import numpy as np
+        data["analysis/row_norm_hist"] = wandb.Histogram(
+            np_histogram=(np.asarray(norms["histogram_counts"]), np.asarray(norms["histogram_bins"])))
+    data.update({f"analysis/{k}": v for k, v in scalars.items() if v is not None})
+    rows = [[p["token_id"], p["token"], rank, n[0], n[1], n[2]]
+            for p in ins.get("probes") or [] for rank, n in enumerate(p["neighbours"])]
+    if rows:
+        data["analysis/probe_neighbours"] = wandb.Table(
+            columns=["probe_id", "probe", "rank", "neighbour_id", "neighbour", "cosine_similarity"], data=rows)
     return data
 
 
@@ -194,6 +222,15 @@ class WandbSink(Sink):
             self._runs.pop(run, None)
             log.error("wandb: logging for %r failed, stopped for this run: %s: %s",
                       run, type(exc).__name__, exc)
+            return
+        for alert in result.get("alerts") or []:
+            if not alert.get("notified"):  # throttled by alerts.check: one per kind per run per interval
+                continue
+            try:
+                wb_run.alert(title=f"embedding {alert['kind']} ({run})", text=alert["message"],
+                             level=wandb.AlertLevel.WARN)
+            except Exception as exc:  # an alert that cannot be sent must not stop the metrics
+                log.error("wandb: alert for %r failed: %s: %s", run, type(exc).__name__, exc)
 
     def _finish(self, run: str, summary: dict[str, Any] | None) -> None:
         wb_run = self._runs.pop(run, None)
