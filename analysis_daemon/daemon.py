@@ -186,7 +186,6 @@ class Daemon:
         hello = HelloInfo(pid=msg.pid, host=msg.host, vocab=msg.vocab, wandb=msg.wandb, meta=msg.meta)
         with self.cond:
             state = self._state(msg.run)
-            changed = state.hello != hello
             state.hello = hello
             state.ended = state.closed = False
             self.seen_runs.add(msg.run)
@@ -194,11 +193,6 @@ class Daemon:
         log.info("run %s: hello from pid %s on %s (vocab: %s tokens, wandb: %s)", msg.run, msg.pid,
                  msg.host, len(msg.vocab) if msg.vocab is not None else "no",
                  "yes" if msg.wandb else "no")
-        if changed and self.store is not None:
-            try:
-                self.store.save_hello(msg.run, hello)
-            except OSError as exc:
-                log.error("state dir: could not save hello of run %s: %s", msg.run, exc)
 
     def _on_snapshot(self, msg: Snapshot, shm: ShmReader) -> None:
         try:

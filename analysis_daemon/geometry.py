@@ -235,8 +235,9 @@ class _NearestNeighbours:
         words = torch.nonzero(wide.view(torch.int64)) if self.width else torch.zeros(0, 2, dtype=torch.int64)
         if words.shape[0] == 0:
             return words
-        inner = torch.nonzero(wide.view(m, -1, 8)[words[:, 0], words[:, 1]])
-        word = words[inner[:, 0]]
+        flat = words[:, 0] * (self.width // 8) + words[:, 1]  # flat indices gather faster than pairs
+        inner = torch.nonzero(wide.view(-1, 8).index_select(0, flat))
+        word = words.index_select(0, inner[:, 0])
         return torch.stack([word[:, 0], word[:, 1] * 8 + inner[:, 1]], dim=1)
 
     def _mask(self, x: torch.Tensor, q: torch.Tensor, r0: int, m: int, exact: bool) -> int:
@@ -282,7 +283,7 @@ class _NearestNeighbours:
             self._mask(x, q, r0, m, exact=True)
         hits = self._hits(m, cols)
         i, j = hits[:, 0], hits[:, 1]
-        vals = x[i, j]
+        vals = x.reshape(-1).index_select(0, i * cols + j)  # x is a contiguous block
         to_row = vals > self.vals[r0 + i, -1]
         past = j >= m
         to_col = past & (vals > self.vals[(r0 + j).clamp(max=self.vals.shape[0] - 1), -1])

@@ -36,6 +36,13 @@ class Spectrum:
     norms: torch.Tensor  # (n,) float64 L2 norms of the valid rows
     unit_sum: torch.Tensor  # (d,) float64: sum of the valid rows scaled to unit length
     valid: torch.Tensor  # (V,) bool: which rows are valid
+    _eig: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues (ascending) and eigenvectors of W^T W, computed once (rank and isotropy share them)."""
+        if self._eig is None:
+            self._eig = torch.linalg.eigh(self.gram)
+        return self._eig
 
 
 def _blocks(weights: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
@@ -62,9 +69,9 @@ def spectrum(weights: torch.Tensor) -> Spectrum:
         w = w[ok] if not bool(ok.all()) else w
         # float32 products (the cost is the matmul), summed in float64 across blocks
         gram += (w.T @ w).double()
-        nrm = torch.linalg.vector_norm(w, dim=1)
-        norms.append(nrm.double())
-        unit_sum += torch.mv(w.T, 1.0 / nrm).double()  # sum of w_i / |w_i| without a V x d temporary
+        nrm = torch.linalg.vector_norm(w, dim=1, dtype=torch.float64)  # float32 could overflow to inf
+        norms.append(nrm)
+        unit_sum += torch.mv(w.T, (1.0 / nrm).float()).double()  # sum of w_i/|w_i|, no V x d temporary
     return Spectrum(gram, torch.cat(norms) if norms else torch.zeros(0, dtype=torch.float64),
                     unit_sum, torch.cat(valid) if valid else torch.zeros(0, dtype=torch.bool))
 
@@ -85,8 +92,7 @@ def isotropy(weights: torch.Tensor, spec: Spectrum) -> dict[str, float | None]:
     n = int(spec.norms.numel())
     if n == 0 or not bool(torch.isfinite(spec.gram).all()):
         return {"partition_ratio": None, "mean_unit_vector_norm": None}
-    _, vecs = torch.linalg.eigh(spec.gram)
-    c = vecs.float()
+    c = spec.eigh()[1].float()
     log_z = torch.full((c.shape[1],), -math.inf, dtype=torch.float64)
     for a, w in _blocks(weights):
         w = w[spec.valid[a : a + w.shape[0]]]
@@ -103,7 +109,9 @@ _EIG_NOISE = 1e-6
 
 def singular_values(spec: Spectrum) -> torch.Tensor:
     """Singular values of the valid raw rows, from the eigenvalues of W^T W (rounding noise zeroed)."""
-    eig = torch.linalg.eigvalsh(spec.gram)
+    if not bool(torch.isfinite(spec.gram).all()):  # float32 products overflowed (entries beyond ~1e19)
+        return torch.zeros(0, dtype=torch.float64)
+    eig = spec.eigh()[0]
     if eig.numel() == 0:
         return eig
     return torch.where(eig > _EIG_NOISE * float(eig.max()), eig, 0.0).sqrt()
@@ -150,18 +158,28 @@ def neighbourhood_overlap(prev_ids: torch.Tensor, cur_ids: torch.Tensor) -> torc
 
 
 @torch.no_grad()
-def probe_neighbours(weights: torch.Tensor, probe_ids: Sequence[int], k: int = 10) -> list[list[tuple[int, float]]]:
-    """For each probe row, its k most cosine-similar other valid rows as (id, cosine), best first."""
+def probe_neighbours(weights: torch.Tensor, probe_ids: Sequence[int], k: int = 10,
+                     spec: Spectrum | None = None) -> list[list[tuple[int, float]]]:
+    """For each probe row, its k most cosine-similar other valid rows as (id, cosine), best first.
+
+    `spec` (from `spectrum(weights)`) saves normalising every row: its norms divide the raw products.
+    """
     if not probe_ids:
         return []
     p = weights[list(probe_ids)].detach().to("cpu", torch.float32)
     p_ok = _valid_rows(p)
     p = p / torch.linalg.vector_norm(p, dim=1, keepdim=True).clamp(min=1e-30)
+    if spec is not None:
+        inv_norm = torch.zeros(weights.shape[0])
+        inv_norm[spec.valid] = (1.0 / spec.norms).float()
     sims = torch.empty(weights.shape[0], len(probe_ids))
     for a, w in _blocks(weights):
-        ok = _valid_rows(w)
-        u = w / torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp(min=1e-30)
-        s = u @ p.T
+        if spec is not None:
+            ok = spec.valid[a : a + w.shape[0]]
+            s = (w @ p.T) * inv_norm[a : a + w.shape[0], None]
+        else:
+            ok = _valid_rows(w)
+            s = (w / torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp(min=1e-30)) @ p.T
         s[~ok] = -math.inf  # an invalid row is nobody's neighbour
         sims[a : a + w.shape[0]] = s
     out: list[list[tuple[int, float]]] = []
@@ -242,6 +260,6 @@ def compute_insight(cur: torch.Tensor, *, prev: torch.Tensor | None = None,
     out["probes"] = [
         {"token_id": tid, "token": _token(vocab, tid),
          "neighbours": [[nid, _token(vocab, nid), cos] for nid, cos in found]}
-        for tid, found in zip(probe_ids, probe_neighbours(cur, list(probe_ids), probe_k))
+        for tid, found in zip(probe_ids, probe_neighbours(cur, list(probe_ids), probe_k, spec))
     ]
     return out

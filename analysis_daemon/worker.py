@@ -260,19 +260,46 @@ class AnalysisWorker(threading.Thread):
             task = d.next_task()
             if task is None:
                 return
-            if isinstance(task, Job):
-                self._run_job(task)
-            else:
-                run, summary = task
-                d.sinks.run_ended(run, summary)
-                d.mark_closed(run)
+            try:
+                if isinstance(task, Job):
+                    self._run_job(task)
+                else:
+                    run, summary = task
+                    d.sinks.run_ended(run, summary)
+                    d.mark_closed(run)
+                    self._forget_released_runs()
+            except Exception as exc:  # a bug here must cost one task, never the daemon's only worker
+                log.exception("worker: %s failed: %s: %s", "job" if isinstance(task, Job) else "closing a run",
+                              type(exc).__name__, exc)
+
+    def _forget_released_runs(self) -> None:
+        # The daemon releases ended runs from memory; drop this thread's per-run state with them.
+        live = set(self.daemon_ref.runs)
+        for per_run in (self._insight, self._hello_sent):
+            for run in [r for r in per_run if r not in live]:
+                del per_run[run]
 
     def _run_job(self, job: Job) -> None:
         d = self.daemon_ref
         self.current, self.fraction_done = job, 0.0
+        try:
+            self._analyse_and_report(job)
+        finally:
+            # Whatever happened, the run is free again: a stuck `busy` flag would stop its analyses
+            # and keep --exit-on-end from ever exiting.
+            self.current = None
+            d.job_finished(job)
+
+    def _analyse_and_report(self, job: Job) -> None:
+        d = self.daemon_ref
         if job.hello is not None and self._hello_sent.get(job.run) is not job.hello:
             self._hello_sent[job.run] = job.hello
             d.sinks.run_hello(job.run, job.hello)
+            if d.store is not None:  # here, not on the receive thread: it fsyncs the whole vocabulary
+                try:
+                    d.store.save_hello(job.run, job.hello)
+                except OSError as exc:
+                    log.error("state dir: could not save hello of run %s: %s", job.run, exc)
         if d.store is not None:
             # The snapshot about to be analysed is the baseline of the next one: persist it first,
             # so a crash mid-analysis still leaves the right baseline for after the restart.
@@ -289,17 +316,12 @@ class AnalysisWorker(threading.Thread):
         except AnalysisAbandoned as exc:
             log.warning("run %s iter %d: analysis abandoned on shutdown (%s)", job.run,
                         job.current.iter, exc)
-            self.current = None
-            d.job_finished(job)
             return
         except Exception as exc:  # analyse() catches math errors itself; this is a daemon bug
             log.exception("run %s iter %d: analysis crashed: %s", job.run, job.current.iter, exc)
-            self.current = None
-            d.job_finished(job)
             return
         d.add_counters(job, result)
         log.info("run %s iter %d: analysed in %.2f s", job.run, job.current.iter, result["seconds"])
+        # The job is finished (by _run_job) only after this: --exit-on-end must not exit between the
+        # analysis and the sinks.
         d.sinks.handle(result)
-        self.current = None
-        # Only now is the job done: --exit-on-end must not exit between the analysis and the sinks.
-        d.job_finished(job)

@@ -511,3 +511,90 @@ def test_curve_daemon_accepts_only_authorised_trainers(start_daemon, tmp_path: P
     assert d.wait_exit() == 0
     assert not (d.results_dir / "stranger").exists()
     assert "received=1 analysed=1" in d.log()
+
+
+def _collapsed(rows: int = 500, dim: int = 32, seed: int = 7) -> torch.Tensor:
+    """Every row close to one direction: mean cosine ~0.99 and an effective rank near 1."""
+    g = torch.Generator().manual_seed(seed)
+    axis = torch.zeros(dim)
+    axis[0] = 5.0
+    return axis + 0.01 * torch.randn(rows, dim, generator=g)
+
+
+def test_insight_probes_and_throttled_collapse_alerts(start_daemon, tmp_path: Path, tcp_endpoint: str) -> None:
+    d = start_daemon("--exit-on-end", "--probe", "tok3,7", "--probe", "nope,99999", "--knn-k", "5",
+                     "--probe-k", "4", "--alert-interval", "3600")
+    vocab = [f"tok{i}" for i in range(500)]
+    pub = publisher_for(tcp_endpoint, "ins-run", vocab=vocab, wandb_info={"project": "emb-test"})
+    mats = matrices(2) + [_collapsed(seed=7), _collapsed(seed=8)]
+    for i, w in enumerate(mats):
+        assert pub.publish(w, 10 * (i + 1))
+        d.wait_results("ins-run", i + 1)
+    pub.close()
+    assert d.wait_exit() == 0
+    results = d.results("ins-run")
+
+    for r, w in zip(results, mats):
+        ins = r["insight"]
+        assert set(ins) >= {"effective_rank", "isotropy", "row_norms", "frozen_tokens", "neighbourhood_drift", "probes"}
+        norms = w.norm(dim=1)
+        assert ins["row_norms"]["max"] == pytest.approx(float(norms.max()), rel=1e-5)
+        assert sum(ins["row_norms"]["histogram_counts"]) == 500
+        assert [p["token_id"] for p in ins["probes"]] == [3, 7]
+        assert [p["token"] for p in ins["probes"]] == ["tok3", "tok7"]
+        assert ins["probes"][0]["neighbours"][0][1] == vocab[ins["probes"][0]["neighbours"][0][0]]
+    for r, w in zip(results[:2], mats):  # the collapsed ones have near-ties (cosines ~0.9999)
+        u = torch.nn.functional.normalize(w.double(), dim=1)
+        sims = u[3] @ u.T
+        sims[3] = -2
+        assert [n[0] for n in r["insight"]["probes"][0]["neighbours"]] == sims.topk(4).indices.tolist()
+    assert results[0]["insight"]["neighbourhood_drift"] is None and results[0]["insight"]["frozen_tokens"] is None
+    nd = results[1]["insight"]["neighbourhood_drift"]
+    assert nd["k"] == 5 and nd["prev_iter"] == 10 and 0 <= nd["mean_overlap"] <= 1
+    assert results[1]["insight"]["frozen_tokens"]["count"] == 0  # every row of a new random matrix changed
+    assert results[2]["insight"]["effective_rank"] < 3 < results[1]["insight"]["effective_rank"]
+
+    assert results[0]["alerts"] == [] and results[1]["alerts"] == []
+    for r, notified in ((results[2], True), (results[3], False)):  # same kind within the interval: throttled
+        kinds = {(a["kind"], a["metric"]) for a in r["alerts"]}
+        assert kinds == {("collapse", "geometry.global_sparsity.mean_similarity"), ("collapse", "insight.effective_rank")}
+        assert any(a["notified"] for a in r["alerts"]) is notified
+    log = d.log()
+    assert log.count("probe token(s) not found") == 1 and "nope, 99999" in log
+    assert log.count("ALERT collapse") == 1
+    out = d.out_path.read_text()
+    assert out.count("[Alert] collapse") == 4 and "[Insight] Effective rank" in out
+    assert "[Insight] Probes: 'tok3' -> " in out
+
+    files = wandb_history.find_run_files(tmp_path)
+    rows = wandb_history.history(files[0])
+    for row, r in zip(rows, results):
+        assert row["analysis/effective_rank"] == pytest.approx(r["insight"]["effective_rank"])
+        assert row["analysis/row_norm_hist._type"] == "histogram"
+        assert row["analysis/probe_neighbours._type"] == "table-file"
+        assert row["analysis/probe_neighbours.nrows"] == 8
+        assert row["analysis/alerts"] == len(r["alerts"])
+    assert rows[1]["analysis/knn_mean_overlap"] == pytest.approx(nd["mean_overlap"])
+    alerts = [rec.alert for rec in wandb_history.read_records(files[0]) if rec.WhichOneof("record_type") == "alert"]
+    assert [a.title for a in alerts] == ["embedding collapse (ins-run)"]
+
+
+def test_no_extras_leaves_drift_and_geometry_only(start_daemon, tmp_path: Path, tcp_endpoint: str) -> None:
+    d = start_daemon("--exit-on-end", "--no-extras", "--no-wandb")
+    pub = publisher_for(tcp_endpoint, "plain-run")
+    assert pub.publish(_collapsed(), 1)
+    d.wait_results("plain-run", 1)
+    pub.close()
+    assert d.wait_exit() == 0
+    (r,) = d.results("plain-run")
+    assert r["insight"] is None and r["insight_error"] is None and r["geometry"] is not None
+    assert [a["metric"] for a in r["alerts"]] == ["geometry.global_sparsity.mean_similarity"]  # rank unknown
+    assert "[Insight]" not in d.out_path.read_text()
+
+
+def test_bad_insight_options_fail_with_one_line(tmp_path: Path, env: dict[str, str]) -> None:
+    for args, message in ((["--knn-k", "0"], "--knn-k must be at least 1"),
+                          (["--drift-window", "3"], "--drift-window must be at least 5")):
+        proc = subprocess.run([sys.executable, "-m", "analysis_daemon", *args], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=60)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(f"Error: {message}")

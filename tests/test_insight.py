@@ -199,3 +199,36 @@ def test_compute_insight_record_has_the_fixed_keys() -> None:
     assert out["probes"][0]["token"] == "t3" and len(out["probes"][0]["neighbours"]) == 2
     first = compute_insight(cur)
     assert first["frozen_tokens"] is None and first["neighbourhood_drift"] is None and first["probes"] == []
+
+
+def test_probe_neighbours_with_and_without_the_spectrum_agree() -> None:
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(300, 16, generator=g)
+    w[7] = 0.0
+    w[9, 1] = float("nan")
+    plain = probe_neighbours(w, [0, 5], k=6)
+    fast = probe_neighbours(w, [0, 5], k=6, spec=spectrum(w))
+    assert [[t for t, _ in p] for p in plain] == [[t for t, _ in p] for p in fast]
+    assert all(t not in (7, 9) for p in fast for t, _ in p)
+    assert [c for _, c in fast[0]] == pytest.approx([c for _, c in plain[0]], abs=1e-5)
+
+
+def test_neighbours_when_cosines_are_bunched_use_exact_values() -> None:
+    # Every row close to one direction: all cosines fall in the top one or two histogram bins, so the
+    # 8-bit pre-filter selects nearly everything and the exact comparison takes over.
+    g = torch.Generator().manual_seed(9)
+    axis = torch.zeros(24)
+    axis[0] = 10.0
+    w = axis + 0.3 * torch.randn(1500, 24, generator=g)
+    _, (ids, cos) = geometry_and_neighbours(w, chunk_size=128, knn_k=8)
+    ref_ids, ref_cos = dense_knn(w, 8)
+    assert torch.allclose(cos.double(), ref_cos, atol=2e-6)
+    assert (ids.long() == ref_ids).float().mean() > 0.99
+
+
+def test_huge_finite_rows_give_none_instead_of_failing() -> None:
+    w = torch.randn(20, 4)
+    w[3] = 3e38  # finite, but its products overflow float32
+    out = compute_insight(w)
+    assert out["effective_rank"] is None and out["isotropy"]["partition_ratio"] is None
+    assert out["row_norms"]["max"] > 1e38
