@@ -182,9 +182,9 @@ class _NearestNeighbours:
     stay in the pass's x = k*cos + c units (same order as cos). Once a row's list is full, only values
     above its k-th best can enter, and after the first block those are few (~k per row per block at
     first, then fewer). So a block costs one comparison of its uint8 bins q = floor(x) (already made
-    for the histogram) against each row's and each column's k-th best, a scan of the mask 8 bytes at a
-    time, and a sort-merge of the few candidates: no topk along the columns, which would cost more
-    than the pass itself. Rows whose list is not full yet (the first block) take a plain topk instead.
+    for the histogram) against min(row's, column's k-th best), a scan of the mask 8 bytes at a time,
+    and a sort-merge of the few candidates: no topk along the columns, which would cost more than the
+    pass itself. Rows whose list is not full yet (the first block) take a plain topk instead.
     """
 
     # When more than this fraction of a block's 8-byte mask words hold a candidate, the uint8 bins are
@@ -195,81 +195,98 @@ class _NearestNeighbours:
         self.k = max(0, min(k, n - 1))
         self.vals = torch.full((n, self.k), -math.inf, dtype=torch.float32)
         self.idx = torch.full((n, self.k), -1, dtype=torch.int64)
-        self.width = -(-n // 8) * 8  # mask rows padded to whole 8-byte words
-        self.mask = torch.zeros(min(m_max, n) * self.width, dtype=torch.bool)
-        self.tmp = torch.empty(min(m_max, n) * n, dtype=torch.uint8)  # thresholds, then a mask
+        size = min(m_max, n) * n
+        self.mask = torch.zeros(-(-size // 8) * 8, dtype=torch.bool)  # padded to whole 8-byte words
+        self.tmp = torch.empty(size, dtype=torch.uint8)  # thresholds, then a mask
+        self.col_thr = torch.empty(n, dtype=torch.uint8)
 
     def _merge(self, rows: slice | torch.Tensor, vals: torch.Tensor, idx: torch.Tensor) -> None:
-        all_vals = torch.cat([self.vals[rows], vals], dim=1)
-        top, pos = all_vals.topk(self.k, dim=1)  # sorted, best first
-        self.vals[rows] = top
-        self.idx[rows] = torch.cat([self.idx[rows], idx], dim=1).gather(1, pos)
+        """Merge (len(rows), any) candidate `vals` / `idx` into the lists of `rows` (a slice or sorted ids)."""
+        if isinstance(rows, slice):
+            old_vals, old_idx = self.vals[rows], self.idx[rows]
+        else:  # index_select / index_copy_: cheaper than advanced indexing for whole rows
+            old_vals, old_idx = self.vals.index_select(0, rows), self.idx.index_select(0, rows)
+        top, pos = torch.cat([old_vals, vals], dim=1).topk(self.k, dim=1)  # sorted, best first
+        new_idx = torch.cat([old_idx, idx], dim=1).gather(1, pos)
+        if isinstance(rows, slice):
+            self.vals[rows], self.idx[rows] = top, new_idx
+        else:
+            self.vals.index_copy_(0, rows, top)
+            self.idx.index_copy_(0, rows, new_idx)
 
     def _merge_pairs(self, targets: torch.Tensor, ids: torch.Tensor, vals: torch.Tensor, base: int) -> None:
         """Offer candidate `ids` with `vals` to the full lists of `targets` (all >= base, any number each)."""
         if targets.numel() == 0:
             return
-        present = torch.zeros(self.vals.shape[0] - base, dtype=torch.bool)
-        present[targets - base] = True
-        uniq = torch.nonzero(present).squeeze(1)
-        inv = (torch.cumsum(present, 0) - 1)[targets - base]
-        u, k = uniq.numel(), self.k
-        uniq += base
-        group = torch.cat([torch.arange(u).repeat_interleave(k), inv])
-        all_vals = torch.cat([self.vals[uniq].reshape(-1), vals])
-        all_ids = torch.cat([self.idx[uniq].reshape(-1), ids])
-        # One int64 sort by (group, value descending): float32 bits made order-preserving as signed
-        # ints (negative floats have their 31 value bits flipped), then flipped for descending order.
-        bits = all_vals.view(torch.int32).long()
+        k = self.k
+        # Sort the candidates alone (not the lists) by (target, value descending): one int64 key, the
+        # float32 bits made order-preserving as signed ints (negative floats have their 31 value bits
+        # flipped), then flipped for descending order.
+        bits = vals.view(torch.int32).long()
         bits = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-        perm = torch.argsort((group << 32) | ((1 << 31) - 1 - bits))
+        local = targets - base
+        perm = torch.argsort((local << 32) | ((1 << 31) - 1 - bits))
+        present = torch.zeros(self.vals.shape[0] - base, dtype=torch.bool)
+        present.index_fill_(0, local, True)
+        uniq = torch.nonzero(present).squeeze(1)
+        group = (torch.cumsum(present, 0) - 1).index_select(0, local.index_select(0, perm))
+        u = uniq.numel()
         counts = torch.bincount(group, minlength=u)
         starts = torch.cumsum(counts, 0) - counts
-        keep = perm[torch.arange(perm.numel()) - starts[group[perm]] < k]  # k per group: the list was full
-        self.vals[uniq] = all_vals[keep].view(u, k)
-        self.idx[uniq] = all_ids[keep].view(u, k)
+        rank = torch.arange(perm.numel()) - starts.index_select(0, group)
+        # Each target's k best candidates, into a (u, k) table padded with -inf.
+        keep = torch.nonzero(rank < k).squeeze(1)
+        slot = group.index_select(0, keep) * k + rank.index_select(0, keep)
+        src = perm.index_select(0, keep)
+        cand_vals = torch.full((u * k,), -math.inf, dtype=torch.float32)
+        cand_ids = torch.full((u * k,), -1, dtype=torch.int64)
+        cand_vals.index_copy_(0, slot, vals.index_select(0, src))
+        cand_ids.index_copy_(0, slot, ids.index_select(0, src))
+        # The lists are full (finite), so the -inf padding never enters the top k.
+        self._merge(uniq + base, cand_vals.view(u, k), cand_ids.view(u, k))
 
-    def _hits(self, m: int, cols: int) -> torch.Tensor:
-        """(row, col) of the set entries of the block's mask, scanning 8 bytes at a time."""
-        wide = self.mask[: m * self.width].view(m, self.width)
-        words = torch.nonzero(wide.view(torch.int64)) if self.width else torch.zeros(0, 2, dtype=torch.int64)
-        if words.shape[0] == 0:
+    def _words(self, size: int) -> torch.Tensor:
+        """Indices of the 8-byte words of the block's mask (`size` entries) that hold a set entry."""
+        return torch.nonzero(self.mask[: -(-size // 8) * 8].view(torch.int64)).squeeze(1)
+
+    def _hits(self, words: torch.Tensor) -> torch.Tensor:
+        """Flat positions of the set entries of the mask within `words` (from `_words`)."""
+        if words.numel() == 0:
             return words
-        flat = words[:, 0] * (self.width // 8) + words[:, 1]  # flat indices gather faster than pairs
-        inner = torch.nonzero(wide.view(-1, 8).index_select(0, flat))
-        word = words.index_select(0, inner[:, 0])
-        return torch.stack([word[:, 0], word[:, 1] * 8 + inner[:, 1]], dim=1)
+        inner = torch.nonzero(self.mask[: (int(words[-1]) + 1) * 8].view(-1, 8).index_select(0, words))
+        return words.index_select(0, inner[:, 0]) * 8 + inner[:, 1]
 
-    def _mask(self, x: torch.Tensor, q: torch.Tensor, r0: int, m: int, exact: bool) -> int:
-        """Fill the mask with the candidates of rows (all columns) and of columns past the square."""
+    def _mask(self, x: torch.Tensor, q: torch.Tensor, kth: torch.Tensor, r0: int, m: int, exact: bool) -> None:
+        """Fill the mask with the candidates of rows (all columns) and of columns past the square,
+        given every list's k-th best value `kth`."""
         cols = x.shape[1]
-        wide = self.mask[: m * self.width].view(m, self.width)
-        wide[:, cols:] = False
-        b = wide[:, :cols]
-        buf = self.tmp[: m * cols]
-        t = buf.view(torch.bool).view(m, cols)[:, m:]
-        thr_rows, thr_cols = self.vals[r0 : r0 + m, -1:], self.vals[r0 + m :, -1]
+        size = m * cols
+        self.mask[size : -(-size // 8) * 8] = False
+        b = self.mask[:size].view(m, cols)
+        thr_rows, thr_cols = kth[r0 : r0 + m, None], kth[r0 + m :]
         if exact:
             torch.gt(x, thr_rows, out=b)
+            t = self.tmp[: m * (cols - m)].view(torch.bool).view(m, cols - m)
             torch.gt(x[:, m:], thr_cols, out=t)
+            b[:, m:].logical_or_(t)
         else:  # x > thr implies floor(x) >= floor(thr): a superset, checked exactly afterwards
-            # A per-row threshold broadcast along the row is ~3x slower in torch than a full operand.
-            full = buf.view(m, cols)
-            full.copy_(thr_rows.floor().clamp(0, 255).to(torch.uint8).expand(m, cols))
+            # One threshold per entry, min(row's, column's), built by one broadcast op; the square
+            # holds both orders of its pairs, so there only the row's threshold counts (255: none).
+            col_thr = self.col_thr[:cols]
+            col_thr[:m] = 255
+            col_thr[m:] = thr_cols.floor().clamp(0, 255).to(torch.uint8)
+            full = self.tmp[:size].view(m, cols)
+            torch.minimum(thr_rows.floor().clamp(0, 255).to(torch.uint8), col_thr, out=full)
             torch.ge(q, full, out=b)
-            torch.ge(q[:, m:], thr_cols.floor().clamp(0, 255).to(torch.uint8), out=t)
-        b[:, m:].logical_or_(t)
         b[:, :m].diagonal().fill_(False)  # a row is not its own neighbour
-        return int(torch.count_nonzero(wide.view(torch.int64)))
 
     def add_block(self, x: torch.Tensor, q: torch.Tensor, r0: int, m: int) -> None:
         """Merge block x (m rows from r0, columns r0:n; q its uint8 bins) into the lists."""
         if self.k == 0:
             return
         cols = x.shape[1]
-        rows_full = bool(torch.isfinite(self.vals[r0 : r0 + m, -1]).all())
-        cols_full = bool(torch.isfinite(self.vals[r0 + m :, -1]).all())
-        if not (rows_full and cols_full):  # first block(s): lists still filling, take plain topks
+        kth = self.vals[:, -1].contiguous()  # each list's k-th best: the bar a candidate must pass
+        if not bool(torch.isfinite(kth[r0:]).all()):  # first block(s): lists still filling, plain topks
             x[:, :m].diagonal().fill_(-math.inf)
             v, j = x.topk(min(self.k, cols), dim=1)
             self._merge(slice(r0, r0 + m), v, j + r0)
@@ -278,18 +295,21 @@ class _NearestNeighbours:
                 v, i = rest.T.topk(min(self.k, m), dim=1)
                 self._merge(slice(r0 + m, None), v, i + r0)
             return
-        exact = self._mask(x, q, r0, m, exact=False) > self._COARSE * m * self.width / 8
-        if exact:
-            self._mask(x, q, r0, m, exact=True)
-        hits = self._hits(m, cols)
-        i, j = hits[:, 0], hits[:, 1]
-        vals = x.reshape(-1).index_select(0, i * cols + j)  # x is a contiguous block
-        to_row = vals > self.vals[r0 + i, -1]
-        past = j >= m
-        to_col = past & (vals > self.vals[(r0 + j).clamp(max=self.vals.shape[0] - 1), -1])
-        self._merge_pairs(torch.cat([r0 + i[to_row], r0 + j[to_col]]),
-                          torch.cat([r0 + j[to_row], r0 + i[to_col]]),
-                          torch.cat([vals[to_row], vals[to_col]]), r0)
+        size = m * cols
+        self._mask(x, q, kth, r0, m, exact=False)
+        words = self._words(size)
+        if words.numel() > self._COARSE * -(-size // 8):
+            self._mask(x, q, kth, r0, m, exact=True)
+            words = self._words(size)
+        pos = self._hits(words)
+        vals = x.reshape(-1).index_select(0, pos)  # x is a contiguous block
+        i = torch.div(pos, cols, rounding_mode="floor")
+        rows, partners = r0 + i, r0 + pos - i * cols  # partners < n: the block's columns are r0:n
+        to_row = torch.nonzero(vals > kth.index_select(0, rows)).squeeze(1)
+        to_col = torch.nonzero((partners >= r0 + m) & (vals > kth.index_select(0, partners))).squeeze(1)
+        self._merge_pairs(torch.cat([rows.index_select(0, to_row), partners.index_select(0, to_col)]),
+                          torch.cat([partners.index_select(0, to_row), rows.index_select(0, to_col)]),
+                          torch.cat([vals.index_select(0, to_row), vals.index_select(0, to_col)]), r0)
 
     def result(self, index: torch.Tensor, rows: int, k_scale: float, c: float,
                want: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -232,3 +232,22 @@ def test_huge_finite_rows_give_none_instead_of_failing() -> None:
     out = compute_insight(w)
     assert out["effective_rank"] is None and out["isotropy"]["partition_ratio"] is None
     assert out["row_norms"]["max"] > 1e38
+
+
+@pytest.mark.parametrize("dim", [1, 3, 7, 64])
+def test_spectrum_gram_is_the_symmetric_product_of_the_valid_rows(dim: int) -> None:
+    # The Gram is built from column slabs (upper triangle of blocks) and mirrored: it must still be
+    # W^T W over exactly the valid rows, and exactly symmetric (eigh reads one triangle).
+    g = torch.Generator().manual_seed(dim)
+    w = torch.randn(5000, dim, generator=g)
+    w[7] = 0.0  # zero row: left out
+    w[11, 0] = math.nan  # non-finite row: left out
+    w[13] = 1e-30  # float32 norm underflows to 0, yet the row is valid
+    spec = spectrum(w)
+    keep = torch.ones(5000, dtype=torch.bool)
+    keep[[7, 11]] = False
+    assert torch.equal(spec.valid, keep)
+    ref = w[keep].double().T @ w[keep].double()
+    assert torch.equal(spec.gram, spec.gram.T)
+    assert torch.allclose(spec.gram, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert torch.allclose(spec.norms, torch.linalg.vector_norm(w[keep].double(), dim=1), rtol=1e-12)
