@@ -375,4 +375,7 @@ if publisher is not None:
 if wandb_log and master_process:
     wandb.finish()
 if ddp:
+    # Every rank leaves together: a rank that tears down its gloo group while rank 0 is still saving the
+    # last checkpoint aborts ("terminate called without an active exception") and fails the whole job.
+    torch.distributed.barrier()
     destroy_process_group()
