@@ -98,7 +98,7 @@ class Daemon:
         if self.store is None or run not in self._evicted:
             return None
         self._evicted.discard(run)
-        loaded = self.store.load_all().get(run)
+        loaded = self.store.load(run)  # this run only: the others' baselines stay on disk
         if loaded is None:
             return None
         state = RunState(run=run)

@@ -135,14 +135,26 @@ class StateStore:
                                 tensor=tensor, received_at=float(info["received_at"]))
         return sidecar["run"], snap, hello
 
+    def _try_load(self, run_dir: Path) -> tuple[str, SnapshotData | None, HelloInfo | None] | None:
+        try:
+            return self._load_run(run_dir)
+        except (StateStoreError, OSError, KeyError, TypeError, ValueError) as exc:
+            log.warning("state dir: ignoring %s: %s", run_dir, exc)
+            return None
+
     def load_all(self) -> dict[str, tuple[SnapshotData | None, HelloInfo | None]]:
         """Every run's saved (baseline snapshot, hello info); unusable entries are logged and skipped."""
         out: dict[str, tuple[SnapshotData | None, HelloInfo | None]] = {}
         for run_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            try:
-                run, snap, hello = self._load_run(run_dir)
-            except (StateStoreError, OSError, KeyError, TypeError, ValueError) as exc:
-                log.warning("state dir: ignoring %s: %s", run_dir, exc)
-                continue
-            out[run] = (snap, hello)
+            loaded = self._try_load(run_dir)
+            if loaded is not None:
+                out[loaded[0]] = loaded[1:]
         return out
+
+    def load(self, run: str) -> tuple[SnapshotData | None, HelloInfo | None] | None:
+        """One run's saved (baseline snapshot, hello info), or None when there is none usable."""
+        run_dir = self.root / run_dirname(run)
+        if not run_dir.is_dir():
+            return None
+        loaded = self._try_load(run_dir)
+        return loaded[1:] if loaded is not None and loaded[0] == run else None

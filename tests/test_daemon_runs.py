@@ -32,3 +32,15 @@ def test_ended_runs_are_released_oldest_first(start_daemon, push: zmq.Socket) ->
     assert d.wait_results("run-5", 3)[-1]["prev_iter"] == 2
     last = d.wait_results("run-0", 3)[-1]
     assert last["prev_iter"] is None and last["drift"] is None
+
+
+def test_a_released_run_comes_back_from_the_state_dir(start_daemon, push: zmq.Socket, tmp_path) -> None:
+    d = start_daemon("--no-wandb", "--no-console", "--state-dir", str(tmp_path / "state"))
+    for n in range(6):
+        _run_once(d, push, f"run-{n}", [1, 2])
+        wait_for(f"run-{n} closed", lambda n=n: f"run run-{n}: closed" in d.log(), proc=d)
+    assert "run run-0: state released from memory" in d.log()
+    # Released from memory, not forgotten: its baseline is read back from disk (that run's only).
+    _run_once(d, push, "run-0", [3])
+    last = d.wait_results("run-0", 3)[-1]
+    assert last["prev_iter"] == 2 and last["drift"] is not None
