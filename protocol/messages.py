@@ -50,6 +50,7 @@ class Limits:
     max_string_bytes: int = 64 * 1024  # any single msgpack string (token, run name, meta value)
     max_map_len: int = 4096  # entries of any msgpack map (meta, wandb info)
     max_run_chars: int = 200  # run names become directory names on the daemon side
+    max_world_size: int = 65536  # ranks of one sharded run (each rank may send one part per iteration)
 
     def max_frame_bytes(self) -> int:
         """Largest single ZeroMQ frame a receiver should accept (its ZMQ_MAXMSGSIZE)."""
@@ -80,6 +81,8 @@ class Hello:
     wandb: dict | None
     meta: dict
     publisher: str = ""
+    rank: int = 0  # this publisher's rank in its job (torch.distributed), 0 when not distributed
+    world_size: int = 1  # ranks in the job; a sharded snapshot has its parts spread over them
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,15 @@ class Snapshot:
     payload: memoryview | None = field(default=None, repr=False, compare=False)
     shm: ShmRef | None = None
     publisher: str = ""
+    # A part of a sharded matrix: `shape` is the part's, `global_shape` the full matrix's and `offset`
+    # the part's [row, col] in it. Both None for a whole (unsharded) snapshot.
+    global_shape: tuple[int, int] | None = None
+    offset: tuple[int, int] | None = None
+
+    @property
+    def is_part(self) -> bool:
+        """True when this is one shard of a larger matrix, to be assembled with the other ranks' parts."""
+        return self.global_shape is not None
 
 
 @dataclass(frozen=True)
@@ -121,17 +133,24 @@ def _pack(header: dict[str, Any]) -> bytes:
 
 
 def encode_hello(*, run: str, seq: int, pid: int, host: str, vocab: Sequence[str] | None = None,
-                 wandb: dict | None = None, meta: dict | None = None, publisher: str = "") -> list[bytes]:
+                 wandb: dict | None = None, meta: dict | None = None, publisher: str = "",
+                 rank: int = 0, world_size: int = 1) -> list[bytes]:
     """Frames of a `hello` message."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     return [_pack({"v": PROTOCOL_VERSION, "kind": KIND_HELLO, "run": run, "seq": seq, "publisher": publisher,
                    "pid": pid, "host": host, "vocab": list(vocab) if vocab is not None else None,
-                   "wandb": wandb, "meta": meta or {}})]
+                   "wandb": wandb, "meta": meta or {}, "rank": rank, "world_size": world_size})]
 
 
 def encode_snapshot(*, run: str, iter: int, seq: int, name: str, dtype: str, shape: Sequence[int],
                     payload: Any = None, shm: ShmRef | None = None, sent_at: float | None = None,
-                    publisher: str = "") -> list[Any]:
-    """Frames of a `snapshot`: [header, payload] inline, or [header] when `shm` names the payload."""
+                    publisher: str = "", global_shape: Sequence[int] | None = None,
+                    offset: Sequence[int] | None = None) -> list[Any]:
+    """Frames of a `snapshot`: [header, payload] inline, or [header] when `shm` names the payload.
+
+    For one rank's part of a sharded matrix pass `global_shape` and `offset` ([row, col] of the part).
+    """
     if (payload is None) == (shm is None):
         raise ValueError("encode_snapshot needs exactly one of payload= or shm=")
     if dtype not in DTYPE_ITEMSIZE:
@@ -140,11 +159,15 @@ def encode_snapshot(*, run: str, iter: int, seq: int, name: str, dtype: str, sha
     nbytes = rows * cols * DTYPE_ITEMSIZE[dtype]
     if payload is not None and memoryview(payload).nbytes != nbytes:
         raise ValueError(f"payload has {memoryview(payload).nbytes} bytes, shape {shape} {dtype} needs {nbytes}")
+    if (global_shape is None) != (offset is None):
+        raise ValueError("encode_snapshot needs both global_shape= and offset= for a part, or neither")
+    part = {} if global_shape is None else {"global_shape": [int(n) for n in global_shape],
+                                            "offset": [int(n) for n in offset]}  # type: ignore[union-attr]
     header = {"v": PROTOCOL_VERSION, "kind": KIND_SNAPSHOT, "run": run, "seq": seq, "publisher": publisher,
               "iter": iter, "name": name, "dtype": dtype, "shape": [rows, cols], "nbytes": nbytes,
               "sent_at": float(time.time() if sent_at is None else sent_at),
               "shm": None if shm is None else {"segment": shm.segment, "offset": shm.offset,
-                                                 "slot_seq": shm.slot_seq}}
+                                                 "slot_seq": shm.slot_seq}, **part}
     return [_pack(header)] if payload is None else [_pack(header), payload]
 
 
@@ -273,10 +296,49 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
             for i, token in enumerate(vocab):
                 if type(token) is not str:
                     raise ProtocolError(f"header: vocab[{i}] must be a string, got {type(token).__name__} {_short(token)}")
+        rank, world_size = _rank_and_world(header)
         return Hello(run=run, seq=seq, pid=header.int_("pid", maximum=2**31), host=header.str_("host"), vocab=vocab,
-                     wandb=header.dict_("wandb", optional=True), meta=header.dict_("meta"), publisher=publisher)
+                     wandb=header.dict_("wandb", optional=True), meta=header.dict_("meta"), publisher=publisher,
+                     rank=rank, world_size=world_size)
     return End(run=run, seq=seq, final_iter=header.int_("final_iter", optional=True),
                published=header.int_("published"), dropped=header.int_("dropped"), publisher=publisher)
+
+
+def _rank_and_world(header: _Header) -> tuple[int, int]:
+    # Optional: a publisher that predates sharding (or a single process) says neither: rank 0 of 1.
+    if "world_size" not in header.data and "rank" not in header.data:
+        return 0, 1
+    world_size = header.int_("world_size", minimum=1, maximum=header.limits.max_world_size)
+    rank = header.int_("rank", maximum=world_size - 1)
+    return rank, world_size  # type: ignore[return-value]
+
+
+def _pair(header: _Header, key: str) -> tuple[int, int]:
+    value = header._get(key)
+    if type(value) is not list or len(value) != 2 or any(type(n) is not int for n in value):
+        raise ProtocolError(f"header: {key} must be [rows, cols] (2 integers), got {_short(value)}")
+    return value[0], value[1]
+
+
+def _part_geometry(header: _Header, dtype: str, rows: int, cols: int) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """(global_shape, offset) of a sharded part, validated against the limits and the part's shape; None if whole."""
+    if "global_shape" not in header.data and "offset" not in header.data:
+        return None
+    limits = header.limits
+    g_rows, g_cols = _pair(header, "global_shape")
+    if not 1 <= g_rows <= limits.max_rows:
+        raise ProtocolError(f"header: global_shape rows={g_rows} is outside [1, max_rows={limits.max_rows}]")
+    if not 1 <= g_cols <= limits.max_cols:
+        raise ProtocolError(f"header: global_shape cols={g_cols} is outside [1, max_cols={limits.max_cols}]")
+    g_bytes = g_rows * g_cols * DTYPE_ITEMSIZE[dtype]
+    if g_bytes > limits.max_payload_bytes:
+        raise ProtocolError(f"header: global_shape {[g_rows, g_cols]} x {dtype} = {g_bytes} bytes exceeds "
+                            f"max_payload_bytes={limits.max_payload_bytes}")
+    r0, c0 = _pair(header, "offset")
+    if r0 < 0 or c0 < 0 or r0 + rows > g_rows or c0 + cols > g_cols:
+        raise ProtocolError(f"header: part {[rows, cols]} at offset {[r0, c0]} does not lie within "
+                            f"global_shape {[g_rows, g_cols]}")
+    return (g_rows, g_cols), (r0, c0)
 
 
 def _decode_snapshot(frames: Sequence[Any], header: _Header, run: str, seq: int, publisher: str) -> Snapshot:
@@ -317,6 +379,8 @@ def _decode_snapshot(frames: Sequence[Any], header: _Header, run: str, seq: int,
         shm = ShmRef(segment=segment, offset=sub.int_("offset", maximum=4096), slot_seq=sub.int_("slot_seq"))
         if shm.slot_seq % 2:
             raise ProtocolError(f"header: shm.slot_seq={shm.slot_seq} is odd (slot was mid-write)")
+    part = _part_geometry(header, dtype, rows, cols)
     return Snapshot(run=run, iter=header.int_("iter"), seq=seq, name=header.str_("name"), dtype=dtype,
                     shape=(rows, cols), nbytes=nbytes, sent_at=header.float_("sent_at"), payload=payload,
-                    shm=shm, publisher=publisher)
+                    shm=shm, publisher=publisher, global_shape=part[0] if part else None,
+                    offset=part[1] if part else None)
