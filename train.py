@@ -331,7 +331,9 @@ while True:
             os.replace(os.path.join(out_dir, 'ckpt.pt.tmp'), os.path.join(out_dir, 'ckpt.pt'))
             checkpoint = None
         if publisher is not None:
-            publisher.publish(raw_model.transformer.wte, iter_num) # hands the snapshot off, returns at once
+            # hands the snapshot off, returns at once; the losses travel with it (loss beside drift in W&B)
+            publisher.publish(raw_model.transformer.wte, iter_num,
+                              metrics={"train/loss": losses['train'], "val/loss": losses['val'], "lr": lr})
     if last_iter or eval_only:
         if stop_requested and master_process:
             print(f"stopped by signal at iteration {iter_num}")

@@ -201,7 +201,8 @@ class Daemon:
         except ProtocolError as exc:
             self._reject(str(exc), msg.run)
             return
-        snap = SnapshotData(iter=msg.iter, seq=msg.seq, name=msg.name, tensor=tensor, sent_at=msg.sent_at)
+        snap = SnapshotData(iter=msg.iter, seq=msg.seq, name=msg.name, tensor=tensor, sent_at=msg.sent_at,
+                            metrics=msg.metrics)
         with self.cond:
             state = self._state(msg.run)
             self.seen_runs.add(msg.run)

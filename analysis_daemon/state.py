@@ -38,6 +38,7 @@ class SnapshotData:
     received_at: float = field(default_factory=time.time)  # wall clock, for the result record
     received_mono: float = field(default_factory=time.monotonic)  # for the waited_seconds figure
     sent_at: float | None = None  # publisher's wall clock, when it said
+    metrics: dict[str, float | int] | None = None  # trainer scalars sent with the snapshot (validated)
 
     @property
     def shape(self) -> list[int]:

@@ -173,6 +173,7 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
         "iter": cur.iter,
         "prev_iter": prev.iter if prev is not None else None,
         "seconds": None,  # set last, once the alerts are in
+        "metrics": dict(cur.metrics) if cur.metrics else None,  # the trainer's scalars (loss, ...)
         "drift": drift,
         "geometry": geometry,
         "drift_skipped_reason": reason,

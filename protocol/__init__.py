@@ -13,6 +13,7 @@ from .messages import (
     ProtocolError,
     ShmRef,
     Snapshot,
+    check_metrics,
     check_run_name,
     decode,
     encode_end,
@@ -26,7 +27,7 @@ from .transport import bind_receiver, check_endpoint, connect_publisher, is_loca
 
 __all__ = [
     "DEFAULT_LIMITS", "DTYPE_ITEMSIZE", "KIND_END", "KIND_HELLO", "KIND_SNAPSHOT", "PROTOCOL_VERSION",
-    "End", "Hello", "Limits", "Message", "ProtocolError", "ShmRef", "Snapshot", "check_run_name", "decode",
+    "End", "Hello", "Limits", "Message", "ProtocolError", "ShmRef", "Snapshot", "check_metrics", "check_run_name", "decode",
     "encode_end", "encode_hello", "encode_snapshot", "CurveClient", "CurveServer", "generate_keypair",
     "ShmReader", "ShmWriter", "remove_stale_segments", "shm_available", "snapshot_tensor", "torch_dtype",
     "wire_dtype", "bind_receiver", "check_endpoint", "connect_publisher", "is_local_endpoint",

@@ -32,7 +32,7 @@ def describe(msg, shm: ShmReader, digest: bool) -> dict:
     elif isinstance(msg, Snapshot):
         data = shm.copy_out(msg.shm, msg.nbytes) if msg.shm is not None else msg.payload
         out.update(iter=msg.iter, name=msg.name, dtype=msg.dtype, shape=list(msg.shape), nbytes=msg.nbytes,
-                   sent_at=msg.sent_at, via="shm" if msg.shm is not None else "inline")
+                   sent_at=msg.sent_at, via="shm" if msg.shm is not None else "inline", metrics=msg.metrics)
         if digest:
             out["digest"] = hashlib.blake2b(data, digest_size=16).hexdigest()
     else:

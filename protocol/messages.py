@@ -32,6 +32,10 @@ SHM_PREFIX: Final[str] = "emon-"
 SHM_NAME_RE: Final[re.Pattern[str]] = re.compile(r"^emon-(\d{1,10})-([0-9a-f]{8})-(\d{1,4})-(\d{1,10})$")
 
 _U64_MAX: Final[int] = 2**64 - 1
+# Trainer metrics (loss, lr, ...) riding on a snapshot: names a W&B key, a JSON key and a console label
+# can all take as they are (letters, digits and _ . / -), at most max_metric_key_chars long.
+METRIC_KEY_RE: Final[re.Pattern[str]] = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]*$")
+_METRIC_INT_MAX: Final[int] = 2**53  # beyond this an int is not exact as a JSON/float64 number
 _RUN_FORBIDDEN = re.compile(r"[/\\\x00-\x1f\x7f]")
 
 
@@ -51,6 +55,8 @@ class Limits:
     max_map_len: int = 4096  # entries of any msgpack map (meta, wandb info)
     max_run_chars: int = 200  # run names become directory names on the daemon side
     max_world_size: int = 65536  # ranks of one sharded run (each rank may send one part per iteration)
+    max_metrics: int = 64  # trainer metrics per snapshot: a few scalars, not a second logging channel
+    max_metric_key_chars: int = 64
 
     def max_frame_bytes(self) -> int:
         """Largest single ZeroMQ frame a receiver should accept (its ZMQ_MAXMSGSIZE)."""
@@ -104,6 +110,7 @@ class Snapshot:
     # the part's [row, col] in it. Both None for a whole (unsharded) snapshot.
     global_shape: tuple[int, int] | None = None
     offset: tuple[int, int] | None = None
+    metrics: dict[str, float | int] | None = None  # the trainer's scalars at this iteration (loss, ...)
 
     @property
     def is_part(self) -> bool:
@@ -132,6 +139,30 @@ def _pack(header: dict[str, Any]) -> bytes:
     return msgpack.packb(header, use_bin_type=True)
 
 
+def check_metrics(metrics: Any, limits: Limits = DEFAULT_LIMITS) -> dict[str, float | int] | None:
+    """Return `metrics` if it is a valid trainer-metrics map (None or {} give None), else raise ProtocolError.
+
+    Valid: at most `limits.max_metrics` entries; keys of 1..max_metric_key_chars characters matching
+    METRIC_KEY_RE; values finite floats or ints within +-2**53 (bools are not numbers here).
+    """
+    if metrics is None:
+        return None
+    if type(metrics) is not dict:
+        raise ProtocolError(f"metrics must be a map of name -> number, got {type(metrics).__name__} {_short(metrics)}")
+    if len(metrics) > limits.max_metrics:
+        raise ProtocolError(f"metrics: {len(metrics)} entries exceed max_metrics={limits.max_metrics}")
+    for key, value in metrics.items():
+        if type(key) is not str or not 0 < len(key) <= limits.max_metric_key_chars or not METRIC_KEY_RE.match(key):
+            raise ProtocolError(f"metrics: name {_short(key)} must be 1-{limits.max_metric_key_chars} characters of "
+                                "letters, digits and _ . / - (not starting with . / -)")
+        if type(value) is int:
+            if abs(value) > _METRIC_INT_MAX:
+                raise ProtocolError(f"metrics: {key}={value} is outside +-2**53")
+        elif type(value) is not float or not math.isfinite(value):
+            raise ProtocolError(f"metrics: {key} must be a finite number, got {type(value).__name__} {_short(value)}")
+    return dict(metrics) or None
+
+
 def encode_hello(*, run: str, seq: int, pid: int, host: str, vocab: Sequence[str] | None = None,
                  wandb: dict | None = None, meta: dict | None = None, publisher: str = "",
                  rank: int = 0, world_size: int = 1) -> list[bytes]:
@@ -146,10 +177,11 @@ def encode_hello(*, run: str, seq: int, pid: int, host: str, vocab: Sequence[str
 def encode_snapshot(*, run: str, iter: int, seq: int, name: str, dtype: str, shape: Sequence[int],
                     payload: Any = None, shm: ShmRef | None = None, sent_at: float | None = None,
                     publisher: str = "", global_shape: Sequence[int] | None = None,
-                    offset: Sequence[int] | None = None) -> list[Any]:
+                    offset: Sequence[int] | None = None, metrics: dict[str, float | int] | None = None) -> list[Any]:
     """Frames of a `snapshot`: [header, payload] inline, or [header] when `shm` names the payload.
 
     For one rank's part of a sharded matrix pass `global_shape` and `offset` ([row, col] of the part).
+    `metrics` (optional) must pass `check_metrics`; it raises ProtocolError otherwise.
     """
     if (payload is None) == (shm is None):
         raise ValueError("encode_snapshot needs exactly one of payload= or shm=")
@@ -168,6 +200,9 @@ def encode_snapshot(*, run: str, iter: int, seq: int, name: str, dtype: str, sha
               "sent_at": float(time.time() if sent_at is None else sent_at),
               "shm": None if shm is None else {"segment": shm.segment, "offset": shm.offset,
                                                  "slot_seq": shm.slot_seq}, **part}
+    metrics = check_metrics(metrics)
+    if metrics is not None:  # absent when there are none: older daemons never see the key
+        header["metrics"] = metrics
     return [_pack(header)] if payload is None else [_pack(header), payload]
 
 
@@ -380,7 +415,9 @@ def _decode_snapshot(frames: Sequence[Any], header: _Header, run: str, seq: int,
         if shm.slot_seq % 2:
             raise ProtocolError(f"header: shm.slot_seq={shm.slot_seq} is odd (slot was mid-write)")
     part = _part_geometry(header, dtype, rows, cols)
+    # Optional: absent from older publishers' headers.
+    metrics = check_metrics(header.data.get("metrics"), limits)
     return Snapshot(run=run, iter=header.int_("iter"), seq=seq, name=header.str_("name"), dtype=dtype,
                     shape=(rows, cols), nbytes=nbytes, sent_at=header.float_("sent_at"), payload=payload,
                     shm=shm, publisher=publisher, global_shape=part[0] if part else None,
-                    offset=part[1] if part else None)
+                    offset=part[1] if part else None, metrics=metrics)

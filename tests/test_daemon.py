@@ -201,8 +201,10 @@ def test_sequence_gives_one_line_each_and_wandb_history_on_iteration_axis(
     mats = matrices(4)
     # 300 is published before 200: its result is logged first, 200's arrives later at a lower iteration.
     iters = [100, 300, 200, 400]
+    losses = {100: 4.0, 300: 3.0, 200: 3.5}  # iter 400 publishes no metrics
     for i, (it, w) in enumerate(zip(iters, mats)):
-        assert pub.publish(w, it)
+        metrics = {"train/loss": losses[it], "val/loss": losses[it] + 0.25, "tokens": it * 64} if it in losses else None
+        assert pub.publish(w, it, metrics=metrics)
         d.wait_results("seq-run", i + 1)
     pub.close()
     assert d.wait_exit() == 0
@@ -223,6 +225,10 @@ def test_sequence_gives_one_line_each_and_wandb_history_on_iteration_axis(
         assert len(g["global_sparsity"]["histogram_bins"]) == 101
         assert r["shape"] == [500, 32] and r["dtype"] == "float32" and r["skipped_iters"] == []
         assert r["non_finite"] == {"values": 0, "rows": 0}
+    assert [r["metrics"] for r in results] == [
+        {"train/loss": losses[it], "val/loss": losses[it] + 0.25, "tokens": it * 64} if it in losses else None
+        for it in iters]
+    assert "  [Trainer] train/loss 3, val/loss 3.25, tokens 19200" in d.out_path.read_text()
     assert [r["counters"]["analysed"] for r in results] == [1, 2, 3, 4]
     assert results[-1]["counters"] == {"received": 4, "analysed": 4, "skipped": 0, "rejected": 0}
 
@@ -232,8 +238,9 @@ def test_sequence_gives_one_line_each_and_wandb_history_on_iteration_axis(
     assert (info["project"], info["group"], info["name"], info["job_type"]) == \
         ("emb-test", "grp-1", "seq-run-embeddings", "embedding-analysis")
     assert info["config"]["trainer_wandb_run_id"] == "abc123" and info["config"]["threshold"] == 0.7
-    assert {"name": "", "glob_name": "analysis/*", "step_metric": "analysis/iter"} in \
-        wandb_history.metric_definitions(files[0])
+    definitions = wandb_history.metric_definitions(files[0])
+    for name, glob in (("", "analysis/*"), ("train/loss", ""), ("val/loss", ""), ("tokens", "")):
+        assert {"name": name, "glob_name": glob, "step_metric": "analysis/iter"} in definitions
     rows = wandb_history.history(files[0])
     assert [row["analysis/iter"] for row in rows] == iters  # logged in arrival order, none dropped
     by_iter = {row["analysis/iter"]: row for row in rows}
@@ -247,6 +254,8 @@ def test_sequence_gives_one_line_each_and_wandb_history_on_iteration_axis(
         assert row["analysis/geom_similarity_hist.values"] == r["geometry"]["global_sparsity"]["histogram_counts"]
         assert row["analysis/analysed"] == r["counters"]["analysed"]
         assert row["analysis/seconds"] == pytest.approx(r["seconds"])
+        for key in ("train/loss", "val/loss", "tokens"):  # loss and drift in one run, on one axis
+            assert row.get(key) == (r["metrics"] or {}).get(key)
         if r["drift"] is None:
             assert "analysis/drift_cosine_sim" not in row
         else:

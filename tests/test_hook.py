@@ -325,6 +325,33 @@ def test_only_rank_zero_publishes(tcp_endpoint, monkeypatch):
     assert not forced.publish(torch.ones(2, 2), 0)
 
 
+def test_metrics_travel_with_the_snapshot_and_bad_entries_are_left_out(tcp_endpoint, listeners, caplog):
+    import numpy as np
+
+    listener = listeners(tcp_endpoint)
+    w = torch.randn(16, 8)
+    with EmbeddingPublisher(tcp_endpoint, run="metrics", shared_memory=False) as pub:
+        wait_connected(pub)
+        assert listener.next()["kind"] == "hello"
+        good = {"train/loss": 2.5, "val/loss": np.float32(2.75), "tokens": np.int64(4096), "step": torch.tensor(3),
+                "lr": torch.tensor(0.5, dtype=torch.float64)}
+        bad = {"nan": float("nan"), "flag": True, "bad name!": 1.0, "vec": torch.ones(2), "text": "x"}
+        # the second "nan" is the same problem again: not logged again; a list is not a dict: the
+        # snapshot still goes, without metrics
+        got = []
+        with caplog.at_level(logging.WARNING, logger="embedding_monitor.hook"):
+            for i, metrics in enumerate([None, {**good, **bad}, {"nan": float("nan")}, [1.0]]):
+                assert pub.publish(w, i, metrics=metrics)
+                got.append(listener.next_snapshot())  # one at a time: at most 2 may be in flight
+    assert got[0]["metrics"] is None and got[2]["metrics"] is None and got[3]["metrics"] is None
+    assert got[1]["metrics"] == {"train/loss": 2.5, "val/loss": 2.75, "tokens": 4096, "step": 3, "lr": 0.5}
+    assert pub.metrics_rejected == len(bad) + 2
+    warnings = [r.getMessage() for r in caplog.records if "metric left out" in r.getMessage()]
+    assert len(warnings) == len(bad) + 1, warnings
+    assert any("'vec' is a multi-element tensor; pass a Python number" in m for m in warnings)
+    assert any("nan must be a finite number" in m for m in warnings)
+
+
 def test_bad_inputs_fail_loudly(tcp_endpoint):
     with EmbeddingPublisher(tcp_endpoint, run="bad") as pub:
         with pytest.raises(ValueError, match="2-D floating tensor"):

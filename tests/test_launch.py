@@ -41,6 +41,9 @@ def test_launch_runs_trainer_and_daemon_to_a_results_file(tmp_path, subprocess_e
     assert [r["iter"] for r in records] == [0, 20, 40, 60]
     assert records[0]["drift"] is None
     assert all(r["drift"] is not None and r["prev_iter"] == prev["iter"] for prev, r in zip(records, records[1:]))
+    # train.py's losses travel with each snapshot into the record
+    assert all(set(r["metrics"]) == {"train/loss", "val/loss", "lr"} and 0 < r["metrics"]["val/loss"] < 10
+               for r in records)
     # The daemon's summary blocks reach the terminal and its log file exists for `tail`.
     assert "--- ASYNC ANALYSIS RESULTS FOR ITERATION 60" in proc.stdout
     assert (tmp_path / "runs" / "launch-test" / "daemon.log").read_text().count("analysed in") == 4

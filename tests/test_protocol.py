@@ -105,6 +105,16 @@ def test_hello_and_end_round_trip(pipe):
     assert end == End(run="r", seq=1, final_iter=None, published=3, dropped=2, publisher="pub")
 
 
+def test_metrics_round_trip_and_stay_optional():
+    metrics = {"train/loss": 2.31, "val/loss": 2.4, "step": 7, "lr-0.max_norm": -1e-300, "x" * 64: 2**53}
+    got = decode(snapshot_frames(metrics=metrics))
+    assert got.metrics == metrics and type(got.metrics["step"]) is int
+    assert decode(snapshot_frames()).metrics is None  # an older publisher sends no key at all
+    assert "metrics" not in msgpack.unpackb(snapshot_frames(metrics={})[0])
+    with pytest.raises(ProtocolError, match="must be a finite number"):
+        snapshot_frames(metrics={"loss": float("nan")})  # the sender checks too: nothing invalid goes out
+
+
 def test_shm_snapshot_has_only_a_header():
     ref = ShmRef(segment="emon-123-0123abcd-0-1", offset=64, slot_seq=4)
     frames = encode_snapshot(run="r", iter=1, seq=2, name="wte", dtype="float16", shape=(10, 4), shm=ref)
@@ -151,6 +161,18 @@ MALFORMED = {
     "msgpack ext type": ([msgpack.packb({"v": 1, "x": msgpack.ExtType(5, b"abc")})], "not a valid msgpack map"),
     "non-string map key": ([msgpack.packb({1: 2})], "not a valid msgpack map"),
     "no frames": ([], "expected a non-empty list of frames"),
+    "metrics not a map": (with_header(snapshot_frames(), metrics=[1.0]), "metrics must be a map"),
+    "metric nan": (with_header(snapshot_frames(), metrics={"loss": float("nan")}), "loss must be a finite number"),
+    "metric inf": (with_header(snapshot_frames(), metrics={"loss": float("inf")}), "loss must be a finite number"),
+    "metric bool": (with_header(snapshot_frames(), metrics={"ok": True}), "ok must be a finite number, got bool"),
+    "metric string": (with_header(snapshot_frames(), metrics={"loss": "2.3"}), "loss must be a finite number"),
+    "metric nested": (with_header(snapshot_frames(), metrics={"loss": {"a": 1}}), "loss must be a finite number"),
+    "metric huge int": (with_header(snapshot_frames(), metrics={"n": 2**60}), "n=1152921504606846976 is outside"),
+    "metric name chars": (with_header(snapshot_frames(), metrics={"train loss\n": 1.0}), "must be 1-64 characters"),
+    "metric name slash first": (with_header(snapshot_frames(), metrics={"/etc": 1.0}), "must be 1-64 characters"),
+    "metric name too long": (with_header(snapshot_frames(), metrics={"a" * 65: 1.0}), "must be 1-64 characters"),
+    "too many metrics": (with_header(snapshot_frames(), metrics={f"m{i}": i for i in range(65)}),
+                         "65 entries exceed max_metrics=64"),
 }
 
 

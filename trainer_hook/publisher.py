@@ -2,6 +2,7 @@
 
     publisher = EmbeddingPublisher("tcp://127.0.0.1:5555", run="my-run")
     publisher.publish(raw_model.transformer.wte.weight, iter_num)  # True: handed off, False: dropped
+    publisher.publish(wte, iter_num, metrics={"train/loss": 2.31, "val/loss": 2.40})  # optional scalars
     publisher.close()                                               # also runs at interpreter exit
 
 On the training thread publish() only copies: CPU weights straight into a shared-memory slot (same
@@ -25,8 +26,8 @@ import numpy as np
 import torch
 import zmq
 
-from protocol import (CurveClient, ShmWriter, check_endpoint, check_run_name, connect_publisher, encode_hello,
-                      is_local_endpoint, shm_available, wire_dtype)
+from protocol import (DEFAULT_LIMITS, CurveClient, ProtocolError, ShmWriter, check_endpoint, check_metrics,
+                      check_run_name, connect_publisher, encode_hello, is_local_endpoint, shm_available, wire_dtype)
 
 from .sender import EndJob, Sender, SnapshotJob
 from .staging import EventFactory, StagingPool, cuda_event
@@ -69,6 +70,40 @@ def _copy_into(dst: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, shap
         dst.view(dtype).view(shape).copy_(weight, non_blocking=non_blocking)
 
 
+def clean_metrics(metrics: Any) -> tuple[dict[str, float | int] | None, list[str]]:
+    """The valid entries of a publish's `metrics` as plain numbers, and one line per entry left out.
+
+    Numbers, numpy scalars and one-element CPU tensors are accepted; a CUDA tensor is refused (reading
+    it would wait for the GPU: pass `loss.item()` from your own logging instead). The protocol's
+    limits apply (count, name length and characters, finite values).
+    """
+    if metrics is None:
+        return None, []
+    if not isinstance(metrics, dict):
+        return None, [f"metrics must be a dict of name -> number, got {type(metrics).__name__}"]
+    clean: dict[str, float | int] = {}
+    problems: list[str] = []
+    for key, value in metrics.items():
+        if len(clean) >= DEFAULT_LIMITS.max_metrics:
+            problems.append(f"more than {DEFAULT_LIMITS.max_metrics} metrics: {key!r} and the rest left out")
+            break
+        if isinstance(value, torch.Tensor):
+            if value.is_cuda or value.numel() != 1:
+                problems.append(f"{key!r} is a {'CUDA' if value.is_cuda else 'multi-element'} tensor; pass a "
+                                "Python number (e.g. loss.item())")
+                continue
+            value = value.item()
+        elif hasattr(value, "item") and not isinstance(value, (bool, int, float)):  # numpy scalars
+            value = value.item()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = int(value) if isinstance(value, int) else float(value)
+        try:
+            clean.update(check_metrics({key: value}) or {})
+        except ProtocolError as exc:
+            problems.append(str(exc))
+    return clean or None, problems
+
+
 class EmbeddingPublisher:
     """Sends embedding snapshots to an analysis daemon; never blocks, drops and counts instead."""
 
@@ -95,6 +130,8 @@ class EmbeddingPublisher:
         self._last_iter: int | None = None
         self._dropping = False
         self._last_warning = -_REWARN_AFTER_S
+        self._metric_problems_logged: set[str] = set()
+        self.metrics_rejected = 0  # metric entries left out of publishes (bad name, value or type)
         self._closed = False
         self._pid = os.getpid()
         self._sender: Sender | None = None
@@ -188,11 +225,19 @@ class EmbeddingPublisher:
 
     # ------------------------------------------------------------ publishing
 
-    def publish(self, weight_or_module: Any, iter_num: int) -> bool:
-        """Copy the embedding weight and hand it off; True if handed off, False if dropped. Never blocks."""
+    def publish(self, weight_or_module: Any, iter_num: int, metrics: dict[str, Any] | None = None) -> bool:
+        """Copy the embedding weight and hand it off; True if handed off, False if dropped. Never blocks.
+
+        `metrics`: optional trainer scalars at this iteration (e.g. {"train/loss": 2.31}); the daemon
+        keeps them in the result and logs them on the same iteration axis. Invalid entries are left
+        out, counted in `metrics_rejected` and logged once per distinct problem; the snapshot still goes.
+        """
         if not self.enabled or self._closed or self._sender is None:
             return False
         weight = embedding_weight(weight_or_module)
+        clean, problems = clean_metrics(metrics)
+        if problems:
+            self._metric_problems(problems)
         sender = self._sender
         connect_deadline = None
         if not sender.connected:
@@ -205,7 +250,7 @@ class EmbeddingPublisher:
         nbytes = shape[0] * shape[1] * dtype.itemsize
         self._shm_fallback_check()
         job = SnapshotJob(iter=int(iter_num), name=self.name, dtype=wire_dtype(dtype), shape=shape,
-                          connect_deadline=connect_deadline)
+                          connect_deadline=connect_deadline, metrics=clean)
         try:
             if weight.is_cuda or self._event_factory is not None or not sender.shm_enabled:
                 job.staged = self._pool.acquire(nbytes, pin=weight.is_cuda)
@@ -228,6 +273,13 @@ class EmbeddingPublisher:
             return self._drop("shared memory failed")
         sender.jobs.put(job)
         return True
+
+    def _metric_problems(self, problems: list[str]) -> None:
+        self.metrics_rejected += len(problems)
+        for line in problems:
+            if line not in self._metric_problems_logged and len(self._metric_problems_logged) < 100:
+                self._metric_problems_logged.add(line)
+                log.warning("embedding publisher: metric left out of the snapshot: %s", line)
 
     def _shm_fallback_check(self) -> None:
         # Slots that were only ever reclaimed, never released: the daemon cannot see our /dev/shm

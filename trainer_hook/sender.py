@@ -44,6 +44,7 @@ class SnapshotJob:
     # Set for a publish made while the first connection was still being set up: the sender may wait
     # (on its own thread) until then for the handshake instead of dropping the run's first snapshot.
     connect_deadline: float | None = None
+    metrics: dict[str, float | int] | None = None  # already checked by the publisher (clean_metrics)
 
 
 @dataclass
@@ -153,7 +154,7 @@ class Sender(threading.Thread):
         if self._need_hello and not self._send_hello():
             return self._fail(job, "no analysis daemon connected")
         common = dict(run=self.run_name, iter=job.iter, seq=self._seq, name=job.name, dtype=job.dtype,
-                      shape=job.shape, publisher=self.publisher_id)
+                      shape=job.shape, publisher=self.publisher_id, metrics=job.metrics)
         if job.ref is not None:
             ok = self._send(encode_snapshot(shm=job.ref, **common)) is not False
         else:

@@ -62,6 +62,9 @@ def insight_lines(result: dict[str, Any]) -> list[str]:
 def format_result(result: dict[str, Any]) -> str:
     """The summary block for one result (the seed's format, extended)."""
     lines = [f"--- ASYNC ANALYSIS RESULTS FOR ITERATION {result['iter']} (run {result['run']}) ---"]
+    if result.get("metrics"):  # what the trainer sent with the snapshot: loss beside the drift
+        lines.append("  [Trainer] " + ", ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}"
+                                                for k, v in result["metrics"].items()))
     drift = result.get("drift")
     if drift:
         lines.append(f"  [Drift] vs iter {result['prev_iter']}: Average Cosine Similarity "

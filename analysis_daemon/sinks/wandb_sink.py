@@ -78,6 +78,9 @@ def metrics_for(result: dict[str, Any], wandb: Any) -> dict[str, Any]:
             data["analysis/geom_similarity_hist"] = wandb.Histogram(
                 np_histogram=(np.asarray(counts), np.asarray(bins)))
     data.update(insight_metrics(result, wandb))
+    # The trainer's own scalars, under their own names (e.g. train/loss): one chart can hold loss and drift.
+    for key, value in (result.get("metrics") or {}).items():
+        data.setdefault(key, value)
     for key, value in result["counters"].items():
         data[f"analysis/{key}"] = value
     data["analysis/rejected_total"] = result["daemon_counters"]["rejected"]
@@ -127,6 +130,7 @@ class WandbSink(Sink):
         self._hello: dict[str, dict[str, Any] | None] = {}
         self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=_QUEUE_MAX)
         self._runs: dict[str, Any] = {}  # trainer run -> wandb Run
+        self._defined: dict[str, set[str]] = {}  # trainer run -> trainer metric names given step_metric
         self._failed: set[str] = set()  # trainer runs whose wandb run could not be used
         self._dropped = 0
         self._thread = threading.Thread(target=self._loop, name="wandb-sink", daemon=True)
@@ -216,7 +220,13 @@ class WandbSink(Sink):
         try:
             import wandb
 
-            wb_run.log(metrics_for(result, wandb))
+            data = metrics_for(result, wandb)
+            defined = self._defined.setdefault(run, set())
+            for key in result.get("metrics") or {}:
+                if key not in defined and not key.startswith("analysis/"):
+                    wb_run.define_metric(key, step_metric=STEP_METRIC)  # trainer metrics: iteration axis too
+                    defined.add(key)
+            wb_run.log(data)
         except Exception as exc:
             self._failed.add(run)
             self._runs.pop(run, None)
@@ -234,6 +244,7 @@ class WandbSink(Sink):
 
     def _finish(self, run: str, summary: dict[str, Any] | None) -> None:
         wb_run = self._runs.pop(run, None)
+        self._defined.pop(run, None)
         if wb_run is None:
             return
         try:
