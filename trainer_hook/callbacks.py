@@ -1,0 +1,161 @@
+"""What the framework callbacks share, without importing any framework.
+
+`trainer_hook.hf` and `trainer_hook.lightning` are thin adapters: they find the model, the step and
+the tokenizer in their framework's terms and hand them to a `StepPublisher`, which owns the publisher,
+decides which steps are published (start, every n steps, after evaluation, end; each step once) and
+turns a tokenizer into the vocabulary the daemon names tokens with.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import socket
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+
+from .publisher import EmbeddingPublisher, embedding_weight
+
+log = logging.getLogger("embedding_monitor.hook")
+
+_RUN_UNSAFE = re.compile(r"[/\\\x00-\x1f\x7f]+")  # what protocol.check_run_name refuses
+_MAX_RUN_CHARS = 200
+
+
+def check_every_n_steps(every_n_steps: int | None) -> int | None:
+    """`every_n_steps` if it is None or a positive int, else a ValueError that says what to pass."""
+    if every_n_steps is None:
+        return None
+    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+        raise ValueError(f"every_n_steps must be a positive integer or None, got {every_n_steps!r}")
+    return every_n_steps
+
+
+def safe_run_name(name: str) -> str:
+    """`name` made usable as a daemon run name: path separators and control characters become '-'."""
+    cleaned = _RUN_UNSAFE.sub("-", str(name)).strip("-")[:_MAX_RUN_CHARS]
+    return cleaned if cleaned not in ("", ".", "..") else "run"
+
+
+def generated_run_name(prefix: str) -> str:
+    """A run name the same on every rank of one job (torchrun's variables), else host, pid and time."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        job = "|".join(os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"))
+        return f"{prefix}-{time.strftime('%Y%m%d')}-{hashlib.sha256(job.encode()).hexdigest()[:8]}"
+    return f"{prefix}-{socket.gethostname()}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+def active_wandb_info() -> dict[str, Any] | None:
+    """Project, group, id and name of this process's active wandb run (None without one), for the hello."""
+    wandb = sys.modules.get("wandb")  # never import wandb for this: no run can be active if it is not loaded
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    return wandb_info_of(run)
+
+
+def wandb_info_of(run: Any) -> dict[str, Any] | None:
+    """The hello's wandb info for a wandb Run object (None for None or a disabled run)."""
+    if run is None or getattr(run, "disabled", False) or not getattr(run, "id", None):
+        return None
+    info: dict[str, Any] = {"project": run.project, "run_id": run.id, "run_name": run.name,
+                            "mode": "offline" if getattr(run, "offline", False) else "online"}
+    if getattr(run, "group", None):  # else the daemon groups its run under the trainer's run id
+        info["group"] = run.group
+    if getattr(run, "entity", None):
+        info["entity"] = run.entity
+    return info
+
+
+def vocab_of(tokenizer: Any, rows: int | None = None) -> list[str] | None:
+    """Token strings by id (ids the tokenizer lacks are ''), from a tokenizer or a processor holding one."""
+    if tokenizer is None:
+        return None
+    if not hasattr(tokenizer, "get_vocab") and hasattr(tokenizer, "tokenizer"):
+        tokenizer = tokenizer.tokenizer  # a multimodal processor wraps the tokenizer
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    if get_vocab is None:
+        return None
+    try:
+        by_token = get_vocab()
+    except Exception as exc:  # noqa: BLE001 - some processors raise NotImplementedError; a vocabulary is optional
+        log.info("embedding monitor: no vocabulary from %s (%s); reports will show token ids", type(tokenizer).__name__, exc)
+        return None
+    size = max((i for i in by_token.values() if isinstance(i, int) and i >= 0), default=-1) + 1
+    if rows is not None:
+        size = min(size, rows)  # ids past the embedding's rows name nothing
+    vocab = [""] * size
+    for token, i in by_token.items():
+        if isinstance(i, int) and 0 <= i < size:
+            vocab[i] = str(token)
+    return vocab
+
+
+def _is_unmerged_lora(module: Any) -> bool:
+    return (hasattr(module, "lora_embedding_A") and hasattr(module, "get_delta_weight")
+            and not getattr(module, "merged", True) and not getattr(module, "disable_adapters", False))
+
+
+def effective_weight(module: Any) -> torch.Tensor:
+    """The (V, d) embedding the model computes with: for a PEFT LoRA-adapted embedding, base + active deltas."""
+    weight = embedding_weight(module)
+    if not _is_unmerged_lora(module):
+        return weight
+    adapters = [a for a in module.active_adapters if a in module.lora_embedding_A]
+    if any(getattr(module, "use_dora", {}).get(a) for a in adapters):
+        log.warning("embedding monitor: DoRA-adapted embedding; publishing its base weight only")
+        return weight
+    with torch.no_grad():
+        for adapter in adapters:
+            weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+    return weight
+
+
+class StepPublisher:
+    """One EmbeddingPublisher per training: publishes the chosen steps, each step once."""
+
+    def __init__(self, endpoint: str, every_n_steps: int | None, publisher_options: dict[str, Any]) -> None:
+        self.endpoint = endpoint
+        self.every_n_steps = check_every_n_steps(every_n_steps)
+        self.options = dict(publisher_options)
+        self.publisher: EmbeddingPublisher | None = None
+        self._last_step: int | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether a training is running (between start and close)."""
+        return self.publisher is not None
+
+    def start(self, run: str, vocab: list[str] | None, wandb_info: dict[str, Any] | None,
+              meta: dict[str, Any]) -> EmbeddingPublisher:
+        """Create the publisher for a new training (closing a previous one)."""
+        self.close()
+        options = dict(self.options)
+        options.setdefault("vocab", vocab)
+        options.setdefault("wandb_info", wandb_info)
+        options["meta"] = {**meta, **(options.get("meta") or {})}
+        self.publisher = EmbeddingPublisher(self.endpoint, run=safe_run_name(run), **options)
+        self._last_step = None
+        log.info("embedding monitor: run %s publishing to %s (every_n_steps=%s)", self.publisher.run,
+                 self.endpoint, self.every_n_steps)
+        return self.publisher
+
+    def due(self, step: int) -> bool:
+        """Whether `step` is one of the every-n-steps steps."""
+        return self.every_n_steps is not None and step % self.every_n_steps == 0
+
+    def publish(self, embedding: Callable[[], Any], step: int) -> bool:
+        """Publish the embedding at `step` unless this step was already published; True if handed off."""
+        if self.publisher is None or step == self._last_step:
+            return False
+        self._last_step = step  # also on a drop: the same weights are not worth a second try
+        return self.publisher.publish(effective_weight(embedding()), step)
+
+    def close(self) -> None:
+        """Close the publisher (sends `end`); safe to call when none is open."""
+        publisher, self.publisher = self.publisher, None
+        if publisher is not None:
+            publisher.close()
