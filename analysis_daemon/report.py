@@ -1,7 +1,8 @@
-"""`analysis-daemon report`: one self-contained HTML page from a run's results file.
+"""`analysis-daemon report`: one self-contained HTML page from one or several runs' results files.
 
     analysis-daemon report runs/my-run                  (writes runs/my-run/report.html)
     analysis-daemon report runs/my-run/analysis.jsonl -o /tmp/my-run.html
+    analysis-daemon report runs/lr-3e-4 runs/lr-1e-3    (one page, the runs on shared axes: runs/compare.html)
 
 The page needs no network and no JavaScript: the plots are inline SVG drawn by report_svg. Lines of the
 results file that are not a JSON object with an integer `iter` (a crash mid-write, hand edits) are
@@ -13,13 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
-from .report_svg import Chart, Heatmap, Series, esc, fmt, heatmap, line_chart
+from .report_records import Page, Results, RunView, get as _get, integer as _int, lst as _list, note as _note
+from .report_records import MAX_SKIPPED_READ, num as _num, run_view, token_html as _token
+from .report_records import vocabulary as _vocabulary, with_breaks
+from .report_galaxy import galaxy_section
+from .report_history import history_section
+from .report_svg import PALETTE, Chart, Heatmap, Series, esc, fmt, heatmap, line_chart
 
 RESULTS_NAME = "analysis.jsonl"
 REPORT_NAME = "report.html"
@@ -28,52 +34,15 @@ PROBE_HISTORY_NEIGHBOURS = 5
 ALERT_ROWS = 50  # alerts listed in full up to this many; beyond, the first and last halves
 MAX_MARKERS = 100  # alert marks drawn on each chart
 TOKEN_TABLE_ROWS = 20  # rows of each most/least drifted table (the daemon's --top-k may list more)
+COMPARE_NAME = "compare.html"
+MAX_RUNS = len(PALETTE)  # one colour per run, and a legend that stays readable
+MAX_METRIC_NAMES = 32  # trainer metric names read from the records (a hostile trainer may send many)
+MAX_METRIC_CHARTS = 6  # charts of non-loss metrics; the other names are listed
+METRIC_DASHES = ("", "6 3", "2 2", "8 3 2 3", "1 3", "10 4")  # tells a run's metrics apart in multi-run charts
 
 
 class ReportError(Exception):
     """A problem the user can fix (missing file, nothing to report); shown as one `Error:` line."""
-
-
-@dataclass
-class Results:
-    """The usable records of a results file, one per iteration, in iteration order."""
-
-    path: Path
-    records: list[dict[str, Any]]
-    skipped_lines: int = 0
-    skip_reasons: list[str] = field(default_factory=list)  # the first few, for the page
-    duplicates: int = 0
-    other_runs: list[str] = field(default_factory=list)
-
-
-def _get(obj: Any, *keys: str | int) -> Any:
-    for k in keys:
-        if isinstance(k, int):
-            if not isinstance(obj, list) or not -len(obj) <= k < len(obj):
-                return None
-        elif not isinstance(obj, dict):
-            return None
-        obj = obj[k] if isinstance(k, int) else obj.get(k)
-    return obj
-
-
-def _num(obj: Any, *keys: str | int) -> float | None:
-    """A finite number at obj[keys...], else None (wrong type, missing, NaN: all the same to a plot)."""
-    v = _get(obj, *keys)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        return None
-    return float(v)
-
-
-def _int(obj: Any, *keys: str | int) -> int | None:
-    v = _get(obj, *keys)
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-
-def _list(obj: Any, *keys: str | int) -> list[Any]:
-    """The list at obj[keys...], else an empty list."""
-    v = _get(obj, *keys)
-    return v if isinstance(v, list) else []
 
 
 def resolve_results_path(arg: Path) -> Path:
@@ -141,49 +110,38 @@ def load_results(path: Path, run: str | None = None) -> Results:
 
 # ----------------------------------------------------------------------------------------------- sections
 
-def _vocabulary(records: list[dict[str, Any]]) -> dict[int, str]:
-    """Token id -> string from everything the records name (drift lists, probes)."""
-    vocab: dict[int, str] = {}
-    for r in records:
-        for which in ("most", "least"):
-            ids = _get(r, "drift", f"{which}_drifted_tokens")
-            strings = _get(r, "drift", f"{which}_drifted_token_strings")
-            if isinstance(ids, list) and isinstance(strings, list):
-                for pair, s in zip(ids, strings):
-                    tid = _int(pair, 0)
-                    if tid is not None and isinstance(s, str):
-                        vocab[tid] = s
-        for p in _list(r, "insight", "probes"):
-            if _int(p, "token_id") is not None and isinstance(_get(p, "token"), str):
-                vocab[p["token_id"]] = p["token"]
-            for n in _list(p, "neighbours"):
-                if _int(n, 0) is not None and isinstance(_get(n, 1), str):
-                    vocab[n[0]] = n[1]
-    return vocab
-
-
-def _token(tid: Any, vocab: dict[int, str], string: Any = None) -> str:
-    """Escaped display of a token: its string in quotes and its id, or the id alone."""
-    s = string if isinstance(string, str) else vocab.get(tid) if isinstance(tid, int) else None
-    ident = esc(tid) if isinstance(tid, int) and not isinstance(tid, bool) else "?"
-    return f'<span class="tok">{esc(repr(s))}</span> <span class="id">#{ident}</span>' if s is not None \
-        else f'<span class="id">#{ident}</span>'
-
-
 def _alerts(records: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
     return [(r["iter"], a) for r in records for a in _list(r, "alerts") if isinstance(a, dict)]
 
 
-def _series(records: list[dict[str, Any]], label: str, *keys: str, **kw: Any) -> Series:
-    return Series(label, [r["iter"] for r in records], [_num(r, *keys) for r in records], **kw)
+def _run_series(page: Page, label: str, getter: Callable[[dict[str, Any]], float | None], *,
+                band: tuple[Callable[[dict[str, Any]], float | None], Callable[[dict[str, Any]], float | None]]
+                | None = None, dash: str = "", **kw: Any) -> list[Series]:
+    """One series per run (coloured by run when there are several), split at the run's gaps."""
+    out = []
+    for view in page.runs:
+        recs = view.records
+        cols = [[getter(r) for r in recs]]
+        if band is not None:
+            cols += [[band[0](r) for r in recs], [band[1](r) for r in recs]]
+        xs, ys, *bands = with_breaks(view, [r["iter"] for r in recs], *cols)
+        out.append(Series(label, xs, ys, *(bands or (None, None)), colour=view.colour if page.multi else "",
+                          group=view.label if page.multi else "", dash=dash, **kw))
+    return out
 
 
-def _has(records: list[dict[str, Any]], *keys: str) -> bool:
-    return any(_num(r, *keys) is not None for r in records)
+def _at(*keys: str) -> Callable[[dict[str, Any]], float | None]:
+    return lambda r: _num(r, *keys)
 
 
-def _note(text: str) -> str:
-    return f'<p class="note">{esc(text)}</p>'
+def _has(page: Page, *keys: str) -> bool:
+    return any(_num(r, *keys) is not None for v in page.runs for r in v.records)
+
+
+def _chart(page: Page, title: str, y_label: str, series: list[Series], width: int = 560) -> Chart:
+    """A chart on the page's shared iteration axis, with every run's gaps and skipped iterations marked."""
+    return Chart(title, y_label, series, markers=page.markers, x_range=page.x_range, width=width,
+                 gaps=[g for v in page.runs for g in v.gaps], skips=[k for v in page.runs for k in v.skips])
 
 
 def _charts(specs: Iterable[tuple[bool, str, str]]) -> str:
@@ -194,97 +152,183 @@ def _charts(specs: Iterable[tuple[bool, str, str]]) -> str:
     return '<div class="row">' + "".join(out) + "</div>"
 
 
-def header_section(res: Results) -> str:
-    """Run, iterations covered, counters, skipped iterations, malformed lines."""
-    recs = res.records
-    last = recs[-1]
-    iters = [r["iter"] for r in recs]
-    skipped = sorted({i for r in recs for i in _list(r, "skipped_iters") if isinstance(i, int)})
-    rows = [("Run", esc(last.get("run", "?"))),
-            ("Results file", esc(res.path)),
-            ("Results", f"{len(recs)} (iterations {iters[0]} to {iters[-1]})"),
-            ("Iterations", esc(", ".join(map(str, iters)) if len(iters) <= 40
-                               else ", ".join(map(str, iters[:20])) + ", ..., " + ", ".join(map(str, iters[-5:]))))]
-    shape = _get(last, "shape")
-    if isinstance(shape, list):
-        rows.append(("Embedding", f"{esc(' x '.join(map(str, shape)))} {esc(last.get('dtype', ''))} "
-                                  f"(tensor {esc(last.get('name', '?'))})"))
-    for key, label in (("counters", "Run counters"), ("daemon_counters", "Daemon counters")):
-        c = _get(last, key)
-        if isinstance(c, dict):
-            rows.append((label, ", ".join(f"{esc(k)} {esc(v)}" for k, v in c.items())))
-    rows.append(("Skipped iterations", esc(", ".join(map(str, skipped))) if skipped
-                 else "none (every snapshot received was analysed)"))
-    total = sum(_num(r, "seconds") or 0.0 for r in recs)
-    rows.append(("Analysis time", f"{fmt(total, 2)} s in total, {fmt(total / len(recs), 3)} s per result"))
-    bad = f"{res.skipped_lines} malformed line(s) skipped"
-    if res.skip_reasons:
-        bad += ": " + esc("; ".join(res.skip_reasons)) + (" ..." if res.skipped_lines > len(res.skip_reasons) else "")
-    if res.duplicates:
-        bad += f"; {res.duplicates} repeated iteration(s), the newest line kept"
-    if res.other_runs:
-        bad += f"; other runs in the file left out: {esc(', '.join(res.other_runs))}"
-    rows.append(("Input", bad))
-    body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
-    return f'<section id="summary"><table class="kv">{body}</table></section>'
+def _run_heading(page: Page, view: RunView) -> str:
+    """A run's name with its colour swatch (several runs), else nothing."""
+    return (f'<h3 class="run"><span class="swatch" style="background:{view.colour}"></span>{esc(view.label)}</h3>'
+            if page.multi else "")
 
 
-def alerts_section(records: list[dict[str, Any]]) -> str:
-    """Every alert the daemon raised, in iteration order."""
-    alerts = _alerts(records)
+def header_section(page: Page) -> str:
+    """Per run: iterations covered, counters, skipped iterations, malformed lines."""
+    tables = []
+    for view in page.runs:
+        res = view.res
+        recs = res.records
+        last = recs[-1]
+        iters = [r["iter"] for r in recs]
+        skipped = sorted({i for r in recs for i in _list(r, "skipped_iters")[:MAX_SKIPPED_READ]
+                          if isinstance(i, int) and not isinstance(i, bool)})
+        rows = [("Run", esc(last.get("run", "?"))),
+                ("Results file", esc(res.path)),
+                ("Results", f"{len(recs)} (iterations {iters[0]} to {iters[-1]})"),
+                ("Iterations", esc(", ".join(map(str, iters)) if len(iters) <= 40
+                                   else ", ".join(map(str, iters[:20])) + ", ..., " + ", ".join(map(str, iters[-5:]))))]
+        shape = _get(last, "shape")
+        if isinstance(shape, list):
+            rows.append(("Embedding", f"{esc(' x '.join(map(str, shape)))} {esc(last.get('dtype', ''))} "
+                                      f"(tensor {esc(last.get('name', '?'))})"))
+        for key, label in (("counters", "Run counters"), ("daemon_counters", "Daemon counters")):
+            c = _get(last, key)
+            if isinstance(c, dict):
+                rows.append((label, ", ".join(f"{esc(k)} {esc(v)}" for k, v in c.items())))
+        shown = ", ".join(map(str, skipped[:100])) + (f", ... ({len(skipped)} in all)" if len(skipped) > 100 else "")
+        rows.append(("Skipped iterations", esc(shown) + " (marked with a triangle on every chart)" if skipped
+                     else "none (every snapshot received was analysed)"))
+        missing = [g for g in view.gaps if g[2].endswith(f"iter {g[1]}")]
+        if missing:
+            rows.append(("Gaps", f"{len(missing)} interval(s) much longer than the usual {fmt(view.step, 0)} "
+                                 "iterations (hatched on every chart): " + esc(", ".join(
+                                     f"{int(a)} to {int(b)}" for a, b, _, _ in missing[:20]))))
+        total = sum(_num(r, "seconds") or 0.0 for r in recs)
+        rows.append(("Analysis time", f"{fmt(total, 2)} s in total, {fmt(total / len(recs), 3)} s per result"))
+        bad = f"{res.skipped_lines} malformed line(s) skipped"
+        if res.skip_reasons:
+            bad += ": " + esc("; ".join(res.skip_reasons)) + (" ..." if res.skipped_lines > len(res.skip_reasons)
+                                                               else "")
+        if res.duplicates:
+            bad += f"; {res.duplicates} repeated iteration(s), the newest line kept"
+        if res.other_runs:
+            bad += f"; other runs in the file left out: {esc(', '.join(res.other_runs))}"
+        rows.append(("Input", bad))
+        body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
+        tables.append(f'<div class="tbl">{_run_heading(page, view)}<table class="kv">{body}</table></div>')
+    return f'<section id="summary">{"".join(tables)}</section>'
+
+
+def alerts_section(page: Page) -> str:
+    """Every alert the daemon raised, in iteration order (run by run)."""
+    alerts = [(v, it, a) for v in page.runs for it, a in _alerts(v.records)]
     if not alerts:
         return ('<section id="alerts"><h2>Alerts</h2>' + _note("No alerts in these results "
                 "(none raised, or the daemon that wrote them does not raise alerts).") + "</section>")
     shown = alerts if len(alerts) <= ALERT_ROWS else alerts[:ALERT_ROWS // 2] + [None] + alerts[-ALERT_ROWS // 2:]
-    rows = "".join(f'<tr><td colspan="6">... {len(alerts) - ALERT_ROWS} more ...</td></tr>' if x is None else
-                   f'<tr><td>{x[0]}</td><td class="alert">{esc(x[1].get("kind", "?"))}</td>'
-                   f'<td>{esc(x[1].get("message", ""))}</td><td>{esc(x[1].get("metric", ""))}</td>'
-                   f'<td>{fmt(_num(x[1], "value"))}</td><td>{fmt(_num(x[1], "bound"))}</td></tr>' for x in shown)
-    marks = len({it for it, _ in alerts})
+    run_th = "<th>run</th>" if page.multi else ""
+    rows = "".join(f'<tr><td colspan="7">... {len(alerts) - ALERT_ROWS} more ...</td></tr>' if x is None else
+                   "<tr>" + (f"<td>{esc(x[0].label)}</td>" if page.multi else "")
+                   + f'<td>{x[1]}</td><td class="alert">{esc(x[2].get("kind", "?"))}</td>'
+                   f'<td>{esc(x[2].get("message", ""))}</td><td>{esc(x[2].get("metric", ""))}</td>'
+                   f'<td>{fmt(_num(x[2], "value"))}</td><td>{fmt(_num(x[2], "bound"))}</td></tr>' for x in shown)
+    marks = len({(v.label, it) for v, it, _ in alerts})
     note = _note(f"The charts mark the first {MAX_MARKERS} of the {marks} iterations with alerts.") \
         if marks > MAX_MARKERS else ""
-    return (f'<section id="alerts"><h2>Alerts ({len(alerts)})</h2>{note}<table><tr><th>iter</th><th>kind</th>'
+    return (f'<section id="alerts"><h2>Alerts ({len(alerts)})</h2>{note}<table><tr>{run_th}<th>iter</th><th>kind</th>'
             f'<th>message</th><th>metric</th><th>value</th><th>bound</th></tr>{rows}</table></section>')
 
 
-def drift_section(records: list[dict[str, Any]], markers: list[tuple[float, str]]) -> str:
+def _metric_names(page: Page) -> list[str]:
+    """Trainer metric names in the records (first seen first), at most MAX_METRIC_NAMES."""
+    names: dict[str, None] = {}
+    for v in page.runs:
+        for r in v.records:
+            m = r.get("metrics")
+            if isinstance(m, dict):
+                for k, val in m.items():
+                    if len(names) >= MAX_METRIC_NAMES:
+                        return list(names)
+                    if isinstance(k, str) and _num(m, k) is not None:
+                        names.setdefault(k, None)
+    return list(names)
+
+
+def _short(name: str, width: int = 48) -> str:
+    return name if len(name) <= width else name[:width] + "..."
+
+
+def metrics_section(page: Page) -> str:
+    """The trainer's own metrics (loss first) on the iteration axis, above drift and neighbourhood size."""
+    names = _metric_names(page)
+    head = '<section id="metrics"><h2>Training loss beside drift</h2>'
+    if not names:
+        return head + _note("No trainer metrics in these results: the trainer passes them with "
+                            "publish(weight, iter, metrics={'train/loss': ...}) (train.py sends its losses).") \
+            + "</section>"
+    losses = [n for n in names if "loss" in n.lower()][:len(METRIC_DASHES)]
+    others = [n for n in names if n not in losses]
+
+    def series(name: str, k: int) -> list[Series]:
+        return _run_series(page, _short(name), lambda r: _num(r, "metrics", name),
+                           dash=METRIC_DASHES[k % len(METRIC_DASHES)] if page.multi else "")
+
+    charts = []
+    if losses:
+        charts.append((True, line_chart(_chart(page, "Trainer loss", "loss", [
+            s for k, n in enumerate(losses) for s in series(n, k)])), ""))
+    for n in others[:MAX_METRIC_CHARTS]:
+        charts.append((True, line_chart(_chart(page, f"Trainer metric: {_short(n, 60)}", _short(n, 30),
+                                               series(n, 0))), ""))
+    rest = others[MAX_METRIC_CHARTS:]
+    left = _note(f"{len(rest)} more metric(s) not plotted: {', '.join(_short(n, 30) for n in rest[:20])}") \
+        if rest else ""
+    return (head + "<p>What the trainer passed with each snapshot (its losses first), on the same iteration axis "
+            "as the drift and the neighbourhood size below, so a loss spike and an embedding jump line up.</p>"
+            + _charts(charts) + left + "</section>")
+
+
+def drift_section(page: Page) -> str:
     """Average cosine and euclidean drift against the previous snapshot."""
-    d = [r for r in records if isinstance(r.get("drift"), dict)]
-    cos = Chart("Drift: average cosine similarity (1 = no movement)", "cosine",
-                [_series(d, "avg cosine", "drift", "average_cosine_similarity")], markers=markers)
-    euc = Chart("Drift: average euclidean distance", "distance",
-                [_series(d, "avg euclidean", "drift", "average_euclidean_distance")], markers=markers)
+    cos = _chart(page, "Drift: average cosine similarity (1 = no movement)", "cosine",
+                 _run_series(page, "avg cosine", _at("drift", "average_cosine_similarity")))
+    euc = _chart(page, "Drift: average euclidean distance", "distance",
+                 _run_series(page, "avg euclidean", _at("drift", "average_euclidean_distance")))
     why = "no drift in these results (drift needs two snapshots of the same shape)"
     return ('<section id="drift"><h2>Semantic drift</h2><p>Each point compares a snapshot with the previous one '
             'after the best rotation (Orthogonal Procrustes), so a rotation of the whole space is not drift.</p>'
-            + _charts([(_has(d, "drift", "average_cosine_similarity"), line_chart(cos), why),
-                       (_has(d, "drift", "average_euclidean_distance"), line_chart(euc), why)]) + "</section>")
+            + _charts([(_has(page, "drift", "average_cosine_similarity"), line_chart(cos), why),
+                       (_has(page, "drift", "average_euclidean_distance"), line_chart(euc), why)]) + "</section>")
 
 
-def geometry_section(records: list[dict[str, Any]], markers: list[tuple[float, str]]) -> str:
+def _threshold(records: list[dict[str, Any]]) -> float | None:
+    return next((t for r in reversed(records) if (t := _num(r, "geometry", "local_density", "threshold"))
+                 is not None), None)
+
+
+def geometry_section(page: Page) -> str:
     """Neighbourhood size, mean similarity with its std band, and the similarity histogram heatmap."""
-    thr = next((t for r in reversed(records) if (t := _num(r, "geometry", "local_density", "threshold")) is not None),
-               None)
-    nb = Chart(f"Average neighbourhood size (cosine > {fmt(thr, 2)})", "tokens",
-               [_series(records, "avg neighbours", "geometry", "local_density", "average_neighborhood_size",
-                        digits=3)], markers=markers)
-    means = [_num(r, "geometry", "global_sparsity", "mean_similarity") for r in records]
-    stds = [_num(r, "geometry", "global_sparsity", "std_similarity") for r in records]
+    thr = _threshold([r for v in page.runs for r in v.records])
+    nb = _chart(page, f"Average neighbourhood size (cosine > {fmt(thr, 2)})", "tokens",
+                _run_series(page, "avg neighbours", _at("geometry", "local_density", "average_neighborhood_size"),
+                            digits=3))
+
+    def mean(r: dict[str, Any]) -> float | None:
+        return _num(r, "geometry", "global_sparsity", "mean_similarity")
+
+    def std(r: dict[str, Any]) -> float | None:
+        return _num(r, "geometry", "global_sparsity", "std_similarity")
+
     # the band is clipped to [-1, 1]: cosines live there even when mean + std does not
-    band_lo = [max(m - s, -1.0) if m is not None and s is not None else None for m, s in zip(means, stds)]
-    band_hi = [min(m + s, 1.0) if m is not None and s is not None else None for m, s in zip(means, stds)]
-    ms = Chart("Mean pairwise cosine similarity", "cosine",
-               [Series("mean", [r["iter"] for r in records], means, band_lo, band_hi, band_label="band: +/- std")],
-               markers=markers)
+    def lo(r: dict[str, Any]) -> float | None:
+        m, s = mean(r), std(r)
+        return max(m - s, -1.0) if m is not None and s is not None else None
+
+    def hi(r: dict[str, Any]) -> float | None:
+        m, s = mean(r), std(r)
+        return min(m + s, 1.0) if m is not None and s is not None else None
+
+    ms = _chart(page, "Mean pairwise cosine similarity", "cosine",
+                _run_series(page, "mean", mean, band=(lo, hi), band_label="band: +/- std"))
     parts = ['<section id="geometry"><h2>Geometry: local density and global sparsity</h2>',
-             _charts([(_has(records, "geometry", "local_density", "average_neighborhood_size"), line_chart(nb),
+             _charts([(_has(page, "geometry", "local_density", "average_neighborhood_size"), line_chart(nb),
                        "no neighbourhood sizes in these results"),
-                      (any(m is not None for m in means), line_chart(ms), "no mean similarity in these results")]),
-             _histogram_heatmap(records, thr), "</section>"]
+                      (_has(page, "geometry", "global_sparsity", "mean_similarity"), line_chart(ms),
+                       "no mean similarity in these results")])]
+    for view in page.runs:
+        parts.append(_run_heading(page, view) + _histogram_heatmap(page, view, _threshold(view.records)))
+    parts.append("</section>")
     return "".join(parts)
 
 
-def _histogram_heatmap(records: list[dict[str, Any]], threshold: float | None) -> str:
+def _histogram_heatmap(page: Page, view: RunView, threshold: float | None) -> str:
+    records = view.records
     edges: list[float] | None = None
     for r in reversed(records):
         e = _get(r, "geometry", "global_sparsity", "histogram_bins")
@@ -309,45 +353,46 @@ def _histogram_heatmap(records: list[dict[str, Any]], threshold: float | None) -
     if not cols:
         return _note("Similarity histogram: no usable histogram counts, heatmap omitted.")
     hm = Heatmap("Similarity histogram over time (colour = fraction of pairs, log scale)", cols, labels, edges,
-                 hlines=[(threshold, f"neighbour threshold {threshold:g}")] if threshold is not None else ())
+                 hlines=[(threshold, f"neighbour threshold {threshold:g}")] if threshold is not None else (),
+                 step=view.step, x_range=page.x_range, gaps=view.gaps, skips=view.skips)
     note = _note(f"{dropped} result(s) with a histogram of another shape left out.") if dropped else ""
-    return (f'<div class="fig wide">{heatmap(hm)}</div><p>Each column is one result; each row one of the '
-            f'{nbin} similarity bins from {edges[0]:g} to {edges[-1]:g}. Collapse shows as the mass moving up '
-            f'towards 1; healthy galaxies as a bright band near 0 with a tail above the threshold.</p>' + note)
+    return (f'<div class="fig wide">{heatmap(hm)}</div><p>Each column is one result, at its iteration (gaps stay '
+            f'white and hatched); each row one of the {nbin} similarity bins from {edges[0]:g} to {edges[-1]:g}. '
+            'Collapse shows as the mass moving up towards 1; healthy galaxies as a bright band near 0 with a tail '
+            'above the threshold.</p>' + note)
 
 
-def insight_section(records: list[dict[str, Any]], markers: list[tuple[float, str]]) -> str:
+def insight_section(page: Page) -> str:
     """Effective rank, isotropy, row norms, frozen tokens and neighbourhood drift over iterations."""
-    if not any(isinstance(r.get("insight"), dict) for r in records):
+    if not any(isinstance(r.get("insight"), dict) for v in page.runs for r in v.records):
         return ('<section id="insight"><h2>Effective rank, isotropy, norms</h2>'
                 + _note("No 'insight' metrics in these results (written by an older daemon): effective rank, "
                         "isotropy, row norms, frozen tokens and neighbourhood drift are omitted.") + "</section>")
-    it = [r["iter"] for r in records]
-    er = Chart("Effective rank (RankMe)", "effective rank",
-               [_series(records, "effective rank", "insight", "effective_rank", digits=2)], markers=markers)
-    iso = Chart("Isotropy", "value", [_series(records, "partition ratio (1 = isotropic)", "insight", "isotropy",
-                                              "partition_ratio"),
-                                      _series(records, "|mean unit vector| (0 = no cone)", "insight", "isotropy",
-                                              "mean_unit_vector_norm")], markers=markers)
-    norms = Chart("Row norms", "L2 norm", [Series(
-        "mean", it, [_num(r, "insight", "row_norms", "mean") for r in records],
-        [_num(r, "insight", "row_norms", "min") for r in records],
-        [_num(r, "insight", "row_norms", "max") for r in records], band_label="band: min to max")],
-        markers=markers)
-    frozen = Chart("Frozen tokens (rows unchanged since the previous snapshot)", "tokens",
-                   [_series(records, "frozen", "insight", "frozen_tokens", "count", digits=0)], markers=markers)
-    k = next((v for r in reversed(records) if (v := _int(r, "insight", "neighbourhood_drift", "k")) is not None), None)
-    nd = Chart(f"Neighbourhood drift: mean overlap of the {k or 'k'} nearest neighbours", "overlap",
-               [_series(records, "mean overlap", "insight", "neighbourhood_drift", "mean_overlap")], markers=markers)
+    er = _chart(page, "Effective rank (RankMe)", "effective rank",
+                _run_series(page, "effective rank", _at("insight", "effective_rank"), digits=2))
+    iso = _chart(page, "Isotropy", "value",
+                 _run_series(page, "partition ratio (1 = isotropic)", _at("insight", "isotropy", "partition_ratio"))
+                 + _run_series(page, "|mean unit vector| (0 = no cone)",
+                               _at("insight", "isotropy", "mean_unit_vector_norm"),
+                               dash=METRIC_DASHES[1] if page.multi else ""))
+    norms = _chart(page, "Row norms", "L2 norm", _run_series(
+        page, "mean", _at("insight", "row_norms", "mean"),
+        band=(_at("insight", "row_norms", "min"), _at("insight", "row_norms", "max")), band_label="band: min to max"))
+    frozen = _chart(page, "Frozen tokens (rows unchanged since the previous snapshot)", "tokens",
+                    _run_series(page, "frozen", _at("insight", "frozen_tokens", "count"), digits=0))
+    k = next((v for view in page.runs for r in reversed(view.records)
+              if (v := _int(r, "insight", "neighbourhood_drift", "k")) is not None), None)
+    nd = _chart(page, f"Neighbourhood drift: mean overlap of the {k or 'k'} nearest neighbours", "overlap",
+                _run_series(page, "mean overlap", _at("insight", "neighbourhood_drift", "mean_overlap")))
     return ('<section id="insight"><h2>Effective rank, isotropy, norms</h2>' + _charts([
-        (_has(records, "insight", "effective_rank"), line_chart(er), "no effective rank in these results"),
-        (_has(records, "insight", "isotropy", "partition_ratio")
-         or _has(records, "insight", "isotropy", "mean_unit_vector_norm"), line_chart(iso),
+        (_has(page, "insight", "effective_rank"), line_chart(er), "no effective rank in these results"),
+        (_has(page, "insight", "isotropy", "partition_ratio")
+         or _has(page, "insight", "isotropy", "mean_unit_vector_norm"), line_chart(iso),
          "no isotropy in these results"),
-        (_has(records, "insight", "row_norms", "mean"), line_chart(norms), "no row norms in these results"),
-        (_has(records, "insight", "frozen_tokens", "count"), line_chart(frozen),
+        (_has(page, "insight", "row_norms", "mean"), line_chart(norms), "no row norms in these results"),
+        (_has(page, "insight", "frozen_tokens", "count"), line_chart(frozen),
          "no frozen-token counts (first snapshot only, or not measured)"),
-        (_has(records, "insight", "neighbourhood_drift", "mean_overlap"), line_chart(nd),
+        (_has(page, "insight", "neighbourhood_drift", "mean_overlap"), line_chart(nd),
          "no neighbourhood drift (needs two snapshots)")]) + "</section>")
 
 
@@ -366,15 +411,15 @@ def _pairs_table(title: str, pairs: Any, strings: Any, vocab: dict[int, str], va
             + "".join(rows) + "</table></div>")
 
 
-def tokens_section(records: list[dict[str, Any]], vocab: dict[int, str]) -> str:
+def _tokens_block(records: list[dict[str, Any]], vocab: dict[int, str]) -> str:
     """The latest result's most and least drifted tokens (and the neighbourhoods that changed most)."""
     with_drift = [r for r in records if isinstance(r.get("drift"), dict)]
     if not with_drift:
-        return '<section id="tokens"><h2>Most and least drifted tokens</h2>' + _note(
-            "No drift in these results, so no drifted tokens.") + "</section>"
+        return '<h2>Most and least drifted tokens</h2>' + _note(
+            "No drift in these results, so no drifted tokens.")
     r = with_drift[-1]
     d = r["drift"]
-    parts = [f'<section id="tokens"><h2>Most and least drifted tokens (iter {r["iter"]} vs '
+    parts = [f'<h2>Most and least drifted tokens (iter {r["iter"]} vs '
              f'{esc(r.get("prev_iter"))})</h2><div class="row">',
              _pairs_table("Most drifted (lowest cosine)", d.get("most_drifted_tokens"),
                           d.get("most_drifted_token_strings"), vocab, "cosine"),
@@ -392,18 +437,18 @@ def tokens_section(records: list[dict[str, Any]], vocab: dict[int, str]) -> str:
                            for i, t in enumerate(ids[:TOKEN_TABLE_ROWS]))
         more = " ..." if frozen["count"] > min(len(ids), TOKEN_TABLE_ROWS) else ""
         parts.append(f'<div class="tbl"><h3>Frozen tokens: {frozen["count"]}</h3><p>{listed}{more}</p></div>')
-    parts.append("</div></section>")
+    parts.append("</div>")
     return "".join(parts)
 
 
-def probes_section(records: list[dict[str, Any]], vocab: dict[int, str]) -> str:
+def _probes_block(records: list[dict[str, Any]], vocab: dict[int, str]) -> str:
     """Each probe token's nearest neighbours in the latest result, and how they evolved."""
     with_probes = [r for r in records if isinstance(_get(r, "insight", "probes"), list) and r["insight"]["probes"]]
     if not with_probes:
-        return '<section id="probes"><h2>Probe tokens</h2>' + _note(
-            "No probe tokens in these results (start the daemon with --probe to follow chosen tokens).") + "</section>"
+        return '<h2>Probe tokens</h2>' + _note(
+            "No probe tokens in these results (start the daemon with --probe to follow chosen tokens).")
     latest = with_probes[-1]
-    parts = [f'<section id="probes"><h2>Probe tokens: nearest neighbours at iter {latest["iter"]}</h2>'
+    parts = [f'<h2>Probe tokens: nearest neighbours at iter {latest["iter"]}</h2>'
              '<div class="row">']
     for p in latest["insight"]["probes"]:
         if not isinstance(p, dict):
@@ -427,7 +472,6 @@ def probes_section(records: list[dict[str, Any]], vocab: dict[int, str]) -> str:
             rows.append(f"<tr><td>{r['iter']}</td><td>{cells}</td></tr>")
         parts.append(f'<div class="tbl evo"><h4>{_token(tid, vocab)}</h4><table><tr><th>iter</th>'
                      f'<th>nearest neighbours (cosine)</th></tr>{"".join(rows)}</table></div>')
-    parts.append("</section>")
     return "".join(parts)
 
 
@@ -440,61 +484,132 @@ table.kv th{background:#f4f4f4;width:170px} .row{display:flex;flex-wrap:wrap;gap
 .fig{border:1px solid #e5e5e5} .note{color:#8a5a00;background:#fff7e0;padding:4px 8px;font-size:12px}
 .tok{font-family:monospace} .id{color:#888;font-size:11px} .alert{color:#b00;font-weight:bold}
 .tbl{margin-bottom:8px} .evo td:first-child{width:50px} p{font-size:13px;margin:4px 0}
+.swatch{display:inline-block;width:12px;height:12px;margin:0 5px 0 10px;vertical-align:-1px;border-radius:2px}
+.legend{font-size:13px} h3.run{font-size:14px;margin:14px 0 4px}
 """
 
 
-def build_report(res: Results) -> str:
-    """The whole HTML page for these results."""
-    recs = res.records
-    vocab = _vocabulary(recs)
-    tips: dict[int, list[str]] = {}  # one marker per iteration, at most MAX_MARKERS of them
-    for it, a in _alerts(recs):
-        tips.setdefault(it, []).append(f"{a.get('kind', '?')}: {a.get('message', '')}")
-    markers = [(float(it), f"alert at iter {it}: " + "; ".join(t)) for it, t in list(tips.items())[:MAX_MARKERS]]
-    run = recs[-1].get("run", "?")
+def _per_run(page: Page, section: str, block: Callable[[RunView], str]) -> str:
+    """One section holding a block per run; with several runs each block's headings name its run."""
+    parts = [f'<section id="{section}">']
+    for view in page.runs:
+        html = block(view)
+        if page.multi:
+            tag = (f'<span class="swatch" style="background:{view.colour}"></span>{esc(view.label)}: ')
+            html = html.replace("<h2>", "<h2>" + tag, 1)
+        parts.append(html)
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _labels(results: list[Results]) -> list[str]:
+    """A label per run: its name, made unique with the results file when two runs share a name."""
+    names = [str(r.records[-1].get("run", "?")) for r in results]
+    return [n if names.count(n) == 1 else f"{n} ({r.path})" for n, r in zip(names, results)]
+
+
+def make_page(results: list[Results]) -> Page:
+    """The runs of the page with their colours, gaps, shared iteration range and alert marks."""
+    views = []
+    for k, (res, label) in enumerate(zip(results, _labels(results))):
+        views.append(run_view(res, label, PALETTE[k % len(PALETTE)], f"{label}: " if len(results) > 1 else ""))
+    iters = [r["iter"] for v in views for r in v.records]
+    tips: dict[tuple[str, int], list[str]] = {}  # one marker per run and iteration, at most MAX_MARKERS
+    for v in views:
+        for it, a in _alerts(v.records):
+            tips.setdefault((v.label, it), []).append(f"{a.get('kind', '?')}: {a.get('message', '')}")
+    markers = [(float(it), (f"{label}: " if len(views) > 1 else "") + f"alert at iter {it}: " + "; ".join(t))
+               for (label, it), t in list(tips.items())[:MAX_MARKERS]]
+    return Page(views, (float(min(iters)), float(max(iters))), markers)
+
+
+def build_report(results: Results | list[Results]) -> str:
+    """The whole HTML page for one run's results, or for several runs compared on shared axes."""
+    page = make_page([results] if isinstance(results, Results) else results)
+    vocabs = {v.label: _vocabulary(v.records) for v in page.runs}
+    names = ", ".join(v.label for v in page.runs)
+    title = f"Embedding report: {esc(names)}" if not page.multi else f"Embedding runs compared: {esc(names)}"
+    legend = "" if not page.multi else '<p class="legend">' + " ".join(
+        f'<span class="swatch" style="background:{v.colour}"></span>{esc(v.label)}' for v in page.runs) + "</p>"
+    sources = ", ".join(str(v.res.path) for v in page.runs)
     return "".join([
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">',
-        f"<title>Embedding report: {esc(run)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>Embedding report: {esc(run)}</h1>",
-        header_section(res), alerts_section(recs), drift_section(recs, markers),
-        geometry_section(recs, markers), insight_section(recs, markers), tokens_section(recs, vocab),
-        probes_section(recs, vocab),
+        f"<title>{title}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{title}</h1>", legend,
+        header_section(page), alerts_section(page), metrics_section(page), drift_section(page),
+        geometry_section(page), insight_section(page),
+        history_section(page, vocabs), galaxy_section(page, vocabs),
+        _per_run(page, "tokens", lambda v: _tokens_block(v.records, vocabs[v.label])),
+        _per_run(page, "probes", lambda v: _probes_block(v.records, vocabs[v.label])),
         f'<p class="foot">Generated by analysis-daemon report on {esc(time.strftime("%Y-%m-%d %H:%M:%S %Z"))} '
-        f"from {esc(res.path)}. Hover a point for its value.</p></body></html>\n"])
+        f"from {esc(sources)}. Hover a point for its value.</p></body></html>\n"])
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `analysis-daemon report` argument parser."""
     p = argparse.ArgumentParser(
         prog="analysis-daemon report",
-        description="Turn a run's results (runs/<run>/analysis.jsonl) into one self-contained HTML page: drift, "
-                    "neighbourhood size, mean similarity, the similarity histogram over time, effective rank, "
-                    "alerts and probe tokens. Needs no network to view.")
-    p.add_argument("results", type=Path, metavar="RESULTS",
-                   help=f"a run directory (runs/<run>) or a results file ({RESULTS_NAME})")
+        description="Turn runs' results (runs/<run>/analysis.jsonl) into one self-contained HTML page: trainer "
+                    "loss, drift, neighbourhood size, mean similarity, the similarity histogram over time, effective "
+                    "rank, token histories, the galaxy map, alerts and probe tokens. Several runs go on shared "
+                    "axes, one colour per run. Needs no network to view.")
+    p.add_argument("results", type=Path, metavar="RESULTS", nargs="+",
+                   help=f"a run directory (runs/<run>) or a results file ({RESULTS_NAME}); several to compare runs "
+                        f"(at most {MAX_RUNS})")
     p.add_argument("-o", "--output", type=Path, metavar="OUT.html",
-                   help=f"where to write the page (default: {REPORT_NAME} next to the results file)")
-    p.add_argument("--run", metavar="NAME", help="the run to report when the file holds several")
+                   help=f"where to write the page (default: {REPORT_NAME} next to the results file; with several "
+                        f"runs {COMPARE_NAME} in their common parent directory)")
+    p.add_argument("--run", metavar="NAME", help="the run to report when a file holds several")
     return p
 
 
+def _default_output(paths: list[Path]) -> Path:
+    if len(paths) == 1:
+        return paths[0].parent / REPORT_NAME
+    parents = [p.resolve().parent for p in paths]
+    common = Path(os.path.commonpath([str(p) for p in parents]))
+    # runs/a and runs/b share runs/; the page goes beside the run directories, not into one of them
+    return (common.parent if common in parents else common) / COMPARE_NAME
+
+
+def write_atomic(out: Path, text: str) -> None:
+    """Write the page to a temporary file beside `out`, then rename: never a half-written report."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ReportError(f"cannot write {out}: {exc.strerror or exc}") from exc
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `analysis-daemon report RESULTS [-o OUT.html]`."""
+    """Entry point of `analysis-daemon report RESULTS [RESULTS ...] [-o OUT.html]`."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        path = resolve_results_path(args.results)
-        res = load_results(path, args.run)
-        out = args.output or path.parent / REPORT_NAME
-        try:
-            out.write_text(build_report(res), encoding="utf-8")
-        except OSError as exc:
-            raise ReportError(f"cannot write {out}: {exc.strerror or exc}") from exc
+        if len(args.results) > MAX_RUNS:
+            raise ReportError(f"{len(args.results)} runs given, at most {MAX_RUNS} fit on one page: "
+                              "compare fewer runs at a time")
+        paths = [resolve_results_path(r) for r in args.results]
+        if len({p.resolve() for p in paths}) < len(paths):
+            raise ReportError("the same results file is given twice: pass each run once")
+        results = [load_results(path, args.run) for path in paths]
+        out = args.output or _default_output(paths)
+        write_atomic(out, build_report(results))
     except ReportError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
-    note = f", {res.skipped_lines} malformed line(s) skipped" if res.skipped_lines else ""
-    print(f"report: {out} ({len(res.records)} results, iterations {res.records[0]['iter']} to "
-          f"{res.records[-1]['iter']}{note})")
+    for res in results:
+        note = f", {res.skipped_lines} malformed line(s) skipped" if res.skipped_lines else ""
+        head = "report" if len(results) == 1 else f"  {res.records[-1].get('run', '?')}"
+        if len(results) == 1:
+            print(f"report: {out} ({len(res.records)} results, iterations {res.records[0]['iter']} to "
+                  f"{res.records[-1]['iter']}{note})")
+        else:
+            print(f"{head}: {len(res.records)} results, iterations {res.records[0]['iter']} to "
+                  f"{res.records[-1]['iter']}{note}")
+    if len(results) > 1:
+        print(f"report: {out} ({len(results)} runs compared)")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Small inline-SVG plots for the HTML report: line charts (with bands) and a heatmap.
+"""Small inline-SVG plots for the HTML report: line charts (with bands), a heatmap and a scatter plot.
 
 No plotting library: the report must open anywhere without network or JavaScript, and the project's
 dependencies stay torch, numpy, wandb, pyzmq, msgpack. Every string that reaches the SVG goes through
@@ -12,10 +12,13 @@ import math
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 # Colour-blind friendly line colours (Okabe-Ito).
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
+# Lines of one chart beyond the first seven (token histories): more distinct hues after Okabe-Ito's.
+WIDE_PALETTE = PALETTE + ("#8C564B", "#7F7F7F", "#BCBD22", "#17BECF", "#9467BD", "#2CA02C", "#F0027F",
+                          "#666600", "#1F3A93", "#B15928", "#6A3D9A", "#FB9A99", "#33A02C")
 # A handful of points of the viridis colour map; the heatmap interpolates between them.
 _VIRIDIS = ((68, 1, 84), (72, 40, 120), (62, 74, 137), (49, 104, 142), (38, 130, 142),
             (31, 158, 137), (53, 183, 121), (110, 206, 88), (181, 222, 43), (253, 231, 37))
@@ -75,6 +78,8 @@ class Series:
     colour: str = ""
     digits: int = 4
     band_label: str = ""
+    group: str = ""  # the run, when several share the chart: prefixes the legend and every tooltip
+    dash: str = ""  # SVG stroke-dasharray: tells apart two metrics of one run (the colour is the run's)
 
 
 @dataclass
@@ -88,6 +93,9 @@ class Chart:
     width: int = 560
     height: int = 280
     markers: Sequence[tuple[float, str]] = ()  # vertical marks (x, tooltip), e.g. alerts
+    x_range: tuple[float, float] | None = None  # shared by every chart of a page, so they line up
+    skips: Sequence[tuple[float, str, str]] = ()  # (x, tooltip, colour): iterations skipped, ticked at the bottom
+    gaps: Sequence[tuple[float, float, str, str]] = ()  # (from, to, tooltip, colour): no results in between
 
 
 def _finite(v: float | None) -> bool:
@@ -104,11 +112,67 @@ def _segments(xs: Sequence[float], ys: Sequence[float | None]) -> list[list[tupl
     return [s for s in out if s]
 
 
+HATCH_ID = "gap-hatch"
+# One hatch pattern per SVG (ids must be unique per document only in theory; browsers resolve the first).
+_HATCH = (f'<defs><pattern id="{HATCH_ID}" width="6" height="6" patternUnits="userSpaceOnUse" '
+          'patternTransform="rotate(45)"><line x1="0" y1="0" x2="0" y2="6" stroke="#bbb" stroke-width="1.5"/>'
+          '</pattern></defs>')
+
+
+def _x_domain(chart: Chart, xs_all: list[float]) -> tuple[float, float]:
+    if chart.x_range is not None and all(math.isfinite(v) for v in chart.x_range):
+        x0, x1 = chart.x_range
+    else:
+        x0, x1 = min(xs_all), max(xs_all)
+    return (x0 - 1, x1 + 1) if x1 <= x0 else (x0, x1)
+
+
+def x_axis(parts: list[str], x0: float, x1: float, px: Any, y: float, count: int = 6) -> None:
+    """Round ticks and labels of a numeric iteration axis along y."""
+    xt = [t for t in nice_ticks(x0, x1, count) if x0 <= t <= x1]
+    xstep = xt[1] - xt[0] if len(xt) > 1 else 1.0
+    for t in xt:
+        parts.append(f'<line x1="{px(t):.1f}" x2="{px(t):.1f}" y1="{y}" y2="{y + 4}" stroke="#555"/>')
+        parts.append(f'<text x="{px(t):.1f}" y="{y + 16}" {_FONT} text-anchor="middle">'
+                     f'{esc(_tick_label(t, xstep))}</text>')
+
+
+def gap_marks(parts: list[str], chart_gaps: Sequence[tuple[float, float, str, str]],
+              chart_skips: Sequence[tuple[float, str, str]], x0: float, x1: float, px: Any, top: float,
+              ph: float) -> None:
+    """Hatched spans where a run has no results, and a tick per skipped iteration (each with a tooltip)."""
+    for g0, g1, tip, colour in chart_gaps:
+        a, b = max(g0, x0), min(g1, x1)
+        if b > a:
+            parts.append(f'<rect class="gap" x="{px(a):.1f}" y="{top}" width="{px(b) - px(a):.1f}" height="{ph}" '
+                         f'fill="url(#{HATCH_ID})" fill-opacity="0.5" stroke="{colour}" stroke-opacity="0.35">'
+                         f'<title>{esc(tip)}</title></rect>')
+    for x, tip, colour in chart_skips:
+        if x0 <= x <= x1:
+            parts.append(f'<path class="skip" d="M{px(x):.1f},{top + ph - 9:.1f} l-4,9 h8 z" fill="{colour}" '
+                         f'fill-opacity="0.8"><title>{esc(tip)}</title></path>')
+
+
+def _runs_of_finite(rows: list[tuple[float, float | None, float | None]]) -> list[list[tuple[float, float, float]]]:
+    out: list[list[tuple[float, float, float]]] = [[]]
+    for x, lo, hi in rows:
+        if _finite(lo) and _finite(hi):
+            out[-1].append((x, lo, hi))  # type: ignore[arg-type]
+        elif out[-1]:
+            out.append([])
+    return [r for r in out if r]
+
+
 def line_chart(chart: Chart) -> str:
-    """An SVG line chart; every point carries a tooltip 'iter X: value' (SVG <title>)."""
+    """An SVG line chart; every point carries a tooltip 'iter X: value' (SVG <title>).
+
+    A None value breaks the line (a gap), so does a band's None; gaps and skipped iterations are marked.
+    """
     left, right, bottom = 64, 14, 42
-    top = 30 + 15 * len(chart.series)  # the legend sits between the title and the plot
-    w, h = chart.width, chart.height + 15 * len(chart.series)
+    ncols = 1 if len(chart.series) <= 4 else 2  # many lines (token histories): a two-column legend
+    nrows = math.ceil(len(chart.series) / ncols)
+    top = 30 + 15 * nrows  # the legend sits between the title and the plot
+    w, h = chart.width, chart.height + 15 * nrows
     pw, ph = w - left - right, h - top - bottom
     xs_all = [x for s in chart.series for x, y in zip(s.xs, s.ys) if _finite(y)]
     ys_all = [y for s in chart.series for y in s.ys if _finite(y)]
@@ -122,10 +186,9 @@ def line_chart(chart: Chart) -> str:
     if not xs_all:
         parts.append(f'<text x="{w / 2}" y="{h / 2}" {_FONT} text-anchor="middle">no data</text></svg>')
         return "".join(parts)
-    x0, x1 = min(xs_all), max(xs_all)
+    parts.insert(1, _HATCH)
+    x0, x1 = _x_domain(chart, xs_all)
     y0, y1 = min(ys_all), max(ys_all)
-    if x1 == x0:
-        x0, x1 = x0 - 1, x1 + 1
     pad = (y1 - y0) * 0.06 if y1 > y0 else (abs(y0) * 0.05 or 0.5)
     # counts, norms and sizes never go below 0: the padding must not invent negative ticks for them
     y0, y1 = (max(y0 - pad, 0.0) if y0 >= 0 else y0 - pad), y1 + pad
@@ -142,12 +205,8 @@ def line_chart(chart: Chart) -> str:
         parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#e3e3e3"/>')
         parts.append(f'<text x="{left - 6}" y="{py(t) + 4:.1f}" {_FONT} text-anchor="end">'
                      f'{esc(_tick_label(t, ystep))}</text>')
-    xt = [t for t in nice_ticks(x0, x1, 6) if x0 <= t <= x1]
-    xstep = xt[1] - xt[0] if len(xt) > 1 else 1.0
-    for t in xt:
-        parts.append(f'<line x1="{px(t):.1f}" x2="{px(t):.1f}" y1="{top + ph}" y2="{top + ph + 4}" stroke="#555"/>')
-        parts.append(f'<text x="{px(t):.1f}" y="{top + ph + 16}" {_FONT} text-anchor="middle">'
-                     f'{esc(_tick_label(t, xstep))}</text>')
+    x_axis(parts, x0, x1, px, top + ph)
+    gap_marks(parts, chart.gaps, chart.skips, x0, x1, px, top, ph)
     parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#555"/>')
     parts.append(f'<text x="{left + pw / 2}" y="{h - 6}" {_FONT} text-anchor="middle">{esc(chart.x_label)}</text>')
     parts.append(f'<text transform="translate(13,{top + ph / 2}) rotate(-90)" {_FONT} '
@@ -158,26 +217,27 @@ def line_chart(chart: Chart) -> str:
                          f'stroke="#c00" stroke-dasharray="4 3"><title>{esc(tip)}</title></line>')
     for i, s in enumerate(chart.series):
         colour = s.colour or PALETTE[i % len(PALETTE)]
+        dash = f' stroke-dasharray="{s.dash}"' if s.dash else ""
+        prefix = f"{s.group}: " if s.group else ""
         if s.lower is not None and s.upper is not None:
-            pts = [(x, lo, hi) for x, lo, hi in zip(s.xs, s.lower, s.upper) if _finite(lo) and _finite(hi)]
-            if pts:
+            for pts in _runs_of_finite(list(zip(s.xs, s.lower, s.upper))):
                 poly = [f"{px(x):.1f},{py(hi):.1f}" for x, _, hi in pts]
                 poly += [f"{px(x):.1f},{py(lo):.1f}" for x, lo, _ in reversed(pts)]
                 parts.append(f'<polygon class="band" points="{" ".join(poly)}" fill="{colour}" '
                              f'fill-opacity="0.15" stroke="none"/>')
         for seg in _segments(s.xs, s.ys):
             pts = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in seg)
-            parts.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="1.8"/>')
+            parts.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="1.8"{dash}/>')
         radius = 2.6 if len(s.xs) <= 150 else 1.0  # dense series: dots must not hide the line
         for x, y in zip(s.xs, s.ys):
-            if _finite(y):
+            if _finite(y) and x0 <= x <= x1:
                 parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="{radius}" fill="{colour}">'
-                             f'<title>{esc(s.label)}, iter {x:g}: {esc(fmt(y, s.digits))}</title></circle>')
-        label = s.label + (f" ({s.band_label})" if s.band_label else "")
-        ly = 32 + 15 * i
-        legend_x_i = left + 4
+                             f'<title>{esc(prefix + s.label)}, iter {x:g}: {esc(fmt(y, s.digits))}</title></circle>')
+        label = prefix + s.label + (f" ({s.band_label})" if s.band_label else "")
+        ly = 32 + 15 * (i % nrows)
+        legend_x_i = left + 4 + (i // nrows) * (w - left - right) // ncols
         parts.append(f'<line x1="{legend_x_i}" x2="{legend_x_i + 14}" y1="{ly - 3}" y2="{ly - 3}" '
-                     f'stroke="{colour}" stroke-width="3"/>')
+                     f'stroke="{colour}" stroke-width="3"{dash}/>')
         parts.append(f'<text x="{legend_x_i + 18}" y="{ly + 1}" {_FONT}>{esc(label)}</text>')
     parts.append("</svg>")
     return "".join(parts)
@@ -217,44 +277,81 @@ class Heatmap:
     hlines: Sequence[tuple[float, str]] = ()  # horizontal marks (value, label), e.g. the neighbour threshold
     width: int = 1080
     height: int = 340
+    step: float = 0.0  # iterations per column slot (the run's usual interval); 0: from the labels
+    x_range: tuple[float, float] | None = None  # iterations shown, shared with the line charts
+    skips: Sequence[tuple[float, str, str]] = ()
+    gaps: Sequence[tuple[float, float, str, str]] = ()
+
+
+MAX_SLOTS = 1500  # pixel columns of a heatmap at most: a longer run gets wider slots
+
+
+def slot_grid(labels: Sequence[float], step: float) -> tuple[float, float, int]:
+    """(first iteration, slot width, slot count) placing every column at its iteration on a numeric axis."""
+    first, last = min(labels), max(labels)
+    if not step > 0 or not math.isfinite(step):
+        diffs = sorted(b - a for a, b in zip(sorted(labels), sorted(labels)[1:]) if b > a)
+        step = diffs[len(diffs) // 2] if diffs else 1.0
+    if (last - first) / step + 1 > MAX_SLOTS:
+        step = (last - first) / (MAX_SLOTS - 1)
+    return first, step, int(round((last - first) / step)) + 1
 
 
 def heatmap(hm: Heatmap) -> str:
-    """An SVG heatmap: the pixels are one embedded PNG (one pixel per cell), axes and colour bar in SVG."""
+    """An SVG heatmap on a numeric iteration axis: one embedded PNG (one pixel per slot and bin), axes in SVG.
+
+    Each column sits at its own iteration; slots without a result stay white and a hatched span with a
+    tooltip marks every gap, so skipped or missing iterations show as gaps, not as neighbours.
+    """
     left, right, top, bottom = 64, 110, 30, 42
     w, h = hm.width, hm.height
     pw, ph = w - left - right, h - top - bottom
-    ncol, nbin = len(hm.columns), len(hm.bin_edges) - 1
+    nbin = len(hm.bin_edges) - 1
+    first, step, nslot = slot_grid(hm.column_labels, hm.step)
     positive = [v for col in hm.columns for v in col if v > 0 and math.isfinite(v)]
     vmax = max(positive, default=1.0)
     vmin = max(min(positive, default=1e-6), vmax * 1e-6)
     lmin, lmax = math.log10(vmin), math.log10(vmax)
     if lmax - lmin < 1e-9:
         lmin = lmax - 1
-    empty = (245, 245, 245)
+    empty, missing = (245, 245, 245), (255, 255, 255)
+    slots: list[list[float] | None] = [None] * nslot
+    for col, it in zip(hm.columns, hm.column_labels):  # a later column in the same slot wins
+        slots[min(max(int(round((it - first) / step)), 0), nslot - 1)] = col
     rows = []
     for b in reversed(range(nbin)):  # the PNG's first row is the highest similarity
         row = []
-        for col in hm.columns:
-            v = col[b] if b < len(col) else 0.0
-            row.append(colour_at((math.log10(v) - lmin) / (lmax - lmin)) if v > 0 and math.isfinite(v) else empty)
+        for col in slots:
+            v = (col[b] if b < len(col) else 0.0) if col is not None else None
+            row.append(missing if v is None else colour_at((math.log10(v) - lmin) / (lmax - lmin))
+                       if v > 0 and math.isfinite(v) else empty)
         rows.append(row)
     data = base64.b64encode(png_rgb(rows)).decode("ascii")
     lo, hi = hm.bin_edges[0], hm.bin_edges[-1]
+    x0, x1 = first - step / 2, first + (nslot - 0.5) * step
+    if hm.x_range is not None and all(math.isfinite(v) for v in hm.x_range):
+        x0, x1 = min(x0, hm.x_range[0] - step / 2), max(x1, hm.x_range[1] + step / 2)
+
+    def px(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * pw
 
     def py(v: float) -> float:
         return top + (1 - (v - lo) / (hi - lo)) * ph
 
+    ix0, ix1 = px(first - step / 2), px(first + (nslot - 0.5) * step)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="heatmap" width="{w}" height="{h}" '
-             f'viewBox="0 0 {w} {h}" role="img" aria-label="{esc(hm.title)}">',
+             f'viewBox="0 0 {w} {h}" role="img" aria-label="{esc(hm.title)}">', _HATCH,
              f'<rect x="0" y="0" width="{w}" height="{h}" fill="#fff"/>',
              f'<text x="{left}" y="16" {_TITLE}>{esc(hm.title)}</text>',
-             f'<image x="{left}" y="{top}" width="{pw}" height="{ph}" preserveAspectRatio="none" '
-             f'style="image-rendering:pixelated" href="data:image/png;base64,{data}"/>',
-             f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#555"/>']
-    cw = pw / ncol
-    for i, it in enumerate(hm.column_labels):  # invisible cells give each column a tooltip
-        parts.append(f'<rect class="col" x="{left + i * cw:.2f}" y="{top}" width="{cw:.2f}" height="{ph}" '
+             f'<image x="{ix0:.2f}" y="{top}" width="{ix1 - ix0:.2f}" height="{ph}" preserveAspectRatio="none" '
+             f'style="image-rendering:pixelated" href="data:image/png;base64,{data}"/>']
+    # a gap of the line charts runs from result to result; here the results' own columns are not part of it
+    gaps = [(a + step / 2, b - step / 2, tip, c) for a, b, tip, c in hm.gaps if b - a > step * 1.01]
+    gap_marks(parts, gaps, hm.skips, x0, x1, px, top, ph)
+    parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#555"/>')
+    cw = px(first + step) - px(first)
+    for it in hm.column_labels:  # invisible cells give each column a tooltip
+        parts.append(f'<rect class="col" x="{px(it) - cw / 2:.2f}" y="{top}" width="{cw:.2f}" height="{ph}" '
                      f'fill="transparent"><title>iter {it:g}</title></rect>')
     for t in nice_ticks(lo, hi, 6):
         if lo <= t <= hi:
@@ -266,13 +363,7 @@ def heatmap(hm: Heatmap) -> str:
                          f'stroke-dasharray="5 4" stroke-width="1.2"/>')
             parts.append(f'<text x="{left + pw - 4}" y="{py(v) - 4:.1f}" {_FONT} fill="#fff" stroke="#000" '
                          f'stroke-width="2.5" paint-order="stroke" text-anchor="end">{esc(label)}</text>')
-    # x ticks: at most ~10 column labels, centred on their columns
-    stride = max(1, math.ceil(ncol / 10))
-    for i in list(range(0, ncol, stride)) + ([ncol - 1] if (ncol - 1) % stride else []):
-        x = left + (i + 0.5) * cw
-        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top + ph}" y2="{top + ph + 4}" stroke="#555"/>')
-        parts.append(f'<text x="{x:.1f}" y="{top + ph + 16}" {_FONT} text-anchor="middle">'
-                     f'{hm.column_labels[i]:g}</text>')
+    x_axis(parts, x0, x1, px, top + ph, 10)
     parts.append(f'<text x="{left + pw / 2}" y="{h - 6}" {_FONT} text-anchor="middle">{esc(hm.x_label)}</text>')
     parts.append(f'<text transform="translate(13,{top + ph / 2}) rotate(-90)" {_FONT} '
                  f'text-anchor="middle">{esc(hm.y_label)}</text>')
@@ -294,5 +385,59 @@ def heatmap(hm: Heatmap) -> str:
         parts.append(f'<text x="{bx + bw + 6}" y="{y + 4:.1f}" {_FONT}>{label}</text>')
     parts.append(f'<text transform="translate({w - 8},{top + ph / 2}) rotate(-90)" {_FONT} '
                  f'text-anchor="middle">fraction of pairs (log)</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+@dataclass
+class Scatter:
+    """Points of a 2-D map (the galaxy map): (x, y, colour, tooltip); an empty tooltip draws no <title>."""
+
+    title: str
+    points: list[tuple[float, float, str, str]]
+    x_label: str = ""
+    y_label: str = ""
+    size: int = 240  # square: both axes share one scale, so distances on the page mean the same both ways
+    radius: float = 2.0
+    axes: bool = True  # ticks and labels (off for the small multiples)
+
+
+def scatter(sc: Scatter) -> str:
+    """An SVG scatter plot with equal scales on both axes; hover a point for its tooltip."""
+    pad_l, pad_r, pad_b = (44, 10, 34) if sc.axes else (6, 6, 6)
+    top = 24
+    w, h = sc.size, sc.size + top - (0 if sc.axes else 28)
+    pw = ph = min(w - pad_l - pad_r, h - top - pad_b)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="scatter" width="{w}" height="{h}" '
+             f'viewBox="0 0 {w} {h}" role="img" aria-label="{esc(sc.title)}">',
+             f'<rect x="0" y="0" width="{w}" height="{h}" fill="#fff"/>',
+             f'<text x="{pad_l}" y="15" {_FONT} font-weight="bold">{esc(sc.title)}</text>']
+    pts = [p for p in sc.points if math.isfinite(p[0]) and math.isfinite(p[1])]
+    if not pts:
+        parts.append(f'<text x="{w / 2}" y="{h / 2}" {_FONT} text-anchor="middle">no points</text></svg>')
+        return "".join(parts)
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    cx, cy = (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2
+    half = max(max(xs) - min(xs), max(ys) - min(ys)) / 2 * 1.05 or 1.0
+
+    def px(x: float) -> float:
+        return pad_l + (x - cx + half) / (2 * half) * pw
+
+    def py(y: float) -> float:
+        return top + (1 - (y - cy + half) / (2 * half)) * ph
+
+    parts.append(f'<rect x="{pad_l}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
+    if sc.axes:
+        for t in nice_ticks(cx - half, cx + half, 4):
+            parts.append(f'<text x="{px(t):.1f}" y="{top + ph + 13}" {_FONT} text-anchor="middle">{t:.3g}</text>')
+        for t in nice_ticks(cy - half, cy + half, 4):
+            parts.append(f'<text x="{pad_l - 4}" y="{py(t) + 4:.1f}" {_FONT} text-anchor="end">{t:.3g}</text>')
+        parts.append(f'<text x="{pad_l + pw / 2}" y="{h - 4}" {_FONT} text-anchor="middle">{esc(sc.x_label)}</text>')
+        parts.append(f'<text transform="translate(11,{top + ph / 2}) rotate(-90)" {_FONT} '
+                     f'text-anchor="middle">{esc(sc.y_label)}</text>')
+    for x, y, colour, tip in pts:
+        title = f"<title>{esc(tip)}</title>" if tip else ""
+        parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="{sc.radius}" fill="{colour}" '
+                     f'fill-opacity="0.8">{title}</circle>')
     parts.append("</svg>")
     return "".join(parts)

@@ -1,0 +1,133 @@
+"""Token histories for the report: one line per token over iterations (drift, neighbourhood, probes).
+
+The records hold per-token values only for the tokens a result lists: its --top-k most and least drifted
+tokens (with their drift cosine), the tokens whose neighbourhood changed most (with their overlap), and
+the probes (with their nearest neighbours). A token's line therefore has a point where a result listed
+it and breaks where none did; the page says so beside the charts.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from .report_records import Page, RunView, get, integer, lst, note, num, token_label, with_breaks
+from .report_svg import WIDE_PALETTE, Chart, Series, esc, line_chart
+
+LAST_TOKENS = 8  # the latest result's most (least) drifted tokens followed back in time
+UNION_TOKENS = 4  # plus the tokens most often among the first LAST_TOKENS over the whole run
+MAX_LISTED = 1000  # entries read from one result's token list (the daemon writes --top-k of them)
+MAX_PROBES = 12  # probe tokens followed
+
+
+def _listed(rec: dict[str, Any], *keys: str) -> dict[int, float]:
+    """token id -> value of a result's [[token_id, value], ...] list."""
+    out: dict[int, float] = {}
+    for pair in lst(rec, *keys)[:MAX_LISTED]:
+        tid, value = integer(pair, 0), num(pair, 1)
+        if tid is not None and value is not None:
+            out.setdefault(tid, value)
+    return out
+
+
+def chosen_tokens(records: list[dict[str, Any]], *keys: str) -> list[int]:
+    """The latest listing's first tokens, then those most often near the top of the list over the run."""
+    listings = [[integer(p, 0) for p in lst(r, *keys)[:LAST_TOKENS]] for r in records]
+    listings = [[t for t in ids if t is not None] for ids in listings if ids]
+    if not listings:
+        return []
+    chosen = list(dict.fromkeys(listings[-1]))
+    often = Counter(t for ids in listings for t in dict.fromkeys(ids))
+    extra = [t for t, _ in often.most_common() if t not in chosen]
+    return chosen + extra[:UNION_TOKENS]
+
+
+def _token_chart(page: Page, view: RunView, title: str, y_label: str, tokens: list[int],
+                 values: list[dict[int, float]], xs: list[float], vocab: dict[int, str]) -> str:
+    series = []
+    for k, tid in enumerate(tokens):
+        bx, by = with_breaks(view, xs, [v.get(tid) for v in values])
+        series.append(Series(token_label(tid, vocab), bx, by, colour=WIDE_PALETTE[k % len(WIDE_PALETTE)]))
+    chart = Chart(title, y_label, series, markers=page.markers, x_range=page.x_range, width=560,
+                  gaps=view.gaps, skips=view.skips)
+    return f'<div class="fig">{line_chart(chart)}</div>'
+
+
+def _drift_charts(page: Page, view: RunView, vocab: dict[int, str]) -> list[str]:
+    recs = [r for r in view.records if isinstance(r.get("drift"), dict)]
+    if not recs:
+        return [note("Drifted tokens: no drift in these results (drift needs two snapshots of the same shape).")]
+    xs = [float(r["iter"]) for r in recs]
+    # a token listed as most drifted in one result may be least drifted in another: both lists feed both charts
+    values = [{**_listed(r, "drift", "least_drifted_tokens"), **_listed(r, "drift", "most_drifted_tokens")}
+              for r in recs]
+    out = []
+    for which, title in (("most", "Most drifted tokens: drift cosine (1 = did not move)"),
+                         ("least", "Least drifted tokens: drift cosine")):
+        tokens = chosen_tokens(recs, "drift", f"{which}_drifted_tokens")
+        out.append(_token_chart(page, view, title, "cosine", tokens, values, xs, vocab) if tokens
+                   else note(f"{which.capitalize()} drifted tokens: the results list none."))
+    return out
+
+
+def _neighbourhood_chart(page: Page, view: RunView, vocab: dict[int, str]) -> list[str]:
+    recs = [r for r in view.records if isinstance(get(r, "insight", "neighbourhood_drift"), dict)]
+    tokens = chosen_tokens(recs, "insight", "neighbourhood_drift", "most_changed_tokens")
+    if not tokens:
+        return []
+    k = integer(recs[-1], "insight", "neighbourhood_drift", "k")
+    values = [_listed(r, "insight", "neighbourhood_drift", "most_changed_tokens") for r in recs]
+    return [_token_chart(page, view, f"Changed neighbourhoods: overlap of {k or 'k'} neighbours with before",
+                         "overlap", tokens, values, [float(r["iter"]) for r in recs], vocab)]
+
+
+def _probe_charts(page: Page, view: RunView, vocab: dict[int, str]) -> list[str]:
+    recs = [r for r in view.records if lst(r, "insight", "probes")]
+    if not recs:
+        return []
+    nearest: list[dict[int, float]] = []
+    kept: list[dict[int, float]] = []
+    previous: dict[int, set[int]] = {}
+    probes: dict[int, None] = {}
+    for r in recs:
+        near, keep, current = {}, {}, {}
+        for p in lst(r, "insight", "probes")[:MAX_PROBES]:
+            tid = integer(p, "token_id")
+            if tid is None:
+                continue
+            probes.setdefault(tid, None)
+            ids = [n for n in (integer(x, 0) for x in lst(p, "neighbours")[:MAX_LISTED]) if n is not None]
+            first = num(p, "neighbours", 0, 2)
+            if first is not None:
+                near[tid] = first
+            current[tid] = set(ids)
+            if ids and tid in previous:
+                keep[tid] = len(previous[tid] & current[tid]) / len(ids)
+        nearest.append(near)
+        kept.append(keep)
+        previous = current
+    xs = [float(r["iter"]) for r in recs]
+    tokens = list(probes)[:MAX_PROBES]
+    return [_token_chart(page, view, "Probe tokens: cosine of the nearest neighbour", "cosine", tokens, nearest,
+                         xs, vocab),
+            _token_chart(page, view, "Probe tokens: neighbours kept from the previous result", "fraction kept",
+                         tokens, kept, xs, vocab)]
+
+
+def history_section(page: Page, vocabs: dict[str, dict[int, str]]) -> str:
+    """Per run: the drift of its most and least drifted tokens, changed neighbourhoods and probes over time."""
+    parts = ['<section id="histories"><h2>Token histories</h2><p>A line per token over iterations: the latest '
+             f"result's {LAST_TOKENS} most (least) drifted tokens plus up to {UNION_TOKENS} that were most often "
+             "among them over the run, the neighbourhoods that changed most, and every probe token. A result "
+             "lists only its --top-k most and least drifted tokens, so a token's line breaks where it was not "
+             "among them. Per-token norms and neighbourhood sizes are not in the results, so they are not "
+             "plotted.</p>"]
+    for view in page.runs:
+        vocab = vocabs.get(view.label, {})
+        if page.multi:
+            parts.append(f'<h3 class="run"><span class="swatch" style="background:{view.colour}"></span>'
+                         f"{esc(view.label)}</h3>")
+        charts = _drift_charts(page, view, vocab) + _neighbourhood_chart(page, view, vocab) \
+            + _probe_charts(page, view, vocab)
+        parts.append('<div class="row">' + "".join(charts) + "</div>")
+    parts.append("</section>")
+    return "".join(parts)
