@@ -3,6 +3,7 @@
     analysis-daemon --listen tcp://127.0.0.1:5555 --results-dir runs      (same as python -m analysis_daemon)
     analysis-daemon keygen DIR --name daemon                                (CurveZMQ keypair, via protocol)
     analysis-daemon report runs/my-run -o report.html                       (HTML report of a run's results)
+    analysis-daemon report runs/lr-3e-4 runs/lr-1e-3                         (several runs compared on one page)
 
 torch is imported only after the thread settings are in place: OMP_WAIT_POLICY=PASSIVE must be in the
 environment before libgomp loads (busy-waiting OpenMP threads in two processes on the same cores
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Receive embedding snapshots from trainers, measure drift and geometry, and report "
                     "each result to the console, <results-dir>/<run>/analysis.jsonl and W&B. "
                     "`analysis-daemon keygen DIR [--name NAME]` makes a CurveZMQ keypair; "
-                    "`analysis-daemon report RUN_DIR [-o OUT.html]` turns a run's results into one HTML page.",
+                    "`analysis-daemon report RUN_DIR [RUN_DIR ...] [-o OUT.html]` turns runs' results into one "
+                    "HTML page (several runs on shared axes).",
         epilog="W&B follows wandb's own settings: WANDB_MODE (online/offline/disabled), WANDB_PROJECT, "
                "WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_DIR, WANDB_API_KEY; a trainer's hello message, "
                "when it names a project and group, takes precedence.")

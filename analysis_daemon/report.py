@@ -599,17 +599,16 @@ def main(argv: list[str] | None = None) -> int:
     except ReportError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
-    for res in results:
+    def covered(res: Results) -> str:
         note = f", {res.skipped_lines} malformed line(s) skipped" if res.skipped_lines else ""
-        head = "report" if len(results) == 1 else f"  {res.records[-1].get('run', '?')}"
-        if len(results) == 1:
-            print(f"report: {out} ({len(res.records)} results, iterations {res.records[0]['iter']} to "
-                  f"{res.records[-1]['iter']}{note})")
-        else:
-            print(f"{head}: {len(res.records)} results, iterations {res.records[0]['iter']} to "
-                  f"{res.records[-1]['iter']}{note}")
-    if len(results) > 1:
+        return f"{len(res.records)} results, iterations {res.records[0]['iter']} to {res.records[-1]['iter']}{note}"
+
+    if len(results) == 1:
+        print(f"report: {out} ({covered(results[0])})")
+    else:
         print(f"report: {out} ({len(results)} runs compared)")
+        for label, res in zip(_labels(results), results):
+            print(f"  {label}: {covered(res)}")
     return 0
 
 

@@ -88,7 +88,7 @@ def _evenly(items: list[Any], n: int) -> list[Any]:
     return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
 
 
-def _run_galaxy(view: RunView, vocab: dict[int, str]) -> str:
+def _run_galaxy(view: RunView, vocab: dict[int, str], prefix: str) -> str:
     maps = [gm for r in view.records if (gm := parse_galaxy(r)) is not None]
     if not maps:
         return note("No galaxy map in these results (written by a daemon that does not compute it).")
@@ -113,7 +113,7 @@ def _run_galaxy(view: RunView, vocab: dict[int, str]) -> str:
             else "alone (no neighbour above the threshold)"
         pts.append((x, y, colour_of.get(c, SINGLETON), f"{token_label(tid, vocab, 40)}: {where}"))
     pts.sort(key=lambda p: p[2] != SINGLETON)
-    big = scatter(Scatter(f"Galaxy map at iter {latest.iter} (hover a point for its token)", pts,
+    big = scatter(Scatter(f"{prefix}Galaxy map at iter {latest.iter} (hover a point for its token)", pts,
                           _axis_label(latest, 0), _axis_label(latest, 1), size=560, radius=2.6))
     rows = []
     for cid, size, members in [c for c in latest.clusters if c[0] != -1][:CLUSTER_ROWS]:
@@ -143,6 +143,6 @@ def galaxy_section(page: Page, vocabs: dict[str, dict[int, str]]) -> str:
         if page.multi:
             parts.append(f'<h3 class="run"><span class="swatch" style="background:{view.colour}"></span>'
                          f"{esc(view.label)}</h3>")
-        parts.append(_run_galaxy(view, vocabs.get(view.label, {})))
+        parts.append(_run_galaxy(view, vocabs.get(view.label, {}), f"{view.label}: " if page.multi else ""))
     parts.append("</section>")
     return "".join(parts)

@@ -163,8 +163,10 @@ def run_view(res: Results, label: str, colour: str, prefix: str = "") -> RunView
             view.breaks.append((a + b) / 2)
             view.gaps.append((a, b, f"{prefix}no results between iter {a} and iter {b}", colour))
     view.breaks.sort()
-    view.skips = [(float(i), f"{prefix}iter {i} skipped (received, not analysed)", colour)
-                  for i in ordered[:MAX_SKIP_MARKS]]
+    shown = [i for i in ordered if iters[0] <= i <= iters[-1]]  # the others are off every chart
+    if len(shown) > MAX_SKIP_MARKS:  # evenly over the run: the hatched gaps show the rest
+        shown = [shown[k * (len(shown) - 1) // (MAX_SKIP_MARKS - 1)] for k in range(MAX_SKIP_MARKS)]
+    view.skips = [(float(i), f"{prefix}iter {i} skipped (received, not analysed)", colour) for i in shown]
     return view
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -26,9 +27,13 @@ _FONT = 'font-family="sans-serif" font-size="11"'
 _TITLE = 'font-family="sans-serif" font-size="13" font-weight="bold"'
 
 
+# Characters XML 1.0 does not allow at all (inline SVG is XML): shown as \xNN instead of breaking the page.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
 def esc(value: object) -> str:
-    """HTML/XML-escape anything (quotes included)."""
-    return html.escape(str(value), quote=True)
+    """HTML/XML-escape anything (quotes included); characters XML forbids become a visible \\xNN."""
+    return html.escape(_NOT_XML.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value)), quote=True)
 
 
 def fmt(value: float | None, digits: int = 4) -> str:

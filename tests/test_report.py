@@ -314,13 +314,50 @@ _json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | s
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.dictionaries(st.sampled_from(["drift", "geometry", "insight", "alerts", "skipped_iters",
-                                                 "counters", "shape", "run", "seconds", "prev_iter"]), _json),
-                min_size=1, max_size=4))
-def test_any_json_shape_renders_without_error(fields: list[dict[str, Any]]) -> None:
+                                                 "counters", "shape", "run", "seconds", "prev_iter", "metrics",
+                                                 "galaxy"]), _json),
+                min_size=1, max_size=4), st.integers(1, 3))
+def test_any_json_shape_renders_without_error(fields: list[dict[str, Any]], runs: int) -> None:
     recs = [dict(f, iter=i) for i, f in enumerate(fields)]
-    page = build_report(Results(path=Path("x.jsonl"), records=recs))
+    # one run, or the same records as several runs (the multi-run page)
+    page = build_report([Results(path=Path(f"{k}.jsonl"), records=recs) for k in range(runs)])
     _svgs(page)
     assert page.endswith("</html>\n")
+
+
+def test_hostile_metrics_galaxy_and_skips_are_bounded_and_escaped(tmp_path: Path, capsys) -> None:
+    from analysis_daemon.report import MAX_METRIC_CHARTS, MAX_METRIC_NAMES
+    from analysis_daemon.report_galaxy import MAX_POINTS
+    from analysis_daemon.report_records import MAX_SKIP_MARKS
+
+    evil = '<svg onload="alert(1)">'
+    recs = []
+    for i in range(3):
+        recs.append({
+            "run": evil, "iter": i * 1000, "drift": {"average_cosine_similarity": 0.9},
+            "metrics": {f"{evil}{k}": float(k) for k in range(100)} | {"train/loss": "high", "val/loss": None},
+            "skipped_iters": list(range(i * 1000 - 999, i * 1000)) * 20 + ["x", True],
+            "galaxy": {"method": evil, "explained_variance": [0.5, "x"],
+                       "points": [[t, t * 0.1, 1.0, t % 3] for t in range(MAX_POINTS + 50)] + [[1, 2], "p", None],
+                       "clusters": [{"id": 0, "size": 5, "members": [[1, evil], ["y", 2], 7]}, {"id": "x"}, 3]},
+        })
+    path = tmp_path / "analysis.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert main([str(path)]) == 0
+    page = (tmp_path / "report.html").read_text()
+    _svgs(page)
+    assert evil not in page and "<script" not in page.lower()
+    assert esc(evil) in page
+    # at most MAX_METRIC_NAMES metric names read; the non-numeric losses leave no loss chart
+    assert "Trainer loss" not in page
+    assert page.count('aria-label="Trainer metric: ') == MAX_METRIC_CHARTS
+    assert f"{MAX_METRIC_NAMES - MAX_METRIC_CHARTS} more metric(s) not plotted" in page
+    # skipped-iteration marks are bounded per chart
+    assert max(len(re.findall(r'class="skip"', s)) for s in re.findall(r"<svg\b.*?</svg>", page, re.S)) \
+        == MAX_SKIP_MARKS
+    assert f"{53 * 3} point(s) beyond {MAX_POINTS} per map not drawn" in page  # 50 good, 3 garbage
+    big = [s for s in _svgs(page) if (s.get("aria-label") or "").startswith("Galaxy map at iter 2000")]
+    assert len(big) == 1 and len(big[0].findall("{http://www.w3.org/2000/svg}circle")) == MAX_POINTS
 
 
 @settings(max_examples=200, deadline=None)
