@@ -20,7 +20,7 @@ import pytest
 from analysis_daemon.report import main
 from analysis_daemon.report_svg import PALETTE
 from tests.conftest import free_tcp_port
-from analysis_daemon.report_svg import esc
+from analysis_daemon.report_svg import esc, fmt
 from tests.test_report import _chromium, _headless, _png_pixels, _png_size
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,6 +192,17 @@ def test_two_real_runs_share_axes_one_colour_per_run(two_runs: dict[str, Path]) 
                                                                              (nb, "avg neighbours"))
           for run in RATES}
     assert len(xs) == 1
+    # The trainer's losses (train.py passes them with each snapshot) on the same axis, one colour per run.
+    loss = _chart(page, "Trainer loss")
+    lr = _titled(_chart(page, "Trainer metric: lr"), "circle")
+    for (run, rs), colour in zip(recs.items(), PALETTE):
+        for r in rs:
+            for name in ("train/loss", "val/loss"):
+                assert _titled(loss, "circle")[f"{run}: {name}, iter {r['iter']}: {r['metrics'][name]:.4f}"] \
+                    .get("fill") == colour
+            assert f"{run}: lr, iter {r['iter']}: {fmt(r['metrics']['lr'])}" in lr
+        assert _point(loss, f"{run}: train/loss, iter {rs[-1]['iter']}:")[0] == _point(
+            cos, f"{run}: avg cosine, iter {rs[-1]['iter']}:")[0]
     # What the comparison is for: the faster learning rate moves the embedding more (lower mean drift
     # cosine) and forms the planted galaxies (neighbourhoods) within 60 steps, the slower one does not yet.
     fast, slow = recs["lr-3e-3"], recs["lr-3e-4"]
