@@ -38,6 +38,7 @@ log_interval = 10 # print the training loss every this many iterations
 eval_iters = 20 # batches per split in estimate_loss: 20 x 32 x 32 tokens is enough for a stable loss here
 eval_only = False # if True, evaluate (and publish) once and exit
 always_save_checkpoint = True # if False, only save when the val loss improved
+keep_checkpoints = False # also keep every checkpoint as out_dir/checkpoints/ckpt_{iter:06d}.pt (analysis-daemon replay reads them)
 init_from = 'scratch' # 'scratch' or 'resume' (from out_dir/ckpt.pt, iteration count included)
 # wandb logging
 wandb_log = True # log train/loss, val/loss, lr; offline unless set up (WANDB_MODE, WANDB_API_KEY, ~/.netrc)
@@ -329,6 +330,11 @@ while True:
             # write then rename: an interrupted save never leaves a truncated ckpt.pt behind
             torch.save(checkpoint, os.path.join(out_dir, 'ckpt.pt.tmp'))
             os.replace(os.path.join(out_dir, 'ckpt.pt.tmp'), os.path.join(out_dir, 'ckpt.pt'))
+            if keep_checkpoints:
+                kept = os.path.join(out_dir, 'checkpoints', f'ckpt_{iter_num:06d}.pt')
+                os.makedirs(os.path.dirname(kept), exist_ok=True)
+                torch.save(checkpoint, kept + '.tmp')
+                os.replace(kept + '.tmp', kept)
             checkpoint = None
         if publisher is not None:
             # hands the snapshot off, returns at once; the losses travel with it (loss beside drift in W&B)

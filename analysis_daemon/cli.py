@@ -4,6 +4,7 @@
     analysis-daemon keygen DIR --name daemon                                (CurveZMQ keypair, via protocol)
     analysis-daemon report runs/my-run -o report.html                       (HTML report of a run's results)
     analysis-daemon report runs/lr-3e-4 runs/lr-1e-3                         (several runs compared on one page)
+    analysis-daemon replay out/checkpoints --run my-run                     (analyse saved checkpoints, replay.py)
 
 torch is imported only after the thread settings are in place: OMP_WAIT_POLICY=PASSIVE must be in the
 environment before libgomp loads (busy-waiting OpenMP threads in two processes on the same cores
@@ -16,6 +17,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 LOGGER = "embedding_monitor.daemon"
 
@@ -37,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "each result to the console, <results-dir>/<run>/analysis.jsonl and W&B. "
                     "`analysis-daemon keygen DIR [--name NAME]` makes a CurveZMQ keypair; "
                     "`analysis-daemon report RUN_DIR [RUN_DIR ...] [-o OUT.html]` turns runs' results into one "
-                    "HTML page (several runs on shared axes).",
+                    "HTML page (several runs on shared axes); "
+                    "`analysis-daemon replay PATH...` analyses saved checkpoints the same way "
+                    "(`analysis-daemon replay --help`).",
         epilog="W&B follows wandb's own settings: WANDB_MODE (online/offline/disabled), WANDB_PROJECT, "
                "WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_DIR, WANDB_API_KEY; a trainer's hello message, "
                "when it names a project and group, takes precedence.")
@@ -59,6 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--max-bytes", type=int, metavar="N",
                      help="reject snapshots whose tensor has more bytes than this")
 
+    add_analysis_options(p)
+    out = add_output_options(p)
+    out.add_argument("--state-dir", type=Path,
+                     help="keep each run's latest snapshot here so drift continues across a restart")
+
+    life = p.add_argument_group("lifecycle")
+    life.add_argument("--exit-on-end", action="store_true",
+                      help="exit 0 once every run that connected has sent `end` and its work is done")
+    life.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
+                      help="on SIGTERM/SIGINT, let the running analysis finish for this long, then "
+                           "abandon it (default: %(default)s)")
+    return p
+
+
+def add_analysis_options(p: argparse.ArgumentParser) -> None:
+    """The analysis, insight and alert options (shared by the daemon and `replay`)."""
     ana = p.add_argument_group("analysis")
     ana.add_argument("--threshold", type=float, default=0.7,
                      help="cosine similarity above which two tokens count as neighbours (default: %(default)s)")
@@ -75,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "the CPU (default: %(default)s; 0 keeps the priority)")
     ana.add_argument("--progress-interval", type=float, default=5.0, metavar="SECONDS",
                      help="log a progress line this often during a long analysis (default: %(default)s)")
+    ana.add_argument("--sample-rows", type=int, metavar="N",
+                     help="sampled geometry: estimate the neighbourhood size and histogram (with 95%% "
+                          "intervals) from N random rows, each against all rows: cost N x V instead of "
+                          "V^2/2; mean/std stay exact; N >= V is the exact pass (default: exact)")
+    ana.add_argument("--sample-seed", type=int, default=0,
+                     help="seed of the sampled rows (the same rows for every snapshot; default: %(default)s)")
 
     ins = p.add_argument_group("insight and alerts")
     ins.add_argument("--extras", action=argparse.BooleanOptionalAction, default=True,
@@ -103,11 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="at most one logged warning and wandb.alert per kind per run this often "
                           "(every alert still goes into the results file; default: %(default)s)")
 
+
+
+def add_output_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The results, log, console and W&B options (shared by the daemon and `replay`); the group."""
     out = p.add_argument_group("output")
     out.add_argument("--results-dir", type=Path, default=Path("runs"),
                      help="results go to RESULTS_DIR/<run>/analysis.jsonl (default: %(default)s)")
-    out.add_argument("--state-dir", type=Path,
-                     help="keep each run's latest snapshot here so drift continues across a restart")
     out.add_argument("--log-file", type=Path, help="also write the log to this file")
     out.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                      help="log level (default: %(default)s)")
@@ -119,14 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--wandb-project",
                      help="W&B project when the trainer's hello names none (default: WANDB_PROJECT, "
                           "else embedding-monitor)")
-
-    life = p.add_argument_group("lifecycle")
-    life.add_argument("--exit-on-end", action="store_true",
-                      help="exit 0 once every run that connected has sent `end` and its work is done")
-    life.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
-                      help="on SIGTERM/SIGINT, let the running analysis finish for this long, then "
-                           "abandon it (default: %(default)s)")
-    return p
+    return out
 
 
 def setup_logging(level: str, log_file: Path | None) -> logging.Logger:
@@ -155,6 +176,70 @@ def _ensure_passive_omp(argv: list[str]) -> None:
         os.execv(sys.executable, [sys.executable, "-m", "analysis_daemon", *argv])
 
 
+def analysis_settings(args: argparse.Namespace) -> Any:
+    """The AnalysisSettings of parsed options (from `add_analysis_options`); ValueError names a bad one."""
+    from .alerts import AlertSettings
+    from .worker import AnalysisSettings
+
+    for name in ("threshold", "chunk_size", "top_k", "threads", "knn_k", "probe_k", "sample_rows"):
+        value = getattr(args, name)
+        if value is not None and name != "threshold" and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.drift_window < 5:
+        raise ValueError(f"--drift-window must be at least 5, got {args.drift_window}")
+    if args.alert_interval < 0 or args.drift_spike_mads <= 0:
+        raise ValueError("--alert-interval must be >= 0 and --drift-spike-mads > 0")
+    probes = tuple(t.strip() for spec in args.probe for t in spec.split(",") if t.strip())
+    return AnalysisSettings(
+        threshold=args.threshold, chunk_size=args.chunk_size, top_k=args.top_k,
+        progress_interval=args.progress_interval, extras=args.extras, knn_k=args.knn_k, probes=probes,
+        probe_k=args.probe_k, sample_rows=args.sample_rows, sample_seed=args.sample_seed,
+        alerts=AlertSettings(collapse_mean_sim=args.collapse_mean_sim,
+                             collapse_min_rank_fraction=args.collapse_min_rank_fraction,
+                             drift_window=args.drift_window, drift_spike_mads=args.drift_spike_mads,
+                             interval=args.alert_interval))
+
+
+def set_threads_and_priority(args: argparse.Namespace, log: logging.Logger) -> int:
+    """Apply --threads and --nice to this process; the thread count used."""
+    import torch
+
+    threads = args.threads or default_threads()
+    torch.set_num_threads(threads)
+    if args.nice > 0:
+        try:
+            os.nice(args.nice)
+        except OSError as exc:
+            log.warning("could not lower the priority (--nice %d): %s", args.nice, exc)
+    return threads
+
+
+def make_sinks(args: argparse.Namespace, settings: Any, threads: int, close_timeout: float) -> Any:
+    """The SinkSet of parsed output options: console (unless --no-console), results file, W&B."""
+    from .sinks import Sink, SinkSet
+    from .sinks.console import ConsoleSink
+    from .sinks.jsonl import JsonlSink
+
+    sinks: list[Sink] = [JsonlSink(args.results_dir)]
+    if not args.no_console:
+        sinks.insert(0, ConsoleSink())
+    if args.wandb and os.environ.get("WANDB_MODE", "").lower() != "disabled":
+        from .sinks.wandb_sink import WandbSink
+        config = {"threshold": settings.threshold, "chunk_size": settings.chunk_size, "top_k": settings.top_k,
+                  "threads": threads, "extras": settings.extras, "knn_k": settings.knn_k,
+                  "probes": list(settings.probes)}
+        if settings.sample_rows is not None:
+            config.update(sample_rows=settings.sample_rows, sample_seed=settings.sample_seed)
+        sinks.append(WandbSink(default_project=args.wandb_project, close_timeout=close_timeout, config=config))
+    return SinkSet(sinks)
+
+
+def fail(message: str) -> int:
+    """Print the one-line `Error: ...` a person sees for a usage problem; exit status 2."""
+    print(f"Error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `analysis-daemon` / `python -m analysis_daemon`."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -164,42 +249,30 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["report"]:
         from .report import main as report_main
         return report_main(argv[1:])
+    if argv[:1] == ["replay"]:
+        from .replay import build_parser as replay_parser, main as replay_main
+        replay_args = replay_parser().parse_args(argv[1:])
+        _ensure_passive_omp(argv)
+        return replay_main(replay_args)
     args = build_parser().parse_args(argv)
     _ensure_passive_omp(argv)
     log = setup_logging(args.log_level, args.log_file)
 
-    import torch  # only now: see the module docstring
+    import torch  # noqa: F401  only now: see the module docstring
 
     from protocol import DEFAULT_LIMITS, CurveServer
 
     from .daemon import Daemon, DaemonConfig
-    from .sinks import Sink, SinkSet
-    from .sinks.console import ConsoleSink
-    from .sinks.jsonl import JsonlSink
-    from .alerts import AlertSettings
-    from .worker import AnalysisSettings
 
-    def fail(message: str) -> int:
-        print(f"Error: {message}", file=sys.stderr)
-        return 2
-
-    for name in ("threshold", "chunk_size", "top_k", "threads", "max_rows", "max_cols", "max_bytes",
-                 "knn_k", "probe_k"):
+    for name in ("max_rows", "max_cols", "max_bytes"):
         value = getattr(args, name)
-        if value is not None and name != "threshold" and value < 1:
+        if value is not None and value < 1:
             return fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.drift_window < 5:
-        return fail(f"--drift-window must be at least 5, got {args.drift_window}")
-    if args.alert_interval < 0 or args.drift_spike_mads <= 0:
-        return fail("--alert-interval must be >= 0 and --drift-spike-mads > 0")
-    probes = tuple(t.strip() for spec in args.probe for t in spec.split(",") if t.strip())
-    threads = args.threads or default_threads()
-    torch.set_num_threads(threads)
-    if args.nice > 0:
-        try:
-            os.nice(args.nice)
-        except OSError as exc:
-            log.warning("could not lower the priority (--nice %d): %s", args.nice, exc)
+    try:
+        settings = analysis_settings(args)
+    except ValueError as exc:
+        return fail(str(exc))
+    threads = set_threads_and_priority(args, log)
 
     limits = DEFAULT_LIMITS
     overrides = {k: v for k, v in (("max_rows", args.max_rows), ("max_cols", args.max_cols),
@@ -217,39 +290,23 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             return fail(str(exc))
 
-    sinks: list[Sink] = [JsonlSink(args.results_dir)]
-    if not args.no_console:
-        sinks.insert(0, ConsoleSink())
-    if args.wandb and os.environ.get("WANDB_MODE", "").lower() != "disabled":
-        from .sinks.wandb_sink import WandbSink
-        sinks.append(WandbSink(default_project=args.wandb_project,
-                               close_timeout=max(args.shutdown_grace, 30.0),
-                               config={"threshold": args.threshold, "chunk_size": args.chunk_size,
-                                       "top_k": args.top_k, "threads": threads, "extras": args.extras,
-                                       "knn_k": args.knn_k, "probes": list(probes)}))
+    sinks = make_sinks(args, settings, threads, close_timeout=max(args.shutdown_grace, 30.0))
     config = DaemonConfig(
         listen=args.listen, limits=limits, exit_on_end=args.exit_on_end, state_dir=args.state_dir,
         shutdown_grace=args.shutdown_grace, curve=curve, allow_insecure=args.allow_insecure,
-        analysis=AnalysisSettings(threshold=args.threshold, chunk_size=args.chunk_size,
-                                  top_k=args.top_k, progress_interval=args.progress_interval,
-                                  extras=args.extras, knn_k=args.knn_k, probes=probes, probe_k=args.probe_k,
-                                  alerts=AlertSettings(
-                                      collapse_mean_sim=args.collapse_mean_sim,
-                                      collapse_min_rank_fraction=args.collapse_min_rank_fraction,
-                                      drift_window=args.drift_window, drift_spike_mads=args.drift_spike_mads,
-                                      interval=args.alert_interval)))
+        analysis=settings)
     log.info("starting: %d analysis thread(s), nice +%d, OMP_WAIT_POLICY=%s, sinks: %s", threads,
-             max(args.nice, 0), os.environ.get("OMP_WAIT_POLICY"), ", ".join(s.name for s in sinks))
+             max(args.nice, 0), os.environ.get("OMP_WAIT_POLICY"), ", ".join(s.name for s in sinks.sinks))
     try:
-        daemon = Daemon(config, SinkSet(sinks))
+        daemon = Daemon(config, sinks)
         return daemon.serve()
     except ValueError as exc:  # bad endpoint, insecure endpoint refused
-        SinkSet(sinks).close()
+        sinks.close()
         return fail(str(exc))
     except Exception as exc:
         import zmq
         if isinstance(exc, zmq.ZMQError):
-            SinkSet(sinks).close()
+            sinks.close()
             return fail(f"cannot listen on {args.listen}: {exc} (is another daemon running there?)")
         raise
 

@@ -385,6 +385,8 @@ def analyze_embedding_geometry(
     chunk_size: int = 512,
     *,
     progress: Callable[[float], None] | None = None,
+    sample_rows: int | None = None,
+    seed: int = 0,
 ) -> dict:
     """Histogram, mean/std and neighbour density of all pairwise cosines of the rows of `weights` (V, d).
 
@@ -400,8 +402,13 @@ def analyze_embedding_geometry(
     Memory is O(chunk_size x n). `progress(fraction_done)` is called after each row chunk; an exception
     it raises propagates and abandons the analysis (nothing is left half-updated outside this call).
     Inputs may be float16/bfloat16/float64: the pass runs in float32, the sums in float64.
+    `sample_rows=N` (fewer than the valid rows): estimate the neighbourhood size and the histogram from N
+    rows drawn with `seed`, each against all rows (cost N x V instead of V^2 / 2); the result gains
+    `sampled_rows`, `sampled_pairs`, `sample_seed` and `confidence_95` (95% intervals), mean and std stay
+    exact (geometry_sampled.py). N >= the valid rows is the exact pass.
     """
-    return geometry_and_neighbours(weights, threshold, chunk_size, knn_k=0, progress=progress)[0]
+    return geometry_and_neighbours(weights, threshold, chunk_size, knn_k=0, progress=progress,
+                                   sample_rows=sample_rows, seed=seed)[0]
 
 
 @torch.no_grad()
@@ -412,13 +419,19 @@ def geometry_and_neighbours(
     *,
     knn_k: int = 10,
     progress: Callable[[float], None] | None = None,
+    sample_rows: int | None = None,
+    seed: int = 0,
 ) -> tuple[dict, tuple[torch.Tensor, torch.Tensor] | None]:
     """`analyze_embedding_geometry`'s dict plus every row's `knn_k` nearest rows by cosine, from the same pass.
 
     The second value is None when knn_k == 0, else (ids, cosines), both (V, knn_k): original row ids,
     best first, self excluded, -1 / nan where there is none (invalid rows, fewer than knn_k + 1 valid
-    rows). Ties at the k-th place are broken arbitrarily.
+    rows). Ties at the k-th place are broken arbitrarily. With `sample_rows`, only the sampled rows
+    have lists (see `analyze_embedding_geometry`).
     """
+    if sample_rows is not None and (isinstance(sample_rows, bool) or not isinstance(sample_rows, int)
+                                    or sample_rows < 1):
+        raise ValueError(f"sample_rows must be a positive integer or None, got {sample_rows!r}")
     if isinstance(knn_k, bool) or not isinstance(knn_k, int) or knn_k < 0:
         raise ValueError(f"knn_k must be a non-negative integer, got {knn_k!r}")
     threshold = float(threshold)
@@ -446,6 +459,12 @@ def geometry_and_neighbours(
     aligned = abs(edge - round(edge)) < 1e-9 and 0 <= round(edge) < HIST_BINS
     x_threshold = k * threshold + c
     above_threshold = 0
+    if sample_rows is not None and sample_rows < n:
+        from .geometry_sampled import sampled_geometry
+        index = torch.cat(index_parts) if index_parts else torch.zeros(0, dtype=torch.int64)
+        return sampled_geometry(packed, index, int(weights.shape[0]), d, (k, c, off, HIST_BINS), threshold,
+                                off + round(edge) if aligned else None, (pairs, mean, std), (nonfinite, zero),
+                                sample_rows, seed, chunk_size, knn_k, progress)
 
     if n >= 2:
         threads = torch.get_num_threads()

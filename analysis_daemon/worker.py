@@ -40,6 +40,8 @@ class AnalysisSettings:
     probes: tuple[str, ...] = ()  # probe tokens: ids or strings looked up in the trainer's vocabulary
     probe_k: int = 10  # neighbours listed per probe
     alerts: AlertSettings = AlertSettings()
+    sample_rows: int | None = None  # sampled geometry from this many rows (None: the exact pass)
+    sample_seed: int = 0  # the sample's seed: the same rows for every snapshot of the same size
 
 
 def jsonable(value: Any) -> Any:
@@ -146,7 +148,8 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     try:
         geom, neighbours = geometry_and_neighbours(
             cur.tensor, threshold=settings.threshold, chunk_size=settings.chunk_size,
-            knn_k=settings.knn_k if settings.extras else 0, progress=progress)
+            knn_k=settings.knn_k if settings.extras else 0, progress=progress,
+            sample_rows=settings.sample_rows, seed=settings.sample_seed)
         geometry = jsonable(geom)
         knn_ids = neighbours[0] if neighbours is not None else None
     except AnalysisAbandoned:

@@ -80,8 +80,12 @@ def format_result(result: dict[str, Any]) -> str:
     if geom:
         density, sparsity = geom["local_density"], geom["global_sparsity"]
         mean, std = sparsity.get("mean_similarity"), sparsity.get("std_similarity")
+        sampled = ""
+        if geom.get("sampled_rows"):  # an estimate: say from how many rows, and how sure it is
+            lo, hi = (geom.get("confidence_95") or {}).get("average_neighborhood_size") or (None, None)
+            sampled = f", estimated from {geom['sampled_rows']} rows: 95% CI {_num(lo, '.2f')}..{_num(hi, '.2f')}"
         lines.append(f"  [Geometry] Avg Neighbors (Galaxy Size): "
-                     f"{_num(density['average_neighborhood_size'], '.2f')} (cosine > {density['threshold']})")
+                     f"{_num(density['average_neighborhood_size'], '.2f')} (cosine > {density['threshold']}{sampled})")
         lines.append(f"  [Geometry] Mean Similarity (Universe Sparsity): {_num(mean, '.4f')} "
                      f"(std {_num(std, '.4f')})")
     else:

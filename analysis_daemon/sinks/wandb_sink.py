@@ -68,6 +68,10 @@ def metrics_for(result: dict[str, Any], wandb: Any) -> dict[str, Any]:
         density, sparsity = geom["local_density"], geom["global_sparsity"]
         if density.get("average_neighborhood_size") is not None:
             data["analysis/geom_avg_neighbors"] = density["average_neighborhood_size"]
+        ci = (geom.get("confidence_95") or {}).get("average_neighborhood_size")
+        if geom.get("sampled_rows") and ci:  # sampled geometry: the estimate's 95% interval beside it
+            data["analysis/geom_sampled_rows"] = geom["sampled_rows"]
+            data["analysis/geom_avg_neighbors_ci_low"], data["analysis/geom_avg_neighbors_ci_high"] = ci
         for key, name in (("mean_similarity", "geom_mean_similarity"),
                           ("std_similarity", "geom_std_similarity")):
             if sparsity.get(key) is not None:

@@ -1,0 +1,409 @@
+"""Saved checkpoints as embedding snapshots: find them, order them by iteration, read only the embedding.
+
+Formats (one checkpoint = a file or a model directory):
+- Hugging Face model directories: model.safetensors, sharded safetensors (model.safetensors.index.json),
+  pytorch_model.bin (and its sharded index); the iteration from trainer_state.json's global_step.
+- single .safetensors files (safetensors_file.py: our own bounded parser, only the embedding is read);
+- torch files (.pt .pth .bin .ckpt): nanoGPT's ckpt.pt ({"model": state dict, "iter_num": ...}),
+  Lightning ({"state_dict", "global_step"}), plain state dicts; loaded with weights_only=True (tensors
+  and plain containers only: a pickle that names any other object is refused, nothing runs) and
+  mmap=True (the tensors stay on disk, only the embedding's pages are read);
+- .npy arrays (allow_pickle=False).
+A directory that is not a model directory is expanded into the checkpoints it holds (files of those
+kinds, model subdirectories such as checkpoint-500/), and everything is ordered by iteration: from the
+checkpoint's metadata, else the last integer of its name, else the order given.
+"""
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Iterable
+
+import numpy as np
+import torch
+
+from .safetensors_file import SafetensorsError, TensorEntry, read_header, read_tensor
+
+SAFETENSORS_INDEX: Final = "model.safetensors.index.json"
+TORCH_INDEX: Final = "pytorch_model.bin.index.json"
+MODEL_FILES: Final = ("model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", TORCH_INDEX)
+SUFFIXES: Final = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".npy")
+# Files a training run keeps beside its weights: never an embedding.
+NOT_WEIGHTS: Final = re.compile(r"^(optimizer|scheduler|scaler|rng_state|training_args|trainer_state)")
+# The embedding's usual names, most specific first; a key matches its name or ends with "." + it, after
+# torch.compile's "_orig_mod." and DDP's leading "module." are removed.
+EMBEDDING_NAMES: Final = (
+    "transformer.wte.weight", "model.embed_tokens.weight", "gpt_neox.embed_in.weight",
+    "embeddings.word_embeddings.weight", "transformer.word_embeddings.weight", "tok_embeddings.weight",
+    "wte.weight", "embed_tokens.weight", "word_embeddings.weight", "embed_in.weight", "tok_emb.weight",
+    "token_embedding.weight", "shared.weight",
+)
+STATE_DICT_KEYS: Final = ("model", "state_dict", "model_state_dict", "module")
+ITER_KEYS: Final = ("iter_num", "global_step", "step", "iteration")
+MAX_JSON_BYTES: Final = 256 * 1024 * 1024  # tokenizer.json / index / trainer_state: far above real ones
+MAX_VOCAB: Final = 1 << 24
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be used (unreadable, refused, no embedding); the message is one line."""
+
+
+@dataclass
+class Checkpoint:
+    """One checkpoint to replay: where it is and which iteration it stands for."""
+
+    path: Path  # a file, or a model directory
+    iter: int | None = None
+    iter_source: str = "order"  # "metadata", "name" or "order"
+    error: str | None = None  # set when even its metadata could not be read
+
+
+@dataclass
+class Embedding:
+    """What replay needs from one checkpoint."""
+
+    tensor: torch.Tensor
+    name: str
+    iter: int | None  # from the checkpoint's metadata
+    vocab: list[str | None] | None = field(default=None, repr=False)
+
+
+# --- finding and ordering ------------------------------------------------------------------------
+def is_model_dir(path: Path) -> bool:
+    """True when `path` is a directory holding one model's weights (Hugging Face layout)."""
+    return path.is_dir() and any((path / name).is_file() for name in MODEL_FILES)
+
+
+def _is_weights_file(path: Path) -> bool:
+    return path.is_file() and path.suffix in SUFFIXES and not NOT_WEIGHTS.match(path.name)
+
+
+def name_number(path: Path) -> int | None:
+    """The last integer in the file or directory name (ckpt_000200.pt -> 200, checkpoint-500 -> 500)."""
+    stem = path.name if path.is_dir() else path.stem
+    numbers = re.findall(r"\d+", stem)
+    return int(numbers[-1]) if numbers else None
+
+
+def expand(paths: Iterable[str | Path]) -> list[Checkpoint]:
+    """The checkpoints named by `paths`, directories of checkpoints expanded (by name order within each)."""
+    found: list[Checkpoint] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise CheckpointError(f"{path} does not exist")
+        if path.is_file() or is_model_dir(path):
+            found.append(Checkpoint(path))
+            continue
+        children = [c for c in path.iterdir() if _is_weights_file(c) or is_model_dir(c)]
+        if not children:
+            raise CheckpointError(f"{path} holds no checkpoints (model directories such as checkpoint-500/, "
+                                  f"or {', '.join(SUFFIXES)} files)")
+        children.sort(key=lambda c: (name_number(c) is None, name_number(c) or 0, c.name))
+        found.extend(Checkpoint(c) for c in children)
+    return found
+
+
+def order(checkpoints: list[Checkpoint]) -> list[Checkpoint]:
+    """Fill in each iteration (metadata, else name) and sort by it; without one for every checkpoint,
+    keep the order given and number them 0, 1, 2... (the order as iteration)."""
+    for ckpt in checkpoints:
+        try:
+            ckpt.iter = metadata_iter(ckpt.path)
+            if ckpt.iter is not None:
+                ckpt.iter_source = "metadata"
+        except CheckpointError as exc:
+            ckpt.error = str(exc)
+        if ckpt.iter is None:
+            ckpt.iter = name_number(ckpt.path)
+            ckpt.iter_source = "name" if ckpt.iter is not None else "order"
+    if all(c.iter_source != "order" for c in checkpoints):
+        return sorted(checkpoints, key=lambda c: c.iter)  # stable: equal iterations keep the given order
+    for position, ckpt in enumerate(checkpoints):
+        ckpt.iter, ckpt.iter_source = position, "order"
+    return checkpoints
+
+
+# --- metadata ----------------------------------------------------------------------------------
+def _read_json(path: Path) -> Any:
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: larger than {MAX_JSON_BYTES} bytes, not read")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _as_iter(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    if isinstance(value, int) and value >= 0:
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_floating_point:
+        return int(value) if int(value) >= 0 else None
+    return None
+
+
+def _iter_from(mapping: dict[str, Any]) -> int | None:
+    for key in ITER_KEYS:
+        it = _as_iter(mapping.get(key))
+        if it is not None:
+            return it
+    return None
+
+
+def metadata_iter(path: Path) -> int | None:
+    """The iteration a checkpoint's own metadata states (None when it says none)."""
+    if path.is_dir():
+        state = path / "trainer_state.json"
+        if state.is_file():
+            data = _read_json(state)
+            return _as_iter(data.get("global_step")) if isinstance(data, dict) else None
+        return None
+    if path.suffix == ".safetensors":
+        return _iter_from(_safetensors_header(path)[1])
+    if path.suffix == ".npy":
+        return None
+    obj = _torch_load(path)
+    return _iter_from(obj) if isinstance(obj, dict) else None
+
+
+# --- reading the embedding ---------------------------------------------------------------------
+def _safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    try:
+        return read_header(path)
+    except SafetensorsError as exc:
+        raise CheckpointError(str(exc)) from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc}") from None
+
+
+def _torch_load(path: Path) -> Any:
+    # mmap needs the zip format torch.save has written since 1.6; older files are read whole.
+    try:
+        use_mmap = zipfile.is_zipfile(path)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
+        text = " ".join(str(exc).split())
+        if "weights_only" in text.lower() or "unpickl" in type(exc).__name__.lower():
+            raise CheckpointError(f"{path}: refused: it holds objects other than tensors and plain "
+                                  "containers, and loading them could run code (weights-only load failed: "
+                                  f"{text[:160]})") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: "
+                              f"{text[:160]}; truncated or corrupt?)") from None
+
+
+def _state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return {"": obj}
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    for key in STATE_DICT_KEYS:
+        inner = obj.get(key)
+        if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+            obj = inner
+            break
+    return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _normalised(name: str) -> str:
+    name = name.replace("_orig_mod.", "")
+    while name.startswith("module."):
+        name = name[len("module."):]
+    return name
+
+
+def choose_tensor(shapes: dict[str, tuple[int, ...]], wanted: str | None, where: Path) -> str:
+    """The embedding's key among `shapes` (name -> shape): `wanted`, else the usual names; else one
+    error that lists the 2-D candidates."""
+    two_d = {k: s for k, s in shapes.items() if len(s) == 2}
+    listing = ", ".join(f"{k} [{s[0]} x {s[1]}]" for k, s in list(two_d.items())[:12])
+    if len(two_d) > 12:
+        listing += f", ... ({len(two_d) - 12} more)"
+    hint = f"2-D tensors: {listing}" if two_d else "it holds no 2-D tensor"
+    if wanted is not None:
+        if wanted in two_d:
+            return wanted
+        matches = [k for k in two_d if _normalised(k) == _normalised(wanted)]
+        if len(matches) == 1:
+            return matches[0]
+        why = "is not 2-D" if wanted in shapes else "not found"
+        raise CheckpointError(f"{where}: tensor {wanted!r} {why}; {hint}")
+    for name in EMBEDDING_NAMES:
+        matches = [k for k in two_d if _normalised(k) == name or _normalised(k).endswith("." + name)]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise CheckpointError(f"{where}: several embedding candidates ({', '.join(matches)}); "
+                                  "pick one with --tensor NAME")
+    raise CheckpointError(f"{where}: no tensor with a usual embedding name; pass --tensor NAME ({hint})")
+
+
+def _check_float(tensor: torch.Tensor, name: str, where: Path) -> torch.Tensor:
+    if not tensor.dtype.is_floating_point:
+        raise CheckpointError(f"{where}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}, "
+                              "not a float tensor")
+    return tensor
+
+
+def _index_shards(index_path: Path) -> dict[str, Path]:
+    data = _read_json(index_path)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path}: no weight_map object")
+    shards: dict[str, Path] = {}
+    for name, shard in weight_map.items():
+        # A shard is a file beside the index, never a path elsewhere ("../../etc/passwd").
+        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+            raise CheckpointError(f"{index_path}: weight_map entry {name!r} names {shard!r}, not a file "
+                                  "beside the index")
+        shards[str(name)] = index_path.parent / shard
+    return shards
+
+
+def _read_safetensors(files: list[Path], wanted: str | None, where: Path) -> tuple[str, torch.Tensor, int | None]:
+    entries: dict[str, tuple[Path, TensorEntry]] = {}
+    it = None
+    for f in files:
+        header, meta = _safetensors_header(f)
+        it = it if it is not None else _iter_from(meta)
+        entries.update({name: (f, e) for name, e in header.items()})
+    name = choose_tensor({k: e.shape for k, (_, e) in entries.items()}, wanted, where)
+    f, entry = entries[name]
+    try:
+        return name, read_tensor(f, entry), it
+    except SafetensorsError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
+def _read_torch(path: Path, wanted: str | None) -> tuple[str, torch.Tensor, int | None, Any]:
+    obj = _torch_load(path)
+    tensors = _state_dict(obj, path)
+    name = choose_tensor({k: tuple(v.shape) for k, v in tensors.items()}, wanted, path)
+    # clone: a private copy in memory; the rest of the checkpoint stays unread on disk (mmap)
+    tensor = _check_float(tensors[name], name, path).detach().clone()
+    meta = obj if isinstance(obj, dict) else {}
+    return name, tensor, _iter_from(meta), meta.get("itos")
+
+
+def _read_npy(path: Path) -> torch.Tensor:
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: refused or unreadable .npy ({' '.join(str(exc).split())[:160]})") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc}") from None
+    if arr.ndim != 2 or arr.dtype.kind != "f":
+        raise CheckpointError(f"{path}: holds a {arr.dtype} array of shape {list(arr.shape)}, not a 2-D float "
+                              "embedding")
+    return torch.from_numpy(np.array(arr))  # a copy, read once, no mmap left behind
+
+
+def _sharded(index: Path, wanted: str | None, where: Path) -> tuple[str, torch.Tensor, int | None]:
+    """Read the embedding of a sharded model: the index names every tensor, so only its shard is opened."""
+    shards = _index_shards(index)
+    torch_shards = index.name == TORCH_INDEX
+    try:  # by name first; shapes are checked once the shard is open
+        key = choose_tensor({k: (0, 0) for k in shards}, wanted, where)
+        files = [shards[key]]
+    except CheckpointError:  # open every shard: finds it by shape-aware rules, or lists real shapes
+        key, files = wanted, sorted(set(shards.values()))
+    if not torch_shards:
+        return _read_safetensors(files, key, where)
+    shapes: dict[str, tuple[int, ...]] = {}
+    loaded: dict[str, torch.Tensor] = {}
+    for f in files:
+        loaded.update(_state_dict(_torch_load(f), f))
+    shapes = {k: tuple(v.shape) for k, v in loaded.items()}
+    name = choose_tensor(shapes, key, where)
+    return name, _check_float(loaded[name], name, where).detach().clone(), None
+
+
+def read_embedding(path: Path, wanted: str | None = None) -> Embedding:
+    """The embedding tensor of the checkpoint at `path` (file or model directory), its name and metadata."""
+    vocab: Any = None
+    try:
+        if path.is_dir():
+            if (path / SAFETENSORS_INDEX).is_file():
+                name, tensor, it = _sharded(path / SAFETENSORS_INDEX, wanted, path)
+            elif (path / "model.safetensors").is_file():
+                name, tensor, it = _read_safetensors([path / "model.safetensors"], wanted, path)
+            elif (path / TORCH_INDEX).is_file():
+                name, tensor, it = _sharded(path / TORCH_INDEX, wanted, path)
+            else:
+                name, tensor, it, vocab = _read_torch(path / "pytorch_model.bin", wanted)
+            it = metadata_iter(path) if it is None else it
+        elif path.suffix == ".safetensors":
+            name, tensor, it = _read_safetensors([path], wanted, path)
+        elif path.suffix == ".npy":
+            name, tensor, it = path.stem, _read_npy(path), None
+        else:
+            name, tensor, it, vocab = _read_torch(path, wanted)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc}") from None
+    ok_vocab = vocab if isinstance(vocab, list) and all(isinstance(s, str) for s in vocab) else None
+    return Embedding(tensor=_check_float(tensor, name, path), name=name, iter=it, vocab=ok_vocab)
+
+
+# --- vocabulary ----------------------------------------------------------------------------------
+def _tokenizer_json(path: Path) -> list[str | None]:
+    data = _read_json(path)
+    model = data.get("model") if isinstance(data, dict) else None
+    raw = model.get("vocab") if isinstance(model, dict) else None
+    pairs: list[tuple[Any, Any]] = []
+    if isinstance(raw, dict):  # BPE, WordPiece, WordLevel: {token: id}
+        pairs = [(tid, tok) for tok, tid in raw.items()]
+    elif isinstance(raw, list):  # Unigram: [[token, score], ...], the id is the position
+        pairs = [(i, e[0]) for i, e in enumerate(raw) if isinstance(e, list) and e]
+    else:
+        raise CheckpointError(f"{path}: no model.vocab map or list")
+    for added in data.get("added_tokens") or []:
+        if isinstance(added, dict):
+            pairs.append((added.get("id"), added.get("content")))
+    return _vocab_list(pairs, path)
+
+
+def _vocab_list(pairs: list[tuple[Any, Any]], path: Path) -> list[str | None]:
+    good = [(tid, tok) for tid, tok in pairs if isinstance(tid, int) and not isinstance(tid, bool)
+            and 0 <= tid < MAX_VOCAB and isinstance(tok, str)]
+    if not good:
+        raise CheckpointError(f"{path}: no usable token entries")
+    vocab: list[str | None] = [None] * (max(tid for tid, _ in good) + 1)
+    for tid, tok in good:
+        vocab[tid] = tok
+    return vocab
+
+
+def load_vocab(near: Path) -> tuple[list[str | None] | None, Path | None]:
+    """Token strings by id from tokenizer.json, vocab.txt or our meta.json in `near` (a checkpoint's
+    directory) or its parent; (None, None) when there is none. A bad file is skipped with its error."""
+    errors = []
+    for directory in (near, near.parent):
+        for name in ("tokenizer.json", "vocab.txt", "meta.json"):
+            path = directory / name
+            if not path.is_file():
+                continue
+            try:
+                if name == "tokenizer.json":
+                    return _tokenizer_json(path), path
+                if name == "vocab.txt":
+                    if path.stat().st_size > MAX_JSON_BYTES:
+                        raise CheckpointError(f"{path}: too large")
+                    lines = path.read_text(encoding="utf-8").split("\n")
+                    if lines and lines[-1] == "":
+                        lines.pop()
+                    return _vocab_list(list(enumerate(lines)), path), path
+                meta = _read_json(path)
+                itos = meta.get("itos") if isinstance(meta, dict) else None
+                if isinstance(itos, list):
+                    return _vocab_list(list(enumerate(itos)), path), path
+            except (CheckpointError, OSError, UnicodeDecodeError) as exc:
+                errors.append(str(exc))
+    if errors:
+        raise CheckpointError("; ".join(errors))
+    return None, None

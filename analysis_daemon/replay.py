@@ -1,0 +1,223 @@
+"""`analysis-daemon replay PATH...`: the daemon's analysis over saved checkpoints, no training needed.
+
+    analysis-daemon replay out/checkpoints --run my-run             # nanoGPT ckpt_*.pt files
+    analysis-daemon replay hf-run/ --sample-rows 4096               # checkpoint-500/, checkpoint-1000/, ...
+    analysis-daemon replay step1000.safetensors step2000.safetensors --tensor encoder.embed.weight
+
+Each checkpoint's embedding becomes a snapshot at its iteration (checkpoints.py) and goes through the
+same `worker.analyse` and the same sinks as a live snapshot, so the results file, the console block,
+the W&B run (iteration axis) and `analysis-daemon report` are what the live daemon would have made.
+Only the previous and the current embedding are held. A checkpoint that cannot be read is reported in
+one line and skipped; the drift of the next one is measured against the last good one, and the exit
+status is 1 when any failed.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from .cli import (add_analysis_options, add_output_options, analysis_settings, fail, make_sinks,
+                  set_threads_and_priority, setup_logging)
+
+log = logging.getLogger("embedding_monitor.daemon")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `replay` argument parser: paths, run, tensor, and the daemon's analysis and output options."""
+    p = argparse.ArgumentParser(
+        prog="analysis-daemon replay",
+        description="Analyse saved checkpoints as if a trainer had published their embeddings: drift "
+                    "between consecutive checkpoints, geometry and insight of each, written to the "
+                    "console, <results-dir>/<run>/analysis.jsonl and W&B exactly as the live daemon "
+                    "does. PATH is a checkpoint (a Hugging Face model directory, a .safetensors, "
+                    ".pt/.pth/.bin/.ckpt torch file such as nanoGPT's ckpt.pt, or a .npy array) or a "
+                    "directory of them (checkpoint-500/, step1000/, ckpt_000200.pt, ...), ordered by "
+                    "iteration.",
+        epilog="Iterations come from the checkpoint (iter_num, global_step, trainer_state.json), else "
+               "from the last number in its name, else from the order given. Token strings come from "
+               "tokenizer.json, vocab.txt or meta.json beside the weights (or one directory up). Torch "
+               "files are loaded weights-only: a pickle that would build any other object is refused. "
+               "Exit status: 0 all analysed, 1 some checkpoints failed (each named on stderr), 2 usage.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint files or directories")
+    p.add_argument("--run", help="run name for the results directory and W&B (default: the name of the "
+                                 "first PATH, a file's directory)")
+    p.add_argument("--tensor", metavar="NAME",
+                   help="name of the embedding tensor when it has none of the usual names "
+                        "(transformer.wte.weight, model.embed_tokens.weight, ...)")
+    add_analysis_options(p)
+    add_output_options(p)
+    return p
+
+
+def default_run_name(paths: list[str]) -> str:
+    """The first path's name: a directory's own name, a file's directory name (or stem at the top)."""
+    first = Path(paths[0]).resolve()
+    if first.is_dir():
+        return first.name or "replay"
+    return first.parent.name or first.stem or "replay"
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class ProgressBar:
+    """`replay [####....] k/n name  elapsed H:MM:SS  ETA H:MM:SS` on stderr.
+
+    On a terminal one line is redrawn in place (also during a long geometry pass); otherwise, as in a
+    log file, one line per checkpoint.
+    """
+
+    def __init__(self, total: int, stream: IO[str] | None = None, width: int = 24) -> None:
+        self.total, self.width = total, width
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.started = time.monotonic()
+        self.done, self.fraction, self.label = 0, 0.0, ""
+        self._last_draw = 0.0
+
+    def line(self) -> str:
+        """The bar as text."""
+        progress = min(self.total, self.done + self.fraction)
+        filled = round(self.width * progress / max(1, self.total))
+        elapsed = time.monotonic() - self.started
+        eta = _clock(elapsed / progress * (self.total - progress)) if progress > 0 else "--:--"
+        current = min(self.done + 1, self.total)
+        return (f"replay [{'#' * filled}{'.' * (self.width - filled)}] checkpoint {current}/{self.total} "
+                f"{self.label}  elapsed {_clock(elapsed)}  ETA {eta}")
+
+    def _draw(self, final: bool = False) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K" + self.line() + ("\n" if final else ""))
+        else:
+            self.stream.write(self.line() + "\n")
+        self.stream.flush()
+
+    def start(self, k: int, label: str) -> None:
+        """Checkpoint k (0-based) begins."""
+        self.done, self.fraction, self.label = k, 0.0, label
+        self._draw()
+
+    def update(self, fraction: float) -> None:
+        """The running checkpoint is `fraction` done (redrawn at most twice a second, terminals only)."""
+        self.fraction = fraction
+        now = time.monotonic()
+        if self.tty and now - self._last_draw >= 0.5:
+            self._last_draw = now
+            self._draw()
+
+    def finish(self) -> None:
+        """Every checkpoint is done."""
+        self.done, self.fraction, self.label = self.total, 0.0, "done"
+        self._draw(final=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run a replay from parsed options; the exit status."""
+    setup_logging(args.log_level, args.log_file)
+    from .checkpoints import CheckpointError, expand, order
+
+    try:
+        settings = analysis_settings(args)
+        checkpoints = order(expand(args.paths))
+    except (ValueError, CheckpointError) as exc:
+        return fail(str(exc))
+    threads = set_threads_and_priority(args, log)
+    run = args.run or default_run_name(args.paths)
+    log.info("replay: run %s, %d checkpoint(s), %d analysis thread(s)%s", run, len(checkpoints), threads,
+             f", sampled geometry ({settings.sample_rows} rows)" if settings.sample_rows else "")
+    seen: dict[int, Path] = {}
+    for ckpt in checkpoints:
+        if ckpt.iter in seen:
+            log.warning("replay: %s and %s both stand for iteration %d", seen[ckpt.iter], ckpt.path, ckpt.iter)
+        seen.setdefault(ckpt.iter, ckpt.path)
+    sinks = make_sinks(args, settings, threads, close_timeout=60.0)
+    try:
+        failures = _replay(run, checkpoints, args.tensor, settings, sinks)
+    except KeyboardInterrupt:
+        log.warning("replay: interrupted; the results written so far are complete")
+        return 130
+    finally:
+        sinks.close()
+    analysed = len(checkpoints) - len(failures)
+    if failures:
+        print(f"replay: {len(failures)} of {len(checkpoints)} checkpoint(s) failed, {analysed} analysed:",
+              file=sys.stderr)
+        for path, reason in failures:
+            print(f"  {reason}" if str(path) in reason else f"  {path}: {reason}", file=sys.stderr)
+        return 1
+    log.info("replay: %d checkpoint(s) analysed, results in %s", analysed, args.results_dir)
+    return 0
+
+
+def _replay(run: str, checkpoints: list[Any], tensor_name: str | None, settings: Any,
+            sinks: Any) -> list[tuple[Path, str]]:
+    """Analyse `checkpoints` in order into `sinks`; the (path, reason) of each one that failed."""
+    from .checkpoints import CheckpointError, load_vocab, read_embedding
+    from .state import Counters, HelloInfo, Job, RunInsight, SnapshotData
+    from .worker import analyse
+
+    counters = Counters()
+    insight = RunInsight()
+    previous: SnapshotData | None = None
+    hello_sent = False
+    vocabs: dict[Path, Any] = {}  # per directory: checkpoint-500/ and checkpoint-1000/ share one
+    sources: set[Path] = set()
+    failures: list[tuple[Path, str]] = []
+    bar = ProgressBar(len(checkpoints))
+    for k, ckpt in enumerate(checkpoints):
+        bar.start(k, ckpt.path.name)
+        try:
+            if ckpt.error:
+                raise CheckpointError(ckpt.error)
+            emb = read_embedding(ckpt.path, tensor_name)
+        except CheckpointError as exc:
+            counters.rejected += 1
+            failures.append((ckpt.path, str(exc)))
+            log.error("replay: %s", exc)
+            continue
+        counters.received += 1
+        vocab = emb.vocab
+        if vocab is None:
+            near = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
+            if near not in vocabs:
+                try:
+                    vocabs[near], source = load_vocab(near)
+                    if source is not None and source not in sources:
+                        sources.add(source)
+                        log.info("replay: token strings from %s (%d tokens)", source, len(vocabs[near]))
+                except CheckpointError as exc:
+                    vocabs[near] = None
+                    log.warning("replay: no token strings for %s: %s", near, exc)
+            vocab = vocabs[near]
+        if vocab is not None and len(vocab) < emb.tensor.shape[0]:
+            log.debug("replay: vocabulary of %d tokens for %d rows", len(vocab), emb.tensor.shape[0])
+        hello = HelloInfo(pid=os.getpid(), host=socket.gethostname(), vocab=vocab,
+                          meta={"replay": True, "source": str(ckpt.path)})
+        if not hello_sent:
+            sinks.run_hello(run, hello)
+            hello_sent = True
+        snap = SnapshotData(iter=int(ckpt.iter), seq=k, name=emb.name, tensor=emb.tensor)
+        del emb
+        job = Job(run=run, current=snap, previous=previous, skipped_iters=[], hello=hello)
+        result = analyse(job, settings, bar.update, insight)
+        counters.analysed += 1
+        result["counters"] = counters.as_dict()
+        result["daemon_counters"] = counters.as_dict()
+        result["checkpoint"] = str(ckpt.path)
+        result["iter_source"] = ckpt.iter_source
+        sinks.handle(result)
+        previous = snap  # the next drift is measured against the last checkpoint that could be read
+        del job
+    bar.finish()
+    summary = counters.as_dict()
+    summary["failed"] = len(failures)
+    sinks.run_ended(run, summary)
+    return failures

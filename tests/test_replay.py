@@ -1,0 +1,349 @@
+"""`analysis-daemon replay`: real checkpoints from train.py, Hugging Face layouts, bad and hostile files."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import pickletools
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from analysis_daemon import measure_semantic_drift
+from analysis_daemon.checkpoints import CheckpointError, expand, order, read_embedding
+from analysis_daemon.cli import main as cli_main
+from analysis_daemon.safetensors_file import SafetensorsError, read_header, read_tensor
+from tests import wandb_history
+from analysis_daemon.report import main as report_main
+from tests.test_daemon import DaemonProc
+from tests.test_train import train_here
+
+pytestmark = pytest.mark.timeout(180)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def results(path: Path) -> list[dict[str, Any]]:
+    """Every record of a results file."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def replay_here(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys):
+    """Run `analysis-daemon replay ...` in this interpreter (no torch start-up); (exit status, stdout, stderr)."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # else the CLI re-executes itself to set it
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    threads = torch.get_num_threads()
+    logger = logging.getLogger("embedding_monitor.daemon")
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = cli_main(["replay", *args, "--results-dir", str(tmp_path / "runs"), "--threads", "1",
+                         "--nice", "0"])
+        for handler in list(logger.handlers):  # each run adds its own stderr handler
+            logger.removeHandler(handler)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    yield run
+    torch.set_num_threads(threads)
+
+
+def random_embedding(v: int, d: int, seed: int) -> torch.Tensor:
+    return torch.randn(v, d, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------- train.py, live vs replay
+
+
+def test_train_py_checkpoints_replay_like_the_live_daemon(tmp_path: Path, subprocess_env: dict[str, str],
+                                                          tcp_endpoint: str, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys) -> None:
+    env = dict(subprocess_env, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+    daemon = DaemonProc(tmp_path, dict(env, WANDB_MODE="disabled"), tcp_endpoint, "--exit-on-end")
+    try:  # train.py in this interpreter (saves a torch start-up), publishing to the live daemon
+        train_here(["--max_iters=9", "--eval_interval=3", "--eval_iters=4", "--keep_checkpoints=True",
+                    "--wandb_log=False", "--run_name=live", "--out_dir=out", f"--analysis_endpoint={tcp_endpoint}"],
+                   tmp_path, monkeypatch, capsys)
+        assert daemon.wait_exit() == 0, daemon.log()
+    finally:
+        daemon.kill()
+    kept = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    assert kept == ["ckpt_000003.pt", "ckpt_000006.pt", "ckpt_000009.pt"]
+
+    proc = subprocess.run([sys.executable, "-m", "analysis_daemon", "replay", "out/checkpoints", "--run", "replayed",
+                           "--results-dir", "replay-runs", "--threads", "1", "--nice", "0"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--- ASYNC ANALYSIS RESULTS FOR ITERATION 9 (run replayed) ---" in proc.stdout
+    assert "checkpoint 3/3" in proc.stderr and "ETA" in proc.stderr  # the progress bar
+    replayed = results(tmp_path / "replay-runs" / "replayed" / "analysis.jsonl")
+    assert [(r["iter"], r["prev_iter"]) for r in replayed] == [(3, None), (6, 3), (9, 6)]
+    assert [r["iter_source"] for r in replayed] == ["metadata"] * 3  # nanoGPT's iter_num
+    assert replayed[0]["drift"] is None and replayed[0]["drift_skipped_reason"] == "first snapshot of this run"
+
+    live = {r["iter"]: r for r in daemon.results("live")}
+    matched = 0
+    for r in replayed[1:]:
+        mine = live.get(r["iter"])
+        if mine is None or mine["prev_iter"] != r["prev_iter"]:
+            continue  # the live daemon skipped a snapshot here: not the same pair
+        matched += 1
+        assert mine["shape"] == r["shape"] == [138, 64] and mine["dtype"] == r["dtype"] == "float32"
+        for key in ("average_cosine_similarity", "average_euclidean_distance"):
+            assert r["drift"][key] == pytest.approx(mine["drift"][key], rel=1e-6)
+        assert [t for t, _ in r["drift"]["most_drifted_tokens"]] == [t for t, _ in mine["drift"]["most_drifted_tokens"]]
+        # the vocabulary: from the checkpoint's itos here, from the trainer's hello there
+        assert r["drift"]["most_drifted_token_strings"] == mine["drift"]["most_drifted_token_strings"]
+        assert r["geometry"]["global_sparsity"]["histogram_counts"] == mine["geometry"]["global_sparsity"]["histogram_counts"]
+        assert r["geometry"]["local_density"] == mine["geometry"]["local_density"]
+        for key in ("mean_similarity", "std_similarity"):
+            assert r["geometry"]["global_sparsity"][key] == pytest.approx(mine["geometry"]["global_sparsity"][key], rel=1e-9)
+        assert r["insight"]["effective_rank"] == pytest.approx(mine["insight"]["effective_rank"], rel=1e-9)
+        assert set(r) >= set(mine) - {"daemon_counters"}  # the same record, plus where it came from
+    assert matched >= 1, f"no iteration analysed against the same previous one: {sorted(live)}"
+
+    # W&B: one offline run on the iteration axis
+    files = wandb_history.find_run_files(tmp_path)
+    assert len(files) == 1
+    assert wandb_history.run_info(files[0])["name"] == "replayed-embeddings"
+    rows = wandb_history.history(files[0])
+    assert [row["analysis/iter"] for row in rows] == [3, 6, 9]
+    assert rows[2]["analysis/drift_cosine_sim"] == pytest.approx(replayed[2]["drift"]["average_cosine_similarity"])
+
+    # and the report reads it like any run
+    assert report_main([str(tmp_path / "replay-runs" / "replayed")]) == 0
+    assert "replayed" in (tmp_path / "replay-runs" / "replayed" / "report.html").read_text()
+
+
+# --------------------------------------------------------------------------- Hugging Face layouts
+
+
+def hf_checkpoint(directory: Path, step: int | None, tensors: dict[str, torch.Tensor], sharded: bool = False,
+                  torch_bin: bool = False) -> None:
+    """A Hugging Face-style checkpoint directory: safetensors (one file or two shards + index) or .bin."""
+    directory.mkdir(parents=True)
+    if step is not None:
+        (directory / "trainer_state.json").write_text(json.dumps({"global_step": step, "epoch": 1.0}))
+    (directory / "config.json").write_text("{}")
+    (directory / "optimizer.pt").write_bytes(b"not an embedding")  # what a Trainer keeps beside the weights
+    if torch_bin:
+        torch.save(tensors, directory / "pytorch_model.bin")
+    elif not sharded:
+        save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    else:
+        names = sorted(tensors)
+        half = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+                "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+        for shard, keys in half.items():
+            save_file({k: tensors[k] for k in keys}, directory / shard)
+        (directory / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": 0}, "weight_map": {k: s for s, keys in half.items() for k in keys}}))
+
+
+def llama_like(seed: int, v: int = 60, d: int = 12, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"model.embed_tokens.weight": (torch.randn(v, d, generator=g)).to(dtype),
+            "model.layers.0.mlp.up_proj.weight": torch.randn(2 * d, d, generator=g),
+            "model.norm.weight": torch.ones(d), "lm_head.weight": torch.randn(v, d, generator=g)}
+
+
+def test_hugging_face_directories_in_every_layout_ordered_by_step(replay_here, tmp_path: Path) -> None:
+    run = tmp_path / "hf-run"
+    base = llama_like(0)
+    states = {}
+    for step, seed, kind in ((100, 1, "single"), (200, 2, "sharded"), (50, 3, "bin"), (150, 4, "bf16")):
+        tensors = llama_like(seed)
+        tensors["model.embed_tokens.weight"] = base["model.embed_tokens.weight"] + 0.05 * step / 50 * tensors["model.embed_tokens.weight"]
+        if kind == "bf16":
+            tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].bfloat16()
+        # checkpoint-999's own trainer_state says step 150: the metadata wins over the name
+        name = "checkpoint-999" if step == 150 else f"checkpoint-{step}"
+        hf_checkpoint(run / name, step, tensors, sharded=kind == "sharded", torch_bin=kind == "bin")
+        states[step] = tensors["model.embed_tokens.weight"]
+    vocab = {f"w{i}": i for i in range(58)}
+    (run / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab},
+                                                    "added_tokens": [{"id": 58, "content": "<s>"},
+                                                                     {"id": 59, "content": "</s>"}]}))
+    code, out, err = replay_here(str(run), "--top-k", "5")
+    assert code == 0, err
+    recs = results(tmp_path / "runs" / "hf-run" / "analysis.jsonl")
+    assert [(r["iter"], r["prev_iter"]) for r in recs] == [(50, None), (100, 50), (150, 100), (200, 150)]
+    assert [r["dtype"] for r in recs] == ["float32", "float32", "bfloat16", "float32"]
+    assert {r["name"] for r in recs} == {"model.embed_tokens.weight"}
+    for r in recs[1:]:
+        expected = measure_semantic_drift(states[r["prev_iter"]], states[r["iter"]], top_k=5)
+        assert r["drift"]["average_cosine_similarity"] == pytest.approx(expected["average_cosine_similarity"], rel=1e-6)
+        assert [t for t, _ in r["drift"]["most_drifted_tokens"]] == [t for t, _ in expected["most_drifted_tokens"]]
+        strings = r["drift"]["most_drifted_token_strings"]
+        assert strings == [("<s>" if t == 58 else "</s>" if t == 59 else f"w{t}") for t, _ in expected["most_drifted_tokens"]]
+    assert "token strings from" in err and "tokenizer.json" in err
+
+
+def test_a_sharded_model_reads_only_the_embedding_shard(tmp_path: Path) -> None:
+    tensors = llama_like(5)
+    hf_checkpoint(tmp_path / "m", None, tensors, sharded=True)
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    other = next(s for k, s in index["weight_map"].items() if s != index["weight_map"]["model.embed_tokens.weight"])
+    (tmp_path / "m" / other).write_bytes(b"\xff" * 16)  # a broken shard the embedding does not live in
+    emb = read_embedding(tmp_path / "m")
+    assert torch.equal(emb.tensor, tensors["model.embed_tokens.weight"])
+    index["weight_map"]["model.embed_tokens.weight"] = "../../etc/passwd"
+    (tmp_path / "m" / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="not a file beside the index"):
+        read_embedding(tmp_path / "m")
+
+
+def test_a_tensor_with_an_unusual_name_needs_tensor(replay_here, tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    save_file({"encoder.vocab_table": torch.randn(40, 8, generator=g), "decoder.proj": torch.randn(8, 8, generator=g),
+               "decoder.bias": torch.zeros(8)}, tmp_path / "odd_step7.safetensors")
+    code, out, err = replay_here(str(tmp_path / "odd_step7.safetensors"))
+    assert code == 1
+    assert "no tensor with a usual embedding name; pass --tensor NAME (2-D tensors: " in err
+    assert "encoder.vocab_table [40 x 8]" in err and "decoder.proj [8 x 8]" in err and "decoder.bias" not in err
+    code, out, err = replay_here(str(tmp_path / "odd_step7.safetensors"), "--tensor", "encoder.vocab_table")
+    assert code == 0, err
+    recs = results(next((tmp_path / "runs").glob("*/analysis.jsonl")))
+    assert [(r["iter"], r["name"], r["iter_source"]) for r in recs] == [(7, "encoder.vocab_table", "name")]
+    code, out, err = replay_here(str(tmp_path / "odd_step7.safetensors"), "--tensor", "decoder.bias")
+    assert code == 1 and "tensor 'decoder.bias' is not 2-D" in err
+
+
+def test_prefixes_of_compiled_and_ddp_models_are_seen_through(tmp_path: Path) -> None:
+    w = random_embedding(20, 4, 1)
+    torch.save({"model": {"_orig_mod.transformer.wte.weight": w, "_orig_mod.lm_head.weight": w.clone()},
+                "iter_num": 42}, tmp_path / "ckpt.pt")
+    emb = read_embedding(tmp_path / "ckpt.pt")
+    assert (emb.name, emb.iter) == ("_orig_mod.transformer.wte.weight", 42) and torch.equal(emb.tensor, w)
+    torch.save({"module.model.embed_tokens.weight": w}, tmp_path / "ddp.bin")
+    assert read_embedding(tmp_path / "ddp.bin").name == "module.model.embed_tokens.weight"
+
+
+# --------------------------------------------------------------------------- bad and hostile files
+
+
+def test_corrupt_and_truncated_checkpoints_fail_alone(replay_here, tmp_path: Path) -> None:
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    w = {s: random_embedding(30, 6, s) for s in (100, 200, 300, 400, 500)}
+    for s in (100, 200, 300):
+        save_file({"wte.weight": w[s]}, ckpts / f"step{s}.safetensors")
+    data = (ckpts / "step200.safetensors").read_bytes()
+    (ckpts / "step200.safetensors").write_bytes(data[: len(data) - 100])  # cut inside the tensor
+    torch.save({"wte.weight": w[400]}, ckpts / "step400.pt")
+    data = (ckpts / "step400.pt").read_bytes()
+    (ckpts / "step400.pt").write_bytes(data[: len(data) // 2])
+    np.save(ckpts / "step500.npy", w[500].numpy())
+    code, out, err = replay_here(str(ckpts), "--run", "bad")
+    assert code == 1
+    recs = results(tmp_path / "runs" / "bad" / "analysis.jsonl")
+    assert [(r["iter"], r["prev_iter"]) for r in recs] == [(100, None), (300, 100), (500, 300)]
+    expected = measure_semantic_drift(w[100], w[300])
+    assert recs[1]["drift"]["average_cosine_similarity"] == pytest.approx(expected["average_cosine_similarity"], rel=1e-6)
+    assert recs[-1]["counters"] == {"received": 3, "analysed": 3, "skipped": 0, "rejected": 2}
+    summary = err[err.index("replay: 2 of 5 checkpoint(s) failed, 3 analysed:"):].splitlines()
+    assert len(summary) == 3
+    assert "step200.safetensors" in summary[1] and "outside the data section" in summary[1] and "truncated" in summary[1]
+    assert "step400.pt" in summary[2] and "truncated or corrupt" in summary[2]
+
+
+def evil_pickle_bytes(marker: Path) -> bytes:
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+    return pickle.dumps({"wte.weight": Evil()}, protocol=2)
+
+
+def test_a_hostile_pickle_is_refused_and_nothing_runs(replay_here, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    ckpts = tmp_path / "evil"
+    ckpts.mkdir()
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+    torch.save({"model": {"transformer.wte.weight": torch.zeros(4, 4)}, "iter_num": 1, "x": Evil()},
+               ckpts / "ckpt_000001.pt")  # torch's zip format, with a pickle inside
+    (ckpts / "ckpt_000002.bin").write_bytes(evil_pickle_bytes(marker))  # a bare pickle
+    np.save(ckpts / "ckpt_000003.npy", np.array([[object()]], dtype=object), allow_pickle=True)
+    # the files really would run the command if unpickled: the call is in their opcodes
+    ops = [arg for op, arg, _ in pickletools.genops(evil_pickle_bytes(marker)) if op.name in ("GLOBAL", "STACK_GLOBAL")]
+    assert any("system" in str(a) for a in ops)
+    code, out, err = replay_here(str(ckpts))
+    assert code == 1
+    assert not marker.exists()
+    assert "3 of 3 checkpoint(s) failed" in err
+    assert err.count("refused") >= 3
+    assert not (tmp_path / "runs" / "evil" / "analysis.jsonl").exists()
+
+
+def st_file(path: Path, header: dict[str, Any] | bytes, data: bytes, length: int | None = None) -> Path:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+    return path
+
+
+@pytest.mark.parametrize("header, data, length, message", [
+    ({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}, b"\0" * 8, None, "outside the data section"),
+    ({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 16]}}, b"\0" * 16, None, "needs 24 bytes"),
+    ({"w": {"dtype": "X9", "shape": [2, 2], "data_offsets": [0, 16]}}, b"\0" * 16, None, "unknown dtype"),
+    ({"w": {"dtype": "F32", "shape": [-2, 2], "data_offsets": [0, 16]}}, b"\0" * 16, None, "non-negative"),
+    ({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [8, 4]}}, b"\0" * 16, None, "outside the data"),
+    ({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0]}}, b"\0" * 16, None, "two integers"),
+    (b"{not json", b"", None, "not valid JSON"),
+    (b"[1, 2]", b"", None, "not a JSON object"),
+    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, 1 << 40, "exceeds the"),
+    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"", 4096, "truncated"),
+])
+def test_safetensors_headers_are_validated(tmp_path: Path, header: Any, data: bytes, length: int | None,
+                                           message: str) -> None:
+    path = st_file(tmp_path / "x.safetensors", header, data, length)
+    with pytest.raises(SafetensorsError, match=message):
+        read_header(path)
+
+
+def test_safetensors_reader_agrees_with_the_library_and_refuses_integer_tensors(tmp_path: Path) -> None:
+    tensors = {"a": random_embedding(7, 3, 0), "b": torch.arange(12, dtype=torch.int64).reshape(3, 4),
+               "c": random_embedding(5, 2, 1).half(), "d": random_embedding(4, 4, 2).bfloat16()}
+    save_file(tensors, tmp_path / "m.safetensors")
+    entries, meta = read_header(tmp_path / "m.safetensors")
+    for name in ("a", "c", "d"):
+        assert torch.equal(read_tensor(tmp_path / "m.safetensors", entries[name]), tensors[name])
+    with pytest.raises(SafetensorsError, match="not a float tensor"):
+        read_tensor(tmp_path / "m.safetensors", entries["b"])
+
+
+def test_npy_files_sampled_geometry_and_order_without_numbers(replay_here, tmp_path: Path) -> None:
+    d = tmp_path / "arrays"
+    d.mkdir()
+    w = {n: random_embedding(40, 5, i) for i, n in enumerate(("step10", "step2", "final"))}
+    for name, t in w.items():
+        np.save(d / f"{name}.npy", t.numpy())
+    code, out, err = replay_here(str(d / "step10.npy"), str(d / "step2.npy"), "--run", "npy", "--sample-rows", "10")
+    assert code == 0, err
+    recs = results(tmp_path / "runs" / "npy" / "analysis.jsonl")
+    assert [(r["iter"], r["iter_source"]) for r in recs] == [(2, "name"), (10, "name")]
+    geom = recs[0]["geometry"]
+    assert geom["sampled_rows"] == 10 and len(geom["confidence_95"]["average_neighborhood_size"]) == 2
+    assert "estimated from 10 rows: 95% CI" in out
+    # "final" has no number: the order given stands, numbered 0, 1, 2
+    found = order(expand([d / "step2.npy", d / "final.npy", d / "step10.npy"]))
+    assert [(c.path.stem, c.iter, c.iter_source) for c in found] == [("step2", 0, "order"), ("final", 1, "order"),
+                                                                     ("step10", 2, "order")]
+
+
+def test_usage_errors_are_one_line(replay_here, tmp_path: Path) -> None:
+    code, out, err = replay_here(str(tmp_path / "missing"))
+    assert code == 2 and err.strip().splitlines()[-1] == f"Error: {tmp_path / 'missing'} does not exist"
+    (tmp_path / "empty").mkdir()
+    code, out, err = replay_here(str(tmp_path / "empty"))
+    assert code == 2 and "holds no checkpoints" in err
+    code, out, err = replay_here(str(tmp_path / "empty"), "--sample-rows", "0")
+    assert code == 2 and "--sample-rows must be at least 1" in err
