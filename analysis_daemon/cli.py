@@ -99,7 +99,7 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
                      help="sampled geometry: estimate the neighbourhood size and histogram (with 95%% "
                           "intervals) from N random rows, each against all rows: cost N x V instead of "
                           "V^2/2; mean/std stay exact; N >= V is the exact pass (default: exact)")
-    ana.add_argument("--sample-seed", type=int, default=0,
+    ana.add_argument("--sample-seed", type=int, default=0, metavar="S",
                      help="seed of the sampled rows (the same rows for every snapshot; default: %(default)s)")
 
     ins = p.add_argument_group("insight and alerts")

@@ -347,3 +347,25 @@ def test_usage_errors_are_one_line(replay_here, tmp_path: Path) -> None:
     assert code == 2 and "holds no checkpoints" in err
     code, out, err = replay_here(str(tmp_path / "empty"), "--sample-rows", "0")
     assert code == 2 and "--sample-rows must be at least 1" in err
+
+
+def test_only_the_embedding_is_read_not_the_model(tmp_path: Path, subprocess_env: dict[str, str]) -> None:
+    # A 160 MB "rest of the model" beside a small embedding: reading the embedding must not touch it.
+    big = torch.zeros(40_000_000)
+    emb = random_embedding(1000, 64, 0)
+    save_file({"transformer.wte.weight": emb, "big.weight": big}, tmp_path / "m.safetensors")
+    torch.save({"model": {"transformer.wte.weight": emb, "big.weight": big}, "iter_num": 5}, tmp_path / "ckpt.pt")
+    del big
+    code = (
+        "import resource, sys, torch\n"
+        "from pathlib import Path\n"
+        "from analysis_daemon.checkpoints import read_embedding\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "for name in sys.argv[1:]:\n"
+        "    e = read_embedding(Path(name))\n"
+        "    assert e.tensor.shape == (1000, 64), e.tensor.shape\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.safetensors"), str(tmp_path / "ckpt.pt")],
+                          env=subprocess_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout.strip()) < 60, proc.stdout  # MiB of peak RSS growth; the 160 MB tensor would show
