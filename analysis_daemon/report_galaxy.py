@@ -89,18 +89,20 @@ def _evenly(items: list[Any], n: int) -> list[Any]:
 
 
 def _run_galaxy(view: RunView, vocab: dict[int, str], prefix: str) -> str:
-    maps = [gm for r in view.records if (gm := parse_galaxy(r)) is not None]
+    # only the maps drawn are parsed: a long run holds hundreds of them
+    with_map = [r for r in view.records if isinstance(get(r, "galaxy", "points"), list)]
+    maps = [gm for r in _evenly(with_map, SNAPSHOTS) if (gm := parse_galaxy(r)) is not None]
     if not maps:
         return note("No galaxy map in these results (written by a daemon that does not compute it).")
     latest = maps[-1]
     colour_of = _colours(latest)
     final = {tid: c for tid, _, _, c in latest.points}
     sizes = {cid: size for cid, size, _ in latest.clusters}
-    parts = [f"<p>{len(maps)} map(s); method {esc(latest.method)}"
+    parts = [f"<p>{len(with_map)} map(s), {len(maps)} shown; method {esc(latest.method)}"
              + (f", {latest.rows} rows" if latest.rows is not None else "") + ". Small multiples: each point is "
              "a token, coloured by its cluster <b>in the latest map</b>, so you can watch the final galaxies "
              "gather (grey: a token alone in the latest map).</p>", '<div class="row multiples">']
-    for gm in _evenly(maps, SNAPSHOTS):
+    for gm in maps:
         n_clusters = len({c for *_, c in gm.points if c != -1})
         pts = [(x, y, colour_of.get(final.get(tid, -1), SINGLETON), "") for tid, x, y, _ in gm.points]
         pts.sort(key=lambda p: p[2] != SINGLETON)  # singletons underneath
@@ -129,7 +131,7 @@ def _run_galaxy(view: RunView, vocab: dict[int, str], prefix: str) -> str:
                + "</table></div>") if rows else note(f"No clusters at iter {latest.iter}: every token is alone.")
     bad = sum(gm.bad_points for gm in maps)
     more = sum(gm.more_points for gm in maps)
-    notes = (note(f"{bad} malformed map point(s) skipped.") if bad else "") \
+    notes = (note(f"{bad} malformed point(s) skipped in the maps shown.") if bad else "") \
         + (note(f"{more} point(s) beyond {MAX_POINTS} per map not drawn.") if more else "")
     return "".join(parts) + f'<div class="row"><div class="fig">{big}</div>{listing}</div>' + notes
 

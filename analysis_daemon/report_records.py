@@ -110,10 +110,12 @@ def vocabulary(records: list[dict[str, Any]]) -> dict[int, str]:
             for n in lst(p, "neighbours"):
                 if integer(n, 0) is not None and isinstance(get(n, 1), str):
                     vocab[n[0]] = n[1]
-        for c in lst(r, "galaxy", "clusters")[:MAX_VOCAB_CLUSTERS]:
-            for m in lst(c, "members")[:MAX_VOCAB_MEMBERS]:
-                if integer(m, 0) is not None and isinstance(get(m, 1), str):
-                    vocab[m[0]] = m[1]
+    # the latest galaxy map names the tokens of its clusters (the map's hover titles use them)
+    latest_map = next((r for r in reversed(records) if lst(r, "galaxy", "clusters")), None)
+    for c in lst(latest_map, "galaxy", "clusters")[:MAX_VOCAB_CLUSTERS]:
+        for m in lst(c, "members")[:MAX_VOCAB_MEMBERS]:
+            if integer(m, 0) is not None and isinstance(get(m, 1), str):
+                vocab[m[0]] = m[1]
     return vocab
 
 
