@@ -36,7 +36,7 @@ MAX_MARKERS = 100  # alert marks drawn on each chart
 TOKEN_TABLE_ROWS = 20  # rows of each most/least drifted table (the daemon's --top-k may list more)
 COMPARE_NAME = "compare.html"
 MAX_RUNS = len(PALETTE)  # one colour per run, and a legend that stays readable
-MAX_METRIC_NAMES = 32  # trainer metric names read from the records (a hostile trainer may send many)
+MAX_METRIC_NAMES = 64  # trainer metric names read from the records (the protocol allows 64 per snapshot)
 MAX_METRIC_CHARTS = 6  # charts of non-loss metrics; the other names are listed
 METRIC_DASHES = ("", "6 3", "2 2", "8 3 2 3", "1 3", "10 4")  # tells a run's metrics apart in multi-run charts
 
@@ -267,7 +267,7 @@ def metrics_section(page: Page) -> str:
         charts.append((True, line_chart(_chart(page, f"Trainer metric: {_short(n, 60)}", _short(n, 30),
                                                series(n, 0))), ""))
     rest = others[MAX_METRIC_CHARTS:]
-    left = _note(f"{len(rest)} more metric(s) not plotted: {', '.join(_short(n, 30) for n in rest[:20])}") \
+    left = _note(f"{len(rest)} more metric(s) not plotted: {', '.join(_short(n, 30) for n in rest)}") \
         if rest else ""
     return (head + "<p>What the trainer passed with each snapshot (its losses first), on the same iteration axis "
             "as the drift and the neighbourhood size below, so a loss spike and an embedding jump line up.</p>"
