@@ -1,25 +1,39 @@
 #!/usr/bin/env bash
-# embedding-monitor launcher: trainer + analysis daemon, together or on two hosts.
-#
-#   ./launch.sh [-- TRAINER_ARGS...]              set up if needed, run daemon + trainer on the built-in data
-#   ./launch.sh --nproc 4 [-- TRAINER_ARGS...]    same, trainer under torchrun with 4 processes (rank 0 publishes)
-#   ./launch.sh daemon --listen tcp://0.0.0.0:5555 --keys DIR [DAEMON_ARGS...]
-#                                                 only the daemon, for snapshots from another host (CurveZMQ)
-#   ./launch.sh trainer --connect tcp://HOST:5555 --keys DIR [--nproc N] [-- TRAINER_ARGS...]
-#                                                 only the trainer, publishing to a remote daemon
-#   ./launch.sh keygen DIR                        make the CurveZMQ keys for daemon and trainer
-#   ./launch.sh tail [RUN]                        follow the daemon log of the newest (or the named) run
-#
-# Environment: RUN (run name), RESULTS_DIR (default runs), PORT (default 5555), DAEMON_THREADS,
-# WANDB_MODE (offline unless you configured wandb), EM_PYTHON (use this interpreter instead of .venv).
+# embedding-monitor launcher: trainer + analysis daemon, together or on two hosts (./launch.sh --help).
 set -euo pipefail
 cd "$(dirname "$0")"
+
+usage() {
+    cat <<'USAGE'
+embedding-monitor launcher: trainer + analysis daemon, together or on two hosts.
+
+  ./launch.sh [--nproc N] [--daemon-args "ARGS"] [-- TRAINER_ARGS...]
+        set up .venv if needed, run daemon + trainer on this host (torchrun when N > 1);
+        --daemon-args passes options to the daemon (split on spaces, repeatable), e.g.
+        ./launch.sh --daemon-args "--probe king,queen --knn-k 20" -- --max_iters=300
+  ./launch.sh daemon --listen tcp://0.0.0.0:5555 --keys DIR [DAEMON_ARGS...]
+        only the daemon, for snapshots from another host (CurveZMQ)
+  ./launch.sh trainer --connect tcp://HOST:5555 --keys DIR [--nproc N] [-- TRAINER_ARGS...]
+        only the trainer, publishing to a remote daemon
+  ./launch.sh keygen DIR
+        make the CurveZMQ keys for daemon and trainer
+  ./launch.sh tail [RUN|HOST]
+        follow the daemon's log (log lines and result blocks) of the newest run, of RUN, or of the
+        runs whose trainers run on HOST (two-host mode: the daemon host's log, filtered)
+
+Exit status: the trainer's (the daemon's in daemon mode); 130 on Ctrl-C, 143 on SIGTERM, 129 when the
+terminal closes (SIGHUP): trainer and daemon are stopped cleanly first.
+Environment: RUN (run name), RESULTS_DIR (default runs), PORT (default 5555), DAEMON_THREADS,
+WANDB_MODE (offline unless you configured wandb), EM_PYTHON (use this interpreter instead of .venv).
+USAGE
+}
 
 RESULTS_DIR=${RESULTS_DIR:-runs}
 PORT=${PORT:-5555}
 
 die() { echo "launch.sh: $*" >&2; exit 2; }
-log() { echo "[launch] $*" >&2; }
+# `|| true`: after a terminal hang-up stderr may be gone, and a failed echo must not abort a clean stop.
+log() { echo "[launch] $*" >&2 || true; }
 
 python_bin() { scripts/setup.sh; }
 
@@ -31,27 +45,91 @@ default_wandb_mode() {
     fi
 }
 
+# Make the run directory; remember whether it is ours to remove if the daemon cannot start.
+prepare_run_dir() {
+    RUN_DIR=$1
+    RUN_DIR_CREATED=0
+    [ -d "$RUN_DIR" ] || RUN_DIR_CREATED=1
+    mkdir -p "$RUN_DIR"
+}
+
+# A daemon that never became ready leaves nothing behind: its log files go (their content was shown),
+# a run directory made for it goes, and .current keeps naming the previous run.
+undo_failed_start() {
+    local logfile=$1
+    rm -f "$logfile" "$logfile.stdout" "$logfile.stderr"
+    if [ "$RUN_DIR_CREATED" = 1 ]; then rmdir "$RUN_DIR" 2>/dev/null || true; fi
+}
+
 # Start the daemon in the background and wait (bounded) for its ready line; sets DAEMON_PID.
+# The daemon and its tee ignore SIGHUP: when the terminal closes, launch.sh stops the trainer first and
+# then the daemon with SIGTERM, so the daemon flushes its sinks and logs its "stopped" line.
 start_daemon() {
     local logfile=$1; shift
-    mkdir -p "$(dirname "$logfile")"
     : > "$logfile.stdout"
-    # The daemon's summary blocks (stdout) show in this terminal beside the trainer's lines and are
-    # kept in daemon.log.stdout; its log lines go to daemon.log (./launch.sh tail follows it).
+    : > "$logfile.stderr"
+    # The daemon's summary blocks (stdout) show in this terminal and are kept in daemon.log.stdout; its
+    # log lines and a copy of every block go to daemon.log (./launch.sh tail follows it).
     # shellcheck disable=SC2086
-    $DAEMON_PREFIX "$PY" -m analysis_daemon --results-dir "$RESULTS_DIR" --log-file "$logfile" "$@" \
-        > >(tee -a "$logfile.stdout") 2>> "$logfile.stderr" &
+    ( trap '' HUP; exec $DAEMON_PREFIX "$PY" -m analysis_daemon --results-dir "$RESULTS_DIR" \
+        --log-file "$logfile" "$@" ) > >(trap '' HUP; exec tee -a "$logfile.stdout") 2>> "$logfile.stderr" &
     DAEMON_PID=$!
     local waited=0
     until grep -q "ready" "$logfile.stdout" 2>/dev/null; do
         if ! kill -0 "$DAEMON_PID" 2>/dev/null; then
             cat "$logfile.stderr" >&2 || true
-            die "the analysis daemon exited before it was ready (log: $logfile.stderr)"
+            undo_failed_start "$logfile"
+            die "the analysis daemon exited before it was ready (its error is above)"
         fi
-        if [ "$waited" -ge 600 ]; then die "the analysis daemon was not ready after 60 s (log: $logfile)"; fi
+        if [ "$waited" -ge 600 ]; then
+            kill -TERM "$DAEMON_PID" 2>/dev/null || true
+            wait "$DAEMON_PID" 2>/dev/null || true
+            cat "$logfile.stderr" >&2 || true
+            undo_failed_start "$logfile"
+            die "the analysis daemon was not ready after 60 s (its log is above)"
+        fi
         sleep 0.1; waited=$((waited + 1))
     done
+    echo "$(basename "$RUN_DIR")" > "$RESULTS_DIR/.current"
     log "$(grep -m1 ready "$logfile.stdout")  (pid $DAEMON_PID, log $logfile)"
+}
+
+# `wait PID` that survives trapped signals (a trap makes `wait` return early); sets WAIT_RC.
+wait_pid() {
+    local pid=$1
+    while :; do
+        WAIT_RC=0
+        wait "$pid" || WAIT_RC=$?
+        if [ "$WAIT_RC" -gt 128 ] && kill -0 "$pid" 2>/dev/null; then continue; fi
+        break
+    done
+}
+
+# Stop the daemon explicitly with SIGTERM (its SIGHUP may mean something else) and wait for it.
+stop_daemon() {
+    kill -TERM "$DAEMON_PID" 2>/dev/null || true
+    wait_pid "$DAEMON_PID"
+    DAEMON_RC=$WAIT_RC
+}
+
+signal_number() { case $1 in HUP) echo 1 ;; INT) echo 2 ;; *) echo 15 ;; esac; }
+
+# Ctrl-C, SIGTERM or a closed terminal (SIGHUP): the trainer stops first (it finishes its iteration, saves,
+# and its hook removes its shared memory), then the daemon; the main flow below waits for both.
+on_signal() {
+    if [ -n "$STOP_SIGNAL" ]; then
+        log "SIG$1 again: stopping the daemon now"
+        kill -TERM "$DAEMON_PID" 2>/dev/null || true
+        return
+    fi
+    STOP_SIGNAL=$1
+    if [ -n "$TRAINER_PID" ]; then
+        log "SIG$1: stopping the trainer, then the daemon"
+        kill -TERM "$TRAINER_PID" 2>/dev/null || true
+    else
+        log "SIG$1: stopping the daemon"
+        kill -TERM "$DAEMON_PID" 2>/dev/null || true
+    fi
 }
 
 # Pin trainer and daemon to disjoint cores where taskset exists and there are at least 2 cores:
@@ -80,12 +158,15 @@ trainer_cmd() {
 }
 
 cmd_local() {
-    local nproc=1 trainer_args=()
+    local nproc=1 trainer_args=() daemon_args=() words
     while [ $# -gt 0 ]; do
         case $1 in
-            --nproc) nproc=$2; shift 2 ;;
+            --nproc) [ $# -ge 2 ] || die "--nproc needs a number"; nproc=$2; shift 2 ;;
+            --daemon-args) [ $# -ge 2 ] || die "--daemon-args needs a quoted list, e.g. --daemon-args \"--probe king,queen\""
+                read -r -a words <<< "$2"; daemon_args+=("${words[@]}"); shift 2 ;;
             --) shift; trainer_args=("$@"); break ;;
-            *) die "unknown option '$1' (trainer options go after --, e.g. ./launch.sh -- --max_iters=2000)" ;;
+            -h|--help) usage; exit 0 ;;
+            *) die "unknown option '$1' (trainer options go after --, e.g. ./launch.sh -- --max_iters=2000; daemon options in --daemon-args \"...\")" ;;
         esac
     done
     PY=$(python_bin)
@@ -93,45 +174,46 @@ cmd_local() {
     plan_cores
     local run=${RUN:-synthetic-$(date +%Y%m%d-%H%M%S)}
     local logfile="$RESULTS_DIR/$run/daemon.log"
-    mkdir -p "$RESULTS_DIR/$run"
-    echo "$run" > "$RESULTS_DIR/.current"
     local endpoint="tcp://127.0.0.1:$PORT"
+    prepare_run_dir "$RESULTS_DIR/$run"
 
-    start_daemon "$logfile" --listen "$endpoint" --threads "$DAEMON_THREADS" --exit-on-end
-    TRAINER_PID=""
-    # Ctrl-C / TERM: stop the trainer first (its hook unlinks its shared memory at exit),
-    # then the daemon, which flushes its sinks; wait for both so nothing is orphaned.
-    cleanup() {
-        trap - INT TERM
-        log "stopping"
-        [ -n "$TRAINER_PID" ] && kill -TERM "$TRAINER_PID" 2>/dev/null || true
-        [ -n "$TRAINER_PID" ] && wait "$TRAINER_PID" 2>/dev/null || true
-        kill -TERM "$DAEMON_PID" 2>/dev/null || true
-        wait "$DAEMON_PID" 2>/dev/null || true
-        exit 130
-    }
-    trap cleanup INT TERM
+    STOP_SIGNAL="" TRAINER_PID="" DAEMON_PID=""
+    start_daemon "$logfile" --listen "$endpoint" --threads "$DAEMON_THREADS" --exit-on-end \
+        ${daemon_args[@]+"${daemon_args[@]}"}
+    trap 'on_signal INT' INT
+    trap 'on_signal TERM' TERM
+    trap 'on_signal HUP' HUP
 
     log "trainer: run $run (results in $RESULTS_DIR/$run)"
     # shellcheck disable=SC2046
-    $TRAINER_PREFIX $(trainer_cmd "$nproc") --run_name="$run" --analysis_endpoint="$endpoint" \
-        --out_dir="$RESULTS_DIR/$run" "${trainer_args[@]}" &
+    ( trap '' HUP; exec $TRAINER_PREFIX $(trainer_cmd "$nproc") --run_name="$run" --analysis_endpoint="$endpoint" \
+        --out_dir="$RESULTS_DIR/$run" ${trainer_args[@]+"${trainer_args[@]}"} ) &
     TRAINER_PID=$!
-    local rc=0
-    wait "$TRAINER_PID" || rc=$?
+    wait_pid "$TRAINER_PID"
+    local rc=$WAIT_RC
     TRAINER_PID=""
-    if [ "$rc" -ne 0 ]; then
+    DAEMON_RC=0
+    if [ -n "$STOP_SIGNAL" ]; then
+        stop_daemon
+    elif [ "$rc" -ne 0 ]; then
         log "trainer exited with status $rc; stopping the daemon"
-        kill -TERM "$DAEMON_PID" 2>/dev/null || true
+        stop_daemon
     else
         log "trainer finished; waiting for the daemon to analyse the last snapshot"
+        wait_pid "$DAEMON_PID"
+        DAEMON_RC=$WAIT_RC
     fi
-    local drc=0
-    wait "$DAEMON_PID" || drc=$?
-    trap - INT TERM
+    trap - INT TERM HUP
+    if [ "$DAEMON_RC" -ne 0 ]; then
+        log "warning: the daemon (pid $DAEMON_PID) exited with status $DAEMON_RC (killed?); results may be incomplete, see $logfile"
+    fi
     log "results: $RESULTS_DIR/$run/analysis.jsonl"
-    [ "$rc" -eq 0 ] || exit "$rc"
-    exit "$drc"
+    if [ -n "$STOP_SIGNAL" ]; then
+        local signo; signo=$(signal_number "$STOP_SIGNAL")
+        log "interrupted by SIG$STOP_SIGNAL: trainer (status $rc) and daemon stopped; exit status $((128 + signo))"
+        exit $((128 + signo))
+    fi
+    exit "$rc"
 }
 
 cmd_daemon() {
@@ -140,23 +222,31 @@ cmd_daemon() {
         case $1 in
             --listen) listen=$2; shift 2 ;;
             --keys) keys=$2; shift 2 ;;
+            -h|--help) usage; exit 0 ;;
             *) extra+=("$1"); shift ;;
         esac
     done
     PY=$(python_bin)
     default_wandb_mode
+    DAEMON_PREFIX=""
     local curve=()
     if [ -n "$keys" ]; then
         [ -f "$keys/server.key_secret" ] || die "no $keys/server.key_secret: run ./launch.sh keygen $keys first"
         curve=(--curve-secret "$keys/server.key_secret" --curve-authorized-dir "$keys/authorized_clients")
     fi
     local run=${RUN:-daemon-$(date +%Y%m%d-%H%M%S)}
-    mkdir -p "$RESULTS_DIR/$run"
-    echo "$run" > "$RESULTS_DIR/.current"
-    log "daemon log: $RESULTS_DIR/$run/daemon.log"
+    local logfile="$RESULTS_DIR/$run/daemon.log"
+    prepare_run_dir "$RESULTS_DIR/$run"
 
-    exec "$PY" -m analysis_daemon --listen "$listen" --results-dir "$RESULTS_DIR" \
-        --log-file "$RESULTS_DIR/$run/daemon.log" "${curve[@]}" "${extra[@]}"
+    STOP_SIGNAL="" TRAINER_PID="" DAEMON_PID=""
+    start_daemon "$logfile" --listen "$listen" ${curve[@]+"${curve[@]}"} ${extra[@]+"${extra[@]}"}
+    trap 'on_signal INT' INT
+    trap 'on_signal TERM' TERM
+    trap 'on_signal HUP' HUP
+    log "daemon log: $logfile (follow it with ./launch.sh tail)"
+    wait_pid "$DAEMON_PID"
+    trap - INT TERM HUP
+    exit "$WAIT_RC"
 }
 
 cmd_trainer() {
@@ -202,15 +292,40 @@ Copy only those files; keep *.key_secret private.
 MSG
 }
 
+# The daemon log that mentions run or host NAME (two-host mode: trainers' runs have no log of their own).
+find_daemon_log() {
+    local name=$1 f
+    # Newest first; a run is named in "run NAME: ..." lines and block headers, a host in hello lines.
+    # shellcheck disable=SC2012
+    for f in $(ls -t "$RESULTS_DIR"/*/daemon.log 2>/dev/null); do
+        if grep -qF -e "run $name:" -e "(run $name)" -e " on $name (" "$f"; then echo "$f"; return 0; fi
+    done
+    return 1
+}
+
 cmd_tail() {
-    local run=${1:-}
-    if [ -z "$run" ]; then
+    local name=${1:-} logfile
+    if [ -z "$name" ]; then
         [ -f "$RESULTS_DIR/.current" ] || die "no run yet in $RESULTS_DIR; name one: ./launch.sh tail RUN"
-        run=$(cat "$RESULTS_DIR/.current")
+        name=$(cat "$RESULTS_DIR/.current")
     fi
-    local logfile="$RESULTS_DIR/$run/daemon.log"
-    [ -e "$logfile" ] || die "no daemon log at $logfile (runs: $(ls "$RESULTS_DIR" 2>/dev/null | tr '\n' ' '))"
-    exec tail -n 50 -F "$logfile"
+    logfile="$RESULTS_DIR/$name/daemon.log"
+    if [ -e "$logfile" ]; then exec tail -n 50 -F "$logfile"; fi
+    # A trainer started with `./launch.sh trainer` (or a host name): its lines are in the log of the
+    # daemon that served it; show those lines and that run's result blocks only.
+    logfile=$(find_daemon_log "$name") || die "no daemon log names run or host '$name' in $RESULTS_DIR (runs: $(ls "$RESULTS_DIR" 2>/dev/null | tr '\n' ' ')); in two-host mode run this on the daemon host"
+    echo "[launch] $name: following $logfile" >&2
+    tail -n +1 -F "$logfile" 2>/dev/null | awk -v name="$name" '
+        BEGIN { runs[name] = 1 }
+        function mine(line,   r) { for (r in runs) if (index(line, "run " r ":") || index(line, "(run " r ")")) return 1; return 0 }
+        {
+            if (index($0, "hello from pid") && index($0, " on " name " (")) {
+                r = $0; sub(/: hello from pid.*$/, "", r); sub(/^.* INFO run /, "", r); runs[r] = 1
+            }
+            if (inblock) { print; if (index($0, "--- END OF ASYNC ANALYSIS RESULTS")) inblock = 0; fflush(); next }
+            if (mine($0)) { print; if (index($0, "--- ASYNC ANALYSIS RESULTS FOR ITERATION")) inblock = 1; fflush() }
+        }'
+
 }
 
 case ${1:-} in
@@ -218,6 +333,6 @@ case ${1:-} in
     trainer) shift; cmd_trainer "$@" ;;
     keygen) shift; cmd_keygen "$@" ;;
     tail) shift; cmd_tail "$@" ;;
-    -h|--help|help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' ;;
+    -h|--help|help) usage ;;
     *) cmd_local "$@" ;;
 esac

@@ -136,17 +136,26 @@ def add_output_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     out = p.add_argument_group("output")
     out.add_argument("--results-dir", type=Path, default=Path("runs"),
                      help="results go to RESULTS_DIR/<run>/analysis.jsonl (default: %(default)s)")
-    out.add_argument("--log-file", type=Path, help="also write the log to this file")
+    out.add_argument("--log-file", type=Path,
+                     help="also write the log, and each result's summary block, to this file")
     out.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                      help="log level (default: %(default)s)")
     out.add_argument("--no-console", action="store_true",
-                     help="do not print the summary block of each result on stdout")
+                     help="do not print the summary block of each result on stdout (the --log-file "
+                          "still gets it)")
     out.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=True,
                      help="log results to W&B, one wandb run per trainer run (default: on; "
                           "WANDB_MODE=disabled also turns it off)")
     out.add_argument("--wandb-project",
                      help="W&B project when the trainer's hello names none (default: WANDB_PROJECT, "
                           "else embedding-monitor)")
+    out.add_argument("--wandb-init-timeout", type=float, default=20.0, metavar="SECONDS",
+                     help="give up starting a W&B run after this long (W&B unreachable) and log that run "
+                          "offline instead, for `wandb sync` later (default: %(default)s)")
+    out.add_argument("--wandb-finish-timeout", type=float, default=20.0, metavar="SECONDS",
+                     help="at the end of a run (and at exit) wait at most this long for W&B to take the "
+                          "data; what is left stays in the run's wandb folder, and the log names the "
+                          "`wandb sync` command that uploads it (default: %(default)s)")
     return out
 
 
@@ -214,15 +223,23 @@ def set_threads_and_priority(args: argparse.Namespace, log: logging.Logger) -> i
     return threads
 
 
-def make_sinks(args: argparse.Namespace, settings: Any, threads: int, close_timeout: float) -> Any:
-    """The SinkSet of parsed output options: console (unless --no-console), results file, W&B."""
+def make_sinks(args: argparse.Namespace, settings: Any, threads: int, close_timeout: float | None) -> Any:
+    """The SinkSet of parsed output options: console (unless --no-console), results file, W&B.
+
+    `close_timeout` None: the W&B sink derives it from --wandb-init-timeout and --wandb-finish-timeout.
+    Raises ValueError for a timeout that is not positive.
+    """
     from .sinks import Sink, SinkSet
     from .sinks.console import ConsoleSink
     from .sinks.jsonl import JsonlSink
 
+    if args.wandb_init_timeout <= 0 or args.wandb_finish_timeout <= 0:
+        raise ValueError("--wandb-init-timeout and --wandb-finish-timeout must be > 0 seconds")
     sinks: list[Sink] = [JsonlSink(args.results_dir)]
-    if not args.no_console:
-        sinks.insert(0, ConsoleSink())
+    if not args.no_console or args.log_file is not None:
+        # The summary blocks also go to the log file, so following the log (`./launch.sh tail`) shows
+        # the metrics; the terminal still gets them once, on stdout.
+        sinks.insert(0, ConsoleSink(to_stdout=not args.no_console, copy_to=args.log_file))
     if args.wandb and os.environ.get("WANDB_MODE", "").lower() != "disabled":
         from .sinks.wandb_sink import WandbSink
         config = {"threshold": settings.threshold, "chunk_size": settings.chunk_size, "top_k": settings.top_k,
@@ -230,7 +247,8 @@ def make_sinks(args: argparse.Namespace, settings: Any, threads: int, close_time
                   "probes": list(settings.probes)}
         if settings.sample_rows is not None:
             config.update(sample_rows=settings.sample_rows, sample_seed=settings.sample_seed)
-        sinks.append(WandbSink(default_project=args.wandb_project, close_timeout=close_timeout, config=config))
+        sinks.append(WandbSink(default_project=args.wandb_project, close_timeout=close_timeout, config=config,
+                               init_timeout=args.wandb_init_timeout, finish_timeout=args.wandb_finish_timeout))
     return SinkSet(sinks)
 
 
@@ -290,7 +308,10 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             return fail(str(exc))
 
-    sinks = make_sinks(args, settings, threads, close_timeout=max(args.shutdown_grace, 30.0))
+    try:
+        sinks = make_sinks(args, settings, threads, close_timeout=None)
+    except ValueError as exc:
+        return fail(str(exc))
     config = DaemonConfig(
         listen=args.listen, limits=limits, exit_on_end=args.exit_on_end, state_dir=args.state_dir,
         shutdown_grace=args.shutdown_grace, curve=curve, allow_insecure=args.allow_insecure,

@@ -142,7 +142,8 @@ class Daemon:
             state.counters.analysed += 1
             self.totals.analysed += 1
             result["counters"] = state.counters.as_dict()
-            result["daemon_counters"] = self.totals.as_dict()
+            # `lost` / `lost_by_sink`: results earlier sinks could not deliver (this one not yet known).
+            result["daemon_counters"] = {**self.totals.as_dict(), **self.sinks.counters()}
 
     def job_finished(self, job: Job) -> None:
         """The worker is done with `job` (result delivered to the sinks, or abandoned)."""
@@ -352,5 +353,8 @@ class Daemon:
         self.sinks.close()
         with self.lock:
             totals = self.totals.as_dict()
-        log.info("analysis-daemon stopped: received=%d analysed=%d skipped=%d rejected=%d",
-                 totals["received"], totals["analysed"], totals["skipped"], totals["rejected"])
+        lost = self.sinks.counters()  # after close: results still unwritten then are lost
+        by_sink = " (" + ", ".join(f"{k}={v}" for k, v in sorted(lost["lost_by_sink"].items())) + ")"
+        log.info("analysis-daemon stopped: received=%d analysed=%d skipped=%d rejected=%d lost=%d%s",
+                 totals["received"], totals["analysed"], totals["skipped"], totals["rejected"],
+                 lost["lost"], by_sink if lost["lost"] else "")

@@ -138,7 +138,10 @@ def main(args: argparse.Namespace) -> int:
         if ckpt.iter in seen:
             log.warning("replay: %s and %s both stand for iteration %d", seen[ckpt.iter], ckpt.path, ckpt.iter)
         seen.setdefault(ckpt.iter, ckpt.path)
-    sinks = make_sinks(args, settings, threads, close_timeout=60.0)
+    try:
+        sinks = make_sinks(args, settings, threads, close_timeout=60.0)
+    except ValueError as exc:
+        return fail(str(exc))
     try:
         failures = _replay(run, checkpoints, args.tensor, settings, sinks)
     except KeyboardInterrupt:

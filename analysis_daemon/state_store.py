@@ -33,11 +33,29 @@ class StateStoreError(ValueError):
 
 def _write_atomic(path: Path, data: bytes | memoryview) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A full disk must not also fill the state dir with half-written copies of 150 MB snapshots.
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def sweep_temporary_files(root: Path) -> int:
+    """Remove `*.tmp` files left in `root` and its run directories by a daemon killed mid-write."""
+    removed = 0
+    for pattern in ("*.tmp", "*/*.tmp"):
+        for path in root.glob(pattern):
+            try:
+                path.unlink()
+                removed += 1
+            except OSError as exc:
+                log.warning("state dir: cannot remove stale %s: %s", path, exc)
+    return removed
 
 
 def _fsync_dir(path: Path) -> None:
@@ -48,6 +66,8 @@ def _fsync_dir(path: Path) -> None:
         return
     try:
         os.fsync(fd)
+    except OSError:  # best effort: the rename is done, and the caller must not undo it
+        pass
     finally:
         os.close(fd)
 
@@ -58,6 +78,9 @@ class StateStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        removed = sweep_temporary_files(self.root)
+        if removed:
+            log.info("state dir: removed %d stale temporary file(s) of an interrupted write", removed)
         # The receive loop saves hellos and the worker saves snapshots: one sidecar, one writer at a time.
         self._lock = threading.Lock()
 
@@ -90,13 +113,22 @@ class StateStore:
         old_file = (sidecar.get("snapshot") or {}).get("file")
         fname = f"snapshot-{snap.iter}-{snap.seq}.bin"
         _write_atomic(run_dir / fname, memoryview(raw).cast("B"))
+        try:
+            self._point_sidecar_at(run_dir, run, snap, raw, sidecar, fname)
+        except BaseException:
+            if fname != old_file:  # the sidecar still names the old snapshot: this one is garbage
+                (run_dir / fname).unlink(missing_ok=True)
+            raise
+        if old_file and old_file != fname:
+            (run_dir / old_file).unlink(missing_ok=True)
+
+    def _point_sidecar_at(self, run_dir: Path, run: str, snap: SnapshotData, raw: Any,
+                          sidecar: dict[str, Any], fname: str) -> None:
         sidecar["run"] = run
         sidecar["snapshot"] = {"file": fname, "iter": snap.iter, "seq": snap.seq, "name": snap.name,
                                "dtype": snap.dtype, "shape": snap.shape, "nbytes": memoryview(raw).nbytes,
                                "received_at": snap.received_at}
         self._write_sidecar(run_dir, sidecar)
-        if old_file and old_file != fname:
-            (run_dir / old_file).unlink(missing_ok=True)
 
     def save_hello(self, run: str, hello: HelloInfo) -> None:
         """Persist `run`'s hello info (vocabulary, wandb info) so a restarted daemon still has it."""

@@ -73,6 +73,7 @@ def test_a_failing_sink_is_dropped_and_the_others_go_on(tmp_path: Path, caplog: 
     lines = (tmp_path / "r" / "analysis.jsonl").read_text().splitlines()
     assert [json.loads(line)["iter"] for line in lines] == [0, 1, 2]
     assert caplog.text.count("sink broken failed") == 1
+    assert sinks.counters() == {"lost": 3, "lost_by_sink": {"broken": 3}}  # disabled: the later two count too
 
 
 def test_console_block_names_tokens_and_handles_missing_numbers() -> None:
@@ -111,4 +112,5 @@ def test_results_file_survives_a_record_it_cannot_write(tmp_path: Path, caplog: 
     sinks.close()
     lines = (tmp_path / "r" / "analysis.jsonl").read_text().splitlines()
     assert [json.loads(line)["iter"] for line in lines] == [2]
-    assert "could not write run r iter 1" in caplog.text
+    assert "run r iter 1 cannot be written as JSON, lost" in caplog.text
+    assert sinks.counters() == {"lost": 1, "lost_by_sink": {"jsonl": 1}}

@@ -1,11 +1,14 @@
 """Console sink: the readable summary block per result, on stdout."""
 from __future__ import annotations
 
+import logging
 import sys
+from pathlib import Path
 from typing import IO, Any
 
 from . import Sink
 
+log = logging.getLogger("embedding_monitor.daemon")
 _SHOW_TOKENS = 5  # tokens listed per direction; the full lists are in the JSONL file
 
 
@@ -105,19 +108,40 @@ def format_result(result: dict[str, Any]) -> str:
 
 
 class ConsoleSink(Sink):
-    """Prints the summary block of each result."""
+    """Prints the summary block of each result on stdout, and copies it into the log file if asked."""
 
     name = "console"
 
-    def __init__(self, stream: IO[str] | None = None) -> None:
+    def __init__(self, stream: IO[str] | None = None, to_stdout: bool = True,
+                 copy_to: str | Path | None = None) -> None:
         self.stream = stream
+        self.to_stdout = to_stdout
+        self.copy_to = Path(copy_to) if copy_to is not None else None
+        self._copy_failed = False
 
     def handle(self, result: dict[str, Any]) -> None:
         """Print `result`'s block and flush (launch.sh and tests read it live)."""
-        stream = self.stream or sys.stdout
-        stream.write("\n" + format_result(result) + "\n\n")
-        stream.flush()
+        block = format_result(result)
+        if self.copy_to is not None:
+            self._copy(block)
+        if self.to_stdout:
+            stream = self.stream or sys.stdout
+            stream.write("\n" + block + "\n\n")
+            stream.flush()
+
+    def _copy(self, block: str) -> None:
+        # One append per block (the log handler appends to the same file); the log is a view, so a
+        # full disk costs this copy only, never the terminal output or the sink.
+        try:
+            with open(self.copy_to, "a", encoding="utf-8") as f:  # type: ignore[arg-type]
+                f.write(block + "\n")
+            self._copy_failed = False
+        except OSError as exc:
+            if not self._copy_failed:
+                log.warning("console: cannot copy a summary block into %s: %s", self.copy_to, exc)
+            self._copy_failed = True
 
     def close(self) -> None:
         """Flush the stream."""
-        (self.stream or sys.stdout).flush()
+        if self.to_stdout:
+            (self.stream or sys.stdout).flush()

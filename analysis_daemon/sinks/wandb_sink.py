@@ -13,6 +13,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from typing import Any
 
 from . import Sink
@@ -126,11 +127,17 @@ class WandbSink(Sink):
 
     name = "wandb"
 
-    def __init__(self, default_project: str | None = None, close_timeout: float = 30.0,
-                 config: dict[str, Any] | None = None) -> None:
+    def __init__(self, default_project: str | None = None, close_timeout: float | None = None,
+                 config: dict[str, Any] | None = None, init_timeout: float = 20.0,
+                 finish_timeout: float = 20.0) -> None:
         self.default_project = default_project
         self.config = dict(config or {})  # the daemon's analysis settings, stored in every wandb run
-        self.close_timeout = close_timeout
+        # An unreachable W&B must not hold the daemon: wandb.init gives up after init_timeout (the run
+        # then logs offline), finish after finish_timeout (the data stays on disk for `wandb sync`).
+        self.init_timeout = init_timeout
+        self.finish_timeout = finish_timeout
+        self.close_timeout = (close_timeout if close_timeout is not None
+                              else 2 * init_timeout + finish_timeout + 10.0)
         self._hello: dict[str, dict[str, Any] | None] = {}
         self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=_QUEUE_MAX)
         self._runs: dict[str, Any] = {}  # trainer run -> wandb Run
@@ -155,20 +162,30 @@ class WandbSink(Sink):
 
     def close(self) -> None:
         """Log what is queued, finish every wandb run, within `close_timeout` seconds."""
+        deadline = time.monotonic() + self.close_timeout
         try:
             self._queue.put(("close",), timeout=self.close_timeout)
         except queue.Full:
             pass
-        self._thread.join(self.close_timeout)
+        self._thread.join(max(0.0, deadline - time.monotonic()))
         if self._thread.is_alive():
-            log.error("wandb: did not finish within %.0f s; giving up on its remaining data",
-                      self.close_timeout)
+            unsent = 0
+            while True:  # what the stuck thread will never get to
+                try:
+                    unsent += self._queue.get_nowait()[0] == "result"
+                except queue.Empty:
+                    break
+            self.count_lost(unsent)
+            log.error("wandb: did not finish within %.0f s; giving up on its remaining data "
+                      "(%d queued result(s) lost)", self.close_timeout, unsent)
 
     def _put(self, item: tuple[Any, ...]) -> None:
         try:
             self._queue.put_nowait(item)
         except queue.Full:
             self._dropped += 1
+            if item[0] == "result":
+                self.count_lost(1)
             if self._dropped == 1 or self._dropped % 100 == 0:
                 log.warning("wandb: %d item(s) dropped, wandb is not keeping up", self._dropped)
 
@@ -179,8 +196,7 @@ class WandbSink(Sink):
             kind = item[0]
             try:
                 if kind == "close":
-                    for run in list(self._runs):
-                        self._finish(run, None)
+                    self._finish_all()
                     return
                 if kind == "hello":
                     self._hello[item[1]] = item[2]
@@ -197,29 +213,55 @@ class WandbSink(Sink):
         wb_run = self._runs.get(run)
         if wb_run is not None:
             return wb_run
+        kwargs = wandb_run_settings(run, self._hello.get(run), self.default_project)
+        kwargs["config"] = {**self.config, **kwargs["config"]}
         try:
-            import wandb
-
-            kwargs = wandb_run_settings(run, self._hello.get(run), self.default_project)
-            kwargs["config"] = {**self.config, **kwargs["config"]}
-            # console="off": wandb must not wrap the daemon's stdout (ready line, summary blocks).
-            wb_run = wandb.init(reinit="create_new", settings=wandb.Settings(console="off"), **kwargs)
-            wb_run.define_metric(STEP_METRIC)
-            wb_run.define_metric("analysis/*", step_metric=STEP_METRIC)
+            wb_run = self._init(kwargs, offline=False)
         except BaseException as exc:  # wandb raises UsageError, CommError, timeouts, even SystemExit
-            self._failed.add(run)
-            log.error("wandb: cannot start a run for %r, results of this run go to the other sinks "
-                      "only: %s: %s", run, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            return None
+            if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun"):
+                wb_run = None
+            else:
+                # W&B unreachable (network down, server gone): keep this run's results on disk instead.
+                log.error("wandb: cannot reach W&B for run %r within %.0f s (%s); logging it offline instead",
+                          run, self.init_timeout, _first_line(exc))
+                try:
+                    wb_run = self._init(kwargs, offline=True)
+                except BaseException as exc2:
+                    exc, wb_run = exc2, None
+                else:
+                    log.warning("wandb: run %r logs offline to %s; upload it later with `wandb sync %s`",
+                                run, sync_dir(wb_run), sync_dir(wb_run))
+            if wb_run is None:
+                self._failed.add(run)
+                log.error("wandb: cannot start a run for %r, its results are not logged to W&B (counted "
+                          "as lost): %s", run, _first_line(exc))
+                return None
         log.info("wandb: run %s (%s) logs trainer run %r, project %r, group %r", wb_run.name,
                  wb_run.id, run, kwargs["project"], kwargs["group"])
         self._runs[run] = wb_run
+        return wb_run
+
+    def _init(self, kwargs: dict[str, Any], offline: bool) -> Any:
+        import wandb
+
+        # console="off": wandb must not wrap the daemon's stdout (ready line, summary blocks).
+        base: dict[str, Any] = {"console": "off", "init_timeout": self.init_timeout}
+        if offline:
+            base["mode"] = "offline"
+        try:
+            settings = wandb.Settings(**base, finish_timeout=self.finish_timeout, finish_timeout_raises=True)
+        except Exception:  # wandb < 0.19 has no finish_timeout: close()'s own bound still holds
+            settings = wandb.Settings(**base)
+        wb_run = wandb.init(reinit="create_new", settings=settings, **kwargs)
+        wb_run.define_metric(STEP_METRIC)
+        wb_run.define_metric("analysis/*", step_metric=STEP_METRIC)
         return wb_run
 
     def _log(self, result: dict[str, Any]) -> None:
         run = result["run"]
         wb_run = self._wandb_run(run)
         if wb_run is None:
+            self.count_lost(1)
             return
         try:
             import wandb
@@ -232,6 +274,7 @@ class WandbSink(Sink):
                     defined.add(key)
             wb_run.log(data)
         except Exception as exc:
+            self.count_lost(1)
             self._failed.add(run)
             self._runs.pop(run, None)
             log.error("wandb: logging for %r failed, stopped for this run: %s: %s",
@@ -246,15 +289,43 @@ class WandbSink(Sink):
             except Exception as exc:  # an alert that cannot be sent must not stop the metrics
                 log.error("wandb: alert for %r failed: %s: %s", run, type(exc).__name__, exc)
 
+    def _finish_all(self) -> None:
+        # In parallel: N runs against an unreachable server cost one finish_timeout, not N.
+        threads = [threading.Thread(target=self._finish, args=(run, None), daemon=True,
+                                    name=f"wandb-finish-{run}") for run in list(self._runs)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + self.finish_timeout + 10.0  # wandb's own timeout, plus slack
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
     def _finish(self, run: str, summary: dict[str, Any] | None) -> None:
         wb_run = self._runs.pop(run, None)
         self._defined.pop(run, None)
         if wb_run is None:
             return
+        where = sync_dir(wb_run)
         try:
             if summary:
                 wb_run.summary.update({f"daemon/{k}": v for k, v in summary.items()
                                        if isinstance(v, (int, float, str))})
             wb_run.finish()
+        except TimeoutError:
+            log.error("wandb: run for %r did not finish uploading within %.0f s (W&B unreachable?); its "
+                      "data stays in %s: upload it with `wandb sync %s`", run, self.finish_timeout, where, where)
         except Exception as exc:
-            log.error("wandb: finishing the run for %r failed: %s: %s", run, type(exc).__name__, exc)
+            log.error("wandb: finishing the run for %r failed: %s; its data stays in %s: upload it with "
+                      "`wandb sync %s`", run, _first_line(exc), where, where)
+
+
+def sync_dir(wb_run: Any) -> str:
+    """The directory `wandb sync` uploads a run from (the run's folder under wandb/)."""
+    try:
+        return str(wb_run.settings.sync_dir)
+    except Exception:  # an older or odd wandb: its files dir's parent is the same folder
+        return os.path.dirname(str(getattr(wb_run, "dir", ""))) or "wandb/"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
