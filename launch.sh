@@ -303,6 +303,31 @@ find_daemon_log() {
     return 1
 }
 
+# stdin -> stdout: the log lines and result blocks of run NAME, or of the runs whose hello names host NAME.
+# (bash, not awk: mawk buffers a pipe's input, and `tail -F` must show each line as it comes.)
+filter_run() {
+    local name=$1 line r inblock=0 show
+    local -A runs=(["$name"]=1)
+    while IFS= read -r line; do
+        if [ "$inblock" = 1 ]; then
+            printf '%s\n' "$line"
+            [[ $line == "--- END OF ASYNC ANALYSIS RESULTS"* ]] && inblock=0
+            continue
+        fi
+        if [[ $line == *"hello from pid "*" on $name ("* ]]; then
+            r=${line%%: hello from pid *}; r=${r#* INFO run }; runs["$r"]=1
+        fi
+        show=0
+        for r in "${!runs[@]}"; do
+            if [[ $line == *"run $r:"* || $line == *"(run $r)"* ]]; then show=1; break; fi
+        done
+        if [ "$show" = 1 ]; then
+            printf '%s\n' "$line"
+            [[ $line == "--- ASYNC ANALYSIS RESULTS FOR ITERATION"* ]] && inblock=1
+        fi
+    done
+}
+
 cmd_tail() {
     local name=${1:-} logfile
     if [ -z "$name" ]; then
@@ -315,16 +340,7 @@ cmd_tail() {
     # daemon that served it; show those lines and that run's result blocks only.
     logfile=$(find_daemon_log "$name") || die "no daemon log names run or host '$name' in $RESULTS_DIR (runs: $(ls "$RESULTS_DIR" 2>/dev/null | tr '\n' ' ')); in two-host mode run this on the daemon host"
     echo "[launch] $name: following $logfile" >&2
-    tail -n +1 -F "$logfile" 2>/dev/null | awk -v name="$name" '
-        BEGIN { runs[name] = 1 }
-        function mine(line,   r) { for (r in runs) if (index(line, "run " r ":") || index(line, "(run " r ")")) return 1; return 0 }
-        {
-            if (index($0, "hello from pid") && index($0, " on " name " (")) {
-                r = $0; sub(/: hello from pid.*$/, "", r); sub(/^.* INFO run /, "", r); runs[r] = 1
-            }
-            if (inblock) { print; if (index($0, "--- END OF ASYNC ANALYSIS RESULTS")) inblock = 0; fflush(); next }
-            if (mine($0)) { print; if (index($0, "--- ASYNC ANALYSIS RESULTS FOR ITERATION")) inblock = 1; fflush() }
-        }'
+    tail -n +1 -F "$logfile" 2>/dev/null | filter_run "$name"
 
 }
 

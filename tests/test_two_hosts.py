@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -130,3 +131,12 @@ def test_trainer_and_daemon_on_two_hosts_with_curve_keys(two_hosts, tmp_path, su
     assert all(r["drift"] is not None for r in records[1:])
     # The intruder's snapshots never got past the CURVE handshake.
     assert not (tmp_path / "runs" / "intruder").exists()
+
+    # On the daemon host, `tail RUN` (or `tail HOST`, the trainer's host name) follows the daemon's log
+    # filtered to that run: its log lines and its result blocks with the metrics.
+    for name in ("two-host", socket.gethostname()):
+        tail = subprocess.run(["timeout", "3", str(ROOT / "launch.sh"), "tail", name], env=env,
+                              capture_output=True, text=True, cwd=ROOT)
+        assert "--- ASYNC ANALYSIS RESULTS FOR ITERATION 20 (run two-host) ---" in tail.stdout, tail.stderr
+        assert "[Drift] vs iter 10" in tail.stdout and "run two-host: end" in tail.stdout
+        assert "ready on" not in tail.stdout  # other lines of the daemon's log are left out
