@@ -7,6 +7,8 @@
   drift values, once at least `drift_min_history` are known (so only after the run's trend is set).
   Robust std = 1.4826 x MAD (median absolute deviation), floored at `_MIN_SPREAD` so a flat history
   does not turn float noise into alerts.
+- partial_collapse: a clump (clump.py) of at least `partial_collapse_share` of the valid rows whose
+  members are each other's neighbours, named with its size, share and first members.
 Every alert goes into its result's "alerts" list; `notified` says whether it also went to the log
 and wandb.alert, which happens at most once per kind per run every `interval` seconds.
 """
@@ -29,6 +31,7 @@ class AlertSettings:
     drift_window: int = 20
     drift_min_history: int = 5
     drift_spike_mads: float = 3.0
+    partial_collapse_share: float = 0.2  # clump of at least this share of the vocabulary; 0 turns it off
     interval: float = 300.0  # seconds between notifications of one kind for one run
 
 
@@ -71,6 +74,14 @@ def check(result: dict[str, Any], settings: AlertSettings, state: RunAlerts, now
         found.append(_alert("collapse", "insight.effective_rank", rank, bound,
                             f"iter {it}: effective rank {rank:.1f} < {bound:.1f} "
                             f"({settings.collapse_min_rank_fraction} x {full}; dimensional collapse?)"))
+    clump = result.get("clump")
+    if clump:
+        names = ", ".join(repr(t) if t is not None else f"#{i}"
+                          for i, t in zip(clump["token_ids"][:5], clump.get("token_strings") or [None] * 5))
+        found.append(_alert("partial_collapse", "clump.fraction", clump["fraction"], clump["share"],
+                            f"iter {it}: {clump['size']:,} tokens, {clump['fraction']:.0%} of the vocabulary, "
+                            f"in one clump (cosine > {clump['threshold']} between {clump['mutual']:.0%} of "
+                            f"its members' pairs, checked on {clump['sampled_members']} of them): {names}, ..."))
     cos = (result.get("drift") or {}).get("average_cosine_similarity")
     if cos is not None:
         history = list(state.drift_history)

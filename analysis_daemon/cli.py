@@ -105,7 +105,8 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
     ins = p.add_argument_group("insight and alerts")
     ins.add_argument("--extras", action=argparse.BooleanOptionalAction, default=True,
                      help="compute the insight metrics (effective rank, isotropy, row norms, frozen tokens, "
-                          "neighbourhood drift, probes); --no-extras leaves drift and geometry only "
+                          "neighbourhood drift, probes), the galaxy map and the partial-collapse search; --no-extras leaves "
+                          "drift and geometry only "
                           "(default: on)")
     ins.add_argument("--knn-k", type=int, default=10,
                      help="nearest neighbours per token for the neighbourhood drift (default: %(default)s)")
@@ -125,6 +126,15 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
     ins.add_argument("--drift-spike-mads", type=float, default=3.0,
                      help="alert when the drift cosine is this many robust std (1.4826 x MAD) below the "
                           "median of the recent drift values (default: %(default)s)")
+    ins.add_argument("--partial-collapse-share", type=float, default=0.2, metavar="SHARE",
+                     help="alert when a clump of at least this share of the vocabulary are all each other's "
+                          "neighbours (cosine > --threshold); 0 turns it off (default: %(default)s)")
+    ins.add_argument("--galaxy-rows", type=int, default=2000, metavar="N",
+                     help="points of the galaxy map (2-D PCA, clusters of the neighbour graph): all rows up to "
+                          "N, else a fixed random subset of N; 0 turns the map off (default: %(default)s)")
+    ins.add_argument("--galaxy-seed", type=int, default=0,
+                     help="seed of the galaxy map's subset of rows, the same at every iteration "
+                          "(default: %(default)s)")
     ins.add_argument("--alert-interval", type=float, default=300.0, metavar="SECONDS",
                      help="at most one logged warning and wandb.alert per kind per run this often "
                           "(every alert still goes into the results file; default: %(default)s)")
@@ -198,15 +208,20 @@ def analysis_settings(args: argparse.Namespace) -> Any:
         raise ValueError(f"--drift-window must be at least 5, got {args.drift_window}")
     if args.alert_interval < 0 or args.drift_spike_mads <= 0:
         raise ValueError("--alert-interval must be >= 0 and --drift-spike-mads > 0")
+    if not 0 <= args.partial_collapse_share <= 1:
+        raise ValueError(f"--partial-collapse-share must be in [0, 1] (0: off), got {args.partial_collapse_share}")
+    if args.galaxy_rows < 0:
+        raise ValueError(f"--galaxy-rows must be >= 0 (0: no map), got {args.galaxy_rows}")
     probes = tuple(t.strip() for spec in args.probe for t in spec.split(",") if t.strip())
     return AnalysisSettings(
         threshold=args.threshold, chunk_size=args.chunk_size, top_k=args.top_k,
         progress_interval=args.progress_interval, extras=args.extras, knn_k=args.knn_k, probes=probes,
         probe_k=args.probe_k, sample_rows=args.sample_rows, sample_seed=args.sample_seed,
+        galaxy_rows=args.galaxy_rows, galaxy_seed=args.galaxy_seed,
         alerts=AlertSettings(collapse_mean_sim=args.collapse_mean_sim,
                              collapse_min_rank_fraction=args.collapse_min_rank_fraction,
                              drift_window=args.drift_window, drift_spike_mads=args.drift_spike_mads,
-                             interval=args.alert_interval))
+                             interval=args.alert_interval, partial_collapse_share=args.partial_collapse_share))
 
 
 def set_threads_and_priority(args: argparse.Namespace, log: logging.Logger) -> int:
@@ -244,7 +259,9 @@ def make_sinks(args: argparse.Namespace, settings: Any, threads: int, close_time
         from .sinks.wandb_sink import WandbSink
         config = {"threshold": settings.threshold, "chunk_size": settings.chunk_size, "top_k": settings.top_k,
                   "threads": threads, "extras": settings.extras, "knn_k": settings.knn_k,
-                  "probes": list(settings.probes)}
+                  "probes": list(settings.probes), "galaxy_rows": settings.galaxy_rows,
+                  "galaxy_seed": settings.galaxy_seed,
+                  "partial_collapse_share": settings.alerts.partial_collapse_share}
         if settings.sample_rows is not None:
             config.update(sample_rows=settings.sample_rows, sample_seed=settings.sample_seed)
         sinks.append(WandbSink(default_project=args.wandb_project, close_timeout=close_timeout, config=config,

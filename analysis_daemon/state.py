@@ -106,3 +106,4 @@ class RunInsight:
     knn_ids: torch.Tensor | None = None  # (V, k) int32 neighbour ids of the last analysed snapshot
     alerts: Any = None  # alerts.RunAlerts, created on first use
     probes_logged: bool = False  # unknown probe tokens are logged once per run
+    galaxy_prev: dict[str, Any] | None = None  # {"iter", "points"} of the last map: the next one aligns to it

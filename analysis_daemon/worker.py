@@ -39,6 +39,8 @@ class AnalysisSettings:
     knn_k: int = 10  # neighbours per token for the neighbourhood drift
     probes: tuple[str, ...] = ()  # probe tokens: ids or strings looked up in the trainer's vocabulary
     probe_k: int = 10  # neighbours listed per probe
+    galaxy_rows: int = 2000  # points of the galaxy map (a fixed random subset beyond this); 0: no map
+    galaxy_seed: int = 0  # seed of that subset, the same at every iteration
     alerts: AlertSettings = AlertSettings()
     sample_rows: int | None = None  # sampled geometry from this many rows (None: the exact pass)
     sample_seed: int = 0  # the sample's seed: the same rows for every snapshot of the same size
@@ -143,7 +145,7 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
 
     geometry: dict[str, Any] | None = None
     geometry_error: str | None = None
-    knn_ids = None
+    knn_ids = knn_kth = None
     t0 = time.monotonic()
     try:
         geom, neighbours = geometry_and_neighbours(
@@ -152,6 +154,10 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
             sample_rows=settings.sample_rows, seed=settings.sample_seed)
         geometry = jsonable(geom)
         knn_ids = neighbours[0] if neighbours is not None else None
+        # each row's k-th nearest cosine: the clump search's candidates (sampled geometry has lists for
+        # the sampled rows only, which would hide a clump among the others: then every row is a candidate)
+        if neighbours is not None and neighbours[1].shape[1] and not geom.get("sampled_rows"):
+            knn_kth = neighbours[1][:, -1]
     except AnalysisAbandoned:
         raise
     except Exception as exc:
@@ -170,6 +176,11 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
         insight_seconds = time.monotonic() - t0
         # The next neighbourhood drift compares against this snapshot's lists (None: nothing to compare).
         state.knn_iter, state.knn_ids = cur.iter, knn_ids
+    galaxy, clump, galaxy_error, galaxy_seconds = None, None, None, 0.0
+    if settings.extras:
+        t0 = time.monotonic()
+        galaxy, clump, galaxy_error = _galaxy_and_clump(job, settings, state, knn_kth, vocab)
+        galaxy_seconds = time.monotonic() - t0
 
     record = {
         "run": job.run,
@@ -192,6 +203,10 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
         "insight": insight,
         "insight_error": insight_error,
         "insight_seconds": round(insight_seconds, 6),
+        "galaxy": galaxy,  # the 2-D map (galaxy.py); null with --no-extras or --galaxy-rows 0
+        "clump": clump,  # the partial-collapse clump (clump.py), null when there is none
+        "galaxy_error": galaxy_error,
+        "galaxy_seconds": round(galaxy_seconds, 6),
         "waited_seconds": round(started - cur.received_mono, 6),
         "sent_at": cur.sent_at,
         "received_at": cur.received_at,
@@ -227,6 +242,33 @@ def _insight(job: Job, settings: AnalysisSettings, state: RunInsight, knn_ids: A
     if insight.get("neighbourhood_drift") is not None:
         insight["neighbourhood_drift"]["prev_iter"] = state.knn_iter  # last analysed, not job.previous
     return insight
+
+
+def _galaxy_and_clump(job: Job, settings: AnalysisSettings, state: RunInsight, knn_kth: Any,
+                      vocab: list[str] | None) -> tuple[dict | None, dict | None, str | None]:
+    """The galaxy map (aligned to the run's previous one) and the partial-collapse clump; errors as text."""
+    from .clump import find_clump
+    from .galaxy import galaxy_map
+
+    cur, errors = job.current, []
+    galaxy = clump = None
+    if settings.galaxy_rows > 0:
+        try:
+            galaxy = jsonable(galaxy_map(cur.tensor, rows=settings.galaxy_rows, seed=settings.galaxy_seed,
+                                         threshold=settings.threshold, previous=state.galaxy_prev, vocab=vocab))
+            state.galaxy_prev = {"iter": cur.iter, "points": galaxy["points"]}
+        except Exception as exc:  # costs the map, never the record
+            errors.append(f"galaxy failed: {_first_line(exc)}")
+    if settings.alerts.partial_collapse_share > 0:
+        try:
+            clump = find_clump(cur.tensor, threshold=settings.threshold,
+                               share=settings.alerts.partial_collapse_share, kth_cosine=knn_kth,
+                               knn_k=settings.knn_k if knn_kth is not None else 0, vocab=vocab)
+        except Exception as exc:
+            errors.append(f"clump search failed: {_first_line(exc)}")
+    for error in errors:
+        log.error("run %s iter %d: %s", job.run, cur.iter, error)
+    return galaxy, clump, "; ".join(errors) or None
 
 
 class AnalysisWorker(threading.Thread):

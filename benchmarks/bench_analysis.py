@@ -1,7 +1,8 @@
 """Benchmark of the analysis core: geometry against its matmul floor, peak memory, drift, and the seed's sketch.
 
 Run:  .venv/bin/python benchmarks/bench_analysis.py [--vocab 50304 --dim 768] [--seed-vocab N | --skip-seed]
-      [--skip-core] [--skip-extras]      (f) alone: --skip-core --skip-seed
+      [--skip-core] [--skip-extras] [--skip-galaxy]
+      (f) alone: --skip-core --skip-seed --skip-galaxy; (g) alone: --skip-core --skip-seed --skip-extras
 
 Every part runs in a fresh subprocess, so each peak RSS (ru_maxrss) belongs to that part alone; the
 input (a seeded low-rank-plus-noise matrix with a shared offset, like trained token embeddings) is built
@@ -32,6 +33,8 @@ if str(ROOT) not in sys.path:
 
 from analysis_daemon.drift import measure_semantic_drift  # noqa: E402
 from analysis_daemon.geometry import analyze_embedding_geometry, geometry_and_neighbours  # noqa: E402
+from analysis_daemon.clump import find_clump  # noqa: E402
+from analysis_daemon.galaxy import galaxy_map  # noqa: E402
 from analysis_daemon.insight import compute_insight  # noqa: E402
 
 
@@ -136,6 +139,32 @@ def run_part(args: argparse.Namespace) -> dict:
                    iso=ins["isotropy"]["partition_ratio"], overlap=ins["neighbourhood_drift"]["mean_overlap"])
         out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return out
+    if args.part == "galaxy":
+        # The galaxy map and the partial-collapse search beside the analysis they join (drift + geometry
+        # with neighbour lists + insight), alternating so both see the same load. The map is aligned to
+        # the previous snapshot's map, as in the daemon; the clump search starts from the pass's lists.
+        prev = w + 0.01 * torch.randn(w.shape, generator=torch.Generator().manual_seed(args.seed + 2))
+        prev_map = galaxy_map(prev, rows=2000, threshold=args.threshold)
+        analysis, galaxy, clump, forced = [], [], [], []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            measure_semantic_drift(prev, w, top_k=50)
+            _, (ids, cos) = geometry_and_neighbours(w, threshold=args.threshold, chunk_size=args.chunk_size, knn_k=10)
+            compute_insight(w, prev=prev, knn_ids=ids, prev_knn_ids=ids.roll(1, dims=0), probe_ids=[1, 2, 3])
+            analysis.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            m = galaxy_map(w, rows=2000, threshold=args.threshold, previous={"iter": 0, "points": prev_map["points"]})
+            galaxy.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            found = find_clump(w, threshold=args.threshold, share=0.2, kth_cosine=cos[:, -1], knn_k=10)
+            clump.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()  # worst case: every row a candidate (no lists), one 64 x V product
+            find_clump(w, threshold=args.threshold, share=0.2)
+            forced.append(time.perf_counter() - t0)
+        out.update(analysis=analysis, galaxy=galaxy, clump=clump, forced=forced, clusters=m["cluster_count"],
+                   clustered=m["clustered_points"], ev=m["explained_variance"], found=found is not None,
+                   candidates=int((cos[:, -1] > args.threshold).sum()), bytes=len(json.dumps(m)))
+        return out
     t0 = time.perf_counter()
     if args.part == "ours":
         r = analyze_embedding_geometry(w, threshold=args.threshold, chunk_size=args.chunk_size)
@@ -190,7 +219,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="interleaved geometry/matmul rounds (best ratio shown)")
     p.add_argument("--skip-core", action="store_true", help="skip parts (a)-(d): only the extras' cost (f)")
     p.add_argument("--skip-extras", action="store_true", help="skip part (f)")
-    p.add_argument("--part", choices=["geometry", "ours", "drift", "seed", "extras"], help=argparse.SUPPRESS)
+    p.add_argument("--skip-galaxy", action="store_true", help="skip part (g)")
+    p.add_argument("--part", choices=["geometry", "ours", "drift", "seed", "extras", "galaxy"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.part:
         print(json.dumps(run_part(args)))
@@ -231,6 +261,17 @@ def main() -> None:
               f"insight section {ins_s:.2f} s; rounds without/with: {pairs} s)")
         print(f"    ratio with/without            {e / b:8.3f}    (best of {args.repeats} each; target <= 1.15; "
               f"effective rank {ex['rank']:.1f}, isotropy {ex['iso']:.3f}, peak RSS {ex['peak_rss_mib']:.0f} MiB)")
+    if not args.skip_galaxy:
+        gx = spawn(args, "galaxy", v)
+        a, g, c, f = min(gx["analysis"]), min(gx["galaxy"]), min(gx["clump"]), min(gx["forced"])
+        rounds = ", ".join(f"{x:.2f}/{y:.3f}/{z:.3f}" for x, y, z in zip(gx["analysis"], gx["galaxy"], gx["clump"]))
+        print(f"(g) analysis (drift, geometry with lists, insight) {a:8.2f} s")
+        print(f"    galaxy map, 2000 of {v} rows  {g:8.3f} s   ({gx['clusters']} clusters of {gx['clustered']} points, "
+              f"axes {gx['ev'][0]:.1%} + {gx['ev'][1]:.1%}; {gx['bytes'] / 1024:.0f} KiB of JSON)")
+        print(f"    partial-collapse search       {c:8.3f} s   ({gx['candidates']} candidates from the lists; "
+              f"clump found: {gx['found']}); every row a candidate: {f:.3f} s")
+        print(f"    ratio (map + search)/analysis {(g + c) / a:8.3f}    (best of {args.repeats} each; target < 0.05; "
+              f"rounds analysis/map/search: {rounds} s)")
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

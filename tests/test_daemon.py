@@ -538,7 +538,9 @@ def test_insight_probes_and_throttled_collapse_alerts(start_daemon, tmp_path: Pa
                      "--probe-k", "4", "--alert-interval", "3600")
     vocab = [f"tok{i}" for i in range(500)]
     pub = publisher_for(tcp_endpoint, "ins-run", vocab=vocab, wandb_info={"project": "emb-test"})
-    mats = matrices(2) + [_collapsed(seed=7), _collapsed(seed=8)]
+    partial = matrices(1, seed=3)[0]
+    partial[100:250] = _collapsed(150, seed=9)  # 150 of 500 tokens (30%) in one clump: mean cosine stays low
+    mats = matrices(2) + [partial, _collapsed(seed=7), _collapsed(seed=8)]
     for i, w in enumerate(mats):
         assert pub.publish(w, 10 * (i + 1))
         d.wait_results("ins-run", i + 1)
@@ -564,19 +566,40 @@ def test_insight_probes_and_throttled_collapse_alerts(start_daemon, tmp_path: Pa
     nd = results[1]["insight"]["neighbourhood_drift"]
     assert nd["k"] == 5 and nd["prev_iter"] == 10 and 0 <= nd["mean_overlap"] <= 1
     assert results[1]["insight"]["frozen_tokens"]["count"] == 0  # every row of a new random matrix changed
-    assert results[2]["insight"]["effective_rank"] < 3 < results[1]["insight"]["effective_rank"]
+    assert results[3]["insight"]["effective_rank"] < 3 < results[1]["insight"]["effective_rank"]
 
-    assert results[0]["alerts"] == [] and results[1]["alerts"] == []
-    for r, notified in ((results[2], True), (results[3], False)):  # same kind within the interval: throttled
+    assert results[0]["alerts"] == [] and results[1]["alerts"] == [] and results[0]["clump"] is None
+    # the partial clump: its own alert, named with its size, share and members; the mean cosine stays low
+    assert results[2]["geometry"]["global_sparsity"]["mean_similarity"] < 0.5
+    clump = results[2]["clump"]
+    assert (clump["size"], clump["fraction"], clump["mutual"]) == (150, 0.3, 1.0)
+    assert clump["token_ids"] == list(range(100, 110)) and clump["token_strings"][0] == "tok100"
+    (alert,) = results[2]["alerts"]
+    assert (alert["kind"], alert["metric"], alert["value"], alert["bound"], alert["notified"]) == \
+        ("partial_collapse", "clump.fraction", 0.3, 0.2, True)
+    assert "150 tokens, 30% of the vocabulary, in one clump" in alert["message"]
+    assert "'tok100', 'tok101', 'tok102', 'tok103', 'tok104', ..." in alert["message"]
+    for r, notified in ((results[3], True), (results[4], False)):  # same kind within the interval: throttled
         kinds = {(a["kind"], a["metric"]) for a in r["alerts"]}
-        assert kinds == {("collapse", "geometry.global_sparsity.mean_similarity"), ("collapse", "insight.effective_rank")}
-        assert any(a["notified"] for a in r["alerts"]) is notified
+        assert kinds == {("collapse", "geometry.global_sparsity.mean_similarity"), ("collapse", "insight.effective_rank"),
+                         ("partial_collapse", "clump.fraction")}
+        assert r["clump"]["size"] == 500
+        assert any(a["notified"] for a in r["alerts"] if a["kind"] == "collapse") is notified
+        assert not any(a["notified"] for a in r["alerts"] if a["kind"] == "partial_collapse")
     log = d.log()
     assert log.count("probe token(s) not found") == 1 and "nope, 99999" in log
-    assert log.count("ALERT collapse") == 1
+    assert log.count("ALERT collapse") == 1 and log.count("ALERT partial_collapse") == 1
     out = d.out_path.read_text()
-    assert out.count("[Alert] collapse") == 4 and "[Insight] Effective rank" in out
-    assert "[Insight] Probes: 'tok3' -> " in out
+    assert out.count("[Alert] collapse") == 4 and out.count("[Alert] partial_collapse") == 3
+    assert "[Insight] Effective rank" in out and "[Insight] Probes (nearest tokens by cosine): 'tok3' -> " in out
+    # the galaxy map of every result: all 500 rows (fewer than --galaxy-rows), aligned to the previous map
+    for i, r in enumerate(results):
+        g = r["galaxy"]
+        assert (g["method"], g["rows"], g["seed"], len(g["points"])) == ("pca", 500, 0, 500)
+        assert [p[0] for p in g["points"]] == list(range(500)) and g["aligned_to_iter"] == (10 * i or None)
+    big = results[2]["galaxy"]["clusters"][0]
+    assert big["size"] == 150 and all(100 <= m[0] < 250 and m[1] == f"tok{m[0]}" for m in big["members"])
+    assert "[Galaxy] 500 tokens on a 2-D PCA map" in out
 
     files = wandb_history.find_run_files(tmp_path)
     rows = wandb_history.history(files[0])
@@ -586,9 +609,16 @@ def test_insight_probes_and_throttled_collapse_alerts(start_daemon, tmp_path: Pa
         assert row["analysis/probe_neighbours._type"] == "table-file"
         assert row["analysis/probe_neighbours.nrows"] == 8
         assert row["analysis/alerts"] == len(r["alerts"])
+        assert row["analysis/galaxy._type"] == "table-file" and row["analysis/galaxy.nrows"] == 500
+        assert row["analysis/galaxy_clusters"] == r["galaxy"]["cluster_count"]
+        assert row["analysis/clump_fraction"] == (r["clump"]["fraction"] if r["clump"] else 0.0)
     assert rows[1]["analysis/knn_mean_overlap"] == pytest.approx(nd["mean_overlap"])
     alerts = [rec.alert for rec in wandb_history.read_records(files[0]) if rec.WhichOneof("record_type") == "alert"]
-    assert [a.title for a in alerts] == ["embedding collapse (ins-run)"]
+    assert [a.title for a in alerts] == ["embedding partial_collapse (ins-run)", "embedding collapse (ins-run)"]
+    # the table itself: its columns and the points of the map, token strings from the trainer's vocabulary
+    table = wandb_history.table(files[0], rows[2]["analysis/galaxy.path"])
+    assert table["columns"] == ["iter", "token_id", "token", "x", "y", "cluster"]
+    assert table["data"][:2] == [[30, t, f"tok{t}", x, y, c] for t, x, y, c in results[2]["galaxy"]["points"][:2]]
 
 
 def test_no_extras_leaves_drift_and_geometry_only(start_daemon, tmp_path: Path, tcp_endpoint: str) -> None:
@@ -606,7 +636,9 @@ def test_no_extras_leaves_drift_and_geometry_only(start_daemon, tmp_path: Path, 
 
 def test_bad_insight_options_fail_with_one_line(tmp_path: Path, env: dict[str, str]) -> None:
     for args, message in ((["--knn-k", "0"], "--knn-k must be at least 1"),
-                          (["--drift-window", "3"], "--drift-window must be at least 5")):
+                          (["--drift-window", "3"], "--drift-window must be at least 5"),
+                          (["--partial-collapse-share", "1.5"], "--partial-collapse-share must be in [0, 1]"),
+                          (["--galaxy-rows", "-1"], "--galaxy-rows must be >= 0")):
         proc = subprocess.run([sys.executable, "-m", "analysis_daemon", *args], capture_output=True, text=True,
                               env=env, cwd=tmp_path, timeout=60)
         assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(f"Error: {message}")

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from analysis_daemon.drift import measure_semantic_drift
 from analysis_daemon.geometry import analyze_embedding_geometry, geometry_and_neighbours
 from analysis_daemon.insight import (compute_insight, effective_rank, frozen_rows, isotropy,
                                      neighbourhood_overlap, probe_neighbours, resolve_probes,
@@ -155,6 +156,25 @@ def test_neighbourhood_overlap_is_one_under_rotation_and_zero_for_a_constructed_
     short = before.clone()
     short[5, -1] = -1
     assert math.isnan(neighbourhood_overlap(before, short)[5])
+
+
+def test_neighbourhood_overlap_is_uncentred_by_design_unlike_drift() -> None:
+    # README, "Two kinds of similarity": drift (centred) reads 1.0 for Y = XQ and for Y = XQ + b; the
+    # neighbourhood overlap (raw cosines, lists from the geometry pass) reads 1.0 for Y = XQ only.
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(500, 32, generator=g, dtype=torch.float64)
+    q = orthonormal(32, 32, seed=12).double()
+    b = torch.randn(32, generator=g, dtype=torch.float64)
+    b *= float(x.norm(dim=1).mean()) / float(b.norm())  # an offset as long as a typical row
+    lists = {name: geometry_and_neighbours(y.float(), knn_k=10)[1][0]
+             for name, y in (("x", x), ("rotated", x @ q), ("shifted", x @ q + b))}
+    rotated = neighbourhood_overlap(lists["x"], lists["rotated"])
+    shifted = float(neighbourhood_overlap(lists["x"], lists["shifted"]).mean())
+    assert float(rotated.mean()) >= 0.999  # float32 pass: a near-tie at the 10th place may swap
+    print(f"overlap: rotated {float(rotated.mean()):.4f}, rotated + offset {shifted:.4f}")
+    assert 0.4 < shifted < 0.8, shifted  # about 0.6: the offset pulls every raw cosine towards 1
+    drift = measure_semantic_drift(x, x @ q + b)
+    assert drift["average_cosine_similarity"] == pytest.approx(1.0, abs=1e-6)
 
 
 # --- probes --------------------------------------------------------------------------------------

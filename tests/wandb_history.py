@@ -100,3 +100,12 @@ def run_info(path: str | Path) -> dict[str, Any]:
 def find_run_files(wandb_dir: str | Path) -> list[Path]:
     """Every run-*.wandb file under `wandb_dir` (offline runs)."""
     return sorted(Path(wandb_dir).rglob("run-*.wandb"))
+
+
+def table(run_file: str | Path, path: str) -> dict[str, Any]:
+    """A wandb.Table logged by the run of `run_file`, from its history entry's `path`
+    (e.g. row["analysis/galaxy.path"]): {"columns": [...], "data": [[...], ...]} as wandb wrote it."""
+    found = Path(run_file).parent / "files" / path
+    if not found.is_file():
+        raise FileNotFoundError(f"{found}: no such table file beside {run_file}")
+    return json.loads(found.read_text())

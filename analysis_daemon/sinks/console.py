@@ -34,19 +34,20 @@ def insight_lines(result: dict[str, Any]) -> list[str]:
     ins = result.get("insight")
     if ins:
         iso, norms = ins.get("isotropy") or {}, ins.get("row_norms")
-        text = (f"  [Insight] Effective rank {_num(ins.get('effective_rank'), '.1f')} of {result['shape'][1]}, "
-                f"isotropy {_num(iso.get('partition_ratio'), '.3f')}, mean unit vector "
-                f"{_num(iso.get('mean_unit_vector_norm'), '.3f')}")
+        text = (f"  [Insight] Effective rank {_num(ins.get('effective_rank'), '.1f')} of {result['shape'][1]} "
+                f"(RankMe: entropy of the singular values; low = dimensional collapse), isotropy "
+                f"{_num(iso.get('partition_ratio'), '.3f')} (partition ratio: 1 = isotropic), mean unit vector "
+                f"{_num(iso.get('mean_unit_vector_norm'), '.3f')} (0 = no shared direction, 1 = one cone)")
         if norms:
             text += f", row norms {norms['min']:.3g}..{norms['max']:.3g} (mean {norms['mean']:.3g})"
         lines.append(text)
         nd, frozen = ins.get("neighbourhood_drift"), ins.get("frozen_tokens")
         parts = []
         if nd:
-            parts.append(f"Neighbourhood overlap {_num(nd.get('mean_overlap'), '.3f')} "
-                         f"(k={nd['k']}, vs iter {nd.get('prev_iter')})")
+            parts.append(f"Neighbourhood overlap {_num(nd.get('mean_overlap'), '.3f')} (share of each token's "
+                         f"{nd['k']} nearest neighbours kept since iter {nd.get('prev_iter')}; 1 = unchanged)")
         if frozen:
-            parts.append(f"frozen tokens {frozen['count']}")
+            parts.append(f"frozen tokens {frozen['count']} (rows bit-identical to the previous snapshot)")
         if parts:
             lines.append("  [Insight] " + ", ".join(parts))
         probes = []
@@ -54,16 +55,33 @@ def insight_lines(result: dict[str, Any]) -> list[str]:
             near = ", ".join(f"{_label(n[0], n[1])} {n[2]:.2f}" for n in p["neighbours"][:3])
             probes.append(f"{_label(p['token_id'], p['token'])} -> {near or 'none'}")
         if probes:
-            lines.append("  [Insight] Probes: " + "; ".join(probes))
+            lines.append("  [Insight] Probes (nearest tokens by cosine): " + "; ".join(probes))
     elif result.get("insight_error"):
         lines.append(f"  [Insight] not measured: {result['insight_error']}")
+    lines.extend(galaxy_lines(result))
     for alert in result.get("alerts") or []:
         lines.append(f"  [Alert] {alert['kind']}: {alert['message']}")
     return lines
 
 
+def galaxy_lines(result: dict[str, Any]) -> list[str]:
+    """One [Galaxy] line: the map's size and axes, the clusters and the largest ones' biggest members."""
+    galaxy = result.get("galaxy")
+    if not galaxy:
+        return [f"  [Galaxy] not drawn: {result['galaxy_error']}"] if result.get("galaxy_error") else []
+    ev = galaxy.get("explained_variance") or [0.0, 0.0]
+    named = []
+    for c in (galaxy.get("clusters") or [])[:3]:
+        names = ", ".join(_label(t, s) for t, s in c["members"][:3])
+        named.append(f"#{c['id']} ({c['size']}) {names}")
+    text = (f"  [Galaxy] {galaxy['rows']} tokens on a 2-D PCA map (axes explain {ev[0]:.0%} + {ev[1]:.0%} of the "
+            f"variance): {galaxy.get('cluster_count', len(galaxy.get('clusters') or []))} clusters of neighbours "
+            f"(centred cosine > {galaxy.get('threshold')}) holding {galaxy.get('clustered_points', 0)} tokens")
+    return [text + ("; largest: " + "; ".join(named) if named else "")]
+
+
 def format_result(result: dict[str, Any]) -> str:
-    """The summary block for one result (the seed's format, extended)."""
+    """The summary block for one result: the spec's names, each with what it measures beside it."""
     lines = [f"--- ASYNC ANALYSIS RESULTS FOR ITERATION {result['iter']} (run {result['run']}) ---"]
     if result.get("metrics"):  # what the trainer sent with the snapshot: loss beside the drift
         lines.append("  [Trainer] " + ", ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}"
@@ -71,12 +89,13 @@ def format_result(result: dict[str, Any]) -> str:
     drift = result.get("drift")
     if drift:
         lines.append(f"  [Drift] vs iter {result['prev_iter']}: Average Cosine Similarity "
-                     f"{_num(drift['average_cosine_similarity'], '.4f')}, Average Euclidean Distance "
-                     f"{_num(drift['average_euclidean_distance'], '.4f')}")
-        lines.append("  [Drift] Most drifted: " + _tokens(drift.get("most_drifted_tokens") or [],
-                                                          drift.get("most_drifted_token_strings")))
-        lines.append("  [Drift] Least drifted: " + _tokens(drift.get("least_drifted_tokens") or [],
-                                                           drift.get("least_drifted_token_strings")))
+                     f"{_num(drift['average_cosine_similarity'], '.4f')} (each token's old vs new vector after "
+                     f"the best rotation; 1 = unchanged), Average Euclidean Distance "
+                     f"{_num(drift['average_euclidean_distance'], '.4f')} (same aligned, centred vectors)")
+        lines.append("  [Drift] Most drifted (lowest cosine): " + _tokens(drift.get("most_drifted_tokens") or [],
+                                                                         drift.get("most_drifted_token_strings")))
+        lines.append("  [Drift] Least drifted (highest cosine): " + _tokens(
+            drift.get("least_drifted_tokens") or [], drift.get("least_drifted_token_strings")))
     else:
         lines.append(f"  [Drift] not measured: {result.get('drift_skipped_reason')}")
     geom = result.get("geometry")
@@ -88,9 +107,10 @@ def format_result(result: dict[str, Any]) -> str:
             lo, hi = (geom.get("confidence_95") or {}).get("average_neighborhood_size") or (None, None)
             sampled = f", estimated from {geom['sampled_rows']} rows: 95% CI {_num(lo, '.2f')}..{_num(hi, '.2f')}"
         lines.append(f"  [Geometry] Avg Neighbors (Galaxy Size): "
-                     f"{_num(density['average_neighborhood_size'], '.2f')} (cosine > {density['threshold']}{sampled})")
+                     f"{_num(density['average_neighborhood_size'], '.2f')} (other tokens with cosine > "
+                     f"{density['threshold']}, per token{sampled})")
         lines.append(f"  [Geometry] Mean Similarity (Universe Sparsity): {_num(mean, '.4f')} "
-                     f"(std {_num(std, '.4f')})")
+                     f"(std {_num(std, '.4f')}; mean pairwise cosine: higher = less sparse, near 1 = collapse)")
     else:
         lines.append(f"  [Geometry] not measured: {result.get('geometry_error')}")
     lines.extend(insight_lines(result))

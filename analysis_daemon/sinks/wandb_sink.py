@@ -46,8 +46,9 @@ def wandb_run_settings(run: str, hello_wandb: dict[str, Any] | None,
     return kwargs
 
 
-def metrics_for(result: dict[str, Any], wandb: Any) -> dict[str, Any]:
-    """The wandb log dict of one result (scalars, histogram, token tables, counters)."""
+def metrics_for(result: dict[str, Any], wandb: Any, vocab: list[str] | None = None) -> dict[str, Any]:
+    """The wandb log dict of one result (scalars, histogram, token tables, counters); `vocab` names the
+    galaxy map's points."""
     data: dict[str, Any] = {STEP_METRIC: result["iter"], "analysis/seconds": result["seconds"]}
     if result.get("prev_iter") is not None:
         data["analysis/prev_iter"] = result["prev_iter"]
@@ -82,7 +83,7 @@ def metrics_for(result: dict[str, Any], wandb: Any) -> dict[str, Any]:
             import numpy as np  # numpy arrays are what wandb.Histogram expects
             data["analysis/geom_similarity_hist"] = wandb.Histogram(
                 np_histogram=(np.asarray(counts), np.asarray(bins)))
-    data.update(insight_metrics(result, wandb))
+    data.update(insight_metrics(result, wandb, vocab))
     # The trainer's own scalars, under their own names (e.g. train/loss): one chart can hold loss and drift.
     for key, value in (result.get("metrics") or {}).items():
         data.setdefault(key, value)
@@ -95,7 +96,7 @@ def metrics_for(result: dict[str, Any], wandb: Any) -> dict[str, Any]:
     return data
 
 
-def insight_metrics(result: dict[str, Any], wandb: Any) -> dict[str, Any]:
+def insight_metrics(result: dict[str, Any], wandb: Any, vocab: list[str] | None = None) -> dict[str, Any]:
     """The wandb entries of a result's "insight" section and alerts (scalars, histogram, probe table)."""
     data: dict[str, Any] = {"analysis/alerts": len(result.get("alerts") or [])}
     ins = result.get("insight")
@@ -114,11 +115,33 @@ def insight_metrics(result: dict[str, Any], wandb: Any) -> dict[str, Any]:
         data["analysis/row_norm_hist"] = wandb.Histogram(
             np_histogram=(np.asarray(norms["histogram_counts"]), np.asarray(norms["histogram_bins"])))
     data.update({f"analysis/{k}": v for k, v in scalars.items() if v is not None})
+    data.update(galaxy_metrics(result, wandb, vocab))
     rows = [[p["token_id"], p["token"], rank, n[0], n[1], n[2]]
             for p in ins.get("probes") or [] for rank, n in enumerate(p["neighbours"])]
     if rows:
         data["analysis/probe_neighbours"] = wandb.Table(
             columns=["probe_id", "probe", "rank", "neighbour_id", "neighbour", "cosine_similarity"], data=rows)
+    return data
+
+
+GALAXY_COLUMNS = ["iter", "token_id", "token", "x", "y", "cluster"]
+
+
+def galaxy_metrics(result: dict[str, Any], wandb: Any, vocab: list[str] | None = None) -> dict[str, Any]:
+    """The galaxy map as a wandb.Table (one row per point: W&B's scatter panels plot x against y,
+    coloured by cluster) and its cluster count; the clump's size when there is one."""
+    data: dict[str, Any] = {}
+    clump = result.get("clump")
+    data["analysis/clump_fraction"] = clump["fraction"] if clump else 0.0
+    galaxy = result.get("galaxy")
+    if not galaxy:
+        return data
+    rows = [[result["iter"], int(t), vocab[t] if vocab and 0 <= t < len(vocab) else None, x, y, c]
+            for t, x, y, c in galaxy["points"]]
+    data["analysis/galaxy"] = wandb.Table(columns=GALAXY_COLUMNS, data=rows)
+    data["analysis/galaxy_clusters"] = galaxy.get("cluster_count", len(galaxy.get("clusters") or []))
+    if galaxy["rows"]:
+        data["analysis/galaxy_clustered_fraction"] = galaxy.get("clustered_points", 0) / galaxy["rows"]
     return data
 
 
@@ -139,6 +162,7 @@ class WandbSink(Sink):
         self.close_timeout = (close_timeout if close_timeout is not None
                               else 2 * init_timeout + finish_timeout + 10.0)
         self._hello: dict[str, dict[str, Any] | None] = {}
+        self._vocab: dict[str, list[str] | None] = {}  # token strings of each run's galaxy table
         self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=_QUEUE_MAX)
         self._runs: dict[str, Any] = {}  # trainer run -> wandb Run
         self._defined: dict[str, set[str]] = {}  # trainer run -> trainer metric names given step_metric
@@ -150,7 +174,7 @@ class WandbSink(Sink):
     # --- called from the daemon's threads -------------------------------------------------------
     def run_hello(self, run: str, hello: Any) -> None:
         """Remember the trainer's wandb info for `run` (used when its wandb run is created)."""
-        self._put(("hello", run, getattr(hello, "wandb", None)))
+        self._put(("hello", run, getattr(hello, "wandb", None), getattr(hello, "vocab", None)))
 
     def handle(self, result: dict[str, Any]) -> None:
         """Queue `result` for logging (dropped, and counted, if wandb is far behind)."""
@@ -200,6 +224,7 @@ class WandbSink(Sink):
                     return
                 if kind == "hello":
                     self._hello[item[1]] = item[2]
+                    self._vocab[item[1]] = item[3]
                 elif kind == "result":
                     self._log(item[1])
                 elif kind == "end":
@@ -266,7 +291,7 @@ class WandbSink(Sink):
         try:
             import wandb
 
-            data = metrics_for(result, wandb)
+            data = metrics_for(result, wandb, self._vocab.get(run))
             defined = self._defined.setdefault(run, set())
             for key in result.get("metrics") or {}:
                 if key not in defined and not key.startswith("analysis/"):
@@ -302,6 +327,7 @@ class WandbSink(Sink):
     def _finish(self, run: str, summary: dict[str, Any] | None) -> None:
         wb_run = self._runs.pop(run, None)
         self._defined.pop(run, None)
+        self._vocab.pop(run, None)  # a resumed run says hello again
         if wb_run is None:
             return
         where = sync_dir(wb_run)
