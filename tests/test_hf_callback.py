@@ -9,6 +9,8 @@ with at that step (its forward pass over every token id), against which the daem
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +196,20 @@ def test_lora_wrapped_model_publishes_the_adapted_embedding(start_daemon, tmp_pa
     # The base weight never moves; what the model computes with (base + LoRA delta) does, and that is published.
     assert torch.equal(base.get_input_embeddings().base_layer.weight, frozen)
     check_results(d.results("lora"), pacer.refs, expected, exact=False)
+
+
+def test_ddp_two_processes_one_run_name_each_step_once(start_daemon, env: dict[str, str], tmp_path: Path) -> None:
+    d = start_daemon("--exit-on-end", "--no-wandb")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).with_name("hf_ddp_trainer.py")), d.endpoint, str(tmp_path / "out"), str(d.results_dir)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ranks = dict(line.split(" ", 2)[1:] for line in proc.stdout.splitlines() if line.startswith("RANK "))
+    assert set(ranks) == {"0", "1"}, proc.stdout
+    names = {r: dict(kv.split("=") for kv in rest.split())["run"] for r, rest in ranks.items()}
+    assert names["0"] == names["1"] and names["0"].startswith("hf-")  # generated once, broadcast from rank 0
+    assert d.wait_exit() == 0
+    assert [r["iter"] for r in d.results(names["0"])] == [0, 2, 4]  # a replicated weight: sent once per step
 
 
 def test_no_daemon_trains_on_and_logs_one_line(tcp_endpoint: str, tmp_path: Path,
