@@ -46,4 +46,6 @@ args = TrainingArguments(output_dir=out, max_steps=4, per_device_train_batch_siz
                          use_cpu=True, disable_tqdm=True, logging_steps=100, seed=0, learning_rate=5e-2)
 Trainer(model=gpt2(), args=args, train_dataset=Tokens(), callbacks=[cb, Pace()]).train()
 p = seen["publisher"]
-print(f"RANK {torch.distributed.get_rank()} run={p.run} published={p.published} dropped={p.dropped}", flush=True)
+# one write of a short line: atomic on a pipe, so the ranks' lines cannot cut into each other
+sys.stdout.write(f"RANK {torch.distributed.get_rank()} run={p.run} published={p.published} dropped={p.dropped}\n")
+sys.stdout.flush()

@@ -9,6 +9,7 @@ with at that step (its forward pass over every token id), against which the daem
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -204,9 +205,9 @@ def test_ddp_two_processes_one_run_name_each_step_once(start_daemon, env: dict[s
            str(Path(__file__).with_name("hf_ddp_trainer.py")), d.endpoint, str(tmp_path / "out"), str(d.results_dir)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    ranks = dict(line.split(" ", 2)[1:] for line in proc.stdout.splitlines() if line.startswith("RANK "))
-    assert set(ranks) == {"0", "1"}, proc.stdout
-    names = {r: dict(kv.split("=") for kv in rest.split())["run"] for r, rest in ranks.items()}
+    # the two ranks print concurrently: their lines may interleave, so match the fields, not whole lines
+    names = dict(re.findall(r"RANK (\d) run=(\S+) published=", proc.stdout))
+    assert set(names) == {"0", "1"}, proc.stdout
     assert names["0"] == names["1"] and names["0"].startswith("hf-")  # generated once, broadcast from rank 0
     assert d.wait_exit() == 0
     assert [r["iter"] for r in d.results(names["0"])] == [0, 2, 4]  # a replicated weight: sent once per step
