@@ -66,15 +66,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_analysis_options(p)
     out = add_output_options(p)
     out.add_argument("--state-dir", type=Path,
-                     help="keep each run's latest snapshot here so drift continues across a restart")
+                     help="keep each run's last analysed snapshot here so drift continues across a restart "
+                          "(read back only when that run reappears)")
 
     life = p.add_argument_group("lifecycle")
     life.add_argument("--exit-on-end", action="store_true",
                       help="exit 0 once every run that connected has sent `end` and its work is done")
+    life.add_argument("--run-timeout", type=float, default=60.0, metavar="SECONDS",
+                      help="close a run (like `end`: its waiting snapshots analysed, state saved, memory "
+                           "released) whose publishers have been silent this long; publishers heartbeat "
+                           "every 5 s, and one on this host whose process died is closed at once "
+                           "(default: %(default)s)")
+    life.add_argument("--max-pending-bytes", metavar="SIZE",
+                      help="snapshots waiting for analysis may hold this much memory (e.g. 512M, 4G); they are "
+                           "analysed in order, late but at their own iteration, and skipped only past it "
+                           "(default: a quarter of the RAM, at most 8G; here "
+                           f"{_default_budget()})")
     life.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
                       help="on SIGTERM/SIGINT, let the running analysis finish for this long, then "
                            "abandon it (default: %(default)s)")
     return p
+
+
+def _default_budget() -> str:
+    from .backlog import default_max_pending_bytes, human
+    return human(default_max_pending_bytes())
 
 
 def add_analysis_options(p: argparse.ArgumentParser) -> None:
@@ -307,6 +323,14 @@ def main(argv: list[str] | None = None) -> int:
         settings = analysis_settings(args)
     except ValueError as exc:
         return fail(str(exc))
+    if not args.run_timeout > 0:
+        return fail(f"--run-timeout must be more than 0 seconds, got {args.run_timeout}")
+    from .backlog import default_max_pending_bytes, parse_bytes
+    try:
+        max_pending = (parse_bytes(args.max_pending_bytes) if args.max_pending_bytes is not None
+                       else default_max_pending_bytes())
+    except ValueError as exc:
+        return fail(f"--max-pending-bytes: {exc}")
     threads = set_threads_and_priority(args, log)
 
     limits = DEFAULT_LIMITS
@@ -332,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     config = DaemonConfig(
         listen=args.listen, limits=limits, exit_on_end=args.exit_on_end, state_dir=args.state_dir,
         shutdown_grace=args.shutdown_grace, curve=curve, allow_insecure=args.allow_insecure,
-        analysis=settings)
+        run_timeout=args.run_timeout, max_pending_bytes=max_pending, analysis=settings)
     log.info("starting: %d analysis thread(s), nice +%d, OMP_WAIT_POLICY=%s, sinks: %s", threads,
              max(args.nice, 0), os.environ.get("OMP_WAIT_POLICY"), ", ".join(s.name for s in sinks.sinks))
     try:

@@ -2,9 +2,10 @@
 
 The receive loop polls the PULL socket with a timeout, decodes and validates every message through
 `protocol`, copies shared-memory payloads out at once (so the publisher's slots are free again even
-while an analysis runs) and keeps, per run, only the newest snapshot not yet analysed: an older one
-still waiting is replaced and recorded as skipped, so a fast publisher causes skips, never a backlog.
-The worker (worker.py) takes one job at a time and feeds the sinks.
+while an analysis runs) and queues snapshots in a backlog bounded by bytes (backlog.py): analysed in
+order, late but at their own iteration, skipped only past the budget. It also watches its publishers
+(liveness.py): a run whose publishers all went silent or died is closed as if it had sent `end`.
+The worker (worker.py) takes one job at a time, runs round-robin, and feeds the sinks.
 
 Run it with: python -m analysis_daemon --listen tcp://127.0.0.1:5555 --results-dir runs
 """
@@ -14,15 +15,18 @@ import logging
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import zmq
 
-from protocol import (DEFAULT_LIMITS, End, Hello, Limits, ProtocolError, ShmReader, Snapshot,
-                      bind_receiver, decode, remove_stale_segments, snapshot_tensor)
+from protocol import (DEFAULT_LIMITS, End, Heartbeat, Hello, Limits, ProtocolError, ShmReader, Snapshot,
+                      bind_receiver, decode, remove_segments_of, remove_stale_segments, snapshot_tensor)
 
+from . import backlog, recovery
+from .liveness import DEFAULT_RUN_TIMEOUT_S, Publishers
 from .sinks import SinkSet
 from .state import Counters, HelloInfo, Job, RunState, SnapshotData
 from .state_store import StateStore
@@ -36,7 +40,9 @@ _DRAIN_MAX = 64  # messages handled per wake-up before flags are checked again
 # resumed under the same run name continues its drift; beyond this many the oldest are forgotten
 # (with --state-dir their baseline stays on disk and comes back if the run reappears).
 _KEEP_ENDED_RUNS = 4
-# Runs open at once; a peer inventing run names must not grow the daemon without bound.
+# Runs open at once; past it the longest-idle open run is closed to serve a new one. Runs closed but
+# not yet told to the sinks (the worker is busy) count towards a hard cap of twice that, so a peer
+# inventing run names cannot grow the daemon without bound.
 _MAX_OPEN_RUNS = 64
 
 
@@ -52,10 +58,12 @@ class DaemonConfig:
     shutdown_grace: float = 10.0
     curve: Any = None  # protocol.security.CurveServer or None
     allow_insecure: bool = False
+    run_timeout: float = DEFAULT_RUN_TIMEOUT_S  # a publisher silent this long is gone
+    max_pending_bytes: int = field(default_factory=backlog.default_max_pending_bytes)
 
 
 class TooManyRuns(Exception):
-    """A message for a new run while _MAX_OPEN_RUNS runs are open."""
+    """A message for a new run while 2 x _MAX_OPEN_RUNS runs are not closed yet."""
 
 
 class Daemon:
@@ -74,7 +82,8 @@ class Daemon:
         self.abandon = threading.Event()  # the running analysis gives up at its next progress call
         self.seen_runs: set[str] = set()  # runs that said hello/snapshot to this process
         self._ended_order: list[str] = []  # closed runs still in memory, oldest first
-        self._evicted: set[str] = set()  # runs forgotten from memory (their state may be on disk)
+        self.publishers = Publishers(config.run_timeout)
+        self._served = 0  # jobs handed out; each run remembers when it was served last (round-robin)
         self._signals = 0
         self.worker = AnalysisWorker(self, config.analysis)
         if self.store is not None:
@@ -84,35 +93,61 @@ class Daemon:
     def _state(self, run: str) -> RunState:
         state = self.runs.get(run)
         if state is None:
-            open_runs = sum(1 for s in self.runs.values() if not s.closed)
-            if open_runs >= _MAX_OPEN_RUNS:
-                raise TooManyRuns(f"{open_runs} runs are open already (limit {_MAX_OPEN_RUNS}); "
-                                  f"run {run!r} refused until one ends")
-            state = self.runs[run] = self._restored(run) or RunState(run=run)
+            self._make_room(run)
+            # A run not in memory comes back with its on-disk baseline, when there is one (this run's only).
+            state = (recovery.load_run(self.store, run) if self.store is not None else None) or RunState(run=run)
+            self.runs[run] = state
         if run in self._ended_order:
             self._ended_order.remove(run)
+        state.last_active = time.monotonic()
         return state
 
-    def _restored(self, run: str) -> RunState | None:
-        # A run forgotten from memory comes back with its on-disk baseline, when there is one.
-        if self.store is None or run not in self._evicted:
-            return None
-        self._evicted.discard(run)
-        loaded = self.store.load(run)  # this run only: the others' baselines stay on disk
-        if loaded is None:
-            return None
-        state = RunState(run=run)
-        state.previous, state.hello = loaded
-        return state
+    def _make_room(self, run: str) -> None:
+        unclosed = [s for s in self.runs.values() if not s.closed]
+        if len(unclosed) >= 2 * _MAX_OPEN_RUNS:
+            raise TooManyRuns(f"{len(unclosed)} runs are not closed yet (the worker is behind); "
+                              f"run {run!r} refused until some are")
+        open_runs = [s for s in unclosed if not s.ended]
+        if len(open_runs) >= _MAX_OPEN_RUNS:
+            victim = min(open_runs, key=lambda s: s.last_active)
+            self._end_run(victim, f"evicted to serve new run {run!r}: {len(open_runs)} runs open (limit "
+                                  f"{_MAX_OPEN_RUNS}) and it was idle longest "
+                                  f"({time.monotonic() - victim.last_active:.0f} s)")
+
+    def _end_run(self, state: RunState, reason: str) -> None:
+        # Closed like an `end` (lock held): its queued snapshots are analysed first, then the sinks hear.
+        state.ended = True
+        state.end_info = dict(state.end_info or {}, end_reason=reason)
+        self.publishers.end_run(state.run, reason)
+        self.cond.notify_all()
+        log.warning("run %s: closing: %s", state.run, reason)
 
     def _restore(self) -> None:
         assert self.store is not None
-        for run, (snap, hello) in self.store.load_all().items():
-            state = self._state(run)
-            state.previous, state.hello = snap, hello
-            state.closed = True  # nothing to close until this run shows up again
-            log.info("state dir: restored run %s (baseline iter %s)", run,
-                     snap.iter if snap is not None else None)
+        for state in recovery.interrupted_runs(self.store):
+            self.runs[state.run] = state
+            self.seen_runs.add(state.run)  # --exit-on-end waits for its analysis
+        log.info("state dir %s: runs are read back when they reappear", self.store.root)
+
+    def _check_liveness(self) -> None:
+        """Close runs whose publishers all went silent or died; remove dead publishers' segments."""
+        dead_pids: list[tuple[str, int]] = []
+        with self.cond:
+            for pub in self.publishers.expired():
+                if self.publishers.same_host(pub):
+                    dead_pids.append((pub.run, pub.pid))  # type: ignore[arg-type]
+                state = self.runs.get(pub.run)
+                if state is None or state.ended or state.closed:
+                    continue
+                if self.publishers.all_gone(pub.run):
+                    self._end_run(state, f"{pub.describe()}: {pub.gone}")
+                else:
+                    log.warning("run %s: %s: %s; the run goes on with its other publishers", pub.run,
+                                pub.describe(), pub.gone)
+        for run, pid in dead_pids:
+            removed = remove_segments_of(pid)  # only when that process is gone: a live one owns them
+            if removed:
+                log.info("run %s: removed %d shared-memory segment(s) of dead publisher pid %d", run, removed, pid)
 
     def next_task(self) -> Job | tuple[str, dict[str, Any]] | None:
         """For the worker: the next job, a (run, summary) to close, or None to exit. Blocks."""
@@ -124,14 +159,17 @@ class Daemon:
                     if state.ended and not state.closed and state.idle():
                         state.closed = True
                         return state.run, self._run_summary(state)
-                waiting = [s for s in self.runs.values() if s.pending is not None and not s.busy]
-                if waiting:
-                    # Oldest pending first, so two busy runs take turns instead of one starving.
-                    state = min(waiting, key=lambda s: s.pending.received_mono)  # type: ignore[union-attr]
-                    job = Job(run=state.run, current=state.pending, previous=state.previous,  # type: ignore[arg-type]
-                              skipped_iters=state.skipped_iters, hello=state.hello)
-                    state.previous, state.pending, state.skipped_iters = state.pending, None, []
-                    state.busy = True
+                state = backlog.next_run(self.runs.values())  # round-robin: no run starves another
+                if state is not None:
+                    snap = state.queue.popleft()
+                    state.queued_bytes -= snap.nbytes
+                    repeat = state.max_iter if state.max_iter is not None and snap.iter <= state.max_iter else None
+                    job = Job(run=state.run, current=snap, previous=state.previous,
+                              skipped_iters=snap.skipped_before, hello=state.hello, repeat_of=repeat)
+                    state.previous = snap
+                    state.max_iter = snap.iter if repeat is None else state.max_iter
+                    self._served += 1
+                    state.served, state.busy = self._served, True
                     return job
                 self.cond.wait(0.5)
 
@@ -163,7 +201,7 @@ class Daemon:
                 old_state = self.runs.get(old)
                 if old_state is not None and old_state.closed and old_state.idle():
                     del self.runs[old]
-                    self._evicted.add(old)
+                    self.publishers.forget_run(old)
                     log.info("run %s: state released from memory (%d newer ended runs kept)", old,
                              _KEEP_ENDED_RUNS)
             self.cond.notify_all()
@@ -186,12 +224,16 @@ class Daemon:
     def _on_hello(self, msg: Hello) -> None:
         hello = HelloInfo(pid=msg.pid, host=msg.host, vocab=msg.vocab, wandb=msg.wandb, meta=msg.meta)
         with self.cond:
-            state = self._state(msg.run)
+            pub, warning = self.publishers.route(msg.run, msg.publisher, hello=msg)
+            run = pub.run
+            state = self._state(run)
             state.hello = hello
             state.ended = state.closed = False
-            self.seen_runs.add(msg.run)
+            self.seen_runs.add(run)
             self.cond.notify_all()
-        log.info("run %s: hello from pid %s on %s (vocab: %s tokens, wandb: %s)", msg.run, msg.pid,
+        if warning:
+            log.warning("%s", warning)
+        log.info("run %s: hello from pid %s on %s (vocab: %s tokens, wandb: %s)", run, msg.pid,
                  msg.host, len(msg.vocab) if msg.vocab is not None else "no",
                  "yes" if msg.wandb else "no")
 
@@ -204,40 +246,54 @@ class Daemon:
             return
         snap = SnapshotData(iter=msg.iter, seq=msg.seq, name=msg.name, tensor=tensor, sent_at=msg.sent_at,
                             metrics=msg.metrics)
+        budget = self.config.max_pending_bytes
         with self.cond:
-            state = self._state(msg.run)
-            self.seen_runs.add(msg.run)
+            pub, warning = self.publishers.route(msg.run, msg.publisher)
+            run = pub.run
+            state = self._state(run)
+            self.seen_runs.add(run)
             if state.ended:
-                log.warning("run %s: snapshot iter %d after its end message; run reopened", msg.run, msg.iter)
+                log.warning("run %s: snapshot iter %d after its end (or close); run reopened", run, msg.iter)
                 state.ended = state.closed = False
             state.counters.received += 1
             self.totals.received += 1
-            replaced = state.pending
-            if replaced is not None:
-                # The worker is behind: keep only the newest. The replaced one was received, so it is
-                # the baseline the newer snapshot's drift is measured against.
-                state.skipped_iters.append(replaced.iter)
-                state.previous = replaced
-                state.counters.skipped += 1
+            backlog.enqueue(state, snap)
+            skipped = backlog.trim(self.runs.values(), budget, keep=snap)
+            for victim_state, _ in skipped:
+                victim_state.counters.skipped += 1
                 self.totals.skipped += 1
-            state.pending = snap
+            queued = sum(s.queued_bytes for s in self.runs.values())
             self.cond.notify_all()
-        if replaced is not None:
-            log.info("run %s: skipped iter %d (iter %d arrived before the worker was free)",
-                     msg.run, replaced.iter, msg.iter)
-        else:
-            log.debug("run %s: received iter %d", msg.run, msg.iter)
+        if warning:
+            log.warning("%s", warning)
+        for victim_state, victim in skipped:
+            log.warning("run %s: skipped iter %d: the backlog is over --max-pending-bytes %s (%s queued); "
+                        "raise it, or add cores/threads if this persists", victim_state.run, victim.iter,
+                        backlog.human(budget), backlog.human(queued))
+        log.debug("run %s: received iter %d", run, msg.iter)
 
     def _on_end(self, msg: End) -> None:
         with self.cond:
-            state = self._state(msg.run)
-            state.ended = True
+            pub, _ = self.publishers.route(msg.run, msg.publisher)
+            pub.gone = "sent end"
+            run = pub.run
+            state = self._state(run)
             state.end_info = {"final_iter": msg.final_iter, "published": msg.published,
                               "dropped": msg.dropped}
-            self.seen_runs.add(msg.run)
+            state.ended = self.publishers.all_gone(run)  # a run ends when all its publishers have
+            self.seen_runs.add(run)
             self.cond.notify_all()
-        log.info("run %s: end (final iter %s, trainer published %d, dropped %d)", msg.run,
+        log.info("run %s: end (final iter %s, trainer published %d, dropped %d)", run,
                  msg.final_iter, msg.published, msg.dropped)
+
+    def _on_heartbeat(self, msg: Heartbeat) -> None:
+        with self.cond:
+            if self.publishers.known(msg.run, msg.publisher) is None:
+                return  # not introduced (its hello comes first): nothing to keep alive, nothing to create
+            pub, _ = self.publishers.route(msg.run, msg.publisher)
+            state = self.runs.get(pub.run)
+            if state is not None:
+                state.last_active = time.monotonic()
 
     def _handle(self, frames: list[Any], shm: ShmReader) -> None:
         try:
@@ -250,6 +306,8 @@ class Daemon:
                 self._on_snapshot(msg, shm)
             elif isinstance(msg, Hello):
                 self._on_hello(msg)
+            elif isinstance(msg, Heartbeat):
+                self._on_heartbeat(msg)
             else:
                 self._on_end(msg)
         except TooManyRuns as exc:
@@ -294,7 +352,12 @@ class Daemon:
                      "" if self.store is None else f", state dir {self.store.root}")
             poller = zmq.Poller()
             poller.register(sock, zmq.POLLIN)
+            check_every = min(1.0, self.config.run_timeout / 4)
+            next_check = time.monotonic() + check_every
             while not self.stop_requested:
+                if time.monotonic() >= next_check:
+                    self._check_liveness()
+                    next_check = time.monotonic() + check_every
                 if poller.poll(_POLL_MS):
                     for _ in range(_DRAIN_MAX):
                         try:
@@ -325,9 +388,11 @@ class Daemon:
         with self.cond:
             self.stopping = True
             self.cond.notify_all()
-            dropped = [(s.run, s.pending) for s in self.runs.values() if s.pending is not None]
-        for run, snap in dropped:
-            log.warning("run %s: iter %d received but not analysed (shutting down)", run, snap.iter)
+            dropped = [(s.run, [q.iter for q in s.queue]) for s in self.runs.values() if s.queue]
+        for run, iters in dropped:
+            log.warning("run %s: iter(s) %s received but not analysed (shutting down)%s", run,
+                        ", ".join(map(str, iters)), "; the next result after a restart lists them in skipped_iters"
+                        if self.store is not None else "")
         if self.worker.is_alive():
             job = self.worker.current
             self.worker.join(grace)
@@ -344,12 +409,13 @@ class Daemon:
                 log.info("shutdown: finished the running analysis (run %s iter %d) before exiting",
                          job.run, job.current.iter)
         if self.store is not None:
-            # The newest snapshot received is the baseline the next drift should use after a restart.
-            for run, snap in dropped:
+            # The baseline stays the last analysed snapshot (its record exists); the ones never
+            # analysed are noted so the run's next result names them.
+            for run, iters in dropped:
                 try:
-                    self.store.save_snapshot(run, snap)
+                    self.store.note_not_analysed(run, iters)
                 except OSError as exc:
-                    log.error("state dir: could not save run %s iter %d: %s", run, snap.iter, exc)
+                    log.error("state dir: could not note the unanalysed iterations of run %s: %s", run, exc)
         self.sinks.close()
         with self.lock:
             totals = self.totals.as_dict()

@@ -99,8 +99,11 @@ def load_results(path: Path, run: str | None = None) -> Results:
     for _, rec in parsed:
         if run is not None and rec.get("run") != run:
             continue
-        if rec["iter"] in by_iter:  # the same iteration twice (a restart): the newer line wins
+        old = by_iter.get(rec["iter"])
+        if old is not None:  # the same iteration twice (a resumed trainer, a re-analysis after a restart)
             res.duplicates += 1
+            if old.get("drift") is not None and rec.get("drift") is None:
+                continue  # the one with drift is kept; else the newer line
         by_iter[rec["iter"]] = rec
     res.records = [by_iter[k] for k in sorted(by_iter)]
     if not res.records:
@@ -196,7 +199,7 @@ def header_section(page: Page) -> str:
             bad += ": " + esc("; ".join(res.skip_reasons)) + (" ..." if res.skipped_lines > len(res.skip_reasons)
                                                                else "")
         if res.duplicates:
-            bad += f"; {res.duplicates} repeated iteration(s), the newest line kept"
+            bad += f"; {res.duplicates} repeated iteration(s), the one with drift kept, else the newest"
         if res.other_runs:
             bad += f"; other runs in the file left out: {esc(', '.join(res.other_runs))}"
         rows.append(("Input", bad))

@@ -6,6 +6,7 @@ here locks by itself, so every mutation happens in one place with the lock held.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ class Counters:
 
     received: int = 0  # snapshots accepted (decoded, validated, copied out)
     analysed: int = 0  # snapshots whose analysis finished and reached the sinks
-    skipped: int = 0  # snapshots replaced by a newer one before the worker got to them
+    skipped: int = 0  # snapshots dropped from the backlog past --max-pending-bytes (never analysed)
     rejected: int = 0  # messages refused (undecodable, invalid, unusable payload)
 
     def as_dict(self) -> dict[str, int]:
@@ -39,6 +40,13 @@ class SnapshotData:
     received_mono: float = field(default_factory=time.monotonic)  # for the waited_seconds figure
     sent_at: float | None = None  # publisher's wall clock, when it said
     metrics: dict[str, float | int] | None = None  # trainer scalars sent with the snapshot (validated)
+    skipped_before: list[int] = field(default_factory=list)  # iterations of the run skipped just before it
+    recovered: bool = False  # read back from --state-dir: it was being analysed when the daemon stopped
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensor (what it costs the backlog budget)."""
+        return self.tensor.numel() * self.tensor.element_size()
 
     @property
     def shape(self) -> list[int]:
@@ -71,23 +79,27 @@ class Job:
     previous: SnapshotData | None
     skipped_iters: list[int]  # iterations of this run skipped since the last job was taken
     hello: HelloInfo | None
+    repeat_of: int | None = None  # the run's highest iteration analysed before, when current.iter is not past it
 
 
 @dataclass
 class RunState:
     """Everything the daemon keeps for one trainer run.
 
-    `previous` is the snapshot most recently received before the pending one, i.e. what the next
-    drift compares against; it advances when the worker takes a job or when a pending snapshot is
-    replaced (the replaced one was received, so it becomes the baseline of the newer one).
+    `previous` is the snapshot the worker took last, i.e. what the next drift compares against; a
+    snapshot skipped from the backlog never becomes it, so `prev_iter` always names an analysed one.
     """
 
     run: str
     hello: HelloInfo | None = None
     previous: SnapshotData | None = None
-    pending: SnapshotData | None = None  # newest snapshot not yet taken by the worker (never a queue)
+    queue: deque[SnapshotData] = field(default_factory=deque)  # received, waiting for the worker, oldest first
+    queued_bytes: int = 0  # bytes held by `queue` (the backlog budget counts these)
     busy: bool = False  # the worker is analysing a snapshot of this run right now
-    skipped_iters: list[int] = field(default_factory=list)  # since the last job was taken
+    skipped_iters: list[int] = field(default_factory=list)  # skipped with nothing queued after them yet
+    served: int = 0  # when the worker last took a job of this run (a daemon-wide counter; round-robin)
+    last_active: float = field(default_factory=time.monotonic)  # last message of the run (eviction order)
+    max_iter: int | None = None  # highest iteration taken for analysis (a lower one is a repeat: resume)
     counters: Counters = field(default_factory=Counters)
     ended: bool = False  # `end` received; closed once no work is left
     closed: bool = False  # run's sinks told it ended
@@ -95,7 +107,7 @@ class RunState:
 
     def idle(self) -> bool:
         """True when nothing of this run is waiting or being analysed."""
-        return self.pending is None and not self.busy
+        return not self.queue and not self.busy
 
 
 @dataclass

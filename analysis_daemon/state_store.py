@@ -130,6 +130,81 @@ class StateStore:
                                "received_at": snap.received_at}
         self._write_sidecar(run_dir, sidecar)
 
+    def begin_analysis(self, run: str, snap: SnapshotData) -> None:
+        """Persist `snap`, about to be analysed, beside the baseline; commit_analysis() promotes it.
+
+        The baseline stays the last snapshot whose result was delivered, so after a crash the next
+        record's prev_iter names an iteration that has a record, and the interrupted one is on disk
+        to be analysed again (see the daemon's start-up).
+        """
+        raw = snap.tensor.detach().contiguous().view(torch.uint8).numpy()
+        with self._lock:
+            run_dir = self._run_dir(run)
+            sidecar = self._read_sidecar(run_dir)
+            base = (sidecar.get("snapshot") or {}).get("file")
+            old = (sidecar.get("analysing") or {}).get("file")
+            fname = f"snapshot-{snap.iter}-{snap.seq}.bin"
+            if fname == base:  # the same iteration again (a resumed trainer): never overwrite the baseline
+                fname = f"snapshot-{snap.iter}-{snap.seq}-repeat.bin"
+            _write_atomic(run_dir / fname, memoryview(raw).cast("B"))
+            sidecar["run"] = run
+            sidecar["analysing"] = {"file": fname, "iter": snap.iter, "seq": snap.seq, "name": snap.name,
+                                    "dtype": snap.dtype, "shape": snap.shape, "nbytes": memoryview(raw).nbytes,
+                                    "received_at": snap.received_at}
+            self._write_sidecar(run_dir, sidecar)
+            if old and old not in (fname, base):
+                (run_dir / old).unlink(missing_ok=True)
+
+    def commit_analysis(self, run: str, snap: SnapshotData) -> None:
+        """`snap`'s result was delivered: it becomes the run's baseline (and the old one is deleted)."""
+        with self._lock:
+            run_dir = self._run_dir(run)
+            sidecar = self._read_sidecar(run_dir)
+            info = sidecar.get("analysing") or {}
+            if info.get("iter") != snap.iter or info.get("seq") != snap.seq:
+                return  # begin_analysis failed (disk full?): nothing to promote
+            old = (sidecar.get("snapshot") or {}).get("file")
+            sidecar["snapshot"] = sidecar.pop("analysing")
+            sidecar.pop("not_analysed", None)  # reported in this result's skipped_iters
+            self._write_sidecar(run_dir, sidecar)
+            if old and old != info["file"]:
+                (run_dir / old).unlink(missing_ok=True)
+
+    def note_not_analysed(self, run: str, iters: list[int]) -> None:
+        """Remember iterations received but never analysed (shutdown) for the run's next result."""
+        with self._lock:
+            run_dir = self._run_dir(run)
+            sidecar = self._read_sidecar(run_dir)
+            sidecar["run"] = run
+            sidecar["not_analysed"] = sorted(set(sidecar.get("not_analysed") or []) | set(iters))
+            self._write_sidecar(run_dir, sidecar)
+
+    def interrupted_runs(self) -> list[str]:
+        """Runs whose snapshot was being analysed when the daemon stopped (reads only the sidecars)."""
+        out = []
+        for run_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            try:
+                sidecar = self._read_sidecar(run_dir)
+            except (OSError, ValueError):
+                continue
+            if isinstance(sidecar, dict) and sidecar.get("analysing") and isinstance(sidecar.get("run"), str):
+                out.append(sidecar["run"])
+        return out
+
+    def load_pending(self, run: str) -> tuple[SnapshotData | None, list[int]]:
+        """`run`'s interrupted snapshot (being analysed when the daemon stopped) and its not-analysed iterations."""
+        run_dir = self.root / run_dirname(run)
+        try:
+            sidecar = self._read_sidecar(run_dir)
+            if sidecar.get("run") != run:
+                return None, []
+            not_analysed = [int(i) for i in sidecar.get("not_analysed") or []]
+            info = sidecar.get("analysing")
+            return (self._read_snapshot(run_dir, info) if info else None), not_analysed
+        except (StateStoreError, OSError, KeyError, TypeError, ValueError) as exc:
+            log.warning("state dir: ignoring the interrupted snapshot of run %s: %s", run, exc)
+            return None, []
+
     def save_hello(self, run: str, hello: HelloInfo) -> None:
         """Persist `run`'s hello info (vocabulary, wandb info) so a restarted daemon still has it."""
         with self._lock:
@@ -151,21 +226,21 @@ class StateStore:
             h = sidecar["hello"]
             hello = HelloInfo(pid=h.get("pid"), host=h.get("host"), vocab=h.get("vocab"),
                               wandb=h.get("wandb"), meta=h.get("meta") or {})
-        snap = None
         info = sidecar.get("snapshot")
-        if info:
-            dtype = _DTYPES.get(info.get("dtype"))
-            if dtype is None:
-                raise StateStoreError(f"unknown dtype {info.get('dtype')!r}")
-            shape = [int(x) for x in info["shape"]]
-            data = (run_dir / info["file"]).read_bytes()
-            expected = shape[0] * shape[1] * torch.tensor([], dtype=dtype).element_size()
-            if len(data) != info["nbytes"] or len(data) != expected:
-                raise StateStoreError(f"{info['file']} has {len(data)} bytes, expected {expected}")
-            tensor = torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
-            snap = SnapshotData(iter=int(info["iter"]), seq=int(info["seq"]), name=str(info["name"]),
-                                tensor=tensor, received_at=float(info["received_at"]))
-        return sidecar["run"], snap, hello
+        return sidecar["run"], (self._read_snapshot(run_dir, info) if info else None), hello
+
+    def _read_snapshot(self, run_dir: Path, info: dict[str, Any]) -> SnapshotData:
+        dtype = _DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise StateStoreError(f"unknown dtype {info.get('dtype')!r}")
+        shape = [int(x) for x in info["shape"]]
+        data = (run_dir / info["file"]).read_bytes()
+        expected = shape[0] * shape[1] * torch.tensor([], dtype=dtype).element_size()
+        if len(data) != info["nbytes"] or len(data) != expected:
+            raise StateStoreError(f"{info['file']} has {len(data)} bytes, expected {expected}")
+        tensor = torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+        return SnapshotData(iter=int(info["iter"]), seq=int(info["seq"]), name=str(info["name"]),
+                            tensor=tensor, received_at=float(info["received_at"]))
 
     def _try_load(self, run_dir: Path) -> tuple[str, SnapshotData | None, HelloInfo | None] | None:
         try:

@@ -346,14 +346,19 @@ class AnalysisWorker(threading.Thread):
                     d.store.save_hello(job.run, job.hello)
                 except OSError as exc:
                     log.error("state dir: could not save hello of run %s: %s", job.run, exc)
-        if d.store is not None:
-            # The snapshot about to be analysed is the baseline of the next one: persist it first,
-            # so a crash mid-analysis still leaves the right baseline for after the restart.
+        if d.store is not None and not job.current.recovered:
+            # On disk before the analysis, promoted to baseline only once its result is delivered:
+            # a crash in between leaves the old baseline (which has a record) and this snapshot,
+            # analysed again at the next start-up.
             try:
-                d.store.save_snapshot(job.run, job.current)
+                d.store.begin_analysis(job.run, job.current)
             except OSError as exc:
                 log.error("state dir: could not save run %s iter %d: %s", job.run, job.current.iter, exc)
         prev_iter = job.previous.iter if job.previous is not None else None
+        if job.repeat_of is not None:
+            log.warning("run %s iter %d: repeats an iteration (iter %d was analysed already): a trainer resumed "
+                        "from a checkpoint? Both records are kept; this one is marked \"repeat\": true",
+                        job.run, job.current.iter, job.repeat_of)
         log.info("run %s iter %d: analysing %s %s (drift vs iter %s)", job.run, job.current.iter,
                  "x".join(map(str, job.current.shape)), job.current.dtype, prev_iter)
         try:
@@ -366,8 +371,18 @@ class AnalysisWorker(threading.Thread):
         except Exception as exc:  # analyse() catches math errors itself; this is a daemon bug
             log.exception("run %s iter %d: analysis crashed: %s", job.run, job.current.iter, exc)
             return
+        if job.repeat_of is not None:
+            result["repeat"], result["resumed_after_iter"] = True, job.repeat_of
+        if job.current.recovered:
+            result["recovered"] = True  # analysed again after a restart (it was interrupted)
         d.add_counters(job, result)
         log.info("run %s iter %d: analysed in %.2f s", job.run, job.current.iter, result["seconds"])
         # The job is finished (by _run_job) only after this: --exit-on-end must not exit between the
         # analysis and the sinks.
         d.sinks.handle(result)
+        if d.store is not None:
+            try:
+                d.store.commit_analysis(job.run, job.current)
+            except OSError as exc:
+                log.error("state dir: could not record run %s iter %d as analysed: %s", job.run,
+                          job.current.iter, exc)

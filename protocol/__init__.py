@@ -3,10 +3,12 @@ from .messages import (
     DEFAULT_LIMITS,
     DTYPE_ITEMSIZE,
     KIND_END,
+    KIND_HEARTBEAT,
     KIND_HELLO,
     KIND_SNAPSHOT,
     PROTOCOL_VERSION,
     End,
+    Heartbeat,
     Hello,
     Limits,
     Message,
@@ -17,18 +19,20 @@ from .messages import (
     check_run_name,
     decode,
     encode_end,
+    encode_heartbeat,
     encode_hello,
     encode_snapshot,
 )
 from .security import CurveClient, CurveServer, generate_keypair
-from .shm import ShmReader, ShmWriter, remove_stale_segments, shm_available
+from .shm import ShmReader, ShmWriter, pid_alive, remove_segments_of, remove_stale_segments, segments_of, shm_available
 from .tensors import snapshot_tensor, torch_dtype, wire_dtype
 from .transport import bind_receiver, check_endpoint, connect_publisher, is_local_endpoint
 
 __all__ = [
-    "DEFAULT_LIMITS", "DTYPE_ITEMSIZE", "KIND_END", "KIND_HELLO", "KIND_SNAPSHOT", "PROTOCOL_VERSION",
-    "End", "Hello", "Limits", "Message", "ProtocolError", "ShmRef", "Snapshot", "check_metrics", "check_run_name", "decode",
-    "encode_end", "encode_hello", "encode_snapshot", "CurveClient", "CurveServer", "generate_keypair",
-    "ShmReader", "ShmWriter", "remove_stale_segments", "shm_available", "snapshot_tensor", "torch_dtype",
+    "DEFAULT_LIMITS", "DTYPE_ITEMSIZE", "KIND_END", "KIND_HEARTBEAT", "KIND_HELLO", "KIND_SNAPSHOT", "PROTOCOL_VERSION",
+    "End", "Heartbeat", "Hello", "Limits", "Message", "ProtocolError", "ShmRef", "Snapshot", "check_metrics", "check_run_name",
+    "decode", "encode_end", "encode_heartbeat", "encode_hello", "encode_snapshot", "CurveClient", "CurveServer",
+    "generate_keypair", "ShmReader", "ShmWriter", "pid_alive", "remove_segments_of", "remove_stale_segments", "segments_of",
+    "shm_available", "snapshot_tensor", "torch_dtype",
     "wire_dtype", "bind_receiver", "check_endpoint", "connect_publisher", "is_local_endpoint",
 ]

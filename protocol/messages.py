@@ -2,7 +2,8 @@
 
 A message is a list of ZeroMQ frames. Frame 0 is a msgpack map (the header). A `snapshot` sent
 inline has a second frame with the raw C-order tensor bytes; a `snapshot` that travels through
-shared memory has only the header, whose `shm` entry names the slot. `hello` and `end` are one frame.
+shared memory has only the header, whose `shm` entry names the slot. `hello`, `end` and `heartbeat`
+are one frame.
 Nothing is ever unpickled: msgpack is unpacked with hard limits and no extension types.
 """
 from __future__ import annotations
@@ -21,7 +22,10 @@ PROTOCOL_VERSION: Final[int] = 1
 KIND_HELLO: Final[str] = "hello"
 KIND_SNAPSHOT: Final[str] = "snapshot"
 KIND_END: Final[str] = "end"
-KINDS: Final[tuple[str, ...]] = (KIND_HELLO, KIND_SNAPSHOT, KIND_END)
+# Sent by the publisher's sender thread every few seconds while connected: the daemon closes a run
+# whose publishers all went silent (a SIGKILLed trainer never sends `end`).
+KIND_HEARTBEAT: Final[str] = "heartbeat"
+KINDS: Final[tuple[str, ...]] = (KIND_HELLO, KIND_SNAPSHOT, KIND_END, KIND_HEARTBEAT)
 
 # Bytes per element of every dtype allowed on the wire; bfloat16 travels as raw 2-byte words.
 DTYPE_ITEMSIZE: Final[dict[str, int]] = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -130,7 +134,16 @@ class End:
     publisher: str = ""
 
 
-Message = Union[Hello, Snapshot, End]
+@dataclass(frozen=True)
+class Heartbeat:
+    """The publisher is alive (it may have nothing to send for a long while)."""
+
+    run: str
+    seq: int
+    publisher: str = ""
+
+
+Message = Union[Hello, Snapshot, End, Heartbeat]
 
 
 # ---------------------------------------------------------------- encoding
@@ -211,6 +224,11 @@ def encode_end(*, run: str, seq: int, final_iter: int | None, published: int, dr
     """Frames of an `end` message."""
     return [_pack({"v": PROTOCOL_VERSION, "kind": KIND_END, "run": run, "seq": seq, "publisher": publisher,
                    "final_iter": final_iter, "published": published, "dropped": dropped})]
+
+
+def encode_heartbeat(*, run: str, seq: int, publisher: str = "") -> list[bytes]:
+    """Frames of a `heartbeat` message."""
+    return [_pack({"v": PROTOCOL_VERSION, "kind": KIND_HEARTBEAT, "run": run, "seq": seq, "publisher": publisher})]
 
 
 # ---------------------------------------------------------------- decoding
@@ -323,6 +341,8 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
         return _decode_snapshot(frames, header, run, seq, publisher)
     if len(frames) != 1:
         raise ProtocolError(f"message: {kind} has {len(frames)} frames, expected 1")
+    if kind == KIND_HEARTBEAT:
+        return Heartbeat(run=run, seq=seq, publisher=publisher)
     if kind == KIND_HELLO:
         vocab = header._get("vocab")
         if vocab is not None:

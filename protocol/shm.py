@@ -75,6 +75,7 @@ class ShmWriter:
         self.reclaimed = 0  # slots taken back from a reader that never released them
         self.timed_out = 0  # ... of those, taken back because reclaim_after_s passed while connected
         self.released = 0  # slots a reader released (proof that shared memory reaches the receiver)
+        self._unlinked = False  # set by unlink_all() (a signal handler): recreate slots before reuse
 
     def _create(self, index: int, nbytes: int) -> _Slot:
         self._generation += 1
@@ -109,6 +110,11 @@ class ShmWriter:
         """A slot marked WRITING with room for `nbytes`, or None when all are in use (caller drops)."""
         now = time.monotonic()
         with self._lock:
+            if self._unlinked:  # a signal removed the segments but the process lives on: start afresh
+                self._unlinked = False
+                for slot in list(self._slots):
+                    if slot is not None:
+                        self._drop(slot)
             for i, slot in enumerate(self._slots):
                 if slot is not None:
                     _, state, _, _ = slot.words()
@@ -172,6 +178,21 @@ class ShmWriter:
     def names(self) -> list[str]:
         """Names of the segments that exist now."""
         return [s.name for s in self._slots if s is not None]
+
+    def unlink_all(self) -> None:
+        """Remove every segment's name now, without the lock: safe inside a signal handler.
+
+        A handler runs on the main thread between two bytecodes, possibly while that thread holds
+        `_lock` in acquire(); taking it here would deadlock. Unlinking only removes the names (the
+        mappings stay valid); a later acquire() replaces the slots with fresh segments.
+        """
+        self._unlinked = True
+        for slot in list(self._slots):
+            if slot is not None:
+                try:
+                    os.unlink(self.directory / slot.name)
+                except OSError:
+                    pass
 
     def close(self) -> None:
         """Unmap and unlink every slot (idempotent)."""
@@ -250,7 +271,10 @@ class ShmReader:
             self._forget(name)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (in this pid namespace)."""
+    if pid <= 0:
+        return True  # 0 and negative pids name process groups, never a publisher: assume alive
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -267,7 +291,7 @@ def remove_stale_segments(directory: Path = SHM_DIR) -> int:
     removed = 0
     for entry in os.scandir(directory):
         match = SHM_NAME_RE.match(entry.name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             try:
                 os.unlink(entry.path)
                 removed += 1
@@ -280,3 +304,17 @@ def segments_of(pid: int, directory: Path = SHM_DIR) -> list[str]:
     """Names of our segments created by process `pid` (for tests and diagnostics)."""
     pattern = re.compile(rf"^{re.escape(SHM_PREFIX)}{pid}-")
     return sorted(e.name for e in os.scandir(directory) if pattern.match(e.name)) if directory.is_dir() else []
+
+
+def remove_segments_of(pid: int, directory: Path = SHM_DIR) -> int:
+    """Unlink the segments of publisher process `pid` if that process is gone; returns how many."""
+    if pid_alive(pid):
+        return 0  # a live publisher still owns (and may be writing) them
+    removed = 0
+    for name in segments_of(pid, directory):
+        try:
+            os.unlink(directory / name)
+            removed += 1
+        except (FileNotFoundError, PermissionError):
+            pass
+    return removed

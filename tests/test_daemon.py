@@ -124,12 +124,13 @@ def push(tcp_endpoint: str):
     ctx.term()
 
 
-def snapshot(push_sock: zmq.Socket, run: str, it: int, t: torch.Tensor, seq: int | None = None) -> None:
-    """Send `t` inline as run/iter."""
+def snapshot(push_sock: zmq.Socket, run: str, it: int, t: torch.Tensor, seq: int | None = None,
+             publisher: str = "") -> None:
+    """Send `t` inline as run/iter (from `publisher`, an id like the hook's; "" = anonymous)."""
     dtype = str(t.dtype).removeprefix("torch.")
     raw = t.contiguous().view(torch.uint8).numpy().tobytes()
     push_sock.send_multipart(encode_snapshot(run=run, iter=it, seq=it if seq is None else seq, name="wte",
-                                             dtype=dtype, shape=list(t.shape), payload=raw))
+                                             dtype=dtype, shape=list(t.shape), payload=raw, publisher=publisher))
 
 
 def matrices(n: int, shape: tuple[int, int] = (500, 32), seed: int = 0) -> list[torch.Tensor]:
@@ -430,13 +431,17 @@ def test_sigkill_then_restart_with_state_dir_continues_drift(start_daemon, push:
     push.send_multipart(encode_hello(run="crash", seq=0, pid=1, host="h", vocab=[f"t{i}" for i in range(256)]))
     snapshot(push, "crash", 100, w1)
     d1.wait_results("crash", 1)
+    # The baseline is promoted once the record is written (a kill before that re-analyses iter 100).
+    sidecar = state / "crash" / "state.json"
+    wait_for("iter 100 to become the baseline", lambda: json.loads(sidecar.read_text()).get("snapshot"), proc=d1)
     d1.proc.send_signal(signal.SIGKILL)
     assert d1.wait_exit() == -signal.SIGKILL
 
     d2 = start_daemon("--state-dir", str(state), "--no-wandb", "--exit-on-end")
-    assert "restored run crash (baseline iter 100)" in d2.log()
+    assert "restored run crash" not in d2.log()  # lazily: read back only when the run reappears
     snapshot(push, "crash", 200, w2)
     results = d2.wait_results("crash", 2)
+    assert "restored run crash (baseline iter 100)" in d2.log()
     push.send_multipart(encode_end(run="crash", seq=99, final_iter=200, published=2, dropped=0))
     assert d2.wait_exit() == 0
     assert [r["iter"] for r in results] == [100, 200]
@@ -446,8 +451,10 @@ def test_sigkill_then_restart_with_state_dir_continues_drift(start_daemon, push:
     assert results[1]["drift"]["most_drifted_token_strings"][0].startswith("t")
 
 
-def test_fast_publisher_causes_skips_not_a_backlog(start_daemon, push: zmq.Socket) -> None:
-    d = start_daemon("--exit-on-end", "--no-wandb", "--no-console", "--chunk-size", "32")
+def test_fast_publisher_past_the_backlog_budget_causes_counted_skips(start_daemon, push: zmq.Socket) -> None:
+    # 12 MiB of backlog holds 4 of these 3 MiB snapshots: the rest of the burst is skipped, oldest first.
+    d = start_daemon("--exit-on-end", "--no-wandb", "--no-console", "--chunk-size", "32",
+                     "--max-pending-bytes", "12M")
     proc = psutil.Process(d.proc.pid)
     n, shape = 80, (6000, 128)  # 3 MB each, 234 MB in all; each analysis takes far longer than a send
     mats = [torch.randn(*shape, generator=torch.Generator().manual_seed(i)) for i in range(4)]
@@ -470,10 +477,14 @@ def test_fast_publisher_causes_skips_not_a_backlog(start_daemon, push: zmq.Socke
     analysed = [r["iter"] for r in results]
     skipped = [it for r in results for it in r["skipped_iters"]]
     assert analysed[0] == 0 and analysed[-1] == n - 1  # the newest snapshot is always analysed
+    assert analysed == sorted(analysed)  # in order
     assert len(skipped) > 0 and sorted(analysed + skipped) == list(range(n))
+    for prev, r in zip(results, results[1:]):  # drift against the last analysed one, which has a record
+        assert r["prev_iter"] == prev["iter"] and r["skipped_iters"] == list(range(prev["iter"] + 1, r["iter"]))
     last = results[-1]["counters"]
     assert last["received"] == n and last["analysed"] + last["skipped"] == n
-    # At most a few snapshots are held at once (baseline, pending, the one being analysed), never all 80.
+    assert d.log().count("the backlog is over --max-pending-bytes 12.0 MiB") == last["skipped"]
+    # At most the budget plus a few snapshots are held at once (baseline, the one being analysed), never all 80.
     sent_mb = n * shape[0] * shape[1] * 4 / 2**20
     grew_mb = (peak - base_rss) / 2**20
     print(f"analysed {len(analysed)} of {n}, RSS grew {grew_mb:.0f} MB, {sent_mb:.0f} MB sent")

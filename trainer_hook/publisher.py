@@ -29,6 +29,7 @@ import zmq
 from protocol import (DEFAULT_LIMITS, CurveClient, ProtocolError, ShmWriter, check_endpoint, check_metrics,
                       check_run_name, connect_publisher, encode_hello, is_local_endpoint, shm_available, wire_dtype)
 
+from . import signals
 from .sender import EndJob, Sender, SnapshotJob
 from .staging import EventFactory, StagingPool, cuda_event
 
@@ -113,7 +114,7 @@ class EmbeddingPublisher:
                  shared_memory: bool | None = None, curve_client_secret: str | os.PathLike | None = None,
                  curve_server_public: str | os.PathLike | None = None, allow_insecure: bool = False,
                  enabled: bool | None = None, name: str = "wte", meta: dict | None = None,
-                 shm_reclaim_s: float = 120.0, connect_grace_s: float = 2.0,
+                 shm_reclaim_s: float = 120.0, connect_grace_s: float = 2.0, heartbeat_s: float = 5.0,
                  _event_factory: EventFactory | None = None) -> None:
         self.endpoint = endpoint
         self.run = check_run_name(run or (wandb_info or {}).get("run_name") or (wandb_info or {}).get("name")
@@ -158,7 +159,7 @@ class EmbeddingPublisher:
         self._pool = StagingPool(max_in_flight)
         host, vocab_list = socket.gethostname(), list(vocab) if vocab is not None else None
         hello_meta = {"name": name, "endpoint": endpoint, "shared_memory": bool(shared_memory),
-                      "torch": torch.__version__, **(meta or {})}
+                      "torch": torch.__version__, "heartbeat_s": heartbeat_s, **(meta or {})}
         publisher_id = f"{host}/{self._pid}/{secrets.token_hex(4)}"
 
         def hello_frames(seq: int) -> list[bytes]:
@@ -170,7 +171,8 @@ class EmbeddingPublisher:
             sock = connect_publisher(ctx, endpoint, curve, allow_insecure, connect=False)
             sender = Sender(sock, ctx, run=self.run, publisher_id=publisher_id, hello_frames=hello_frames,
                             pool=self._pool, writer=self._writer, on_sent=self._on_sent, on_drop=self._drop,
-                            counters=lambda: (self._published, self._dropped, self._last_iter))
+                            counters=lambda: (self._published, self._dropped, self._last_iter),
+                            heartbeat_s=heartbeat_s)
             sock.connect(endpoint)  # only now: the sender's monitor is attached and sees the handshake
         except zmq.ZMQError as exc:  # e.g. "tcp://host:port" with a bad port or an unknown transport
             ctx.destroy(linger=0)
@@ -180,6 +182,8 @@ class EmbeddingPublisher:
         self._sender = sender
         self._sender.start()
         atexit.register(self.close)
+        if self._writer is not None:
+            signals.unlink_on_signal(self._writer)  # SIGTERM/SIGHUP skip atexit
 
     # ------------------------------------------------------------ counters
 
@@ -311,6 +315,7 @@ class EmbeddingPublisher:
             self._sender.join(1.0)
             self._pool.clear()
         if self._writer is not None:
+            signals.forget(self._writer)
             self._writer.close()
         if self.enabled:
             log.info("embedding publisher closed: %d snapshots published, %d dropped", self._published, self._dropped)

@@ -18,7 +18,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from protocol import ShmRef, ShmWriter, encode_end, encode_snapshot
+from protocol import ShmRef, ShmWriter, encode_end, encode_heartbeat, encode_snapshot
 
 from .staging import CopyEvent, StagingBuffer, StagingPool
 
@@ -61,7 +61,7 @@ class Sender(threading.Thread):
     def __init__(self, sock: zmq.Socket, ctx: zmq.Context, *, run: str, publisher_id: str,
                  hello_frames: Callable[[int], list[bytes]], pool: StagingPool, writer: ShmWriter | None,
                  on_sent: Callable[[int], None], on_drop: Callable[[str], None],
-                 counters: Callable[[], tuple[int, int, int | None]]) -> None:
+                 counters: Callable[[], tuple[int, int, int | None]], heartbeat_s: float = 5.0) -> None:
         super().__init__(name="embedding-publisher", daemon=True)  # daemon: atexit's close() still runs
         self.sock, self.ctx = sock, ctx
         self.monitor = sock.get_monitor_socket(_UP_EVENTS | _DOWN_EVENTS)
@@ -77,6 +77,8 @@ class Sender(threading.Thread):
         self._need_hello = True
         self._seq = 0
         self._pending: list[tuple[zmq.MessageTracker, StagingBuffer]] = []
+        self.heartbeat_s = heartbeat_s
+        self._last_sent = time.monotonic()  # any message tells the daemon we are alive
 
     # ------------------------------------------------------------ helpers
 
@@ -117,8 +119,11 @@ class Sender(threading.Thread):
         for attempt in (0, 1):
             try:
                 if track:
-                    return self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False, track=True)
+                    tracker = self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False, track=True)
+                    self._last_sent = time.monotonic()
+                    return tracker
                 self.sock.send_multipart(frames, flags=zmq.NOBLOCK)
+                self._last_sent = time.monotonic()
                 return True
             except zmq.Again:  # no daemon connected (IMMEDIATE) or its queue is full: drop, never wait
                 if attempt == 0:
@@ -221,6 +226,13 @@ class Sender(threading.Thread):
             self._reap()
             if self._need_hello and self.connected:
                 self._send_hello()  # tell a newly connected daemon about the run right away
+            elif self.connected and time.monotonic() - self._last_sent >= self.heartbeat_s:
+                # Liveness: a trainer between evals says nothing for minutes; one that was SIGKILLed
+                # says nothing ever again, and the daemon tells the two apart by this.
+                if self._send(encode_heartbeat(run=self.run_name, seq=self._seq, publisher=self.publisher_id)):
+                    self._next_seq()
+                else:
+                    self._last_sent = time.monotonic()  # queue full: the snapshots in it say enough
             if job is None:
                 continue
             if isinstance(job, EndJob):

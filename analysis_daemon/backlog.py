@@ -1,0 +1,90 @@
+"""The bounded backlog of snapshots waiting for analysis, and the fair order in which runs are served.
+
+Every snapshot received is queued and analysed in order, late but at its own iteration, while all
+queued snapshots together stay within `--max-pending-bytes`. Past that budget the oldest waiting
+snapshot of the run holding the most queued bytes is skipped (so one run's flood costs that run,
+not its neighbours), counted, logged, and its iteration is listed in `skipped_iters` of the next
+result of that run; that result's drift is measured against the last snapshot analysed before it,
+which has a record of its own. The snapshot just received is never the one skipped: the newest
+snapshot of a run is always analysed (a budget smaller than one snapshot degrades to newest-wins).
+
+The worker takes runs round-robin: the run served least recently goes first, so a run that sends a
+burst cannot starve another.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+
+from .state import RunState, SnapshotData
+
+_MAX_DEFAULT = 8 * 1024**3
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def default_max_pending_bytes() -> int:
+    """A quarter of this host's RAM, at most 8 GiB (256 MiB where RAM cannot be read)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 256 * 1024**2
+    return min(total // 4, _MAX_DEFAULT)
+
+
+def parse_bytes(text: str) -> int:
+    """'512M', '8G', '1.5g', '1000000' -> bytes (binary units); ValueError with the accepted forms."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if not match:
+        raise ValueError(f"{text!r} is not a size: use bytes or a number with K, M, G or T (e.g. 512M, 4G)")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def human(nbytes: int) -> str:
+    """Bytes as a short readable size (e.g. '1.5 GiB')."""
+    size = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def enqueue(state: RunState, snap: SnapshotData) -> None:
+    """Queue `snap` for analysis; iterations skipped since the run's last queued snapshot go with it."""
+    snap.skipped_before = state.skipped_iters + snap.skipped_before
+    state.skipped_iters = []
+    state.queue.append(snap)
+    state.queued_bytes += snap.nbytes
+
+
+def trim(runs: Iterable[RunState], budget: int, keep: SnapshotData) -> list[tuple[RunState, SnapshotData]]:
+    """Skip queued snapshots (never `keep`) until the backlog fits `budget`; returns what was skipped."""
+    runs = list(runs)
+    total = sum(s.queued_bytes for s in runs)
+    skipped: list[tuple[RunState, SnapshotData]] = []
+    while total > budget:
+        candidates = [s for s in runs if any(q is not keep for q in s.queue)]
+        if not candidates:
+            break
+        state = max(candidates, key=lambda s: s.queued_bytes)
+        victim = next(q for q in state.queue if q is not keep)  # its oldest waiting snapshot
+        state.queue.remove(victim)
+        state.queued_bytes -= victim.nbytes
+        total -= victim.nbytes
+        iters = victim.skipped_before + [victim.iter]
+        later = next(iter(state.queue), None)
+        if later is not None:
+            later.skipped_before = iters + later.skipped_before  # shown in the next result of the run
+        else:
+            state.skipped_iters = iters + state.skipped_iters
+        skipped.append((state, victim))
+    return skipped
+
+
+def next_run(runs: Iterable[RunState]) -> RunState | None:
+    """The run whose oldest queued snapshot the worker should take now (round-robin), or None."""
+    waiting = [s for s in runs if s.queue and not s.busy]
+    if not waiting:
+        return None
+    return min(waiting, key=lambda s: (s.served, s.queue[0].received_mono))

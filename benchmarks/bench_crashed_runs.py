@@ -1,0 +1,160 @@
+"""Benchmark: a long-lived daemon meets many crashed trainers (SIGKILL: OOM kill, preemption).
+
+Run:  .venv/bin/python benchmarks/bench_crashed_runs.py [--runs 100 --rows 2000 --cols 256] [--repo DIR]
+
+Starts a real daemon (subprocess, code from --repo, default this checkout) and then, one after the
+other, `--runs` short-lived publisher processes: each says hello, sends one snapshot through shared
+memory (as a trainer on the same host does), waits until the daemon has copied it out, and SIGKILLs
+itself, so it never sends `end` and never unlinks its segment. Printed: the daemon's RSS before and
+after, the shared-memory segments the dead publishers left, how many runs the daemon closed, and
+whether one more (live) run is still served. With `--repo` pointing at an older checkout the same
+script measures the "before" figures (a daemon without `--run-timeout` gets none).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def _wait(cond, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (value := cond()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+    return value
+
+
+def _crashed_trainer(endpoint: str, run: str, rows: int, cols: int) -> None:
+    """Child body: hello, one shared-memory snapshot, wait for the daemon to copy it, SIGKILL self."""
+    import numpy as np
+    import zmq
+
+    from protocol import ShmWriter, encode_hello, encode_snapshot
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.connect(endpoint)
+    pid, host = os.getpid(), socket.gethostname()
+    sock.send_multipart(encode_hello(run=run, seq=0, pid=pid, host=host, publisher=f"{host}/{pid}/bench"))
+    writer = ShmWriter(1)
+    nbytes = rows * cols * 4
+    slot = writer.acquire(nbytes)
+    np.frombuffer(slot.payload(), dtype=np.float32)[:] = np.random.default_rng(len(run)).standard_normal(rows * cols)
+    ref = writer.commit(slot)
+    sock.send_multipart(encode_snapshot(run=run, iter=10, seq=1, name="wte", dtype="float32", shape=[rows, cols],
+                                        shm=ref, publisher=f"{host}/{pid}/bench"))
+    deadline = time.monotonic() + 20
+    while writer.busy() and time.monotonic() < deadline:  # the daemon releases the slot once copied out
+        time.sleep(0.005)
+    os.kill(pid, signal.SIGKILL)
+
+
+def main() -> int:
+    """Run the benchmark and print its figures."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=100)
+    ap.add_argument("--rows", type=int, default=2000)
+    ap.add_argument("--cols", type=int, default=256)
+    ap.add_argument("--run-timeout", type=float, default=3.0, help="passed to the daemon when it knows the option")
+    ap.add_argument("--repo", type=Path, default=ROOT, help="checkout whose daemon and protocol to run")
+    args = ap.parse_args()
+    repo = args.repo.resolve()
+    sys.path.insert(0, str(repo))
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_WAIT_POLICY="PASSIVE", WANDB_MODE="disabled")
+    helptext = subprocess.run([sys.executable, "-m", "analysis_daemon", "--help"], env=env, capture_output=True,
+                              text=True, cwd=repo).stdout
+    liveness = "--run-timeout" in helptext
+    with tempfile.TemporaryDirectory() as tmp:
+        endpoint = f"tcp://127.0.0.1:{_port()}"
+        out, err = Path(tmp, "d.out"), Path(tmp, "d.err")
+        cmd = [sys.executable, "-m", "analysis_daemon", "--listen", endpoint, "--results-dir", f"{tmp}/runs",
+               "--threads", "1", "--nice", "0", "--no-wandb", "--no-console", "--no-extras"]
+        if liveness:
+            cmd += ["--run-timeout", str(args.run_timeout)]
+        with open(out, "w") as o, open(err, "w") as e:
+            daemon = subprocess.Popen(cmd, stdout=o, stderr=e, env=env, cwd=tmp)
+        try:
+            _wait(lambda: "ready" in out.read_text(), 120, "the daemon's ready line")
+            rss0 = _rss_mib(daemon.pid)
+            pids = []
+            t0 = time.monotonic()
+            for i in range(args.runs):
+                pid = os.fork()
+                if pid == 0:
+                    try:
+                        _crashed_trainer(endpoint, f"crash-{i}", args.rows, args.cols)
+                    finally:
+                        os._exit(1)
+                os.waitpid(pid, 0)
+                pids.append(pid)
+            spawn_s = time.monotonic() - t0
+            if liveness:  # every run closed by the liveness check (or the time it takes, at most)
+                _wait(lambda: err.read_text().count(": closed") >= args.runs, 60 + args.runs, "the runs to close")
+            else:
+                time.sleep(args.run_timeout + 2)
+            time.sleep(1.0)
+            rss1 = _rss_mib(daemon.pid)
+            left = [n for n in os.listdir("/dev/shm") if any(n.startswith(f"emon-{p}-") for p in pids)]
+            log = err.read_text()
+            # One more trainer, alive: is it still served?
+            import zmq
+            from protocol import encode_snapshot
+            ctx = zmq.Context()
+            push = ctx.socket(zmq.PUSH)
+            push.connect(endpoint)
+            import numpy as np
+            payload = np.random.default_rng(0).standard_normal(64 * 8).astype(np.float32).tobytes()
+            push.send_multipart(encode_snapshot(run="alive", iter=1, seq=0, name="wte", dtype="float32",
+                                                shape=[64, 8], payload=payload))
+            results = Path(tmp, "runs", "alive", "analysis.jsonl")
+            try:
+                _wait(lambda: results.exists() and results.read_text().endswith("\n"), 30, "the live run's result")
+                served = "yes"
+            except TimeoutError:
+                served = "NO (" + next((ln.split(" WARNING ")[-1] for ln in reversed(err.read_text().splitlines())
+                                        if "alive" in ln), "no result") + ")"
+            push.close(0)
+            ctx.term()
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(60)
+    snap_mib = args.rows * args.cols * 4 / 2**20
+    print(f"daemon from {repo} ({'with' if liveness else 'without'} --run-timeout {args.run_timeout:g})")
+    print(f"{args.runs} trainers SIGKILLed after one {args.rows}x{args.cols} fp32 snapshot ({snap_mib:.1f} MiB) "
+          f"each, spawned in {spawn_s:.1f} s")
+    print(f"daemon RSS: {rss0:.0f} MiB before, {rss1:.0f} MiB after ({rss1 - rss0:+.0f} MiB)")
+    print(f"runs closed by the daemon: {log.count(': closed')}; refused as too many open: "
+          f"{log.count('runs are open already')}")
+    print(f"shared-memory segments left by the dead trainers: {len(left)}")
+    print(f"a new run served afterwards: {served}")
+    print(json.dumps({"rss_before_mib": round(rss0), "rss_after_mib": round(rss1), "segments_left": len(left),
+                      "closed": log.count(": closed"), "new_run_served": served == "yes"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
