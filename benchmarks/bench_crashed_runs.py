@@ -101,6 +101,7 @@ def main() -> int:
             _wait(lambda: "ready" in out.read_text(), 120, "the daemon's ready line")
             rss0 = _rss_mib(daemon.pid)
             pids = []
+            series = []  # RSS after every quarter of the runs: a plateau, or growth per run?
             t0 = time.monotonic()
             for i in range(args.runs):
                 pid = os.fork()
@@ -111,6 +112,8 @@ def main() -> int:
                         os._exit(1)
                 os.waitpid(pid, 0)
                 pids.append(pid)
+                if (i + 1) % max(1, args.runs // 4) == 0:
+                    series.append((i + 1, round(_rss_mib(daemon.pid))))
             spawn_s = time.monotonic() - t0
             if liveness:  # every run closed by the liveness check (or the time it takes, at most)
                 _wait(lambda: err.read_text().count(": closed") >= args.runs, 60 + args.runs, "the runs to close")
@@ -146,7 +149,8 @@ def main() -> int:
     print(f"daemon from {repo} ({'with' if liveness else 'without'} --run-timeout {args.run_timeout:g})")
     print(f"{args.runs} trainers SIGKILLed after one {args.rows}x{args.cols} fp32 snapshot ({snap_mib:.1f} MiB) "
           f"each, spawned in {spawn_s:.1f} s")
-    print(f"daemon RSS: {rss0:.0f} MiB before, {rss1:.0f} MiB after ({rss1 - rss0:+.0f} MiB)")
+    print(f"daemon RSS: {rss0:.0f} MiB before, {rss1:.0f} MiB after ({rss1 - rss0:+.0f} MiB); "
+          "during: " + ", ".join(f"{n} runs {r} MiB" for n, r in series))
     print(f"runs closed by the daemon: {log.count(': closed')}; refused as too many open: "
           f"{log.count('runs are open already')}")
     print(f"shared-memory segments left by the dead trainers: {len(left)}")

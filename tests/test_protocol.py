@@ -12,8 +12,9 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import (DEFAULT_LIMITS, PROTOCOL_VERSION, End, Hello, Limits, ProtocolError, ShmRef, Snapshot,
-                      bind_receiver, connect_publisher, decode, encode_end, encode_hello, encode_snapshot,
+from protocol import (DEFAULT_LIMITS, PROTOCOL_VERSION, End, Heartbeat, Hello, Limits, ProtocolError, ShmRef,
+                      Snapshot, bind_receiver, connect_publisher, decode, encode_end, encode_heartbeat,
+                      encode_hello, encode_snapshot,
                       snapshot_tensor, wire_dtype)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -113,6 +114,19 @@ def test_metrics_round_trip_and_stay_optional():
     assert "metrics" not in msgpack.unpackb(snapshot_frames(metrics={})[0])
     with pytest.raises(ProtocolError, match="must be a finite number"):
         snapshot_frames(metrics={"loss": float("nan")})  # the sender checks too: nothing invalid goes out
+
+
+def test_heartbeat_round_trip_and_validation(pipe):
+    push, pull = pipe
+    push.send_multipart(encode_heartbeat(run="r", seq=7, publisher="host/1/ab"))
+    assert decode(recv(pull)) == Heartbeat(run="r", seq=7, publisher="host/1/ab")
+    good = msgpack.unpackb(encode_heartbeat(run="r", seq=7)[0])
+    for bad, match in (({**good, "run": "../x"}, "run="), ({**good, "seq": -1}, "seq=-1"),
+                       ({k: v for k, v in good.items() if k != "publisher"}, "missing key 'publisher'")):
+        with pytest.raises(ProtocolError, match=match):
+            decode([msgpack.packb(bad)])
+    with pytest.raises(ProtocolError, match="heartbeat has 2 frames"):
+        decode([msgpack.packb(good), b"x"])
 
 
 def test_shm_snapshot_has_only_a_header():
