@@ -151,7 +151,12 @@ class StateStore:
             sidecar["analysing"] = {"file": fname, "iter": snap.iter, "seq": snap.seq, "name": snap.name,
                                     "dtype": snap.dtype, "shape": snap.shape, "nbytes": memoryview(raw).nbytes,
                                     "received_at": snap.received_at}
-            self._write_sidecar(run_dir, sidecar)
+            try:
+                self._write_sidecar(run_dir, sidecar)
+            except OSError:
+                if fname != old:  # nothing names the new file: do not leave it behind
+                    (run_dir / fname).unlink(missing_ok=True)
+                raise
             if old and old not in (fname, base):
                 (run_dir / old).unlink(missing_ok=True)
 
