@@ -16,6 +16,8 @@ checkpoint's metadata, else the last integer of its name, else the order given.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -47,6 +49,12 @@ MAX_JSON_BYTES: Final = 256 * 1024 * 1024  # tokenizer.json / index / trainer_st
 MAX_VOCAB: Final = 1 << 24
 
 
+log = logging.getLogger("embedding_monitor.daemon")
+# trainer_state.json log_history keys -> the trainer-metric names train.py sends (loss and drift share a chart)
+HF_METRICS: Final = {"loss": "train/loss", "eval_loss": "val/loss", "learning_rate": "lr",
+                     "grad_norm": "train/grad_norm"}
+
+
 class CheckpointError(Exception):
     """A checkpoint cannot be used (unreadable, refused, no embedding); the message is one line."""
 
@@ -69,6 +77,7 @@ class Embedding:
     name: str
     iter: int | None  # from the checkpoint's metadata
     vocab: list[str | None] | None = field(default=None, repr=False)
+    metrics: dict[str, float] | None = None  # the trainer's logged scalars at this step, when it kept them
 
 
 # --- finding and ordering ------------------------------------------------------------------------
@@ -95,10 +104,16 @@ def expand(paths: Iterable[str | Path]) -> list[Checkpoint]:
         path = Path(raw)
         if not path.exists():
             raise CheckpointError(f"{path} does not exist")
-        if path.is_file() or is_model_dir(path):
+        subdirs = [c for c in path.iterdir() if is_model_dir(c)] if path.is_dir() else []
+        if path.is_file() or (is_model_dir(path) and not subdirs):
             found.append(Checkpoint(path))
             continue
-        children = [c for c in path.iterdir() if _is_weights_file(c) or is_model_dir(c)]
+        if is_model_dir(path):  # a Trainer's output_dir: checkpoint-N/ plus the final model saved again
+            log.warning("%s holds checkpoint directories and weights of its own: replaying the checkpoint "
+                        "directories; pass %s/<weights file> as well to include the top-level weights", path, path)
+            children = subdirs
+        else:
+            children = [c for c in path.iterdir() if _is_weights_file(c) or is_model_dir(c)]
         if not children:
             raise CheckpointError(f"{path} holds no checkpoints (model directories such as checkpoint-500/, "
                                   f"or {', '.join(SUFFIXES)} files)")
@@ -315,7 +330,6 @@ def _sharded(index: Path, wanted: str | None, where: Path) -> tuple[str, torch.T
         key, files = wanted, sorted(set(shards.values()))
     if not torch_shards:
         return _read_safetensors(files, key, where)
-    shapes: dict[str, tuple[int, ...]] = {}
     loaded: dict[str, torch.Tensor] = {}
     for f in files:
         loaded.update(_state_dict(_torch_load(f), f))
@@ -327,6 +341,7 @@ def _sharded(index: Path, wanted: str | None, where: Path) -> tuple[str, torch.T
 def read_embedding(path: Path, wanted: str | None = None) -> Embedding:
     """The embedding tensor of the checkpoint at `path` (file or model directory), its name and metadata."""
     vocab: Any = None
+    metrics = None
     try:
         if path.is_dir():
             if (path / SAFETENSORS_INDEX).is_file():
@@ -338,6 +353,7 @@ def read_embedding(path: Path, wanted: str | None = None) -> Embedding:
             else:
                 name, tensor, it, vocab = _read_torch(path / "pytorch_model.bin", wanted)
             it = metadata_iter(path) if it is None else it
+            metrics = trainer_metrics(path, it)
         elif path.suffix == ".safetensors":
             name, tensor, it = _read_safetensors([path], wanted, path)
         elif path.suffix == ".npy":
@@ -347,7 +363,25 @@ def read_embedding(path: Path, wanted: str | None = None) -> Embedding:
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read: {exc}") from None
     ok_vocab = vocab if isinstance(vocab, list) and all(isinstance(s, str) for s in vocab) else None
-    return Embedding(tensor=_check_float(tensor, name, path), name=name, iter=it, vocab=ok_vocab)
+    return Embedding(tensor=_check_float(tensor, name, path), name=name, iter=it, vocab=ok_vocab, metrics=metrics)
+
+
+def trainer_metrics(model_dir: Path, step: int | None) -> dict[str, float] | None:
+    """loss, eval_loss, learning_rate, grad_norm that trainer_state.json's log_history holds for `step`."""
+    state = model_dir / "trainer_state.json"
+    if step is None or not state.is_file():
+        return None
+    data = _read_json(state)
+    history = data.get("log_history") if isinstance(data, dict) else None
+    found: dict[str, float] = {}
+    for entry in history if isinstance(history, list) else []:
+        if not isinstance(entry, dict) or _as_iter(entry.get("step")) != step:
+            continue
+        for key, name in HF_METRICS.items():
+            value = entry.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                found[name] = float(value)
+    return found or None
 
 
 # --- vocabulary ----------------------------------------------------------------------------------

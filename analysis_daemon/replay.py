@@ -207,7 +207,7 @@ def _replay(run: str, checkpoints: list[Any], tensor_name: str | None, settings:
         if not hello_sent:
             sinks.run_hello(run, hello)
             hello_sent = True
-        snap = SnapshotData(iter=int(ckpt.iter), seq=k, name=emb.name, tensor=emb.tensor)
+        snap = SnapshotData(iter=int(ckpt.iter), seq=k, name=emb.name, tensor=emb.tensor, metrics=emb.metrics)
         del emb
         job = Job(run=run, current=snap, previous=previous, skipped_iters=[], hello=hello)
         result = analyse(job, settings, bar.update, insight)

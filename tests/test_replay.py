@@ -130,7 +130,10 @@ def hf_checkpoint(directory: Path, step: int | None, tensors: dict[str, torch.Te
     """A Hugging Face-style checkpoint directory: safetensors (one file or two shards + index) or .bin."""
     directory.mkdir(parents=True)
     if step is not None:
-        (directory / "trainer_state.json").write_text(json.dumps({"global_step": step, "epoch": 1.0}))
+        history = [{"step": step - 1, "loss": 9.0}, {"step": step, "loss": 3.0 - step / 100, "learning_rate": 1e-4,
+                                                      "grad_norm": float("nan")}, {"step": step, "eval_loss": 2.5}]
+        (directory / "trainer_state.json").write_text(json.dumps({"global_step": step, "epoch": 1.0,
+                                                                  "log_history": history}))
     (directory / "config.json").write_text("{}")
     (directory / "optimizer.pt").write_bytes(b"not an embedding")  # what a Trainer keeps beside the weights
     if torch_bin:
@@ -184,6 +187,13 @@ def test_hugging_face_directories_in_every_layout_ordered_by_step(replay_here, t
         strings = r["drift"]["most_drifted_token_strings"]
         assert strings == [("<s>" if t == 58 else "</s>" if t == 59 else f"w{t}") for t, _ in expected["most_drifted_tokens"]]
     assert "token strings from" in err and "tokenizer.json" in err
+    # the Trainer's own log at that step rides along as the trainer metrics (NaN grad_norm left out)
+    assert recs[1]["metrics"] == {"train/loss": 2.0, "lr": 1e-4, "val/loss": 2.5}
+
+    # a Trainer's output_dir: checkpoint-N/ subdirectories plus the final weights at the top
+    save_file(llama_like(9), run / "model.safetensors")
+    found = order(expand([run]))
+    assert [c.iter for c in found] == [50, 100, 150, 200]
 
 
 def test_a_sharded_model_reads_only_the_embedding_shard(tmp_path: Path) -> None:
