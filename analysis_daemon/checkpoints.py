@@ -45,8 +45,7 @@ EMBEDDING_NAMES: Final = (
 )
 STATE_DICT_KEYS: Final = ("model", "state_dict", "model_state_dict", "module")
 ITER_KEYS: Final = ("iter_num", "global_step", "step", "iteration")
-MAX_JSON_BYTES: Final = 256 * 1024 * 1024  # tokenizer.json / index / trainer_state: far above real ones
-MAX_VOCAB: Final = 1 << 24
+MAX_JSON_BYTES: Final = 64 * 1024 * 1024  # tokenizer.json / index / trainer_state: real ones are < 40 MB
 
 
 log = logging.getLogger("embedding_monitor.daemon")
@@ -143,7 +142,8 @@ def order(checkpoints: list[Checkpoint]) -> list[Checkpoint]:
 
 
 # --- metadata ----------------------------------------------------------------------------------
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """The JSON value in `path`, refusing files above MAX_JSON_BYTES (one-line CheckpointError)."""
     if path.stat().st_size > MAX_JSON_BYTES:
         raise CheckpointError(f"{path}: larger than {MAX_JSON_BYTES} bytes, not read")
     try:
@@ -177,7 +177,7 @@ def metadata_iter(path: Path) -> int | None:
     if path.is_dir():
         state = path / "trainer_state.json"
         if state.is_file():
-            data = _read_json(state)
+            data = read_json(state)
             return _as_iter(data.get("global_step")) if isinstance(data, dict) else None
         return None
     if path.suffix == ".safetensors":
@@ -206,9 +206,9 @@ def _torch_load(path: Path) -> Any:
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
         text = " ".join(str(exc).split())
         if "weights_only" in text.lower() or "unpickl" in type(exc).__name__.lower():
-            raise CheckpointError(f"{path}: refused: it holds objects other than tensors and plain "
-                                  "containers, and loading them could run code (weights-only load failed: "
-                                  f"{text[:160]})") from None
+            raise CheckpointError(f"{path}: refused by the weights-only loader (only tensors and plain "
+                                  "containers are loaded, never objects whose unpickling could run code): "
+                                  f"{text[:160]}") from None
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: "
                               f"{text[:160]}; truncated or corrupt?)") from None
 
@@ -267,7 +267,7 @@ def _check_float(tensor: torch.Tensor, name: str, where: Path) -> torch.Tensor:
 
 
 def _index_shards(index_path: Path) -> dict[str, Path]:
-    data = _read_json(index_path)
+    data = read_json(index_path)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index_path}: no weight_map object")
@@ -316,7 +316,8 @@ def _read_npy(path: Path) -> torch.Tensor:
     if arr.ndim != 2 or arr.dtype.kind != "f":
         raise CheckpointError(f"{path}: holds a {arr.dtype} array of shape {list(arr.shape)}, not a 2-D float "
                               "embedding")
-    return torch.from_numpy(np.array(arr))  # a copy, read once, no mmap left behind
+    # a native-byte-order copy (torch takes no big-endian arrays), read once, no mmap left behind
+    return torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=True))
 
 
 def _sharded(index: Path, wanted: str | None, where: Path) -> tuple[str, torch.Tensor, int | None]:
@@ -371,7 +372,7 @@ def trainer_metrics(model_dir: Path, step: int | None) -> dict[str, float] | Non
     state = model_dir / "trainer_state.json"
     if step is None or not state.is_file():
         return None
-    data = _read_json(state)
+    data = read_json(state)
     history = data.get("log_history") if isinstance(data, dict) else None
     found: dict[str, float] = {}
     for entry in history if isinstance(history, list) else []:
@@ -382,62 +383,3 @@ def trainer_metrics(model_dir: Path, step: int | None) -> dict[str, float] | Non
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 found[name] = float(value)
     return found or None
-
-
-# --- vocabulary ----------------------------------------------------------------------------------
-def _tokenizer_json(path: Path) -> list[str | None]:
-    data = _read_json(path)
-    model = data.get("model") if isinstance(data, dict) else None
-    raw = model.get("vocab") if isinstance(model, dict) else None
-    pairs: list[tuple[Any, Any]] = []
-    if isinstance(raw, dict):  # BPE, WordPiece, WordLevel: {token: id}
-        pairs = [(tid, tok) for tok, tid in raw.items()]
-    elif isinstance(raw, list):  # Unigram: [[token, score], ...], the id is the position
-        pairs = [(i, e[0]) for i, e in enumerate(raw) if isinstance(e, list) and e]
-    else:
-        raise CheckpointError(f"{path}: no model.vocab map or list")
-    for added in data.get("added_tokens") or []:
-        if isinstance(added, dict):
-            pairs.append((added.get("id"), added.get("content")))
-    return _vocab_list(pairs, path)
-
-
-def _vocab_list(pairs: list[tuple[Any, Any]], path: Path) -> list[str | None]:
-    good = [(tid, tok) for tid, tok in pairs if isinstance(tid, int) and not isinstance(tid, bool)
-            and 0 <= tid < MAX_VOCAB and isinstance(tok, str)]
-    if not good:
-        raise CheckpointError(f"{path}: no usable token entries")
-    vocab: list[str | None] = [None] * (max(tid for tid, _ in good) + 1)
-    for tid, tok in good:
-        vocab[tid] = tok
-    return vocab
-
-
-def load_vocab(near: Path) -> tuple[list[str | None] | None, Path | None]:
-    """Token strings by id from tokenizer.json, vocab.txt or our meta.json in `near` (a checkpoint's
-    directory) or its parent; (None, None) when there is none. A bad file is skipped with its error."""
-    errors = []
-    for directory in (near, near.parent):
-        for name in ("tokenizer.json", "vocab.txt", "meta.json"):
-            path = directory / name
-            if not path.is_file():
-                continue
-            try:
-                if name == "tokenizer.json":
-                    return _tokenizer_json(path), path
-                if name == "vocab.txt":
-                    if path.stat().st_size > MAX_JSON_BYTES:
-                        raise CheckpointError(f"{path}: too large")
-                    lines = path.read_text(encoding="utf-8").split("\n")
-                    if lines and lines[-1] == "":
-                        lines.pop()
-                    return _vocab_list(list(enumerate(lines)), path), path
-                meta = _read_json(path)
-                itos = meta.get("itos") if isinstance(meta, dict) else None
-                if isinstance(itos, list):
-                    return _vocab_list(list(enumerate(itos)), path), path
-            except (CheckpointError, OSError, UnicodeDecodeError) as exc:
-                errors.append(str(exc))
-    if errors:
-        raise CheckpointError("; ".join(errors))
-    return None, None

@@ -163,7 +163,8 @@ def main(args: argparse.Namespace) -> int:
 def _replay(run: str, checkpoints: list[Any], tensor_name: str | None, settings: Any,
             sinks: Any) -> list[tuple[Path, str]]:
     """Analyse `checkpoints` in order into `sinks`; the (path, reason) of each one that failed."""
-    from .checkpoints import CheckpointError, load_vocab, read_embedding
+    from .checkpoints import CheckpointError, read_embedding
+    from .vocab_files import load_vocab
     from .state import Counters, HelloInfo, Job, RunInsight, SnapshotData
     from .worker import analyse
 
@@ -192,7 +193,7 @@ def _replay(run: str, checkpoints: list[Any], tensor_name: str | None, settings:
             near = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
             if near not in vocabs:
                 try:
-                    vocabs[near], source = load_vocab(near)
+                    vocabs[near], source = load_vocab(near, emb.tensor.shape[0])
                     if source is not None and source not in sources:
                         sources.add(source)
                         log.info("replay: token strings from %s (%d tokens)", source, len(vocabs[near]))

@@ -16,6 +16,15 @@ from analysis_daemon.worker import AnalysisSettings, analyse
 EDGES = np.linspace(-0.5, 1.0, 101)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: a second torch thread only spins against other processes on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def planted(v: int = 300, d: int = 16, seed: int = 0) -> torch.Tensor:
     """Clusters of very different sizes (1 to 40 rows) with noise that puts many within-cluster
     cosines near the 0.7 threshold: per-row neighbour counts vary a lot, as in a real vocabulary."""
@@ -157,3 +166,32 @@ def test_the_worker_samples_and_the_neighbourhood_drift_uses_the_sampled_rows() 
     assert nd["tokens"] == 50  # the same 50 rows in both snapshots (same seed, same V)
     assert 0.0 <= nd["mean_overlap"] <= 1.0
     assert rec["drift"]["average_cosine_similarity"] is not None  # drift is never sampled
+
+
+@pytest.mark.timeout(120)
+def test_daemon_with_sample_rows_reports_estimates_and_intervals(tmp_path, subprocess_env, tcp_endpoint) -> None:
+    import zmq
+
+    from tests.test_daemon import DaemonProc, snapshot
+
+    daemon = DaemonProc(tmp_path, dict(subprocess_env, OMP_WAIT_POLICY="PASSIVE", WANDB_MODE="disabled"),
+                        tcp_endpoint, "--sample-rows", "64", "--sample-seed", "3")
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.connect(tcp_endpoint)
+    try:
+        w = planted(seed=6)
+        snapshot(sock, "sampled", 10, w)
+        rec = daemon.wait_results("sampled", 1)[0]
+    finally:
+        sock.close()
+        ctx.term()
+        daemon.kill()
+    expected = analyze_embedding_geometry(w, sample_rows=64, seed=3)
+    geom = rec["geometry"]
+    assert geom["sampled_rows"] == 64 and geom["sample_seed"] == 3
+    assert geom["local_density"] == expected["local_density"]
+    assert geom["confidence_95"]["average_neighborhood_size"] == pytest.approx(
+        expected["confidence_95"]["average_neighborhood_size"])
+    assert "estimated from 64 rows: 95% CI" in daemon.out_path.read_text()

@@ -379,3 +379,37 @@ def test_only_the_embedding_is_read_not_the_model(tmp_path: Path, subprocess_env
                           env=subprocess_env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout.strip()) < 60, proc.stdout  # MiB of peak RSS growth; the 160 MB tensor would show
+
+
+def test_vocabulary_files_beside_the_weights(tmp_path: Path) -> None:
+    from analysis_daemon.vocab_files import load_vocab
+
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "vocab.txt").write_text("[PAD]\nhello\nworld\n")
+    assert load_vocab(tmp_path / "ck", 10) == (["[PAD]", "hello", "world"], tmp_path / "vocab.txt")
+    # tokenizer.json wins; a hostile id far beyond the embedding's rows is ignored, not allocated
+    (tmp_path / "ck" / "tokenizer.json").write_text(json.dumps(
+        {"model": {"type": "Unigram", "vocab": [["<unk>", 0.0], ["a", -1.5]]},
+         "added_tokens": [{"id": 10**12, "content": "huge"}, {"id": 3, "content": "<eos>"}, {"id": True, "content": "x"}]}))
+    assert load_vocab(tmp_path / "ck", 4)[0] == ["<unk>", "a", None, "<eos>"]
+    (tmp_path / "ck" / "tokenizer.json").write_text("{broken")  # skipped (logged): the next source is used
+    assert load_vocab(tmp_path / "ck", 4)[1] == tmp_path / "vocab.txt"
+    (tmp_path / "vocab.txt").unlink()
+    with pytest.raises(CheckpointError, match="not valid JSON"):  # nothing else: the error says why
+        load_vocab(tmp_path / "ck", 4)
+    (tmp_path / "ck" / "tokenizer.json").unlink()
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 2, "itos": ["x", "y"]}))  # as corpus.py reads it
+    assert load_vocab(tmp_path / "ck", 2)[0] == ["x", "y"]
+    (tmp_path / "none" / "ck").mkdir(parents=True)
+    assert load_vocab(tmp_path / "none" / "ck", 2) == (None, None)
+
+
+def test_big_endian_and_half_npy_arrays(tmp_path: Path) -> None:
+    w = random_embedding(6, 3, 0).numpy()
+    np.save(tmp_path / "be.npy", w.astype(">f4"))
+    np.save(tmp_path / "half.npy", w.astype(np.float16))
+    assert torch.equal(read_embedding(tmp_path / "be.npy").tensor, torch.from_numpy(w))
+    assert read_embedding(tmp_path / "half.npy").tensor.dtype == torch.float16
+    np.save(tmp_path / "ints.npy", np.zeros((3, 3), dtype=np.int32))
+    with pytest.raises(CheckpointError, match="not a 2-D float embedding"):
+        read_embedding(tmp_path / "ints.npy")
