@@ -151,6 +151,17 @@ def test_gpt2_tied_every_n_eval_and_end_once_each_with_vocab_and_wandb(
     drifted = results[-1]["drift"]
     assert drifted["most_drifted_token_strings"] == [f"w{t}" for t, _ in drifted["most_drifted_tokens"]]
     assert "run hf-gpt2: end" in d.log()
+    # The losses logged since the previous snapshot travel with each one (the Trainer logs a step's loss
+    # after on_step_end, so an every-n snapshot carries the previous step's; an eval snapshot its eval).
+    train = {e["step"]: e for e in trainer.state.log_history if "loss" in e}
+    evals = {e["step"]: e for e in trainer.state.log_history if "eval_loss" in e}
+    metrics = {r["iter"]: r["metrics"] for r in results}
+    assert metrics[0] is None and metrics[4] is None  # nothing logged since the previous snapshot
+    for it, logged in ((2, 1), (3, 3), (6, 5)):
+        assert metrics[it]["train/loss"] == pytest.approx(train[logged]["loss"])
+        assert metrics[it]["train/learning_rate"] == pytest.approx(train[logged]["learning_rate"])
+    assert metrics[3]["eval/loss"] == pytest.approx(evals[3]["eval_loss"]) and "eval/runtime" not in metrics[3]
+    assert "eval/loss" not in metrics[2] and "eval/loss" not in metrics[6]  # an eval is sent once, at its step
 
     files = {wandb_history.run_info(f)["job_type"]: f for f in wandb_history.find_run_files(tmp_path)}
     ours = wandb_history.run_info(files["embedding-analysis"])
@@ -160,6 +171,7 @@ def test_gpt2_tied_every_n_eval_and_end_once_each_with_vocab_and_wandb(
     assert [row["analysis/iter"] for row in rows] == expected
     for row, r in zip(rows[1:], results[1:]):
         assert row["analysis/drift_cosine_sim"] == pytest.approx(r["drift"]["average_cosine_similarity"])
+    assert rows[2]["eval/loss"] == pytest.approx(evals[3]["eval_loss"])  # loss beside drift, in our W&B run
 
 
 def test_llama_untied_publishes_the_input_embedding_not_the_head(start_daemon, tmp_path: Path) -> None:

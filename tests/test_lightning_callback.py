@@ -49,7 +49,9 @@ class TinyLM(pl.LightningModule):
         return nn.functional.cross_entropy(logits.reshape(-1, V), x[:, 1:].reshape(-1))
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._loss(batch)
+        loss = self._loss(batch)
+        self.log("train_loss", loss)
+        return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.log("val_loss", self._loss(batch))
@@ -80,11 +82,13 @@ class Pacer(pl.Callback):
     def __init__(self, daemon: DaemonProc, run: str, expected: list[int], every_n: int | None) -> None:
         self.daemon, self.run, self.expected, self.every_n = daemon, run, expected, every_n
         self.refs: dict[int, torch.Tensor] = {}
+        self.metrics: dict[int, dict[str, float]] = {}  # trainer.callback_metrics when each snapshot left
 
     def _at(self, trainer: Any, module: Any) -> None:
         step = trainer.global_step
         if step in self.expected and step not in self.refs:
             self.refs[step] = reference(module)
+            self.metrics[step] = {k: float(v) for k, v in trainer.callback_metrics.items()}
             self.daemon.wait_results(self.run, len(self.refs))
 
     def on_train_start(self, trainer, module):
@@ -147,7 +151,17 @@ def test_every_n_validation_and_end_once_each_with_wandb_logger(start_daemon, tm
     ours = wandb_history.run_info(files["embedding-analysis"])
     assert (ours["project"], ours["group"], ours["name"]) == ("pl-emb-test", "grp-pl", "pl-run-embeddings")
     assert ours["config"]["trainer_wandb_run_id"] == trainer_run
-    assert [row["analysis/iter"] for row in wandb_history.history(files["embedding-analysis"])] == expected
+    rows = wandb_history.history(files["embedding-analysis"])
+    assert [row["analysis/iter"] for row in rows] == expected
+    # What the module logged (self.log) travels with each snapshot: the values of trainer.callback_metrics
+    # that changed since the previous snapshot (val_loss of step 3 is not repeated at steps 4 and 6).
+    metrics = {r["iter"]: r["metrics"] for r in results}
+    assert metrics[0] is None
+    for it, keys in ((2, {"train_loss"}), (3, {"train_loss", "val_loss"}), (4, {"train_loss"}), (6, {"train_loss"})):
+        assert metrics[it] == pytest.approx({k: pacer.metrics[it][k] for k in keys})
+    for r, row in zip(results, rows):
+        for key, value in (r["metrics"] or {}).items():
+            assert row[key] == pytest.approx(value)  # on the iteration axis of our W&B run
 
 
 def test_embedding_by_attribute_path_and_run_named_after_the_logger(start_daemon, tmp_path: Path) -> None:

@@ -114,6 +114,29 @@ def effective_weight(module: Any) -> torch.Tensor:
     return weight
 
 
+def scalar_metrics(values: dict[str, Any], *, read_device: bool) -> dict[str, float | int]:
+    """The one-number entries of a framework's metrics dict as Python numbers.
+
+    Numbers and one-element CPU tensors always; a one-element tensor on an accelerator only when
+    `read_device` (reading it waits for the device: only where the framework has synchronised anyway,
+    e.g. after validation). Anything else (lists, strings, bigger tensors) is left out silently: these
+    dicts are the framework's, not the user's, and hold more than scalars.
+    """
+    out: dict[str, float | int] = {}
+    for key, value in values.items():
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1 or value.dtype.is_complex or value.dtype == torch.bool:
+                continue
+            if value.device.type != "cpu" and not read_device:
+                continue
+            value = value.detach().item()
+        elif hasattr(value, "item") and hasattr(value, "dtype") and getattr(value, "size", 0) == 1:
+            value = value.item()  # numpy scalars
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[str(key)] = value
+    return out
+
+
 class StepPublisher:
     """One EmbeddingPublisher per training: publishes the chosen steps, each step once."""
 
@@ -147,12 +170,16 @@ class StepPublisher:
         """Whether `step` is one of the every-n-steps steps."""
         return self.every_n_steps is not None and step % self.every_n_steps == 0
 
-    def publish(self, embedding: Callable[[], Any], step: int) -> bool:
-        """Publish the embedding at `step` unless this step was already published; True if handed off."""
+    def publish(self, embedding: Callable[[], Any], step: int,
+                metrics: Callable[[], dict[str, Any] | None] | None = None) -> bool:
+        """Publish the embedding at `step` unless this step was already published; True if handed off.
+
+        `metrics()` (called only when publishing) gives the trainer's scalars to send with the snapshot.
+        """
         if self.publisher is None or step == self._last_step:
             return False
         self._last_step = step  # also on a drop: the same weights are not worth a second try
-        return self.publisher.publish(effective_weight(embedding()), step)
+        return self.publisher.publish(effective_weight(embedding()), step, metrics=metrics() if metrics else None)
 
     def close(self) -> None:
         """Close the publisher (sends `end`); safe to call when none is open."""

@@ -16,7 +16,7 @@ import transformers
 from transformers import TrainerCallback
 
 from .publisher import embedding_weight
-from .callbacks import StepPublisher, active_wandb_info, generated_run_name, vocab_of
+from .callbacks import StepPublisher, active_wandb_info, generated_run_name, scalar_metrics, vocab_of
 
 __all__ = ["EmbeddingMonitorCallback"]
 
@@ -61,6 +61,7 @@ class EmbeddingMonitorCallback(TrainerCallback):
         self.tokenizer = tokenizer
         self.monitor = StepPublisher(endpoint, every_n_steps, publisher_options)
         self._model: Any = None
+        self._history_seen = 0  # entries of state.log_history already sent with a snapshot
 
     @property
     def publisher(self):
@@ -71,7 +72,26 @@ class EmbeddingMonitorCallback(TrainerCallback):
 
     def _publish(self, state: Any) -> bool:
         model = self._model
-        return self.monitor.publish(lambda: input_embeddings(model), int(state.global_step))
+        return self.monitor.publish(lambda: input_embeddings(model), int(state.global_step),
+                                    lambda: self._new_metrics(state))
+
+    def _new_metrics(self, state: Any) -> dict[str, Any]:
+        """The losses logged since the last publish, named as the Trainer's W&B integration names them:
+        the newest training log (train/loss, train/learning_rate, train/grad_norm) and the newest
+        evaluation (eval/loss and the other eval_* metrics, not its timings). Each log entry is sent at
+        most once, so an old eval loss is never repeated at a later step. The Trainer logs after
+        on_step_end, so the training loss is at most `logging_steps` old."""
+        history = list(getattr(state, "log_history", None) or [])
+        new, self._history_seen = history[self._history_seen:], len(history)
+        train = next((e for e in reversed(new) if "loss" in e), None)
+        evaluation = next((e for e in reversed(new) if any(k.startswith("eval_") for k in e)), None)
+        metrics: dict[str, Any] = {}
+        if train is not None:
+            metrics.update({f"train/{k}": train[k] for k in ("loss", "learning_rate", "grad_norm") if k in train})
+        if evaluation is not None:
+            metrics.update({f"eval/{k[5:]}": v for k, v in evaluation.items() if k.startswith("eval_")
+                            and not k.endswith(("_runtime", "_per_second"))})
+        return scalar_metrics(metrics, read_device=False)
 
     # ------------------------------------------------------------ Trainer events
 
@@ -87,6 +107,7 @@ class EmbeddingMonitorCallback(TrainerCallback):
         run, wandb_info = _shared_across_ranks((run or generated_run_name("hf"), wandb_info))
         rows = int(embedding_weight(embedding).shape[0])  # a DTensor's shape is the global one
         vocab = vocab_of(self.tokenizer or processing_class or tokenizer, rows)
+        self._history_seen = len(getattr(state, "log_history", None) or [])  # a resumed run's old logs stay
         self.monitor.start(run, vocab, wandb_info, meta={"framework": "transformers",
                                                          "framework_version": transformers.__version__,
                                                          "model": type(model).__name__})

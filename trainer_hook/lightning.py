@@ -19,7 +19,8 @@ try:
 except ImportError:  # the standalone package of older releases
     import pytorch_lightning as pl
 
-from .callbacks import StepPublisher, active_wandb_info, generated_run_name, vocab_of, wandb_info_of
+from .callbacks import (StepPublisher, active_wandb_info, generated_run_name, scalar_metrics, vocab_of,
+                        wandb_info_of)
 from .publisher import embedding_weight
 
 __all__ = ["EmbeddingMonitorCallback"]
@@ -73,6 +74,7 @@ class EmbeddingMonitorCallback(pl.Callback):
         self.tokenizer = tokenizer
         self.monitor = StepPublisher(endpoint, every_n_steps, publisher_options)
         self._module: Any = None
+        self._sent: dict[str, Any] = {}  # the metric values last sent with a snapshot
 
     @property
     def publisher(self):
@@ -81,15 +83,26 @@ class EmbeddingMonitorCallback(pl.Callback):
 
     # ------------------------------------------------------------ the one place snapshots leave from
 
-    def _publish(self, trainer: Any) -> bool:
+    def _publish(self, trainer: Any, read_device: bool = False) -> bool:
         module = self._module
-        return self.monitor.publish(lambda: find_embedding(module, self.embedding), int(trainer.global_step))
+        # trainer.callback_metrics: what the module logged with self.log (train_loss, val_loss, ...). Values
+        # on the GPU are read only where Lightning has synchronised already (after validation, at the end).
+        return self.monitor.publish(lambda: find_embedding(module, self.embedding), int(trainer.global_step),
+                                    lambda: self._new_metrics(trainer, read_device))
+
+    def _new_metrics(self, trainer: Any, read_device: bool) -> dict[str, Any]:
+        # callback_metrics keeps each value until it is logged again: send a value only when it changed
+        # since the previous snapshot, so an old val_loss is not repeated at every later step.
+        current = scalar_metrics(dict(trainer.callback_metrics), read_device=read_device)
+        new = {k: v for k, v in current.items() if self._sent.get(k) != v}
+        self._sent.update(new)
+        return new
 
     # ------------------------------------------------------------ Lightning hooks
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Open the publisher: find the embedding, agree on the run name across ranks, vocabulary, W&B run."""
-        self._module = pl_module
+        self._module, self._sent = pl_module, {}
         rows = int(embedding_weight(find_embedding(pl_module, self.embedding)).shape[0])  # fail before training
         name, wandb_info = (None, None)
         if trainer.is_global_zero:
@@ -114,12 +127,12 @@ class EmbeddingMonitorCallback(pl.Callback):
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         """After each validation during fit (not the sanity check, not a standalone validate())."""
         if self.monitor.active and not trainer.sanity_checking:
-            self._publish(trainer)
+            self._publish(trainer, read_device=True)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """The final weights (unless that step is already out), then `end`."""
         if self.monitor.active:
-            self._publish(trainer)
+            self._publish(trainer, read_device=True)
         self._close()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
