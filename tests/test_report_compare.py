@@ -401,3 +401,23 @@ def test_multi_run_page_renders_in_headless_chromium(two_runs: dict[str, Path], 
     assert {_rgb(c) for c in PALETTE[:2]} <= colours
     if os.environ.get("REPORT_SCREENSHOT_DIR"):  # keep the picture for a person to look at
         Path(os.environ["REPORT_SCREENSHOT_DIR"], "compare.png").write_bytes(png)
+
+
+def test_same_run_name_twice_errors_and_default_output(two_runs: dict[str, Path], tmp_path: Path, capsys) -> None:
+    from analysis_daemon.report import MAX_RUNS
+
+    src = two_runs["lr-3e-3"]
+    a = _copy_run(src, tmp_path / "host-a" / "lr-3e-3")
+    b = _copy_run(src, tmp_path / "host-b" / "lr-3e-3")
+    assert main([str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"report: {tmp_path / 'compare.html'} (2 runs compared)\n")  # their common parent
+    page = _page(tmp_path / "compare.html")
+    for d in (a, b):  # the same run name, told apart by its results file
+        assert f"lr-3e-3 ({d / 'analysis.jsonl'}): avg cosine, iter" in page
+    cases = [([str(a), str(a / "analysis.jsonl")], "the same results file is given twice: pass each run once"),
+             ([str(a)] * (MAX_RUNS + 1), f"{MAX_RUNS + 1} runs given, at most {MAX_RUNS} fit on one page")]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("Error: ") and err.count("\n") == 1 and message in err, err
