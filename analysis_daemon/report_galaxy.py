@@ -96,15 +96,18 @@ def _run_galaxy(view: RunView, vocab: dict[int, str], prefix: str) -> str:
         return note("No galaxy map in these results (written by a daemon that does not compute it).")
     latest = maps[-1]
     colour_of = _colours(latest)
-    final = {tid: c for tid, _, _, c in latest.points}
     sizes = {cid: size for cid, size, _ in latest.clusters}
     parts = [f"<p>{len(with_map)} map(s), {len(maps)} shown; method {esc(latest.method)}"
-             + (f", {latest.rows} rows" if latest.rows is not None else "") + ". Small multiples: each point is "
-             "a token, coloured by its cluster <b>in the latest map</b>, so you can watch the final galaxies "
-             "gather (grey: a token alone in the latest map).</p>", '<div class="row multiples">']
+             + (f", {latest.rows} points" if latest.rows is not None else "") + ". Small multiples: each point "
+             "is a token, coloured by its cluster at that snapshot; a cluster keeps its id, hence its colour, "
+             "while it keeps most of its points, so you watch the galaxies form (light grey: a token with no "
+             "neighbour; dark grey: a cluster that is gone by the latest map or beyond the 20 largest).</p>",
+             '<div class="row multiples">']
     for gm in maps:
         n_clusters = len({c for *_, c in gm.points if c != -1})
-        pts = [(x, y, colour_of.get(final.get(tid, -1), SINGLETON), "") for tid, x, y, _ in gm.points]
+        # the daemon keeps a cluster's id while it keeps most of its points, so a galaxy keeps its colour;
+        # a cluster gone by the latest map is dark grey
+        pts = [(x, y, SINGLETON if c == -1 else colour_of.get(c, OTHER_CLUSTER), "") for _, x, y, c in gm.points]
         pts.sort(key=lambda p: p[2] != SINGLETON)  # singletons underneath
         small = Scatter(f"iter {gm.iter}: {n_clusters} clusters", pts, size=132, radius=1.4, axes=False)
         parts.append(f'<div class="fig">{scatter(small)}</div>')

@@ -367,6 +367,11 @@ def test_loss_beside_drift_and_the_galaxy_map(two_runs: dict[str, Path], tmp_pat
         colour_of_cluster.setdefault(cluster, hover[tip].get("fill"))
         assert hover[tip].get("fill") == colour_of_cluster[cluster]  # a colour per cluster
     assert len(set(colour_of_cluster.values())) == n_clusters  # distinct (fewer clusters than hues)
+    # small multiples: coloured by the cluster at that snapshot, in the colours of the latest map
+    first = next(s for s in scatters if s.get("aria-label") == f"iter {recs[0]['iter']}: 0 clusters")  # run 1
+    assert {c.get("fill") for c in first.iter(f"{SVG}circle")} == {SINGLETON}
+    final = next(s for s in scatters if s.get("aria-label") == f"iter {recs[-1]['iter']}: {n_clusters} clusters")
+    assert {c.get("fill") for c in final.iter(f"{SVG}circle")} == {c.get("fill") for c in hover.values()}
     assert "PC1 (31.0% of variance)" in page
     assert f"Clusters at iter {recs[-1]['iter']}: {n_clusters} (largest first)" in page
     assert esc(repr(HOSTILE_MEMBER)) in page and HOSTILE_MEMBER not in page
