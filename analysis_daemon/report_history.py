@@ -17,6 +17,8 @@ LAST_TOKENS = 8  # the latest result's most (least) drifted tokens followed back
 UNION_TOKENS = 4  # plus the tokens most often among the first LAST_TOKENS over the whole run
 MAX_LISTED = 1000  # entries read from one result's token list (the daemon writes --top-k of them)
 MAX_PROBES = 12  # probe tokens followed
+MAX_MAPS = 400  # galaxy maps read for the cluster-size history (evenly over a longer run)
+MAX_MAP_POINTS = 4000  # points read per map (as the galaxy section draws)
 
 
 def _listed(rec: dict[str, Any], *keys: str) -> dict[int, float]:
@@ -80,6 +82,13 @@ def _neighbourhood_chart(page: Page, view: RunView, vocab: dict[int, str]) -> li
                          "overlap", tokens, values, [float(r["iter"]) for r in recs], vocab)]
 
 
+def _probe_ids(records: list[dict[str, Any]]) -> list[int]:
+    """The probe token ids of the latest result that has probes."""
+    latest = next((r for r in reversed(records) if lst(r, "insight", "probes")), None)
+    ids = [integer(p, "token_id") for p in lst(latest, "insight", "probes")[:MAX_PROBES]]
+    return [t for t in ids if t is not None]
+
+
 def _probe_charts(page: Page, view: RunView, vocab: dict[int, str]) -> list[str]:
     recs = [r for r in view.records if lst(r, "insight", "probes")]
     if not recs:
@@ -113,21 +122,51 @@ def _probe_charts(page: Page, view: RunView, vocab: dict[int, str]) -> list[str]
                          tokens, kept, xs, vocab)]
 
 
+def _galaxy_chart(page: Page, view: RunView, vocab: dict[int, str], tokens: list[int]) -> list[str]:
+    """Size of each followed token's cluster in the galaxy maps (1: no neighbour), for tokens in the map."""
+    recs = [r for r in view.records if isinstance(get(r, "galaxy", "points"), list)]
+    if not recs or not tokens:
+        return []
+    step = max(1, -(-len(recs) // MAX_MAPS))  # a long run: every n-th map, the line is as readable
+    recs = recs[::step] + ([recs[-1]] if (len(recs) - 1) % step else [])
+    wanted, values = set(tokens), []
+    for r in recs:
+        cluster_of: dict[int, int] = {}
+        sizes: Counter[int] = Counter()
+        for p in lst(r, "galaxy", "points")[:MAX_MAP_POINTS]:
+            tid, c = integer(p, 0), integer(p, 3)
+            if tid is None or c is None:
+                continue
+            sizes[c] += 1
+            if tid in wanted:
+                cluster_of[tid] = c
+        values.append({t: float(1 if c == -1 else sizes[c]) for t, c in cluster_of.items()})
+    shown = [t for t in tokens if any(t in v for v in values)]
+    if not shown:
+        return [note("Galaxy cluster sizes: none of the followed tokens is in the map's subset of rows.")]
+    return [_token_chart(page, view, "Followed tokens: size of their cluster in the galaxy map", "tokens in cluster",
+                         shown, values, [float(r["iter"]) for r in recs], vocab)]
+
+
 def history_section(page: Page, vocabs: dict[str, dict[int, str]]) -> str:
     """Per run: the drift of its most and least drifted tokens, changed neighbourhoods and probes over time."""
     parts = ['<section id="histories"><h2>Token histories</h2><p>A line per token over iterations: the latest '
              f"result's {LAST_TOKENS} most (least) drifted tokens plus up to {UNION_TOKENS} that were most often "
              "among them over the run, the neighbourhoods that changed most, and every probe token. A result "
              "lists only its --top-k most and least drifted tokens, so a token's line breaks where it was not "
-             "among them. Per-token norms and neighbourhood sizes are not in the results, so they are not "
-             "plotted.</p>"]
+             "among them. With galaxy maps in the results, the size of the cluster each followed token (the "
+             f"latest {LAST_TOKENS // 2} most drifted and the probes) belongs to. Per-token norms and per-token "
+             "neighbourhood counts are not in the results, so they are not plotted.</p>"]
     for view in page.runs:
         vocab = vocabs.get(view.label, {})
         if page.multi:
             parts.append(f'<h3 class="run"><span class="swatch" style="background:{view.colour}"></span>'
                          f"{esc(view.label)}</h3>")
+        drifted = [r for r in view.records if isinstance(r.get("drift"), dict)]
+        followed = list(dict.fromkeys(chosen_tokens(drifted, "drift", "most_drifted_tokens")[:LAST_TOKENS // 2]
+                                      + _probe_ids(view.records)))[:MAX_PROBES]
         charts = _drift_charts(page, view, vocab) + _neighbourhood_chart(page, view, vocab) \
-            + _probe_charts(page, view, vocab)
+            + _probe_charts(page, view, vocab) + _galaxy_chart(page, view, vocab, followed)
         parts.append('<div class="row">' + "".join(charts) + "</div>")
     parts.append("</section>")
     return "".join(parts)

@@ -314,7 +314,7 @@ def _with_metrics_and_galaxy(recs: list[dict[str, Any]]) -> list[dict[str, Any]]
             cluster = g if g >= 0 and n >= 2 else -1
             points.append([tid, x, y, cluster])
             if cluster >= 0:
-                members.setdefault(cluster, []).append([tid, HOSTILE_MEMBER if tid == min(vocab) + 10 else s])
+                members.setdefault(cluster, []).append([tid, HOSTILE_MEMBER if tid == sorted(vocab)[20] else s])
         points += [["x", 1.0, 2.0, 0], [5, 1.0]]  # malformed: skipped and counted
         r["galaxy"] = {"method": "pca", "rows": len(vocab), "seed": 0, "explained_variance": [0.31, 0.22],
                        "points": points, "clusters": [{"id": c, "size": len(m), "members": m}
@@ -372,6 +372,17 @@ def test_loss_beside_drift_and_the_galaxy_map(two_runs: dict[str, Path], tmp_pat
     assert {c.get("fill") for c in first.iter(f"{SVG}circle")} == {SINGLETON}
     final = next(s for s in scatters if s.get("aria-label") == f"iter {recs[-1]['iter']}: {n_clusters} clusters")
     assert {c.get("fill") for c in final.iter(f"{SVG}circle")} == {c.get("fill") for c in hover.values()}
+    # token histories: the probes' cluster sizes in every map (1 = alone)
+    sizes_chart = [s for s in _svgs(page)
+                   if s.get("aria-label") == "Followed tokens: size of their cluster in the galaxy map"]
+    assert len(sizes_chart) == 2  # one per run
+    tips = _titled(sizes_chart[0], "circle")
+    for r in recs:
+        pts = [p for p in r["galaxy"]["points"] if len(p) == 4 and isinstance(p[0], int)]
+        for probe in r["insight"]["probes"]:
+            c = next(p[3] for p in pts if p[0] == probe["token_id"])
+            size = 1 if c == -1 else sum(1 for p in pts if p[3] == c)
+            assert f"{probe['token']!r} #{probe['token_id']}, iter {r['iter']}: {size:.4f}" in tips
     assert "PC1 (31.0% of variance)" in page
     assert f"Clusters at iter {recs[-1]['iter']}: {n_clusters} (largest first)" in page
     assert esc(repr(HOSTILE_MEMBER)) in page and HOSTILE_MEMBER not in page
