@@ -35,6 +35,9 @@ class GalaxyMap:
     clusters: list[tuple[int, int, list[tuple[int, Any]]]]  # (id, size, members)
     method: str = "?"
     rows: int | None = None
+    vocab_rows: int | None = None  # V: the map shows `rows` of them
+    threshold: float | None = None  # the cosine that links two tokens of a cluster
+    cluster_count: int | None = None  # every cluster, where the list names only the largest
     explained: list[float] = field(default_factory=list)
     bad_points: int = 0
     more_points: int = 0
@@ -47,6 +50,8 @@ def parse_galaxy(rec: dict[str, Any]) -> GalaxyMap | None:
         return None
     raw = g["points"]
     gm = GalaxyMap(rec["iter"], [], [], method=str(g.get("method", "?"))[:40], rows=integer(g, "rows"),
+                   vocab_rows=integer(g, "vocab_rows"), threshold=num(g, "threshold"),
+                   cluster_count=integer(g, "cluster_count"),
                    explained=[v for v in (num(g, "explained_variance", i) for i in range(2)) if v is not None])
     for p in raw[:MAX_POINTS]:
         tid, x, y, c = integer(p, 0), num(p, 1), num(p, 2), integer(p, 3)
@@ -97,8 +102,12 @@ def _run_galaxy(view: RunView, vocab: dict[int, str], prefix: str) -> str:
     latest = maps[-1]
     colour_of = _colours(latest)
     sizes = {cid: size for cid, size, _ in latest.clusters}
-    parts = [f"<p>{len(with_map)} map(s), {len(maps)} shown; method {esc(latest.method)}"
-             + (f", {latest.rows} points" if latest.rows is not None else "") + ". Small multiples: each point "
+    rows = f", {latest.rows} points" if latest.rows is not None else ""
+    if latest.rows is not None and latest.vocab_rows is not None:
+        rows = f", {latest.rows} of the {latest.vocab_rows} tokens (the same ones in every map)"
+    link = f"; a cluster: tokens linked by a cosine above {latest.threshold:g}" if latest.threshold is not None else ""
+    parts = [f"<p>{len(with_map)} map(s), {len(maps)} shown; method {esc(latest.method)}{rows}{link}"
+             ". Small multiples: each point "
              "is a token, coloured by its cluster at that snapshot; a cluster keeps its id, hence its colour, "
              "while it keeps most of its points, so you watch the galaxies form (light grey: a token with no "
              "neighbour; dark grey: a cluster that is gone by the latest map or beyond the 20 largest).</p>",
@@ -127,9 +136,12 @@ def _run_galaxy(view: RunView, vocab: dict[int, str], prefix: str) -> str:
         more = " ..." if size > min(len(members), CLUSTER_MEMBERS) else ""
         rows.append(f"<tr><td>{swatch}{cid}</td><td>{size}</td><td>{shown}{more}</td></tr>")
     n_real = sum(1 for c in latest.clusters if c[0] != -1)
+    if latest.cluster_count is not None and latest.cluster_count > n_real:  # the daemon lists the largest only
+        n_real = latest.cluster_count
     alone = sum(1 for *_, c in latest.points if c == -1)
     listing = (f'<div class="tbl"><h3>Clusters at iter {latest.iter}: {n_real} (largest first'
-               + (f", first {CLUSTER_ROWS}" if n_real > CLUSTER_ROWS else "") + f"); {alone} point(s) alone</h3>"
+               + (f", first {min(CLUSTER_ROWS, len(rows))}" if n_real > len(rows) else "")
+               + f"); {alone} point(s) alone</h3>"
                "<table><tr><th>cluster</th><th>tokens</th><th>largest members</th></tr>" + "".join(rows)
                + "</table></div>") if rows else note(f"No clusters at iter {latest.iter}: every token is alone.")
     bad = sum(gm.bad_points for gm in maps)

@@ -56,7 +56,7 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                 assert time.monotonic() < deadline, "daemon not ready in time"
                 time.sleep(0.05)
         trainers = [subprocess.Popen(
-            [sys.executable, str(ROOT / "train.py"), "--dataset=synthetic", "--max_iters=60", "--eval_interval=10",
+            [sys.executable, str(ROOT / "train.py"), "--dataset=synthetic", "--max_iters=120", "--eval_interval=10",
              "--eval_iters=2", "--batch_size=8", f"--learning_rate={RATES[run]}", f"--out_dir={tmp / run}",
              f"--run_name={run}", "--wandb_log=False", f"--analysis_endpoint={endpoint}"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp)
@@ -182,10 +182,12 @@ def test_two_real_runs_share_axes_one_colour_per_run(two_runs: dict[str, Path]) 
             tip = f"{run}: avg neighbours, iter {r['iter']}: " \
                   f"{r['geometry']['local_density']['average_neighborhood_size']:.3f}"
             assert _titled(nb, "circle")[tip].get("fill") == colour
-        # one unbroken line, unless the daemon skipped a snapshot (a loaded machine): then one break per skip
-        skipped = {i for r in rs for i in r["skipped_iters"] if i > rs[1]["iter"]}
+        # one unbroken line, unless the daemon skipped snapshots (a loaded machine): then it breaks there
+        skipped = {i for r in rs for i in r["skipped_iters"]}
+        drift_iters = [r["iter"] for r in rs[1:]]
+        breaks = sum(1 for a, b in zip(drift_iters, drift_iters[1:]) if any(a < i < b for i in skipped))
         lines = [p for p in cos.iter(f"{SVG}polyline") if p.get("stroke") == colour]
-        assert len(lines) == 1 + len(skipped)
+        assert len(lines) == 1 + breaks
     # Shared axes: the same iteration sits at the same x on every chart and for both runs.
     both = sorted(set.intersection(*({r["iter"] for r in rs[1:]} for rs in recs.values())))
     xs = {_point(c, f"{run}: {label}, iter {both[-1]}:")[0] for c, label in ((cos, "avg cosine"),
@@ -204,7 +206,7 @@ def test_two_real_runs_share_axes_one_colour_per_run(two_runs: dict[str, Path]) 
         assert _point(loss, f"{run}: train/loss, iter {rs[-1]['iter']}:")[0] == _point(
             cos, f"{run}: avg cosine, iter {rs[-1]['iter']}:")[0]
     # What the comparison is for: the faster learning rate moves the embedding more (lower mean drift
-    # cosine) and forms the planted galaxies (neighbourhoods) within 60 steps, the slower one does not yet.
+    # cosine) and forms galaxies (neighbourhoods) within 120 steps, the slower one hardly any yet.
     fast, slow = recs["lr-3e-3"], recs["lr-3e-4"]
 
     def mean_cos(rs: list[dict[str, Any]]) -> float:
@@ -213,8 +215,25 @@ def test_two_real_runs_share_axes_one_colour_per_run(two_runs: dict[str, Path]) 
     assert mean_cos(fast) < mean_cos(slow)
     last = [rs[-1]["geometry"]["local_density"]["average_neighborhood_size"] for rs in (fast, slow)]
     assert last[0] > last[1]
-    assert _point(nb, f"lr-3e-3: avg neighbours, iter 60:")[1] < _point(nb, f"lr-3e-4: avg neighbours, iter 60:")[1]
+    assert _point(nb, f"lr-3e-3: avg neighbours, iter {fast[-1]['iter']}:")[1] \
+        < _point(nb, f"lr-3e-4: avg neighbours, iter {slow[-1]['iter']}:")[1]  # higher on the page
     assert sum(1 for s in _svgs(page) if s.get("class") == "heatmap") == 2  # one per run
+
+    # The daemon's galaxy maps: up to 8 small multiples per run, and the latest map with a tooltip per token.
+    from analysis_daemon.report_galaxy import SNAPSHOTS
+    scatters = [s for s in _svgs(page) if s.get("class") == "scatter"]
+    assert len(scatters) == sum(min(SNAPSHOTS, len(rs)) + 1 for rs in recs.values())
+    for run, rs in recs.items():
+        g = rs[-1]["galaxy"]
+        hover = _titled(_chart(page, f"{run}: Galaxy map at iter {rs[-1]['iter']} (hover a point for its token)"),
+                        "circle")
+        assert len(hover) == len(g["points"]) == g["rows"]
+        alone = sum(1 for p in g["points"] if p[3] == -1)
+        assert sum(1 for tip in hover if tip.endswith(": alone (no neighbour above the threshold)")) == alone
+        for c in g["clusters"]:
+            for tid, string in c["members"]:
+                assert f"{string!r} #{tid}: cluster {c['id']} ({c['size']} tokens)" in hover
+        assert f"Clusters at iter {rs[-1]['iter']}: {g['cluster_count']} (largest first" in page
 
 
 def test_numeric_axis_gaps_and_skipped_iterations(two_runs: dict[str, Path], tmp_path: Path, capsys) -> None:
