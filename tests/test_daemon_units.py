@@ -114,3 +114,24 @@ def test_results_file_survives_a_record_it_cannot_write(tmp_path: Path, caplog: 
     assert [json.loads(line)["iter"] for line in lines] == [2]
     assert "run r iter 1 cannot be written as JSON, lost" in caplog.text
     assert sinks.counters() == {"lost": 1, "lost_by_sink": {"jsonl": 1}}
+
+
+def test_results_file_deleted_while_open_is_recreated(tmp_path: Path) -> None:
+    sinks = SinkSet([JsonlSink(tmp_path)])
+    sinks.handle({"run": "r", "iter": 1})
+    (tmp_path / "r" / "analysis.jsonl").unlink()  # an operator cleaning up, a log rotation
+    sinks.handle({"run": "r", "iter": 2})
+    sinks.close()
+    assert [json.loads(line)["iter"] for line in (tmp_path / "r" / "analysis.jsonl").read_text().splitlines()] == [2]
+
+
+def test_a_partial_last_line_left_by_a_crash_is_cut_before_appending(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "r" / "analysis.jsonl"
+    path.parent.mkdir()
+    path.write_text('{"run": "r", "iter": 0}\n{"run": "r", "it')  # a writer killed mid-line
+    sinks = SinkSet([JsonlSink(tmp_path)])
+    sinks.handle({"run": "r", "iter": 1})
+    sinks.close()
+    assert [json.loads(line)["iter"] for line in path.read_text().splitlines()] == [0, 1]
+    assert "ended in a partial line: 16 byte(s) cut off" in caplog.text

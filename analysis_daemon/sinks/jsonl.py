@@ -79,9 +79,14 @@ class JsonlSink(Sink):
         """Append `line` whole, or leave the file as it was and raise _Unwritable."""
         try:
             fd = self._fd(run)
+            st = os.fstat(fd)
+            if st.st_nlink == 0:  # the file was deleted (or rotated away): a write would vanish with it
+                self._close_fd(run)
+                fd = self._fd(run)
+                st = os.fstat(fd)
         except OSError as exc:
             raise _Unwritable(run, exc) from exc
-        size = os.fstat(fd).st_size
+        size = st.st_size
         try:
             view = memoryview(line)
             while view:
