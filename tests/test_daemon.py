@@ -381,7 +381,7 @@ def test_wandb_failure_is_logged_once_and_results_still_written(
     assert d.wait_exit() == 0
     assert [r["iter"] for r in d.results("nowandb")] == [0, 1, 2]
     # Logged once; the run then logs offline (for `wandb sync` later), so nothing is lost.
-    assert d.log().count("wandb: cannot reach W&B for run 'nowandb'") == 1
+    assert d.log().count("wandb: cannot start an online W&B run for 'nowandb'") == 1
     assert d.log().count("upload it later with `wandb sync ") == 1
     assert "lost=0" in d.log()
 

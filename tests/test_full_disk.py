@@ -189,7 +189,7 @@ def test_unreachable_wandb_is_bounded_and_keeps_the_results_for_wandb_sync(
     assert d.wait_exit(timeout=90) == 0
     took = time.monotonic() - ended
     log = d.log()
-    assert "wandb: cannot reach W&B for run 'wb-down'" in log
+    assert "wandb: cannot start an online W&B run for 'wb-down'" in log
     sync = re.search(r"upload it later with `wandb sync (\S+)`", log)
     assert sync, log[-3000:]
     offline_dir = Path(sync.group(1))

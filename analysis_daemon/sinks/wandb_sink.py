@@ -247,8 +247,9 @@ class WandbSink(Sink):
                 wb_run = None
             else:
                 # W&B unreachable (network down, server gone): keep this run's results on disk instead.
-                log.error("wandb: cannot reach W&B for run %r within %.0f s (%s); logging it offline instead",
-                          run, self.init_timeout, _first_line(exc))
+                # (no network, server gone, no credentials: wandb says which)
+                log.error("wandb: cannot start an online W&B run for %r (%s); logging it offline instead",
+                          run, _first_line(exc))
                 try:
                     wb_run = self._init(kwargs, offline=True)
                 except BaseException as exc2:
