@@ -26,6 +26,11 @@ _RUN_UNSAFE = re.compile(r"[/\\\x00-\x1f\x7f]+")  # what protocol.check_run_name
 _MAX_RUN_CHARS = 200
 
 
+def first_given(*candidates: Any) -> Any:
+    """The first candidate that is not None (a tokenizer's truth value is its length: `or` would be wrong)."""
+    return next((c for c in candidates if c is not None), None)
+
+
 def check_every_n_steps(every_n_steps: int | None) -> int | None:
     """`every_n_steps` if it is None or a positive int, else a ValueError that says what to pass."""
     if every_n_steps is None:

@@ -16,7 +16,7 @@ import transformers
 from transformers import TrainerCallback
 
 from .publisher import embedding_weight
-from .callbacks import StepPublisher, active_wandb_info, generated_run_name, scalar_metrics, vocab_of
+from .callbacks import StepPublisher, active_wandb_info, first_given, generated_run_name, scalar_metrics, vocab_of
 
 __all__ = ["EmbeddingMonitorCallback"]
 
@@ -106,7 +106,7 @@ class EmbeddingMonitorCallback(TrainerCallback):
         run = self.run or args.run_name or None
         run, wandb_info = _shared_across_ranks((run or generated_run_name("hf"), wandb_info))
         rows = int(embedding_weight(embedding).shape[0])  # a DTensor's shape is the global one
-        vocab = vocab_of(self.tokenizer or processing_class or tokenizer, rows)
+        vocab = vocab_of(first_given(self.tokenizer, processing_class, tokenizer), rows)
         self._history_seen = len(getattr(state, "log_history", None) or [])  # a resumed run's old logs stay
         self.monitor.start(run, vocab, wandb_info, meta={"framework": "transformers",
                                                          "framework_version": transformers.__version__,

@@ -19,7 +19,7 @@ try:
 except ImportError:  # the standalone package of older releases
     import pytorch_lightning as pl
 
-from .callbacks import (StepPublisher, active_wandb_info, generated_run_name, scalar_metrics, vocab_of,
+from .callbacks import (StepPublisher, active_wandb_info, first_given, generated_run_name, scalar_metrics, vocab_of,
                         wandb_info_of)
 from .publisher import embedding_weight
 
@@ -110,7 +110,8 @@ class EmbeddingMonitorCallback(pl.Callback):
         run = self.run or name or generated_run_name("lightning")
         run, wandb_info = trainer.strategy.broadcast((run, wandb_info), src=0)  # every rank's hello agrees
         datamodule = getattr(trainer, "datamodule", None)
-        tokenizer = self.tokenizer or getattr(pl_module, "tokenizer", None) or getattr(datamodule, "tokenizer", None)
+        tokenizer = first_given(self.tokenizer, getattr(pl_module, "tokenizer", None),
+                                getattr(datamodule, "tokenizer", None))
         self.monitor.start(run, vocab_of(tokenizer, rows), wandb_info,
                            meta={"framework": "lightning", "framework_version": pl.__version__,
                                  "model": type(pl_module).__name__})
