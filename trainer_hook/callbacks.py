@@ -150,6 +150,7 @@ class StepPublisher:
         self.every_n_steps = check_every_n_steps(every_n_steps)
         self.options = dict(publisher_options)
         self.publisher: EmbeddingPublisher | None = None
+        self.failures = 0  # publishes that raised (logged once, then counted)
         self._last_step: int | None = None
 
     @property
@@ -184,7 +185,15 @@ class StepPublisher:
         if self.publisher is None or step == self._last_step:
             return False
         self._last_step = step  # also on a drop: the same weights are not worth a second try
-        return self.publisher.publish(effective_weight(embedding()), step, metrics=metrics() if metrics else None)
+        try:
+            return self.publisher.publish(effective_weight(embedding()), step,
+                                          metrics=metrics() if metrics else None)
+        except Exception:  # noqa: BLE001 - monitoring must never end a training run
+            self.failures += 1
+            if self.failures == 1:
+                log.exception("embedding monitor: publishing step %d failed; training goes on, later failures "
+                              "are only counted (callback.monitor.failures)", step)
+            return False
 
     def close(self) -> None:
         """Close the publisher (sends `end`); safe to call when none is open."""
