@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     life.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
                       help="on SIGTERM/SIGINT, let the running analysis finish for this long, then "
                            "abandon it (default: %(default)s)")
+    life.add_argument("--assembly-timeout", type=float, default=120.0, metavar="SECONDS",
+                      help="sharded (FSDP2/tensor-parallel) runs: drop an iteration whose parts from all ranks "
+                           "have not arrived within this long, and end a run this long after its first rank "
+                           "ended (default: %(default)s)")
     return p
 
 
@@ -356,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     config = DaemonConfig(
         listen=args.listen, limits=limits, exit_on_end=args.exit_on_end, state_dir=args.state_dir,
         shutdown_grace=args.shutdown_grace, curve=curve, allow_insecure=args.allow_insecure,
-        run_timeout=args.run_timeout, max_pending_bytes=max_pending, analysis=settings)
+        run_timeout=args.run_timeout, assembly_timeout=args.assembly_timeout, max_pending_bytes=max_pending, analysis=settings)
     log.info("starting: %d analysis thread(s), nice +%d, OMP_WAIT_POLICY=%s, sinks: %s", threads,
              max(args.nice, 0), os.environ.get("OMP_WAIT_POLICY"), ", ".join(s.name for s in sinks.sinks))
     try:

@@ -27,6 +27,7 @@ from protocol import (DEFAULT_LIMITS, End, Heartbeat, Hello, Limits, ProtocolErr
 
 from . import backlog, recovery
 from .liveness import DEFAULT_RUN_TIMEOUT_S, Publishers
+from .assembly import DEFAULT_TIMEOUT_S, Assembler, PartRejected
 from .sinks import SinkSet
 from .state import Counters, HelloInfo, Job, RunState, SnapshotData
 from .state_store import StateStore
@@ -60,6 +61,7 @@ class DaemonConfig:
     allow_insecure: bool = False
     run_timeout: float = DEFAULT_RUN_TIMEOUT_S  # a publisher silent this long is gone
     max_pending_bytes: int = field(default_factory=backlog.default_max_pending_bytes)
+    assembly_timeout: float = DEFAULT_TIMEOUT_S  # a sharded iteration's parts must all arrive within this
 
 
 class TooManyRuns(Exception):
@@ -86,6 +88,7 @@ class Daemon:
         self._served = 0  # jobs handed out; each run remembers when it was served last (round-robin)
         self._signals = 0
         self.worker = AnalysisWorker(self, config.analysis)
+        self.assembler = Assembler(config.assembly_timeout)  # sharded runs: parts -> full matrices
         if self.store is not None:
             self._restore()
 
@@ -233,8 +236,9 @@ class Daemon:
             self.cond.notify_all()
         if warning:
             log.warning("%s", warning)
-        log.info("run %s: hello from pid %s on %s (vocab: %s tokens, wandb: %s)", run, msg.pid,
-                 msg.host, len(msg.vocab) if msg.vocab is not None else "no",
+        log.info("run %s: hello from pid %s on %s%s (vocab: %s tokens, wandb: %s)", run, msg.pid, msg.host,
+                 f", rank {msg.rank} of {msg.world_size}" if msg.world_size > 1 else "",
+                 len(msg.vocab) if msg.vocab is not None else "no",
                  "yes" if msg.wandb else "no")
 
     def _on_snapshot(self, msg: Snapshot, shm: ShmReader) -> None:
@@ -244,8 +248,15 @@ class Daemon:
         except ProtocolError as exc:
             self._reject(str(exc), msg.run)
             return
-        snap = SnapshotData(iter=msg.iter, seq=msg.seq, name=msg.name, tensor=tensor, sent_at=msg.sent_at,
-                            metrics=msg.metrics)
+        if msg.is_part:  # one rank's shard: analysed once the iteration's parts are all in
+            with self.lock:
+                part_run = self.publishers.route(msg.run, msg.publisher)[0].run  # kept-apart publishers too
+            snap = self._assemble(part_run, msg, tensor)
+            if snap is None:
+                return
+        else:
+            snap = SnapshotData(iter=msg.iter, seq=msg.seq, name=msg.name, tensor=tensor, sent_at=msg.sent_at,
+                                metrics=msg.metrics)
         budget = self.config.max_pending_bytes
         with self.cond:
             pub, warning = self.publishers.route(msg.run, msg.publisher)
@@ -271,6 +282,38 @@ class Daemon:
                         "raise it, or add cores/threads if this persists", victim_state.run, victim.iter,
                         backlog.human(budget), backlog.human(queued))
         log.debug("run %s: received iter %d", run, msg.iter)
+
+    def _assemble(self, run: str, msg: Snapshot, part: Any) -> SnapshotData | None:
+        drops: list[str] = []
+        try:
+            done = self.assembler.add(run, msg, part, drops)
+        except PartRejected as exc:
+            done = None
+            self._reject(str(exc), run)
+        for why in drops:
+            self._incomplete(run, why)
+        if done is None:
+            return None
+        log.debug("run %s: iter %d assembled from %d parts", run, done.iter, done.parts)
+        return SnapshotData(iter=done.iter, seq=msg.seq, name=done.name, tensor=done.tensor, sent_at=done.sent_at,
+                            metrics=done.metrics)
+
+    def _incomplete(self, run: str, why: str) -> None:
+        with self.lock:
+            self.totals.incomplete += 1
+            if run in self.runs:
+                self.runs[run].counters.incomplete += 1
+        log.warning("run %s: %s", run, why)
+
+    def _check_assemblies(self) -> None:
+        # Sharded runs: iterations whose parts are overdue, or whose run ended (all its ranks ended or gone).
+        for run, why in self.assembler.expire(time.monotonic()):
+            self._incomplete(run, why)
+        for run in self.assembler.runs():
+            with self.lock:
+                ended = run in self.runs and self.runs[run].ended
+            if ended:
+                self._incomplete(run, self.assembler.abandon(run, "incomplete when the run ended") or "")
 
     def _on_end(self, msg: End) -> None:
         with self.cond:
@@ -357,6 +400,7 @@ class Daemon:
             while not self.stop_requested:
                 if time.monotonic() >= next_check:
                     self._check_liveness()
+                    self._check_assemblies()
                     next_check = time.monotonic() + check_every
                 if poller.poll(_POLL_MS):
                     for _ in range(_DRAIN_MAX):
@@ -393,6 +437,8 @@ class Daemon:
             log.warning("run %s: iter(s) %s received but not analysed (shutting down)%s", run,
                         ", ".join(map(str, iters)), "; the next result after a restart lists them in skipped_iters"
                         if self.store is not None else "")
+        for run in self.assembler.runs():
+            self._incomplete(run, self.assembler.abandon(run, "parts still missing at shutdown") or "")
         if self.worker.is_alive():
             job = self.worker.current
             self.worker.join(grace)
@@ -421,6 +467,6 @@ class Daemon:
             totals = self.totals.as_dict()
         lost = self.sinks.counters()  # after close: results still unwritten then are lost
         by_sink = " (" + ", ".join(f"{k}={v}" for k, v in sorted(lost["lost_by_sink"].items())) + ")"
-        log.info("analysis-daemon stopped: received=%d analysed=%d skipped=%d rejected=%d lost=%d%s",
+        log.info("analysis-daemon stopped: received=%d analysed=%d skipped=%d rejected=%d lost=%d%s incomplete=%d",
                  totals["received"], totals["analysed"], totals["skipped"], totals["rejected"],
-                 lost["lost"], by_sink if lost["lost"] else "")
+                 lost["lost"], by_sink if lost["lost"] else "", totals["incomplete"])

@@ -21,11 +21,12 @@ class Counters:
     analysed: int = 0  # snapshots whose analysis finished and reached the sinks
     skipped: int = 0  # snapshots dropped from the backlog past --max-pending-bytes (never analysed)
     rejected: int = 0  # messages refused (undecodable, invalid, unusable payload)
+    incomplete: int = 0  # sharded iterations dropped because not all their parts arrived in time
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict (JSON/W&B friendly)."""
         return {"received": self.received, "analysed": self.analysed,
-                "skipped": self.skipped, "rejected": self.rejected}
+                "skipped": self.skipped, "rejected": self.rejected, "incomplete": self.incomplete}
 
 
 @dataclass

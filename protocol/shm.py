@@ -71,15 +71,18 @@ class ShmWriter:
         self.prefix = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         self._slots: list[_Slot | None] = [None] * slots
         self._generation = 0
+        self._preparing: set[int] = set()  # slot indices the sender thread is creating right now
         self._lock = threading.Lock()  # acquire/commit may run on the training or the sender thread
         self.reclaimed = 0  # slots taken back from a reader that never released them
         self.timed_out = 0  # ... of those, taken back because reclaim_after_s passed while connected
         self.released = 0  # slots a reader released (proof that shared memory reaches the receiver)
         self._unlinked = False  # set by unlink_all() (a signal handler): recreate slots before reuse
 
-    def _create(self, index: int, nbytes: int) -> _Slot:
-        self._generation += 1
-        name = f"{self.prefix}-{index}-{self._generation}"
+    def _create(self, index: int, nbytes: int, generation: int | None = None) -> _Slot:
+        if generation is None:
+            self._generation += 1
+            generation = self._generation
+        name = f"{self.prefix}-{index}-{generation}"
         size = HEADER_BYTES + nbytes
         fd = os.open(self.directory / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -97,6 +100,9 @@ class ShmWriter:
 
     def _drop(self, slot: _Slot) -> None:
         self._slots[slot.index] = None
+        self._drop_unlisted(slot)
+
+    def _drop_unlisted(self, slot: _Slot) -> None:
         try:
             slot.mm.close()
         except BufferError:  # a payload view is still alive somewhere; the unlink below still frees the name
@@ -116,6 +122,8 @@ class ShmWriter:
                     if slot is not None:
                         self._drop(slot)
             for i, slot in enumerate(self._slots):
+                if i in self._preparing:
+                    continue  # being created off the training thread: never create it twice here
                 if slot is not None:
                     _, state, _, _ = slot.words()
                     timed_out = now - slot.ready_since > self.reclaim_after_s
@@ -135,6 +143,36 @@ class ShmWriter:
                 struct.pack_into("<Q", slot.mm, _STATE_AT, WRITING)
                 return slot
         return None
+
+    def prepare(self, nbytes: int) -> int:
+        """Create (and fault in) every missing slot for `nbytes` now, off the training thread; returns how many.
+
+        Creation runs without the lock, so a publish on the training thread meanwhile takes another
+        slot (or drops) instead of waiting for gigabytes to be populated.
+        """
+        made = 0
+        for i in range(len(self._slots)):
+            with self._lock:
+                slot = self._slots[i]
+                if slot is not None and (slot.nbytes == nbytes or slot.words()[1] != FREE):
+                    continue
+                if slot is not None:
+                    self._drop(slot)  # a free slot of an old size
+                self._generation += 1
+                generation = self._generation
+                self._preparing.add(i)
+            try:
+                fresh = self._create(i, nbytes, generation)
+            finally:
+                with self._lock:
+                    self._preparing.discard(i)
+            with self._lock:
+                if self._slots[i] is None:
+                    self._slots[i] = fresh
+                    made += 1
+                    continue
+            self._drop_unlisted(fresh)  # the training thread created this slot meanwhile
+        return made
 
     def commit(self, slot: _Slot) -> ShmRef:
         """Mark a filled slot READY and return the reference to send."""

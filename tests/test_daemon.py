@@ -231,7 +231,7 @@ def test_sequence_gives_one_line_each_and_wandb_history_on_iteration_axis(
         for it in iters]
     assert "  [Trainer] train/loss 3, val/loss 3.25, tokens 19200" in d.out_path.read_text()
     assert [r["counters"]["analysed"] for r in results] == [1, 2, 3, 4]
-    assert results[-1]["counters"] == {"received": 4, "analysed": 4, "skipped": 0, "rejected": 0}
+    assert results[-1]["counters"] == {"received": 4, "analysed": 4, "skipped": 0, "rejected": 0, "incomplete": 0}
 
     files = wandb_history.find_run_files(tmp_path)
     assert len(files) == 1

@@ -30,7 +30,8 @@ from protocol import (DEFAULT_LIMITS, CurveClient, ProtocolError, ShmWriter, che
                       check_run_name, connect_publisher, encode_hello, is_local_endpoint, shm_available, wire_dtype)
 
 from . import signals
-from .sender import EndJob, Sender, SnapshotJob
+from .sender import EndJob, PrepareJob, Sender, SnapshotJob
+from .sharding import Part, dist_rank_and_world, find_weight, local_part
 from .staging import EventFactory, StagingPool, cuda_event
 
 log = logging.getLogger("embedding_monitor.hook")
@@ -38,26 +39,9 @@ log = logging.getLogger("embedding_monitor.hook")
 _REWARN_AFTER_S = 300.0  # a new episode of drops is logged again only after this long
 
 
-def _is_rank_zero() -> bool:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def embedding_weight(obj: Any) -> torch.Tensor:
     """The (V, d) weight of a tensor, an nn.Embedding / module with .weight, or a module with main_weight.weight."""
-    if isinstance(obj, torch.Tensor):
-        weight = obj
-    elif isinstance(getattr(getattr(obj, "main_weight", None), "weight", None), torch.Tensor):
-        weight = obj.main_weight.weight
-    elif isinstance(getattr(obj, "weight", None), torch.Tensor):
-        weight = obj.weight
-    else:
-        raise TypeError(f"cannot find an embedding weight in {type(obj).__name__}: pass a tensor, an nn.Embedding "
-                        "or a module with .weight or .main_weight.weight")
-    if weight.dim() != 2 or not weight.is_floating_point():
-        raise ValueError(f"embedding weight must be a 2-D floating tensor, got {tuple(weight.shape)} {weight.dtype}")
-    return weight.detach()
+    return find_weight(obj)
 
 
 def _copy_into(dst: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, shape: tuple[int, int], *,
@@ -125,7 +109,10 @@ class EmbeddingPublisher:
             wire_dtype(send_dtype)  # fail now, not at the first publish
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
-        self.enabled = _is_rank_zero() if enabled is None else bool(enabled)
+        # Every rank may hold a publisher: a plain tensor is sent by rank 0 only, a DTensor by every
+        # rank that holds a shard. Rank 0 connects now; other ranks at their first sharded publish.
+        self.enabled = True if enabled is None else bool(enabled)
+        self.rank, self.world_size = dist_rank_and_world()
         self._lock = threading.Lock()
         self._published = self._dropped = 0
         self._last_iter: int | None = None
@@ -138,13 +125,28 @@ class EmbeddingPublisher:
         self._sender: Sender | None = None
         self._writer: ShmWriter | None = None
         self._event_factory = _event_factory
+        self._prepared_nbytes: int | None = None
+        self._connect_grace_s = connect_grace_s
         # Until this moment a publish with no daemon connected yet is still copied and handed to the
         # sender thread, which waits for the first handshake: a trainer that publishes at iteration 0,
         # milliseconds after start-up, must not lose its first snapshot to the connection set-up.
         self._connect_deadline = time.monotonic() + max(0.0, connect_grace_s)
-        if not self.enabled:
-            return
+        self._start_args = dict(vocab=vocab, wandb_info=wandb_info, shared_memory=shared_memory,
+                                curve_client_secret=curve_client_secret, curve_server_public=curve_server_public,
+                                allow_insecure=allow_insecure, meta=meta, max_in_flight=max_in_flight,
+                                shm_reclaim_s=shm_reclaim_s)
+        if self.enabled:
+            check_endpoint(endpoint, secured=bool(curve_client_secret or curve_server_public),
+                           allow_insecure=allow_insecure)
+            if self.rank == 0:
+                self._start(**self._start_args)
 
+    def _start(self, *, vocab: Sequence[str] | None, wandb_info: dict | None, shared_memory: bool | None,
+               curve_client_secret: Any, curve_server_public: Any, allow_insecure: bool, meta: dict | None,
+               max_in_flight: int, shm_reclaim_s: float) -> None:
+        """Connect: socket, shared-memory writer, staging pool, sender thread (rank 0 at once, others lazily)."""
+        endpoint, name = self.endpoint, self.name
+        self._connect_deadline = time.monotonic() + max(0.0, self._connect_grace_s)
         curve = None
         if curve_client_secret or curve_server_public:
             if not (curve_client_secret and curve_server_public):
@@ -164,7 +166,9 @@ class EmbeddingPublisher:
 
         def hello_frames(seq: int) -> list[bytes]:
             return encode_hello(run=self.run, seq=seq, pid=self._pid, host=host, vocab=vocab_list,
-                                wandb=wandb_info, meta=hello_meta, publisher=publisher_id)
+                                wandb=wandb_info, meta=hello_meta, publisher=publisher_id,
+                                rank=self.rank if 0 <= self.rank < self.world_size else 0,
+                                world_size=max(1, self.world_size))
 
         ctx = zmq.Context()
         try:
@@ -229,16 +233,49 @@ class EmbeddingPublisher:
 
     # ------------------------------------------------------------ publishing
 
+    def prepare(self, weight_or_module: Any) -> None:
+        """Before the training loop: connect and allocate, fault in, every buffer the weight's snapshots need.
+
+        Runs on the sender thread; publishes from the first one on then cost one copy. Raises the same
+        clear error publish() would for a weight that cannot be sent.
+        """
+        part = self._part(weight_or_module)
+        if part is not None:
+            self._prepare_for(part, *self._wire_shape(part.local))
+
+    def _part(self, weight_or_module: Any) -> Part | None:
+        if not self.enabled or self._closed:
+            return None
+        part = local_part(find_weight(weight_or_module))
+        if part is not None and self._sender is None and not self._closed:
+            self._start(**self._start_args)  # a rank other than 0 holding a shard: connect now
+        return part
+
+    def _wire_shape(self, weight: torch.Tensor) -> tuple[torch.dtype, tuple[int, int], int]:
+        dtype = self.send_dtype or (weight.dtype if weight.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                                    else torch.float32)
+        shape = (int(weight.shape[0]), int(weight.shape[1]))
+        return dtype, shape, shape[0] * shape[1] * dtype.itemsize
+
+    def _prepare_for(self, part: Part, dtype: torch.dtype, shape: tuple[int, int], nbytes: int) -> None:
+        # Once per size: the sender thread creates and faults in the shm slots / staging buffers, so
+        # no later publish pays for fresh pages on the training thread.
+        if self._sender is None or self._prepared_nbytes == nbytes:
+            return
+        self._prepared_nbytes = nbytes
+        self._sender.jobs.put(PrepareJob(nbytes=nbytes, pin=part.local.is_cuda))
+
     def publish(self, weight_or_module: Any, iter_num: int, metrics: dict[str, Any] | None = None) -> bool:
-        """Copy the embedding weight and hand it off; True if handed off, False if dropped. Never blocks.
+        """Copy the embedding weight (this rank's shard of a DTensor) and hand it off; True if handed off. Never blocks.
 
         `metrics`: optional trainer scalars at this iteration (e.g. {"train/loss": 2.31}); the daemon
         keeps them in the result and logs them on the same iteration axis. Invalid entries are left
         out, counted in `metrics_rejected` and logged once per distinct problem; the snapshot still goes.
         """
-        if not self.enabled or self._closed or self._sender is None:
-            return False
-        weight = embedding_weight(weight_or_module)
+        part = self._part(weight_or_module)
+        if part is None or self._sender is None:
+            return False  # disabled, closed, or another rank sends this matrix
+        weight = part.local
         clean, problems = clean_metrics(metrics)
         if problems:
             self._metric_problems(problems)
@@ -248,13 +285,11 @@ class EmbeddingPublisher:
             if sender.settled or time.monotonic() >= self._connect_deadline:
                 return self._drop("no analysis daemon connected")  # skip the copy: nobody could receive it
             connect_deadline = self._connect_deadline
-        dtype = self.send_dtype or (weight.dtype if weight.dtype in (torch.float32, torch.float16, torch.bfloat16)
-                                    else torch.float32)
-        shape = (int(weight.shape[0]), int(weight.shape[1]))
-        nbytes = shape[0] * shape[1] * dtype.itemsize
+        dtype, shape, nbytes = self._wire_shape(weight)
         self._shm_fallback_check()
         job = SnapshotJob(iter=int(iter_num), name=self.name, dtype=wire_dtype(dtype), shape=shape,
-                          connect_deadline=connect_deadline, metrics=clean)
+                          connect_deadline=connect_deadline, metrics=clean, global_shape=part.global_shape,
+                          offset=part.offset)
         try:
             if weight.is_cuda or self._event_factory is not None or not sender.shm_enabled:
                 job.staged = self._pool.acquire(nbytes, pin=weight.is_cuda)
@@ -276,6 +311,7 @@ class EmbeddingPublisher:
             self._disable_shm(f"shared memory failed ({exc.strerror}); sending payloads over the socket")
             return self._drop("shared memory failed")
         sender.jobs.put(job)
+        self._prepare_for(part, dtype, shape, nbytes)  # after the job: the other buffers, off this thread
         return True
 
     def _metric_problems(self, problems: list[str]) -> None:

@@ -45,6 +45,16 @@ class SnapshotJob:
     # (on its own thread) until then for the handshake instead of dropping the run's first snapshot.
     connect_deadline: float | None = None
     metrics: dict[str, float | int] | None = None  # already checked by the publisher (clean_metrics)
+    global_shape: tuple[int, int] | None = None  # set for one rank's part of a sharded (DTensor) matrix
+    offset: tuple[int, int] | None = None
+
+
+@dataclass
+class PrepareJob:
+    """Create and fault in the buffers for snapshots of `nbytes` here, so the training thread never pays for it."""
+
+    nbytes: int
+    pin: bool
 
 
 @dataclass
@@ -159,7 +169,8 @@ class Sender(threading.Thread):
         if self._need_hello and not self._send_hello():
             return self._fail(job, "no analysis daemon connected")
         common = dict(run=self.run_name, iter=job.iter, seq=self._seq, name=job.name, dtype=job.dtype,
-                      shape=job.shape, publisher=self.publisher_id, metrics=job.metrics)
+                      shape=job.shape, publisher=self.publisher_id, global_shape=job.global_shape,
+                      offset=job.offset, metrics=job.metrics)
         if job.ref is not None:
             ok = self._send(encode_snapshot(shm=job.ref, **common)) is not False
         else:
@@ -186,6 +197,20 @@ class Sender(threading.Thread):
         if job.staged is not None:
             self.pool.release(job.staged)
         self.on_drop(reason)
+
+    def _prepare(self, job: PrepareJob) -> None:
+        started = time.monotonic()
+        try:
+            if self.writer is not None and self.shm_enabled and not job.pin:
+                made = self.writer.prepare(job.nbytes)
+            else:
+                made = self.pool.prepare(job.nbytes, pin=job.pin)
+        except (OSError, RuntimeError) as exc:  # e.g. /dev/shm or pinned memory short: publish copes later
+            log.warning("embedding publisher: could not prepare snapshot buffers ahead (%s)", exc)
+            return
+        if made:
+            log.debug("embedding publisher: prepared %d buffer(s) of %d bytes in %.3f s", made, job.nbytes,
+                      time.monotonic() - started)
 
     def _end(self, job: EndJob) -> None:
         published, dropped, final_iter = self.counters()  # read here: every earlier job is done
@@ -241,6 +266,9 @@ class Sender(threading.Thread):
                 finally:
                     job.done.set()
                 return
+            if isinstance(job, PrepareJob):
+                self._prepare(job)
+                continue
             try:
                 self._snapshot(job)
             except Exception:  # never let one bad job kill the thread the trainer relies on

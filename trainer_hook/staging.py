@@ -71,6 +71,28 @@ class StagingPool:
                 self._count -= 1
             raise
 
+    def prepare(self, nbytes: int, pin: bool) -> int:
+        """Allocate and touch free buffers of `nbytes` up to the pool size (sender thread); returns how many."""
+        made = 0
+        while True:
+            with self._lock:
+                if self._count >= self.size:
+                    stale = [b for b in self._free if b.nbytes != nbytes or b.pinned != pin]
+                    if not stale:
+                        return made
+                    self._free.remove(stale[0])  # a buffer of an old size: replace it
+                    self._count -= 1
+                self._count += 1
+            try:
+                buf = StagingBuffer(nbytes, pin)
+                buf.data.fill_(0)  # fault the pages in here, not in the training thread's first copy
+            except BaseException:
+                with self._lock:
+                    self._count -= 1
+                raise
+            self.release(buf)
+            made += 1
+
     def release(self, buf: StagingBuffer) -> None:
         """Return a buffer libzmq no longer references."""
         with self._lock:

@@ -1,0 +1,141 @@
+"""Assembling sharded snapshots: the parts of one iteration, one per rank, into the full matrix.
+
+Each rank of an FSDP2 / tensor-parallel trainer sends only the block it holds (protocol: `global_shape`
+and `offset` of a part). Per run at most one iteration is being assembled: its full-size buffer is
+allocated at its first part and filled block by block. It is complete when the blocks, which may not
+overlap, cover the whole matrix; then it is analysed exactly like an unsharded snapshot. It is dropped,
+with a logged and counted reason, when a part of a newer iteration arrives first, when it stays
+incomplete past `timeout_s` (a rank died, a part was dropped at a full queue), or when the run ends
+(every rank's publisher sent `end` or is gone: liveness.py).
+
+Only the daemon's receive thread calls into this module.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from protocol import Snapshot
+
+log = logging.getLogger("embedding_monitor.daemon")
+
+DEFAULT_TIMEOUT_S = 120.0  # an iteration's parts normally arrive within a second of each other
+
+
+class PartRejected(ValueError):
+    """A part that cannot belong to the iteration being assembled (overlap, shape or dtype mismatch)."""
+
+
+@dataclass
+class _Assembly:
+    iter: int
+    name: str
+    dtype: str
+    global_shape: tuple[int, int]
+    buffer: torch.Tensor
+    started: float
+    sent_at: float
+    blocks: list[tuple[int, int, int, int, str]] = field(default_factory=list)  # r0, c0, rows, cols, publisher
+    covered: int = 0  # elements filled so far
+    metrics: dict | None = None  # the trainer metrics any part carried (normally rank 0's)
+
+    def progress(self) -> str:
+        total = self.global_shape[0] * self.global_shape[1]
+        return f"{len(self.blocks)} part(s) covering {100.0 * self.covered / total:.1f}% of {list(self.global_shape)}"
+
+
+@dataclass
+class Complete:
+    """A fully assembled iteration: the matrix and the header fields of the snapshot it stands for."""
+
+    iter: int
+    name: str
+    tensor: torch.Tensor
+    sent_at: float
+    parts: int
+    metrics: dict | None = None
+
+
+class Assembler:
+    """The receive thread's per-run assembly state; see the module docstring."""
+
+    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.timeout_s = timeout_s
+        self._current: dict[str, _Assembly] = {}
+        self.dropped = 0  # iterations discarded incomplete, daemon-wide
+
+    # --- parts ---------------------------------------------------------------------------------
+    def add(self, run: str, msg: Snapshot, part: torch.Tensor, counted_drop: list[str]) -> Complete | None:
+        """Place one part of `run`; the full iteration when this completed it. Reasons for dropped iterations go to `counted_drop`."""
+        assert msg.global_shape is not None and msg.offset is not None
+        now = time.monotonic()
+        current = self._current.get(run)
+        if current is not None and msg.iter > current.iter:
+            counted_drop.append(self._drop(run, f"incomplete ({current.progress()}) when a part of iter "
+                                                    f"{msg.iter} arrived"))
+            current = None
+        elif current is not None and msg.iter < current.iter:
+            raise PartRejected(f"part of iter {msg.iter} arrived after iter {current.iter} began (late or "
+                               "reordered): ignored")
+        if current is None:
+            current = self._start(run, msg, now)
+        if msg.global_shape != current.global_shape or msg.dtype != current.dtype or msg.name != current.name:
+            raise PartRejected(f"part of iter {msg.iter} is {msg.name} {list(msg.global_shape)} {msg.dtype}, the "
+                               f"iteration's other parts are {current.name} {list(current.global_shape)} "
+                               f"{current.dtype}")
+        r0, c0 = msg.offset
+        rows, cols = msg.shape
+        for b_r0, b_c0, b_rows, b_cols, who in current.blocks:
+            if r0 < b_r0 + b_rows and b_r0 < r0 + rows and c0 < b_c0 + b_cols and b_c0 < c0 + cols:
+                raise PartRejected(f"part {[rows, cols]} at {[r0, c0]} of iter {msg.iter} overlaps the part "
+                                   f"{[b_rows, b_cols]} at {[b_r0, b_c0]} already received from {who or '?'}")
+        current.buffer[r0:r0 + rows, c0:c0 + cols].copy_(part)
+        current.blocks.append((r0, c0, rows, cols, msg.publisher))
+        current.covered += rows * cols
+        current.sent_at = max(current.sent_at, msg.sent_at)
+        if msg.metrics:
+            current.metrics = {**(current.metrics or {}), **msg.metrics}
+        if current.covered < current.global_shape[0] * current.global_shape[1]:
+            return None
+        del self._current[run]
+        return Complete(iter=current.iter, name=current.name, tensor=current.buffer, sent_at=current.sent_at,
+                        parts=len(current.blocks), metrics=current.metrics)
+
+    def _start(self, run: str, msg: Snapshot, now: float) -> _Assembly:
+        from protocol import torch_dtype
+
+        # Allocated once per iteration; the protocol has bounded global_shape x dtype by max_payload_bytes.
+        buffer = torch.empty(msg.global_shape, dtype=torch_dtype(msg.dtype))
+        assembly = _Assembly(iter=msg.iter, name=msg.name, dtype=msg.dtype, global_shape=msg.global_shape,
+                             buffer=buffer, started=now, sent_at=msg.sent_at)
+        self._current[run] = assembly
+        return assembly
+
+    def _drop(self, run: str, why: str) -> str:
+        assembly = self._current.pop(run)
+        self.dropped += 1
+        return f"iter {assembly.iter} dropped: {why}"
+
+    def expire(self, now: float) -> list[tuple[str, str]]:
+        """Drop assemblies incomplete for longer than the timeout; (run, reason) for each."""
+        out = []
+        for run, assembly in list(self._current.items()):
+            if now - assembly.started > self.timeout_s:
+                out.append((run, self._drop(run, f"incomplete after {self.timeout_s:.0f} s ({assembly.progress()}); "
+                                                  "a rank died or dropped its part")))
+        return out
+
+    def abandon(self, run: str, why: str) -> str | None:
+        """Drop `run`'s assembly in progress (the run ended); the reason, or None if there was none."""
+        return self._drop(run, why) if run in self._current else None
+
+    def runs(self) -> list[str]:
+        """Runs with an assembly in progress."""
+        return list(self._current)
+
+    def in_progress(self) -> int:
+        """Assemblies holding a buffer now (at most one per run)."""
+        return len(self._current)
