@@ -318,7 +318,7 @@ def test_only_rank_zero_publishes_a_plain_tensor(tcp_endpoint, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     pub = EmbeddingPublisher(tcp_endpoint, run="rank1")  # every rank may hold one (for DTensor shards)
-    assert not pub.publish(torch.ones(2, 2), 0)  # a plain tensor: rank 0 sends it, not this rank
+    assert not pub.enabled and not pub.publish(torch.ones(2, 2), 0)  # a plain tensor: rank 0 sends it
     pub.prepare(torch.ones(2, 2))
     assert (pub.published, pub.dropped) == (0, 0) and pub._sender is None  # never even connected
     pub.close()

@@ -109,10 +109,12 @@ class EmbeddingPublisher:
             wire_dtype(send_dtype)  # fail now, not at the first publish
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
-        # Every rank may hold a publisher: a plain tensor is sent by rank 0 only, a DTensor by every
-        # rank that holds a shard. Rank 0 connects now; other ranks at their first sharded publish.
-        self.enabled = True if enabled is None else bool(enabled)
+        # Every rank may hold a publisher. `enabled` (rank 0 by default) sends plain tensors and connects
+        # at once; a DTensor is sent by every rank that holds a shard of it (unless enabled=False), and
+        # such a rank connects at its first sharded publish.
         self.rank, self.world_size = dist_rank_and_world()
+        self.enabled = self.rank == 0 if enabled is None else bool(enabled)
+        self._shards_allowed = enabled is not False
         self._lock = threading.Lock()
         self._published = self._dropped = 0
         self._last_iter: int | None = None
@@ -135,11 +137,11 @@ class EmbeddingPublisher:
                                 curve_client_secret=curve_client_secret, curve_server_public=curve_server_public,
                                 allow_insecure=allow_insecure, meta=meta, max_in_flight=max_in_flight,
                                 shm_reclaim_s=shm_reclaim_s)
-        if self.enabled:
+        if self._shards_allowed:
             check_endpoint(endpoint, secured=bool(curve_client_secret or curve_server_public),
                            allow_insecure=allow_insecure)
-            if self.rank == 0:
-                self._start(**self._start_args)
+        if self.enabled:
+            self._start(**self._start_args)
 
     def _start(self, *, vocab: Sequence[str] | None, wandb_info: dict | None, shared_memory: bool | None,
                curve_client_secret: Any, curve_server_public: Any, allow_insecure: bool, meta: dict | None,
@@ -244,9 +246,9 @@ class EmbeddingPublisher:
             self._prepare_for(part, *self._wire_shape(part.local))
 
     def _part(self, weight_or_module: Any) -> Part | None:
-        if not self.enabled or self._closed:
+        if not self._shards_allowed or self._closed:
             return None
-        part = local_part(find_weight(weight_or_module))
+        part = local_part(find_weight(weight_or_module), sends_plain=self.enabled)
         if part is not None and self._sender is None and not self._closed:
             self._start(**self._start_args)  # a rank other than 0 holding a shard: connect now
         return part
@@ -274,7 +276,7 @@ class EmbeddingPublisher:
         """
         part = self._part(weight_or_module)
         if part is None or self._sender is None:
-            return False  # disabled, closed, or another rank sends this matrix
+            return False  # disabled, closed, or another rank sends this matrix (or this part of it)
         weight = part.local
         clean, problems = clean_metrics(metrics)
         if problems:
@@ -353,7 +355,7 @@ class EmbeddingPublisher:
         if self._writer is not None:
             signals.forget(self._writer)
             self._writer.close()
-        if self.enabled:
+        if self._sender is not None:
             log.info("embedding publisher closed: %d snapshots published, %d dropped", self._published, self._dropped)
 
     def __enter__(self) -> "EmbeddingPublisher":

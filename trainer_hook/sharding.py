@@ -83,11 +83,14 @@ def find_weight(obj: Any) -> torch.Tensor:
     return weight.detach()
 
 
-def local_part(weight: torch.Tensor) -> Part | None:
-    """What this rank sends of `weight` (from find_weight); None when another rank sends it (or it is empty)."""
+def local_part(weight: torch.Tensor, sends_plain: bool) -> Part | None:
+    """What this rank sends of `weight` (from find_weight); None when another rank sends it (or it is empty).
+
+    A plain tensor is the whole matrix on every rank (single process, DDP): it is sent where
+    `sends_plain` (the publisher's `enabled`, rank 0 by default).
+    """
     if not is_dtensor(weight):
-        # A plain tensor is the whole matrix on every rank (single process, DDP): rank 0 sends it.
-        return Part(weight) if dist_rank_and_world()[0] == 0 else None
+        return Part(weight) if sends_plain else None
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
