@@ -130,7 +130,13 @@ class Assembler:
 
     def abandon(self, run: str, why: str) -> str | None:
         """Drop `run`'s assembly in progress (the run ended); the reason, or None if there was none."""
-        return self._drop(run, why) if run in self._current else None
+        if run not in self._current:
+            return None
+        return self._drop(run, f"{why} ({self._current[run].progress()})")
+
+    def has(self, run: str) -> bool:
+        """Whether `run` has an iteration being assembled."""
+        return run in self._current
 
     def runs(self) -> list[str]:
         """Runs with an assembly in progress."""

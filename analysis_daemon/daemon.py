@@ -142,7 +142,7 @@ class Daemon:
                 state = self.runs.get(pub.run)
                 if state is None or state.ended or state.closed:
                     continue
-                if self.publishers.all_gone(pub.run):
+                if self.publishers.all_gone(pub.run) and not self.assembler.has(pub.run):
                     self._end_run(state, f"{pub.describe()}: {pub.gone}")
                 else:
                     log.warning("run %s: %s: %s; the run goes on with its other publishers", pub.run,
@@ -309,6 +309,10 @@ class Daemon:
         # Sharded runs: iterations whose parts are overdue, or whose run ended (all its ranks ended or gone).
         for run, why in self.assembler.expire(time.monotonic()):
             self._incomplete(run, why)
+            with self.cond:
+                state = self.runs.get(run)
+                if state is not None and not state.ended and self.publishers.all_gone(run):
+                    self._end_run(state, "all its publishers ended or are gone")
         for run in self.assembler.runs():
             with self.lock:
                 ended = run in self.runs and self.runs[run].ended
@@ -323,7 +327,9 @@ class Daemon:
             state = self._state(run)
             state.end_info = {"final_iter": msg.final_iter, "published": msg.published,
                               "dropped": msg.dropped}
-            state.ended = self.publishers.all_gone(run)  # a run ends when all its publishers have
+            # A run ends when all its publishers have; a sharded one also waits (bounded by
+            # --assembly-timeout) for the iteration being assembled: a rank's hello may come after another's end.
+            state.ended = self.publishers.all_gone(run) and not self.assembler.has(run)
             self.seen_runs.add(run)
             self.cond.notify_all()
         log.info("run %s: end (final iter %s, trainer published %d, dropped %d)", run,

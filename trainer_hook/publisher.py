@@ -136,7 +136,7 @@ class EmbeddingPublisher:
         self._start_args = dict(vocab=vocab, wandb_info=wandb_info, shared_memory=shared_memory,
                                 curve_client_secret=curve_client_secret, curve_server_public=curve_server_public,
                                 allow_insecure=allow_insecure, meta=meta, max_in_flight=max_in_flight,
-                                shm_reclaim_s=shm_reclaim_s)
+                                shm_reclaim_s=shm_reclaim_s, heartbeat_s=heartbeat_s)
         if self._shards_allowed:
             check_endpoint(endpoint, secured=bool(curve_client_secret or curve_server_public),
                            allow_insecure=allow_insecure)
@@ -145,7 +145,7 @@ class EmbeddingPublisher:
 
     def _start(self, *, vocab: Sequence[str] | None, wandb_info: dict | None, shared_memory: bool | None,
                curve_client_secret: Any, curve_server_public: Any, allow_insecure: bool, meta: dict | None,
-               max_in_flight: int, shm_reclaim_s: float) -> None:
+               max_in_flight: int, shm_reclaim_s: float, heartbeat_s: float) -> None:
         """Connect: socket, shared-memory writer, staging pool, sender thread (rank 0 at once, others lazily)."""
         endpoint, name = self.endpoint, self.name
         self._connect_deadline = time.monotonic() + max(0.0, self._connect_grace_s)
