@@ -27,7 +27,7 @@ MUTUAL = 0.9  # mean share of the clump each sampled member must see as neighbou
 _MISS = 1e-6  # chance of sampling no member of a clump that holds `share` of the candidates
 _MIN_SAMPLE, _MAX_SAMPLE = 64, 512
 _SEEDS_TRIED = 3
-_BLOCK = 64  # sampled rows per product: bounds the float32 temporary to 64 x V
+_BLOCK = 64  # sampled rows per product: bounds the temporaries to 64 x V
 EXAMPLES = 10
 
 
@@ -65,31 +65,35 @@ def find_clump(weights: torch.Tensor, *, threshold: float, share: float, kth_cos
     gen = torch.Generator().manual_seed(seed)
     pick = cand_ids[torch.randperm(cand_ids.numel(), generator=gen)[:r]]
     inv = torch.where(valid, 1.0 / norms, 0.0)
-    # neighbours[a, j]: row j is a neighbour of sampled row a (invalid rows and a itself never are)
-    neighbours = torch.empty(r, w.shape[0], dtype=torch.bool)
-    for a in range(0, r, _BLOCK):
-        rows = pick[a : a + _BLOCK]
-        sims = (w[rows] * inv[rows, None]) @ w.T * inv
-        torch.gt(sims, threshold, out=neighbours[a : a + _BLOCK])
-        neighbours[a : a + _BLOCK] &= valid
-    neighbours[torch.arange(r), pick] = False
-    counts = neighbours.sum(dim=1)
+
+    def neighbour_rows(rows: torch.Tensor) -> torch.Tensor:
+        """(len(rows), V) bool: which rows are neighbours of each of `rows` (invalid rows and itself never)."""
+        out = (w[rows] * inv[rows, None]) @ w.T * inv > threshold
+        out &= valid
+        out[torch.arange(rows.numel()), rows] = False
+        return out
+
+    # Exact neighbour counts of the sampled rows, a block at a time: memory stays O(_BLOCK x V).
+    counts = torch.cat([neighbour_rows(pick[a : a + _BLOCK]).sum(dim=1) for a in range(0, r, _BLOCK)])
     order = torch.sort(counts, descending=True, stable=True).indices
     for best in order[:_SEEDS_TRIED].tolist():
         if int(counts[best]) < s - 1:
             break
-        clump = neighbours[best].clone()
+        clump = neighbour_rows(pick[best : best + 1])[0]
         clump[pick[best]] = True
         size = int(clump.sum())
-        inside = torch.nonzero(clump[pick]).squeeze(1)
+        if size < s:
+            continue
+        members = pick[clump[pick]]  # the sampled rows inside the clump, the seed included
         # each sampled member's neighbours within the clump, over the clump's other members
-        seen = (neighbours[inside] & clump).sum(dim=1).double() / (size - 1)
+        seen = torch.cat([(neighbour_rows(members[a : a + _BLOCK]) & clump).sum(dim=1)
+                          for a in range(0, members.numel(), _BLOCK)]).double() / (size - 1)
         mutual = float(seen.mean())
-        if size >= s and mutual >= MUTUAL:
-            members = torch.nonzero(clump).squeeze(1)[:EXAMPLES].tolist()
+        if mutual >= MUTUAL:
+            examples = torch.nonzero(clump).squeeze(1)[:EXAMPLES].tolist()
             return {"size": size, "fraction": size / n, "share": share, "threshold": threshold,
-                    "mutual": mutual, "min_mutual": float(seen.min()), "sampled_members": int(inside.numel()),
+                    "mutual": mutual, "min_mutual": float(seen.min()), "sampled_members": int(members.numel()),
                     "sampled": r, "candidates": int(cand_ids.numel()), "valid_rows": n,
-                    "token_ids": members,
-                    "token_strings": [vocab[t] if vocab and t < len(vocab) else None for t in members]}
+                    "token_ids": examples,
+                    "token_strings": [vocab[t] if vocab and t < len(vocab) else None for t in examples]}
     return None

@@ -83,7 +83,9 @@ def metrics_for(result: dict[str, Any], wandb: Any, vocab: list[str] | None = No
             import numpy as np  # numpy arrays are what wandb.Histogram expects
             data["analysis/geom_similarity_hist"] = wandb.Histogram(
                 np_histogram=(np.asarray(counts), np.asarray(bins)))
-    data.update(insight_metrics(result, wandb, vocab))
+    data.update(insight_metrics(result, wandb))
+    if result.get("galaxy") is not None or result.get("insight") is not None:  # not with --no-extras
+        data.update(galaxy_metrics(result, wandb, vocab))
     # The trainer's own scalars, under their own names (e.g. train/loss): one chart can hold loss and drift.
     for key, value in (result.get("metrics") or {}).items():
         data.setdefault(key, value)
@@ -96,7 +98,7 @@ def metrics_for(result: dict[str, Any], wandb: Any, vocab: list[str] | None = No
     return data
 
 
-def insight_metrics(result: dict[str, Any], wandb: Any, vocab: list[str] | None = None) -> dict[str, Any]:
+def insight_metrics(result: dict[str, Any], wandb: Any) -> dict[str, Any]:
     """The wandb entries of a result's "insight" section and alerts (scalars, histogram, probe table)."""
     data: dict[str, Any] = {"analysis/alerts": len(result.get("alerts") or [])}
     ins = result.get("insight")
@@ -115,7 +117,6 @@ def insight_metrics(result: dict[str, Any], wandb: Any, vocab: list[str] | None 
         data["analysis/row_norm_hist"] = wandb.Histogram(
             np_histogram=(np.asarray(norms["histogram_counts"]), np.asarray(norms["histogram_bins"])))
     data.update({f"analysis/{k}": v for k, v in scalars.items() if v is not None})
-    data.update(galaxy_metrics(result, wandb, vocab))
     rows = [[p["token_id"], p["token"], rank, n[0], n[1], n[2]]
             for p in ins.get("probes") or [] for rank, n in enumerate(p["neighbours"])]
     if rows:
