@@ -191,7 +191,7 @@ def galaxy_map(weights: torch.Tensor, *, rows: int = DEFAULT_ROWS, seed: int = 0
         if len(clusters) < MAX_CLUSTERS_LISTED:
             top = g[torch.sort(norms[g], descending=True, stable=True).indices[:MEMBERS_LISTED]]
             clusters.append({"id": cid, "size": int(g.numel()),
-                             "members": [[int(ids[i]), _token(vocab, int(ids[i]))] for i in top.tolist()]})
+                             "members": [[int(ids[i]), token_label(vocab, int(ids[i]))] for i in top.tolist()]})
     points = [[t, round(float(x), 4), round(float(y), 4), c]
               for t, (x, y), c in zip(ids.tolist(), coords.tolist(), point_cluster.tolist())]
     return {"method": "pca", "rows": n, "seed": seed, "explained_variance": [round(s, 6) for s in shares],
@@ -200,8 +200,16 @@ def galaxy_map(weights: torch.Tensor, *, rows: int = DEFAULT_ROWS, seed: int = 0
             "vocab_rows": v, "aligned_to_iter": aligned_to}
 
 
-def _token(vocab: Sequence[str] | None, tid: int) -> str | None:
-    return vocab[tid] if vocab and 0 <= tid < len(vocab) else None
+TOKEN_CHARS = 200  # a token string longer than this (a hostile or odd vocabulary) is cut, ending in "..."
+
+
+def token_label(vocab: Sequence[str] | None, tid: int) -> str | None:
+    """Token `tid`'s string, cut to TOKEN_CHARS, or None: the map repeats strings for 2000 points and 500
+    members, and a trainer's vocabulary may hold strings of up to 64 KiB."""
+    if not vocab or not 0 <= tid < len(vocab):
+        return None
+    text = vocab[tid]
+    return text if len(text) <= TOKEN_CHARS else text[: TOKEN_CHARS - 3] + "..."
 
 
 def cluster_purity(points: Sequence[Sequence[Any]], labels: Sequence[int]) -> float:

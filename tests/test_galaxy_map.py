@@ -111,8 +111,10 @@ def test_clusters_are_the_components_of_the_neighbour_graph() -> None:
     assert cluster_purity(m["points"], labels) == 1.0
     assert m["clusters"][0]["members"][0][1] is None  # no vocabulary: no strings
     vocab = [f"t{i}" for i in range(w.shape[0])]
+    vocab[0] = "x" * 70_000  # a hostile vocabulary: strings are cut, the record stays small
     named = galaxy_map(w, threshold=0.7, vocab=vocab)
-    assert all(s == f"t{t}" for c in named["clusters"] for t, s in c["members"])
+    assert all(s == f"t{t}" for c in named["clusters"] for t, s in c["members"] if t != 0)
+    assert [s for c in named["clusters"] for t, s in c["members"] if t == 0] == ["x" * 197 + "..."]
 
 
 def test_cluster_list_is_capped_but_every_point_keeps_its_cluster() -> None:
