@@ -63,6 +63,36 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--max-bytes", type=int, metavar="N",
                      help="reject snapshots whose tensor has more bytes than this")
 
+    shared = p.add_argument_group("shared host (limits per peer and per snapshot; see README)")
+    shared.add_argument("--max-connections", type=int, default=256, metavar="N",
+                        help="connections open at once; more are refused at the handshake (default: %(default)s)")
+    shared.add_argument("--heartbeat-interval", type=float, default=10.0, metavar="SECONDS",
+                        help="ping every connection this often (default: %(default)s)")
+    shared.add_argument("--peer-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="drop a connection that sent nothing, not even a heartbeat reply, for this long "
+                             "(default: %(default)s)")
+    shared.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="drop a connection that has not completed its handshake by then (default: %(default)s)")
+    shared.add_argument("--max-vocab-tokens", type=int, metavar="N",
+                        help="reject a hello whose vocabulary has more tokens (default: 1048576)")
+    shared.add_argument("--max-vocab-bytes", type=int, metavar="N",
+                        help="reject a hello whose token strings total more UTF-8 bytes (default: 16 MiB)")
+    shared.add_argument("--max-cost", type=float, default=None, metavar="MULADDS",
+                        help="reject a snapshot whose estimated analysis cost (pairs x (d + 128) + 3 V d^2 + "
+                             "20 d^3 multiply-adds) is higher; bounds how long one job holds the worker "
+                             "(default: 2e12, about 1.6 GPT-2 snapshots)")
+    shared.add_argument("--max-analysis-memory", type=int, default=None, metavar="BYTES",
+                        help="reject a snapshot whose estimated analysis memory is higher (default: 4 GiB)")
+    shared.add_argument("--min-cols", type=int, default=2, metavar="D",
+                        help="reject snapshots narrower than this (default: %(default)s; a 1-wide embedding "
+                             "has only cosines of +-1 and costs V^2 pairs)")
+    shared.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
+                        help="also read shared-memory segments owned by this uid (default: only the "
+                             "daemon's own uid); repeatable")
+    shared.add_argument("--reject-log-interval", type=float, default=10.0, metavar="SECONDS",
+                        help="log at most one line per kind of rejected message or refused connection this "
+                             "often, with the count suppressed meanwhile (default: %(default)s)")
+
     add_analysis_options(p)
     out = add_output_options(p)
     out.add_argument("--state-dir", type=Path,
@@ -193,7 +223,9 @@ def setup_logging(level: str, log_file: Path | None) -> logging.Logger:
     """stderr (and optionally a file) handlers on the daemon's logger."""
     logger = logging.getLogger(LOGGER)
     logger.setLevel(level)
-    fmt = logging.Formatter("%(asctime)s analysis-daemon %(levelname)s %(message)s")
+    from .logsafe import SafeFormatter  # peer-supplied text never reaches the log raw
+
+    fmt = SafeFormatter("%(asctime)s analysis-daemon %(levelname)s %(message)s")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -319,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .daemon import Daemon, DaemonConfig
 
-    for name in ("max_rows", "max_cols", "max_bytes"):
+    for name in ("max_rows", "max_cols", "max_bytes", "max_connections", "max_vocab_tokens", "max_vocab_bytes",
+                 "min_cols", "max_analysis_memory"):
         value = getattr(args, name)
         if value is not None and value < 1:
             return fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -336,10 +369,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         return fail(f"--max-pending-bytes: {exc}")
     threads = set_threads_and_priority(args, log)
+    for name in ("heartbeat_interval", "peer_timeout", "handshake_timeout", "max_cost"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            return fail(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.reject_log_interval < 0:
+        return fail(f"--reject-log-interval must be >= 0, got {args.reject_log_interval}")
 
     limits = DEFAULT_LIMITS
     overrides = {k: v for k, v in (("max_rows", args.max_rows), ("max_cols", args.max_cols),
-                                   ("max_payload_bytes", args.max_bytes)) if v is not None}
+                                   ("max_payload_bytes", args.max_bytes), ("max_vocab_tokens", args.max_vocab_tokens),
+                                   ("max_vocab_bytes", args.max_vocab_bytes)) if v is not None}
     if overrides:
         from dataclasses import replace
         limits = replace(DEFAULT_LIMITS, **overrides)
@@ -357,7 +397,16 @@ def main(argv: list[str] | None = None) -> int:
         sinks = make_sinks(args, settings, threads, close_timeout=None)
     except ValueError as exc:
         return fail(str(exc))
+    from protocol import PeerLimits
+
+    from .cost import DEFAULT_MAX_COST, DEFAULT_MAX_MEMORY, CostLimits
+    cost = CostLimits(max_cost=args.max_cost or DEFAULT_MAX_COST, min_cols=args.min_cols,
+                      max_memory=args.max_analysis_memory or DEFAULT_MAX_MEMORY)
+    peers = PeerLimits(heartbeat_interval=args.heartbeat_interval, peer_timeout=args.peer_timeout,
+                       handshake_timeout=args.handshake_timeout)
     config = DaemonConfig(
+        cost=cost, peers=peers, max_connections=args.max_connections, allow_uids=tuple(args.allow_uid),
+        reject_log_interval=args.reject_log_interval,
         listen=args.listen, limits=limits, exit_on_end=args.exit_on_end, state_dir=args.state_dir,
         shutdown_grace=args.shutdown_grace, curve=curve, allow_insecure=args.allow_insecure,
         run_timeout=args.run_timeout, assembly_timeout=args.assembly_timeout, max_pending_bytes=max_pending, analysis=settings)

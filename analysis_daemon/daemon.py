@@ -22,15 +22,20 @@ from typing import Any
 
 import zmq
 
-from protocol import (DEFAULT_LIMITS, End, Heartbeat, Hello, Limits, ProtocolError, ShmReader, Snapshot,
-                      bind_receiver, decode, remove_segments_of, remove_stale_segments, snapshot_tensor)
+from protocol import (DEFAULT_LIMITS, DEFAULT_PEER_LIMITS, End, Gate, Heartbeat, Hello, Limits, PeerLimits,
+                      ProtocolError, ShmReader, Snapshot, bind_receiver, decode, remove_segments_of,
+                      remove_stale_segments, snapshot_tensor)
+from protocol.shm import segment_belongs_to
 
 from . import backlog, recovery
+from .cost import CostLimits, check as check_cost
 from .liveness import DEFAULT_RUN_TIMEOUT_S, Publishers
 from .assembly import DEFAULT_TIMEOUT_S, Assembler, PartRejected
+from .logsafe import RateLimiter, reason_key, safe
 from .sinks import SinkSet
 from .state import Counters, HelloInfo, Job, RunState, SnapshotData
 from .state_store import StateStore
+from .vocab import CompactVocab
 from .worker import AnalysisSettings, AnalysisWorker, warm_up
 
 log = logging.getLogger("embedding_monitor.daemon")
@@ -45,6 +50,8 @@ _KEEP_ENDED_RUNS = 4
 # not yet told to the sinks (the worker is busy) count towards a hard cap of twice that, so a peer
 # inventing run names cannot grow the daemon without bound.
 _MAX_OPEN_RUNS = 64
+# Publisher ids remembered per run (one per trainer process and restart; ranks of a sharded run).
+_MAX_PUBLISHERS_PER_RUN = 256
 
 
 @dataclass
@@ -62,6 +69,18 @@ class DaemonConfig:
     run_timeout: float = DEFAULT_RUN_TIMEOUT_S  # a publisher silent this long is gone
     max_pending_bytes: int = field(default_factory=backlog.default_max_pending_bytes)
     assembly_timeout: float = DEFAULT_TIMEOUT_S  # a sharded iteration's parts must all arrive within this
+    reject_log_interval: float = 10.0  # at most one "rejected" line per reason this often
+    peers: PeerLimits = DEFAULT_PEER_LIMITS  # heartbeat and handshake timeouts
+    max_connections: int = 256  # connections open at once; more are refused by the gate (ZAP)
+    cost: CostLimits = field(default_factory=CostLimits)  # one snapshot's analysis cost and memory
+    allow_uids: tuple[int, ...] = ()  # besides our own uid, owners whose shared-memory segments we read
+
+
+def _held_bytes(state: RunState) -> int:
+    snaps = (state.previous, state.pending)
+    total = sum(s.tensor.numel() * s.tensor.element_size() for s in snaps if s is not None)
+    vocab = state.hello.vocab if state.hello is not None else None
+    return total + (vocab.nbytes() if isinstance(vocab, CompactVocab) else 0)
 
 
 class TooManyRuns(Exception):
@@ -87,6 +106,12 @@ class Daemon:
         self.publishers = Publishers(config.run_timeout)
         self._served = 0  # jobs handed out; each run remembers when it was served last (round-robin)
         self._signals = 0
+        self._hello_publishers: dict[str, list[str]] = {}  # run -> publisher ids that said hello
+        self._reload_requested = False  # SIGHUP: re-read the authorised client keys
+        self.gate = config.curve.gate if config.curve is not None else Gate()
+        self.gate.max_connections = config.max_connections
+        self.gate.log_interval = config.reject_log_interval
+        self.reject_log = RateLimiter(log, config.reject_log_interval)
         self.worker = AnalysisWorker(self, config.analysis)
         self.assembler = Assembler(config.assembly_timeout)  # sharded runs: parts -> full matrices
         if self.store is not None:
@@ -185,6 +210,9 @@ class Daemon:
             result["counters"] = state.counters.as_dict()
             # `lost` / `lost_by_sink`: results earlier sinks could not deliver (this one not yet known).
             result["daemon_counters"] = {**self.totals.as_dict(), **self.sinks.counters()}
+            # What this run holds between results (baseline + waiting snapshot + vocabulary): bounded by
+            # --max-bytes per snapshot and the vocabulary limits, reported so growth is visible.
+            result["memory_held_bytes"] = _held_bytes(state)
 
     def job_finished(self, job: Job) -> None:
         """The worker is done with `job` (result delivered to the sinks, or abandoned)."""
@@ -205,6 +233,7 @@ class Daemon:
                 if old_state is not None and old_state.closed and old_state.idle():
                     del self.runs[old]
                     self.publishers.forget_run(old)
+                    self._hello_publishers.pop(old, None)
                     log.info("run %s: state released from memory (%d newer ended runs kept)", old,
                              _KEEP_ENDED_RUNS)
             self.cond.notify_all()
@@ -222,27 +251,58 @@ class Daemon:
             if run is not None and run in self.runs:
                 self.runs[run].counters.rejected += 1
             total = self.totals.rejected
-        log.warning("rejected message #%d%s: %s", total, f" (run {run})" if run else "", reason)
+        # Rate-limited per kind of reason: a flood of bad messages costs a line per interval, not per message.
+        self.reject_log.log(logging.WARNING, reason_key(reason), "rejected message #%d%s: %s", total,
+                            f" (run {safe(run)})" if run else "", safe(reason, 300))
 
     def _on_hello(self, msg: Hello) -> None:
-        hello = HelloInfo(pid=msg.pid, host=msg.host, vocab=msg.vocab, wandb=msg.wandb, meta=msg.meta)
+        vocab = CompactVocab(msg.vocab) if msg.vocab is not None else None  # ~8 B/token instead of ~60
+        hello = HelloInfo(pid=msg.pid, host=msg.host, vocab=vocab, wandb=msg.wandb, meta=msg.meta)
         with self.cond:
             pub, warning = self.publishers.route(msg.run, msg.publisher, hello=msg)
             run = pub.run
             state = self._state(run)
             state.hello = hello
             state.ended = state.closed = False
+            publishers = self._hello_publishers.setdefault(msg.run, [])
+            if msg.publisher not in publishers:
+                publishers.append(msg.publisher)
+                del publishers[:-_MAX_PUBLISHERS_PER_RUN]  # bounded: the oldest restarts are forgotten
             self.seen_runs.add(run)
             self.cond.notify_all()
         if warning:
             log.warning("%s", warning)
-        log.info("run %s: hello from pid %s on %s%s (vocab: %s tokens, wandb: %s)", run, msg.pid, msg.host,
+        log.info("run %s: hello from pid %s on %s%s (vocab: %s tokens, wandb: %s)", safe(run), msg.pid,
+                 safe(msg.host),
                  f", rank {msg.rank} of {msg.world_size}" if msg.world_size > 1 else "",
                  len(msg.vocab) if msg.vocab is not None else "no",
                  "yes" if msg.wandb else "no")
 
+    def _check_shm_owner(self, msg: Snapshot) -> None:
+        # A shared-memory snapshot must name a segment of its own publisher (name bound to the secret in
+        # the publisher id), and that publisher must have said hello for this run: a run naming another
+        # run's slot, or a segment planted by another user, is refused before anything is opened.
+        assert msg.shm is not None
+        if not segment_belongs_to(msg.shm.segment, msg.publisher):
+            raise ProtocolError(f"shm: segment {msg.shm.segment!r} was not created by this snapshot's publisher "
+                                "(another run's slot, or a forged one)")
+        with self.lock:
+            announced = msg.publisher in self._hello_publishers.get(msg.run, ())
+        if not announced:
+            raise ProtocolError("shm: the snapshot's publisher sent no hello for this run on its connection")
+
     def _on_snapshot(self, msg: Snapshot, shm: ShmReader) -> None:
+        # Decided from the header alone, before the payload is even copied: a snapshot whose analysis
+        # would hold the only worker (or memory) beyond the bounds is refused with its reason.
+        settings = self.config.analysis
+        too_costly = check_cost(msg.shape[0], msg.shape[1], self.config.cost, settings.chunk_size,
+                                settings.knn_k if settings.extras else 0)
+        if too_costly is not None:
+            self._reject(too_costly, msg.run)
+            return
         try:
+            if msg.shm is not None:
+                self._check_shm_owner(msg)
             # Copies a shared-memory payload out and frees the slot now, whatever the worker is doing.
             tensor = snapshot_tensor(msg, shm)
         except ProtocolError as exc:
@@ -378,19 +438,36 @@ class Daemon:
         if self._signals > 1:  # a second Ctrl-C means "now"
             self.abandon.set()
 
+    def _on_sighup(self, signum: int, frame: Any) -> None:
+        self._reload_requested = True  # handled on the receive loop, not inside the signal handler
+
+    def _reload_keys(self) -> None:
+        self._reload_requested = False
+        if self.config.curve is None:
+            log.info("SIGHUP: no CurveZMQ keys configured, nothing to reload")
+            return
+        try:
+            total, added, removed = self.config.curve.reload()
+        except OSError as exc:
+            log.error("SIGHUP: could not reload the authorised keys: %s", exc)
+            return
+        log.info("SIGHUP: reloaded the authorised client keys from %s: %d keys (+%d, -%d); new "
+                 "connections are checked against them", self.config.curve.authorized_dir, total, added, removed)
+
     def serve(self, ready_stream: Any = None) -> int:
         """Bind, print the ready line, receive until end/signal, shut down; returns the exit code."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_sighup)
         removed = remove_stale_segments()
         if removed:
             log.info("removed %d stale shared-memory segment(s) of dead publishers", removed)
         ctx = zmq.Context()
         sock = None
-        shm = ShmReader()
+        shm = ShmReader(allowed_uids=self.config.allow_uids)
         try:
             sock = bind_receiver(ctx, self.config.listen, self.config.limits, self.config.curve,
-                                 self.config.allow_insecure)
+                                 self.config.allow_insecure, peers=self.config.peers, gate=self.gate)
             endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT) or self.config.listen
             warm_up(self.config.analysis)
             self.worker.start()
@@ -408,6 +485,8 @@ class Daemon:
                     self._check_liveness()
                     self._check_assemblies()
                     next_check = time.monotonic() + check_every
+                if self._reload_requested:
+                    self._reload_keys()
                 if poller.poll(_POLL_MS):
                     for _ in range(_DRAIN_MAX):
                         try:
@@ -428,8 +507,8 @@ class Daemon:
                 sock.close(0)  # stop receiving before the (possibly long) wait for the worker
             self._shutdown()
             shm.close()
-            if self.config.curve is not None:
-                self.config.curve.stop()
+            self.gate.stop()
+            log.info("connections: %s", ", ".join(f"{k}={v}" for k, v in self.gate.counters.as_dict().items()))
             ctx.term()
         return 0
 
@@ -469,6 +548,7 @@ class Daemon:
                 except OSError as exc:
                     log.error("state dir: could not note the unanalysed iterations of run %s: %s", run, exc)
         self.sinks.close()
+        self.reject_log.flush()
         with self.lock:
             totals = self.totals.as_dict()
         lost = self.sinks.counters()  # after close: results still unwritten then are lost

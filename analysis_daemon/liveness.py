@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol import pid_alive
+from protocol.shm import public_publisher_id
 
 DEFAULT_RUN_TIMEOUT_S = 60.0  # twelve heartbeats (5 s) missed: a loaded host does not look dead
 _PID_GRACE_S = 1.0  # a dead pid's last messages may still be in the socket queue this long
@@ -55,7 +56,8 @@ class Publisher:
         """`pid N on HOST` or the id, for log lines."""
         if self.pid is not None:
             return f"pid {self.pid} on {self.host or '?'}"
-        return f"publisher {self.key[1]!r}" if self.key[1] else "an anonymous publisher"
+        # Never the raw id: it carries the secret that binds the publisher's shared-memory segments.
+        return f"publisher {public_publisher_id(self.key[1])!r}" if self.key[1] else "an anonymous publisher"
 
 
 class Publishers:
@@ -80,7 +82,7 @@ class Publishers:
             target = run
             if rival is not None:
                 target = f"{run}.pub-{publisher_tag(publisher)}"
-                warning = (f"run {run}: a second publisher ({publisher!r}) while {rival.describe()} still "
+                warning = (f"run {run}: a second publisher ({public_publisher_id(publisher)!r}) while {rival.describe()} still "
                            f"publishes it: kept apart as run {target}, never mixed into {run}'s drift")
             pub = self._by_key[key] = Publisher(key=key, run=target, rank=rank)
         if hello is not None:

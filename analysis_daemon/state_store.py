@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -216,7 +216,9 @@ class StateStore:
             run_dir = self._run_dir(run)
             sidecar = self._read_sidecar(run_dir)
             sidecar["run"] = run
-            sidecar["hello"] = asdict(hello)
+            vocab = hello.vocab
+            sidecar["hello"] = asdict(replace(hello, vocab=None))  # a CompactVocab is not JSON: list it
+            sidecar["hello"]["vocab"] = list(vocab) if vocab is not None else None
             self._write_sidecar(run_dir, sidecar)
 
     def _load_run(self, run_dir: Path) -> tuple[str, SnapshotData | None, HelloInfo | None]:

@@ -23,10 +23,11 @@ from .messages import (
     encode_hello,
     encode_snapshot,
 )
+from .gate import Gate, key_fingerprint
 from .security import CurveClient, CurveServer, generate_keypair
 from .shm import ShmReader, ShmWriter, pid_alive, remove_segments_of, remove_stale_segments, segments_of, shm_available
 from .tensors import snapshot_tensor, torch_dtype, wire_dtype
-from .transport import bind_receiver, check_endpoint, connect_publisher, is_local_endpoint
+from .transport import DEFAULT_PEER_LIMITS, PeerLimits, bind_receiver, check_endpoint, connect_publisher, is_local_endpoint
 
 __all__ = [
     "DEFAULT_LIMITS", "DTYPE_ITEMSIZE", "KIND_END", "KIND_HEARTBEAT", "KIND_HELLO", "KIND_SNAPSHOT", "PROTOCOL_VERSION",
@@ -34,5 +35,5 @@ __all__ = [
     "decode", "encode_end", "encode_heartbeat", "encode_hello", "encode_snapshot", "CurveClient", "CurveServer",
     "generate_keypair", "ShmReader", "ShmWriter", "pid_alive", "remove_segments_of", "remove_stale_segments", "segments_of",
     "shm_available", "snapshot_tensor", "torch_dtype",
-    "wire_dtype", "bind_receiver", "check_endpoint", "connect_publisher", "is_local_endpoint",
+    "wire_dtype", "Gate", "key_fingerprint", "PeerLimits", "DEFAULT_PEER_LIMITS", "bind_receiver", "check_endpoint", "connect_publisher", "is_local_endpoint",
 ]

@@ -31,9 +31,10 @@ KINDS: Final[tuple[str, ...]] = (KIND_HELLO, KIND_SNAPSHOT, KIND_END, KIND_HEART
 DTYPE_ITEMSIZE: Final[dict[str, int]] = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 # Shared-memory segment names: "emon-<pid>-<token>-<slot>-<generation>". The reader opens
-# /dev/shm/<name>, so the name must never carry a path separator or anything unexpected.
+# /dev/shm/<name>, so the name must never carry a path separator or anything unexpected. The token
+# is a hash of the publisher's secret (shm.shm_token): it binds the segment to the publisher id.
 SHM_PREFIX: Final[str] = "emon-"
-SHM_NAME_RE: Final[re.Pattern[str]] = re.compile(r"^emon-(\d{1,10})-([0-9a-f]{8})-(\d{1,4})-(\d{1,10})$")
+SHM_NAME_RE: Final[re.Pattern[str]] = re.compile(r"^emon-(\d{1,10})-([0-9a-f]{24})-(\d{1,4})-(\d{1,10})$")
 
 _U64_MAX: Final[int] = 2**64 - 1
 # Trainer metrics (loss, lr, ...) riding on a snapshot: names a W&B key, a JSON key and a console label
@@ -61,6 +62,10 @@ class Limits:
     max_world_size: int = 65536  # ranks of one sharded run (each rank may send one part per iteration)
     max_metrics: int = 64  # trainer metrics per snapshot: a few scalars, not a second logging channel
     max_metric_key_chars: int = 64
+    # A hello's vocabulary is kept per run for the run's lifetime: bounded in count and in bytes.
+    # Real vocabularies: GPT-2 50,257 tokens (~0.4 MB), Llama 3 128,256, Gemma 262,144 (~3 MB).
+    max_vocab_tokens: int = 1024 * 1024
+    max_vocab_bytes: int = 16 * 1024 * 1024  # total UTF-8 bytes of all token strings
 
     def max_frame_bytes(self) -> int:
         """Largest single ZeroMQ frame a receiver should accept (its ZMQ_MAXMSGSIZE)."""
@@ -315,7 +320,9 @@ def _unpack_header(frame: memoryview, limits: Limits) -> dict:
         data = msgpack.unpackb(
             frame, raw=False, strict_map_key=True, use_list=True,
             max_str_len=limits.max_string_bytes, max_bin_len=0, max_ext_len=0,  # no bytes, no ext, no timestamps
-            max_array_len=max(limits.max_rows, 16), max_map_len=limits.max_map_len)
+            # Arrays in a header are a shape (2) and a hello's vocabulary: refused before allocation.
+            # (a vocabulary longer than max_rows could not match any snapshot we accept either)
+            max_array_len=max(min(limits.max_vocab_tokens, limits.max_rows), 16), max_map_len=limits.max_map_len)
     except Exception as exc:  # msgpack raises several unrelated types for malformed input
         raise ProtocolError(f"header: not a valid msgpack map within limits ({type(exc).__name__}: {exc})") from None
     if type(data) is not dict:
@@ -348,9 +355,17 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
         if vocab is not None:
             if type(vocab) is not list:
                 raise ProtocolError(f"header: vocab must be a list of strings, got {type(vocab).__name__}")
+            if len(vocab) > limits.max_vocab_tokens:
+                raise ProtocolError(f"header: vocab has {len(vocab)} tokens, more than max_vocab_tokens={limits.max_vocab_tokens}")
+            total = 0
             for i, token in enumerate(vocab):
                 if type(token) is not str:
                     raise ProtocolError(f"header: vocab[{i}] must be a string, got {type(token).__name__} {_short(token)}")
+                total += len(token)  # characters: a lower bound of the UTF-8 bytes, exact for ASCII
+            if total > limits.max_vocab_bytes or (
+                    total * 4 > limits.max_vocab_bytes
+                    and sum(len(t.encode("utf-8", "surrogatepass")) for t in vocab) > limits.max_vocab_bytes):
+                raise ProtocolError(f"header: vocab strings exceed max_vocab_bytes={limits.max_vocab_bytes}")
         rank, world_size = _rank_and_world(header)
         return Hello(run=run, seq=seq, pid=header.int_("pid", maximum=2**31), host=header.str_("host"), vocab=vocab,
                      wandb=header.dict_("wandb", optional=True), meta=header.dict_("meta"), publisher=publisher,

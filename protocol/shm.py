@@ -10,14 +10,18 @@ released within a timeout (a reader that died); a reader racing such a reuse see
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import mmap
 import os
 import re
 import secrets
+import stat
 import struct
 import threading
 import time
 from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
@@ -65,10 +69,13 @@ class _Slot:
 class ShmWriter:
     """Publisher side: a small ring of reusable slots, created lazily, unlinked by close()."""
 
-    def __init__(self, slots: int = 2, *, reclaim_after_s: float = 30.0, directory: Path = SHM_DIR) -> None:
+    def __init__(self, slots: int = 2, *, reclaim_after_s: float = 30.0, directory: Path = SHM_DIR,
+                 secret: str | None = None) -> None:
         self.directory = directory
         self.reclaim_after_s = reclaim_after_s
-        self.prefix = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        # The secret goes into this publisher's id (see publisher_id); the names carry only its hash.
+        self.secret = secret or secrets.token_hex(16)
+        self.prefix = f"{SHM_PREFIX}{os.getpid()}-{shm_token(self.secret)}"
         self._slots: list[_Slot | None] = [None] * slots
         self._generation = 0
         self._preparing: set[int] = set()  # slot indices the sender thread is creating right now
@@ -241,72 +248,111 @@ class ShmWriter:
 
 
 class ShmReader:
-    """Receiver side: opens slots named in snapshot headers, caching mappings of segments that still exist."""
+    """Receiver side: reads a slot named in a snapshot header into memory of its own, checking it first.
 
-    def __init__(self, directory: Path = SHM_DIR, max_open: int = 16) -> None:
+    Every segment is hostile until checked, on every read (nothing is cached between reads): opened
+    without following links, a regular file with one link, owned by this process's uid or one in
+    `allowed_uids`, not writable by group or others (our publishers create 0600), and fstat'ed large
+    enough for the payload. The payload is copied with preadv(2) into our own buffer, never through a
+    mapping: a segment truncated by its owner mid-read yields a short read (an error), not SIGBUS.
+    """
+
+    def __init__(self, directory: Path = SHM_DIR, max_open: int = 16, allowed_uids: Iterable[int] = ()) -> None:
         self.directory = directory
-        self.max_open = max_open
-        self._open: dict[str, tuple[int, mmap.mmap]] = {}  # name -> (fd, mapping); insertion order = age
+        self.max_open = max_open  # kept for compatibility: no mapping or descriptor outlives a read
+        self.allowed_uids = frozenset({os.geteuid(), *allowed_uids})
 
-    def _mapping(self, name: str) -> mmap.mmap:
-        if name in self._open:
-            return self._open[name][1]
-        self._sweep()
+    def _open_checked(self, name: str) -> tuple[int, os.stat_result]:
+        flags = os.O_RDWR | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK  # no FIFO hang
         try:
-            fd = os.open(self.directory / name, os.O_RDWR)
+            fd = os.open(self.directory / name, flags)
         except FileNotFoundError:
             raise ProtocolError(f"shm: segment {name!r} does not exist (publisher gone or slot recreated)") from None
         except OSError as exc:
             raise ProtocolError(f"shm: cannot open segment {name!r}: {exc.strerror}") from None
         try:
-            size = os.fstat(fd).st_size
-            if size < HEADER_BYTES:
-                raise ProtocolError(f"shm: segment {name!r} has {size} bytes, less than its header")
-            mm = _map(fd, size, populate=False)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise ProtocolError(f"shm: segment {name!r} is not a plain file with one link")
+            if st.st_uid not in self.allowed_uids:
+                raise ProtocolError(f"shm: segment {name!r} is owned by uid {st.st_uid}, not by this daemon's "
+                                    f"uid or an allowed one ({sorted(self.allowed_uids)}; see --allow-uid)")
+            if st.st_mode & 0o022:
+                raise ProtocolError(f"shm: segment {name!r} is writable by group or others (mode "
+                                    f"{stat.S_IMODE(st.st_mode):o}); our publishers create 0600 segments")
         except BaseException:
             os.close(fd)
             raise
-        self._open[name] = (fd, mm)
-        return mm
-
-    def _sweep(self) -> None:
-        # Keep the fd open so an unlinked segment is noticed (st_nlink 0) and its memory given back.
-        for name, (fd, mm) in list(self._open.items()):
-            if os.fstat(fd).st_nlink == 0 or len(self._open) >= self.max_open:
-                self._forget(name)
-
-    def _forget(self, name: str) -> None:
-        fd, mm = self._open.pop(name)
-        mm.close()
-        os.close(fd)
+        return fd, st
 
     def copy_out(self, ref: ShmRef, nbytes: int) -> np.ndarray:
         """Copy a slot's payload into fresh memory (uint8), verify it was not overwritten, release the slot."""
-        mm = self._mapping(ref.segment)
-        if ref.offset < HEADER_BYTES or ref.offset + nbytes > len(mm):
-            size = len(mm)
-            self._forget(ref.segment)
-            raise ProtocolError(f"shm: segment {ref.segment!r} of {size} bytes cannot hold {nbytes} bytes at offset {ref.offset}")
-        magic, state, seq, slot_nbytes = _WORDS.unpack_from(mm, 0)
-        if magic != SLOT_MAGIC:
-            raise ProtocolError(f"shm: segment {ref.segment!r} has no slot header (magic {magic:#x})")
-        if seq != ref.slot_seq or state != READY:
-            raise ProtocolError(f"shm: slot {ref.segment!r} was overwritten or released (seq {seq}, header says {ref.slot_seq})")
-        if slot_nbytes != nbytes:
-            raise ProtocolError(f"shm: slot {ref.segment!r} holds {slot_nbytes} bytes, header nbytes={nbytes}")
-        out = np.empty(nbytes, dtype=np.uint8)
-        src = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=ref.offset)
-        np.copyto(out, src)
-        del src  # the mapping cannot be closed while an array views it
-        if _WORDS.unpack_from(mm, 0)[2] != ref.slot_seq:
-            raise ProtocolError(f"shm: slot {ref.segment!r} was overwritten while being read (seq {ref.slot_seq} changed)")
-        struct.pack_into("<Q", mm, _STATE_AT, FREE)
-        return out
+        fd, st = self._open_checked(ref.segment)
+        try:
+            if ref.offset < HEADER_BYTES or ref.offset + nbytes > st.st_size:
+                raise ProtocolError(f"shm: segment {ref.segment!r} of {st.st_size} bytes cannot hold {nbytes} "
+                                    f"bytes at offset {ref.offset}")
+            header = os.pread(fd, _WORDS.size, 0)
+            if len(header) != _WORDS.size:
+                raise ProtocolError(f"shm: segment {ref.segment!r} was truncated (no slot header)")
+            magic, state, seq, slot_nbytes = _WORDS.unpack(header)
+            if magic != SLOT_MAGIC:
+                raise ProtocolError(f"shm: segment {ref.segment!r} has no slot header (magic {magic:#x})")
+            if seq != ref.slot_seq or state != READY:
+                raise ProtocolError(f"shm: slot {ref.segment!r} was overwritten or released (seq {seq}, header says {ref.slot_seq})")
+            if slot_nbytes != nbytes:
+                raise ProtocolError(f"shm: slot {ref.segment!r} holds {slot_nbytes} bytes, header nbytes={nbytes}")
+            out = np.empty(nbytes, dtype=np.uint8)
+            view = memoryview(out)
+            done = 0
+            while done < nbytes:  # preadv may return less than asked (at most ~2 GiB per call on Linux)
+                n = os.preadv(fd, [view[done:]], ref.offset + done)
+                if n <= 0:
+                    raise ProtocolError(f"shm: segment {ref.segment!r} was truncated while being read "
+                                        f"({done} of {nbytes} bytes)")
+                done += n
+            del view
+            if _WORDS.unpack(os.pread(fd, _WORDS.size, 0).ljust(_WORDS.size, b"\0"))[2] != ref.slot_seq:
+                raise ProtocolError(f"shm: slot {ref.segment!r} was overwritten while being read (seq {ref.slot_seq} changed)")
+            os.pwrite(fd, struct.pack("<Q", FREE), _STATE_AT)  # release: the writer may reuse the slot
+            return out
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
-        """Unmap everything."""
-        for name in list(self._open):
-            self._forget(name)
+        """Nothing is held between reads; kept so callers can close a reader unconditionally."""
+
+
+def shm_token(secret: str) -> str:
+    """The part of a segment name that binds it to a publisher: 96 bits of SHA-256 of the publisher's secret.
+
+    The secret travels only inside the publisher id of its messages (to the daemon); segment names
+    are visible to every local user in /dev/shm, so they carry the hash, never the secret.
+    """
+    return hashlib.sha256(secret.encode("ascii", "replace")).hexdigest()[:24]
+
+
+def publisher_id(host: str, pid: int, secret: str) -> str:
+    """The publisher id sent in every message: host/pid/secret."""
+    return f"{host}/{pid}/{secret}"
+
+
+def public_publisher_id(publisher: str) -> str:
+    """`publisher` with its secret replaced by the public hash prefix its segment names show: for logs."""
+    parts = publisher.rsplit("/", 2)
+    if len(parts) != 3:
+        return publisher
+    return f"{parts[0]}/{parts[1]}/#{shm_token(parts[2])[:8]}"
+
+
+def segment_belongs_to(segment: str, publisher: str) -> bool:
+    """True when `segment` was created by the publisher whose id is `publisher` (same pid, token of its secret)."""
+    match = SHM_NAME_RE.match(segment)
+    parts = publisher.rsplit("/", 2)
+    if match is None or len(parts) != 3 or not parts[2]:
+        return False
+    _, pid, secret = parts
+    return match.group(1) == pid and hmac.compare_digest(match.group(2), shm_token(secret))
 
 
 def pid_alive(pid: int) -> bool:

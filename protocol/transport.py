@@ -10,6 +10,9 @@ from typing import Final
 
 import zmq
 
+from dataclasses import dataclass
+
+from .gate import ZAP_DOMAIN, Gate
 from .messages import DEFAULT_LIMITS, Limits
 from .security import CurveClient, CurveServer
 
@@ -17,6 +20,18 @@ RECEIVER_HWM: Final[int] = 4  # messages queued in the daemon's socket; each may
 RECEIVER_LINGER_MS: Final[int] = 0
 PUBLISHER_HWM: Final[int] = 8  # memory is bounded by the hook's buffer pool, not by this
 PUBLISHER_LINGER_MS: Final[int] = 1000
+
+
+@dataclass(frozen=True)
+class PeerLimits:
+    """Per-connection limits of the receiving socket (seconds)."""
+
+    heartbeat_interval: float = 10.0  # the daemon PINGs every connection this often...
+    peer_timeout: float = 30.0  # ...and drops one that sent nothing (not even a PONG) for this long
+    handshake_timeout: float = 10.0  # a connection that has not completed its handshake by then is closed
+
+
+DEFAULT_PEER_LIMITS = PeerLimits()
 
 
 def _tcp_host(endpoint: str) -> str | None:
@@ -56,8 +71,13 @@ def check_endpoint(endpoint: str, *, secured: bool, allow_insecure: bool) -> Non
 
 def bind_receiver(ctx: zmq.Context, endpoint: str, limits: Limits = DEFAULT_LIMITS,
                   curve: CurveServer | None = None, allow_insecure: bool = False, *,
-                  hwm: int = RECEIVER_HWM) -> zmq.Socket:
-    """A bound PULL socket whose oversized frames are dropped by libzmq before allocation."""
+                  hwm: int = RECEIVER_HWM, peers: PeerLimits = DEFAULT_PEER_LIMITS,
+                  gate: Gate | None = None) -> zmq.Socket:
+    """A bound PULL socket: oversized frames dropped by libzmq before allocation, silent peers dropped
+    by heartbeats, and every connection checked by `gate` (our ZAP handler: CURVE keys, connection limit).
+
+    With `curve` and no `gate`, the CurveServer's own gate is used.
+    """
     check_endpoint(endpoint, secured=curve is not None, allow_insecure=allow_insecure)
     sock = ctx.socket(zmq.PULL)
     try:
@@ -66,6 +86,18 @@ def bind_receiver(ctx: zmq.Context, endpoint: str, limits: Limits = DEFAULT_LIMI
         # libzmq checks every frame's announced size against this and disconnects the peer
         # before allocating anything larger (applies to tcp and ipc, per frame).
         sock.setsockopt(zmq.MAXMSGSIZE, limits.max_frame_bytes())
+        # A libzmq peer answers PINGs by itself, so an idle trainer stays connected; a peer that went
+        # silent (or a raw TCP client that completed the greeting and stopped) is dropped.
+        sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(peers.heartbeat_interval * 1000)))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(peers.peer_timeout * 1000)))
+        sock.setsockopt(zmq.HEARTBEAT_TTL, max(100, int(peers.peer_timeout * 1000)))
+        sock.setsockopt(zmq.HANDSHAKE_IVL, max(1, int(peers.handshake_timeout * 1000)))
+        if gate is None and curve is not None:
+            gate = curve.gate
+        if gate is not None:
+            gate.start(ctx)  # the ZAP endpoint must exist before the first connection arrives
+            sock.zap_domain = ZAP_DOMAIN.encode()  # makes libzmq ask the gate about NULL connections too
+            gate.watch(sock)
         if curve is not None:
             curve.apply(ctx, sock)
         sock.bind(endpoint)

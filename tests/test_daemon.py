@@ -325,7 +325,7 @@ def test_malformed_messages_are_rejected_counted_and_survived(start_daemon, push
         [header(run="../escape"), raw],                       # run name that would leave the results dir
         [header(), raw, b"extra"],                            # one frame too many
         [header(iter=-1), raw],                               # negative iteration
-        [header(shm={"segment": "emon-1-0000abcd-0-0", "offset": 64, "slot_seq": 2})],  # segment does not exist
+        [header(shm={"segment": "emon-1-0000abcd0000abcd0000abcd-0-0", "offset": 64, "slot_seq": 2})],  # not our publisher's segment
     ]
     for frames in bad_messages:
         push.send_multipart(frames)
@@ -342,7 +342,7 @@ def test_malformed_messages_are_rejected_counted_and_survived(start_daemon, push
     rejected_lines = [line for line in d.log().splitlines() if "rejected message #" in line]
     assert len(rejected_lines) == n
     assert any("is not the supported protocol version" in line for line in rejected_lines)
-    assert any("does not exist" in line for line in rejected_lines)
+    assert any("was not created by this snapshot's publisher" in line for line in rejected_lines)
     assert f"rejected={n}" in d.log()
     assert not (tmp_path / "escape").exists()
 

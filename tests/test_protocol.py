@@ -130,7 +130,7 @@ def test_heartbeat_round_trip_and_validation(pipe):
 
 
 def test_shm_snapshot_has_only_a_header():
-    ref = ShmRef(segment="emon-123-0123abcd-0-1", offset=64, slot_seq=4)
+    ref = ShmRef(segment="emon-123-0123abcd0123abcd0123abcd-0-1", offset=64, slot_seq=4)
     frames = encode_snapshot(run="r", iter=1, seq=2, name="wte", dtype="float16", shape=(10, 4), shm=ref)
     assert len(frames) == 1
     snap = decode(frames)
@@ -163,11 +163,11 @@ MALFORMED = {
     "vocab not strings": (with_header(encode_hello(run="r", seq=0, pid=1, host="h", vocab=["a"]), vocab=["a", 3]),
                           "vocab[1] must be a string, got int"),
     "meta not a map": (with_header(encode_hello(run="r", seq=0, pid=1, host="h"), meta=[1]), "meta must be a map"),
-    "shm name with a path": (with_header(snapshot_frames(payload=None, shm=ShmRef("emon-1-0123abcd-0-1", 64, 2))[:1],
+    "shm name with a path": (with_header(snapshot_frames(payload=None, shm=ShmRef("emon-1-0123abcd0123abcd0123abcd-0-1", 64, 2))[:1],
                                          shm={"segment": "../../etc/passwd", "offset": 64, "slot_seq": 2}),
                              "is not a segment name this protocol creates"),
-    "shm odd seq": (with_header(snapshot_frames(payload=None, shm=ShmRef("emon-1-0123abcd-0-1", 64, 2)),
-                                shm={"segment": "emon-1-0123abcd-0-1", "offset": 64, "slot_seq": 3}), "slot_seq=3 is odd"),
+    "shm odd seq": (with_header(snapshot_frames(payload=None, shm=ShmRef("emon-1-0123abcd0123abcd0123abcd-0-1", 64, 2)),
+                                shm={"segment": "emon-1-0123abcd0123abcd0123abcd-0-1", "offset": 64, "slot_seq": 3}), "slot_seq=3 is odd"),
     "msgpack garbage": ([b"\xc1\xc1\xc1", bytes(48)], "not a valid msgpack map"),
     "truncated msgpack": ([snapshot_frames()[0][:-3], bytes(48)], "not a valid msgpack map"),
     "header not a map": ([msgpack.packb([1, 2, 3])], "must be a msgpack map, got list"),
@@ -217,6 +217,18 @@ def test_limits_are_enforced(case):
         decode(frames, limits)
     assert expected in str(info.value)
     decode(snapshot_frames())  # the same message shape within default limits is fine
+
+
+def test_vocab_limits_in_tokens_and_bytes():
+    limits = Limits(max_vocab_tokens=1000, max_vocab_bytes=4000)
+    ok = decode(encode_hello(run="r", seq=0, pid=1, host="h", vocab=["tok"] * 1000), limits)
+    assert len(ok.vocab) == 1000
+    with pytest.raises(ProtocolError, match="not a valid msgpack map within limits"):  # refused while unpacking
+        decode(encode_hello(run="r", seq=0, pid=1, host="h", vocab=["t"] * 1001), limits)
+    with pytest.raises(ProtocolError, match="max_vocab_bytes=4000"):
+        decode(encode_hello(run="r", seq=0, pid=1, host="h", vocab=["x" * 5] * 900), limits)
+    with pytest.raises(ProtocolError, match="max_vocab_bytes=4000"):  # counted in UTF-8 bytes, not characters
+        decode(encode_hello(run="r", seq=0, pid=1, host="h", vocab=["\u00e9\u00e9"] * 999 + ["x" * 10]), limits)
 
 
 def test_vocab_longer_than_max_rows_is_rejected():

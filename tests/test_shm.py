@@ -93,16 +93,62 @@ def test_missing_segment_and_size_mismatch(writer, reader):
         snapshot_tensor(snap, reader)
 
 
-def test_reader_lets_go_of_unlinked_segments(writer, reader):
+def test_reader_holds_nothing_between_reads(writer, reader):
     snapshot_tensor(publish(writer, torch.ones(64, 64), "float32"), reader)
+    fds = len(os.listdir("/proc/self/fd"))
+    snapshot_tensor(publish(writer, torch.ones(64, 64), "float32"), reader)
+    assert len(os.listdir("/proc/self/fd")) == fds  # no descriptor or mapping is cached
+
+
+def test_truncated_segment_is_an_error_not_sigbus(writer, reader):
+    snap = publish(writer, torch.ones(256, 64), "float32")
+    os.truncate(SHM_DIR / writer.names()[0], 64 + 1000)  # the owner shrinks it after sending the header
+    with pytest.raises(ProtocolError, match="cannot hold 65536 bytes"):
+        snapshot_tensor(snap, reader)
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o620, 0o602])
+def test_segment_writable_by_others_is_refused(writer, reader, mode):
+    snap = publish(writer, torch.ones(4, 4), "float32")
+    os.chmod(SHM_DIR / writer.names()[0], mode)
+    with pytest.raises(ProtocolError, match="writable by group or others"):
+        snapshot_tensor(snap, reader)
+
+
+def test_segment_of_another_uid_is_refused_unless_allowed(writer):
+    if os.geteuid() != 0:
+        pytest.skip("chown to another uid needs root")
+    snap = publish(writer, torch.ones(4, 4), "float32")
+    os.chown(SHM_DIR / writer.names()[0], 65534, 65534)
+    with pytest.raises(ProtocolError, match="owned by uid 65534"):
+        snapshot_tensor(snap, ShmReader())
+    got = snapshot_tensor(snap, ShmReader(allowed_uids=[65534]))
+    assert torch.equal(got, torch.ones(4, 4))
+
+
+def test_symlinked_segment_is_refused(writer, reader, tmp_path):
+    snap = publish(writer, torch.ones(4, 4), "float32")
     name = writer.names()[0]
-    writer.close()  # unlinks; the reader still maps it
-    other = ShmWriter(1)
+    target = SHM_DIR / f"{name}-target"
+    os.rename(SHM_DIR / name, target)
+    os.symlink(target, SHM_DIR / name)
     try:
-        snapshot_tensor(publish(other, torch.ones(2, 2), "float32"), reader)  # opening a new one sweeps
+        with pytest.raises(ProtocolError, match="cannot open segment"):
+            snapshot_tensor(snap, reader)
+        assert target.read_bytes()[8:16] != bytes(8)  # the READY state was not overwritten through the link
     finally:
-        other.close()
-    assert name not in reader._open
+        os.unlink(SHM_DIR / name)
+        os.unlink(target)
+
+
+def test_segment_names_are_bound_to_their_publisher(writer):
+    from protocol.shm import publisher_id, segment_belongs_to
+    publish(writer, torch.ones(4, 4), "float32")
+    name = writer.names()[0]
+    assert segment_belongs_to(name, publisher_id("host", os.getpid(), writer.secret))
+    assert not segment_belongs_to(name, publisher_id("host", os.getpid(), "guess"))
+    assert not segment_belongs_to(name, publisher_id("host", os.getpid() + 1, writer.secret))
+    assert writer.secret not in name  # the name (visible to every local user) carries only a hash
 
 
 def test_writer_close_leaves_nothing(writer):

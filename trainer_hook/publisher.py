@@ -28,6 +28,7 @@ import zmq
 
 from protocol import (DEFAULT_LIMITS, CurveClient, ProtocolError, ShmWriter, check_endpoint, check_metrics,
                       check_run_name, connect_publisher, encode_hello, is_local_endpoint, shm_available, wire_dtype)
+from protocol.shm import publisher_id as make_publisher_id
 
 from . import signals
 from .sender import EndJob, PrepareJob, Sender, SnapshotJob
@@ -164,7 +165,9 @@ class EmbeddingPublisher:
         host, vocab_list = socket.gethostname(), list(vocab) if vocab is not None else None
         hello_meta = {"name": name, "endpoint": endpoint, "shared_memory": bool(shared_memory),
                       "torch": torch.__version__, "heartbeat_s": heartbeat_s, **(meta or {})}
-        publisher_id = f"{host}/{self._pid}/{secrets.token_hex(4)}"
+        # The id carries the secret whose hash names our shared-memory segments: the daemon accepts a
+        # segment only from the publisher that created it (protocol.shm.segment_belongs_to).
+        publisher_id = make_publisher_id(host, self._pid, self._writer.secret if self._writer else secrets.token_hex(16))
 
         def hello_frames(seq: int) -> list[bytes]:
             return encode_hello(run=self.run, seq=seq, pid=self._pid, host=host, vocab=vocab_list,
@@ -285,7 +288,7 @@ class EmbeddingPublisher:
         connect_deadline = None
         if not sender.connected:
             if sender.settled or time.monotonic() >= self._connect_deadline:
-                return self._drop("no analysis daemon connected")  # skip the copy: nobody could receive it
+                return self._drop(sender.absent_reason())  # skip the copy: nobody could receive it
             connect_deadline = self._connect_deadline
         dtype, shape, nbytes = self._wire_shape(weight)
         self._shm_fallback_check()

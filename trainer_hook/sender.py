@@ -85,6 +85,8 @@ class Sender(threading.Thread):
         self.settled = False
         self.shm_enabled = writer is not None
         self._need_hello = True
+        # Why nothing can be sent, for the drop message: a daemon that refused our CURVE key is not "absent".
+        self.refused = False
         self._seq = 0
         self._pending: list[tuple[zmq.MessageTracker, StagingBuffer]] = []
         self.heartbeat_s = heartbeat_s
@@ -106,9 +108,15 @@ class Sender(threading.Thread):
                 return
             if event & _UP_EVENTS:
                 self.connected = self.settled = True
+                self.refused = False
                 self._need_hello = True  # a (re)started daemon has not seen our hello
             elif event & _DOWN_EVENTS:
                 self.settled = True
+                if event & zmq.EVENT_HANDSHAKE_FAILED_AUTH and not self.refused:
+                    self.refused = True
+                    log.warning("embedding publisher: the daemon refused our key (CurveZMQ authentication "
+                                "failed); add our public key (NAME.key) to the daemon's --curve-authorized-dir "
+                                "and send it SIGHUP")
                 if self.connected and self.writer is not None:
                     # headers queued at a daemon that is gone are lost with it: its slots are free to reuse
                     self.writer.expire()
@@ -167,7 +175,7 @@ class Sender(threading.Thread):
         if job.connect_deadline is not None:
             self._await_first_connection(job.connect_deadline)
         if self._need_hello and not self._send_hello():
-            return self._fail(job, "no analysis daemon connected")
+            return self._fail(job, self.absent_reason())
         common = dict(run=self.run_name, iter=job.iter, seq=self._seq, name=job.name, dtype=job.dtype,
                       shape=job.shape, publisher=self.publisher_id, global_shape=job.global_shape,
                       offset=job.offset, metrics=job.metrics)
@@ -180,7 +188,8 @@ class Sender(threading.Thread):
                 self._pending.append((tracker, job.staged))
                 job.staged = None  # now owned by libzmq until the tracker says done
         if not ok:
-            return self._fail(job, "no analysis daemon connected, or it is not keeping up")
+            return self._fail(job, self.absent_reason() if self.refused else
+                              "no analysis daemon connected, or it is not keeping up")
         self._next_seq()
         self.on_sent(job.iter)
 
@@ -190,6 +199,12 @@ class Sender(threading.Thread):
         while not self.connected and not self.settled and time.monotonic() < deadline:
             time.sleep(0.005)
             self._poll_monitor()
+
+    def absent_reason(self) -> str:
+        """Why a snapshot cannot go out now (for the drop warning)."""
+        if self.refused:
+            return "the daemon refused our key (add our NAME.key to its --curve-authorized-dir, then SIGHUP it)"
+        return "no analysis daemon connected"
 
     def _fail(self, job: SnapshotJob, reason: str) -> None:
         if job.slot is not None:

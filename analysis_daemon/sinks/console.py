@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
+from ..logsafe import safe
 from . import Sink
 
 log = logging.getLogger("embedding_monitor.daemon")
@@ -82,7 +83,7 @@ def galaxy_lines(result: dict[str, Any]) -> list[str]:
 
 def format_result(result: dict[str, Any]) -> str:
     """The summary block for one result: the spec's names, each with what it measures beside it."""
-    lines = [f"--- ASYNC ANALYSIS RESULTS FOR ITERATION {result['iter']} (run {result['run']}) ---"]
+    lines = [f"--- ASYNC ANALYSIS RESULTS FOR ITERATION {result['iter']} (run {safe(result['run'])}) ---"]
     if result.get("metrics"):  # what the trainer sent with the snapshot: loss beside the drift
         lines.append("  [Trainer] " + ", ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}"
                                                 for k, v in result["metrics"].items()))
@@ -141,7 +142,8 @@ class ConsoleSink(Sink):
 
     def handle(self, result: dict[str, Any]) -> None:
         """Print `result`'s block and flush (launch.sh and tests read it live)."""
-        block = format_result(result)
+        # Token strings and names come from the trainer: each line is made terminal-safe and bounded.
+        block = "\n".join(safe(line, 2000) for line in format_result(result).split("\n"))
         if self.copy_to is not None:
             self._copy(block)
         if self.to_stdout:
