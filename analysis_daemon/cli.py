@@ -402,6 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     from .cost import DEFAULT_MAX_COST, DEFAULT_MAX_MEMORY, CostLimits
     cost = CostLimits(max_cost=args.max_cost or DEFAULT_MAX_COST, min_cols=args.min_cols,
                       max_memory=args.max_analysis_memory or DEFAULT_MAX_MEMORY)
+    if limits.max_payload_bytes > cost.max_memory // 4:
+        # A float32 payload needs about 4x its size to analyse (see cost.estimate_memory), so a larger
+        # frame could only be refused after arriving: libzmq refuses it at its header instead.
+        from dataclasses import replace as _replace
+        limits = _replace(limits, max_payload_bytes=cost.max_memory // 4)
     peers = PeerLimits(heartbeat_interval=args.heartbeat_interval, peer_timeout=args.peer_timeout,
                        handshake_timeout=args.handshake_timeout)
     config = DaemonConfig(

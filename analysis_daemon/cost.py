@@ -26,7 +26,7 @@ class CostLimits:
 
     max_cost: float = DEFAULT_MAX_COST
     max_memory: int = DEFAULT_MAX_MEMORY
-    min_cols: int = 1
+    min_cols: int = 2  # a 1-wide embedding has only cosines of +-1
 
 
 def estimate_cost(rows: int, cols: int) -> float:

@@ -155,6 +155,7 @@ class Gate:
                 self._open.discard(fd)
             else:
                 c.handshake_failed += 1
+                log.debug("handshake failed: event %s value %s", kind, fd)
 
     def _answer(self, request: list[bytes]) -> list[bytes]:
         # ZAP 1.0 request: version, request id, domain, address, identity, mechanism, credentials...
@@ -186,5 +187,7 @@ class Gate:
             self.counters.refused_full += 1
             self._rate_limited("full", "refused a connection from %s: %d connections open (--max-connections %d)",
                                peer, open_now, self.max_connections)
-            return [version, request_id, b"400", b"too many connections", b"", b""]
+            # 300 = temporary failure (ZAP RFC 27): the client's libzmq retries by itself, and the trainer
+            # can tell "daemon full" from "key refused" (400) in its HANDSHAKE_FAILED_AUTH event.
+            return [version, request_id, b"300", b"too many connections", b"", b""]
         return [version, request_id, b"200", b"OK", user, b""]

@@ -182,6 +182,7 @@ class EmbeddingPublisher:
                             pool=self._pool, writer=self._writer, on_sent=self._on_sent, on_drop=self._drop,
                             counters=lambda: (self._published, self._dropped, self._last_iter),
                             heartbeat_s=heartbeat_s)
+            sender.endpoint = endpoint  # for its reconnect after a refused handshake
             sock.connect(endpoint)  # only now: the sender's monitor is attached and sees the handshake
         except zmq.ZMQError as exc:  # e.g. "tcp://host:port" with a bad port or an unknown transport
             ctx.destroy(linger=0)

@@ -87,6 +87,12 @@ class Sender(threading.Thread):
         self._need_hello = True
         # Why nothing can be sent, for the drop message: a daemon that refused our CURVE key is not "absent".
         self.refused = False
+        self.full = False  # ...or turned us away for now: too many connections
+        # libzmq does not reconnect after a ZAP refusal; we do, slowly, so a key authorised later (the
+        # daemon reloads its keys on SIGHUP) or a free connection place is picked up without a restart.
+        self.endpoint: str | None = None  # set by the publisher
+        self.retry_after_refusal_s = 2.0
+        self._retry_at: float | None = None
         self._seq = 0
         self._pending: list[tuple[zmq.MessageTracker, StagingBuffer]] = []
         self.heartbeat_s = heartbeat_s
@@ -101,18 +107,28 @@ class Sender(threading.Thread):
     def _poll_monitor(self) -> None:
         while True:
             try:
-                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)["event"]
+                message = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+                event, value = message["event"], message["value"]
             except zmq.Again:
                 return
             except zmq.ZMQError:
                 return
             if event & _UP_EVENTS:
                 self.connected = self.settled = True
-                self.refused = False
+                self.refused = self.full = False
                 self._need_hello = True  # a (re)started daemon has not seen our hello
             elif event & _DOWN_EVENTS:
                 self.settled = True
-                if event & zmq.EVENT_HANDSHAKE_FAILED_AUTH and not self.refused:
+                # The value of HANDSHAKE_FAILED_AUTH is the daemon's ZAP status: 400 = our key was refused,
+                # 300 = temporarily full (too many connections; libzmq retries by itself).
+                if event & zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    self._retry_at = time.monotonic() + (0.5 if value == 300 else self.retry_after_refusal_s)
+                if event & zmq.EVENT_HANDSHAKE_FAILED_AUTH and value == 300:
+                    if not self.full:
+                        log.warning("embedding publisher: the daemon has too many connections (its "
+                                    "--max-connections); retrying")
+                    self.full = True
+                elif event & zmq.EVENT_HANDSHAKE_FAILED_AUTH and not self.refused:
                     self.refused = True
                     log.warning("embedding publisher: the daemon refused our key (CurveZMQ authentication "
                                 "failed); add our public key (NAME.key) to the daemon's --curve-authorized-dir "
@@ -121,6 +137,19 @@ class Sender(threading.Thread):
                     # headers queued at a daemon that is gone are lost with it: its slots are free to reuse
                     self.writer.expire()
                 self.connected = False
+
+    def _retry_connect(self) -> None:
+        if self._retry_at is None or time.monotonic() < self._retry_at or self.endpoint is None:
+            return
+        self._retry_at = None
+        try:
+            self.sock.disconnect(self.endpoint)
+        except zmq.ZMQError:
+            pass  # not connected any more: nothing to undo
+        try:
+            self.sock.connect(self.endpoint)
+        except zmq.ZMQError as exc:
+            log.warning("embedding publisher: reconnecting to %s failed: %s", self.endpoint, exc)
 
     def _reap(self) -> None:
         still = []
@@ -188,7 +217,7 @@ class Sender(threading.Thread):
                 self._pending.append((tracker, job.staged))
                 job.staged = None  # now owned by libzmq until the tracker says done
         if not ok:
-            return self._fail(job, self.absent_reason() if self.refused else
+            return self._fail(job, self.absent_reason() if self.refused or self.full else
                               "no analysis daemon connected, or it is not keeping up")
         self._next_seq()
         self.on_sent(job.iter)
@@ -204,6 +233,8 @@ class Sender(threading.Thread):
         """Why a snapshot cannot go out now (for the drop warning)."""
         if self.refused:
             return "the daemon refused our key (add our NAME.key to its --curve-authorized-dir, then SIGHUP it)"
+        if self.full:
+            return "the daemon has too many connections (its --max-connections); retrying"
         return "no analysis daemon connected"
 
     def _fail(self, job: SnapshotJob, reason: str) -> None:
@@ -263,6 +294,7 @@ class Sender(threading.Thread):
             except queue.Empty:
                 job = None
             self._poll_monitor()
+            self._retry_connect()
             self._reap()
             if self._need_hello and self.connected:
                 self._send_hello()  # tell a newly connected daemon about the run right away

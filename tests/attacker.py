@@ -1,0 +1,281 @@
+"""A hostile local user, for tests/test_attacks.py: standard library only (the system python3, no msgpack,
+no pyzmq), so it runs as an unprivileged uid under `setpriv` exactly as another user on the host would.
+
+    python3 tests/attacker.py PORT COMMAND [ARGS...]
+
+It speaks ZMTP 3.0 (NULL mechanism) by hand and packs msgpack by hand. Commands print one JSON line
+of what they did and exit 0; the test judges the daemon, not the attacker.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import struct
+import sys
+import time
+
+# ------------------------------------------------------------------ msgpack (the subset headers use)
+
+
+def pack(obj) -> bytes:
+    """msgpack encoding of None/bool/int/float/str/list/dict."""
+    if obj is None:
+        return b"\xc0"
+    if obj is True or obj is False:
+        return b"\xc3" if obj else b"\xc2"
+    if isinstance(obj, int):
+        if 0 <= obj < 128:
+            return bytes([obj])
+        if obj < 0:
+            return b"\xd3" + struct.pack(">q", obj)
+        return b"\xcf" + struct.pack(">Q", obj)
+    if isinstance(obj, float):
+        return b"\xcb" + struct.pack(">d", obj)
+    if isinstance(obj, str):
+        data = obj.encode("utf-8", "surrogatepass")
+        n = len(data)
+        head = bytes([0xA0 | n]) if n < 32 else b"\xd9" + bytes([n]) if n < 256 else (
+            b"\xda" + struct.pack(">H", n) if n < 65536 else b"\xdb" + struct.pack(">I", n))
+        return head + data
+    if isinstance(obj, (list, tuple)):
+        n = len(obj)
+        head = bytes([0x90 | n]) if n < 16 else b"\xdc" + struct.pack(">H", n) if n < 65536 else b"\xdd" + struct.pack(">I", n)
+        return head + b"".join(pack(x) for x in obj)
+    if isinstance(obj, dict):
+        n = len(obj)
+        head = bytes([0x80 | n]) if n < 16 else b"\xde" + struct.pack(">H", n)
+        return head + b"".join(pack(k) + pack(v) for k, v in obj.items())
+    raise TypeError(type(obj))
+
+
+# ------------------------------------------------------------------ ZMTP 3.0, NULL mechanism, as a PUSH peer
+
+GREETING = b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" + b"\0" * 31
+
+
+def _command(name: bytes, body: bytes) -> bytes:
+    data = bytes([len(name)]) + name + body
+    return (bytes([0x04, len(data)]) if len(data) < 256 else b"\x06" + struct.pack(">Q", len(data))) + data
+
+
+def connect(port: int, handshake: bool = True, timeout: float = 10.0) -> socket.socket:
+    """A TCP connection to the daemon, with the ZMTP greeting and READY exchanged when `handshake`."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    if handshake:
+        s.sendall(GREETING + _command(b"READY", b"\x0bSocket-Type" + struct.pack(">I", 4) + b"PUSH"))
+        # The daemon's greeting, then its READY (sent once our connection passed its ZAP check): a
+        # message sent before that would be taken for a handshake command, as libzmq peers never do.
+        got = _recv_exact(s, 64 + 2)
+        _recv_exact(s, got[65])
+    return s
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    got = b""
+    while len(got) < n:
+        chunk = s.recv(n - len(got))
+        if not chunk:
+            raise ConnectionError("closed during the handshake")
+        got += chunk
+    return got
+
+
+def frame(data: bytes, more: bool) -> bytes:
+    """One ZMTP message frame."""
+    flags = 0x01 if more else 0x00
+    if len(data) < 256:
+        return bytes([flags, len(data)]) + data
+    return bytes([flags | 0x02]) + struct.pack(">Q", len(data)) + data
+
+
+def send(s: socket.socket, frames: list[bytes]) -> None:
+    """Send one multipart message."""
+    s.sendall(b"".join(frame(f, i < len(frames) - 1) for i, f in enumerate(frames)))
+
+
+def hello(run: str, publisher: str, host: str = "h", vocab=None) -> bytes:
+    return pack({"v": 1, "kind": "hello", "run": run, "seq": 0, "publisher": publisher, "pid": os.getpid(),
+                 "host": host, "vocab": vocab, "wandb": None, "meta": {}})
+
+
+def snapshot(run: str, publisher: str, it: int, shape, dtype="float32", shm=None) -> bytes:
+    itemsize = {"float32": 4, "float16": 2}[dtype]
+    return pack({"v": 1, "kind": "snapshot", "run": run, "seq": it, "publisher": publisher, "iter": it,
+                 "name": "wte", "dtype": dtype, "shape": list(shape), "nbytes": shape[0] * shape[1] * itemsize,
+                 "sent_at": time.time(), "shm": shm})
+
+
+# ------------------------------------------------------------------ attacks
+
+SLOT_HEADER = struct.Struct("<QQQQ")
+MAGIC = int.from_bytes(b"EMONSLT1", "little")
+
+
+def _segment(secret: str, index: int) -> str:
+    return f"emon-{os.getpid()}-{hashlib.sha256(secret.encode()).hexdigest()[:24]}-{index}-1"
+
+
+def shm_truncate(port: int, rounds: int) -> dict:
+    """Our own, correctly named segment: world-writable; then 0600 but truncated before and while it is read."""
+    secret = "attacker-secret"
+    publisher = f"h/{os.getpid()}/{secret}"
+    rows, cols = 256, 64
+    nbytes = rows * cols * 4
+    name = _segment(secret, 0)
+    path = "/dev/shm/" + name
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+    os.fchmod(fd, 0o666)
+    s = connect(port)
+    send(s, [hello("shm-attack", publisher)])
+    ref = {"segment": name, "offset": 64}
+
+    def offer(seq: int, size: int) -> None:
+        os.ftruncate(fd, 64 + nbytes)
+        os.pwrite(fd, SLOT_HEADER.pack(MAGIC, 2, seq, nbytes), 0)
+        os.ftruncate(fd, size)
+        send(s, [snapshot("shm-attack", publisher, seq, (rows, cols), shm=dict(ref, slot_seq=seq))])
+
+    offer(2, 64 + nbytes)  # phase 1: writable by others
+    time.sleep(0.5)
+    os.fchmod(fd, 0o600)
+    offer(4, 64 + 1000)  # phase 2: the size announced does not fit the file any more
+    time.sleep(0.5)
+    sent = 2
+    for seq in range(6, 6 + 2 * rounds, 2):  # phase 3: shrunk while the daemon may be reading it
+        os.ftruncate(fd, 64 + nbytes)
+        os.pwrite(fd, SLOT_HEADER.pack(MAGIC, 2, seq, nbytes), 0)
+        send(s, [snapshot("shm-attack", publisher, seq, (rows, cols), shm=dict(ref, slot_seq=seq))])
+        time.sleep(0.0005 * (seq % 7))
+        os.ftruncate(fd, 64 + (seq * 37) % nbytes)
+        time.sleep(0.01)
+        sent += 1
+    time.sleep(0.5)
+    s.close()
+    os.close(fd)
+    os.unlink(path)
+    return {"sent": sent, "segment": name}
+
+
+def shm_theft(port: int, victim_segment: str, slot_seq: int) -> dict:
+    """Name another run's segment from a run of our own (with a publisher id we made up)."""
+    s = connect(port)
+    pid = victim_segment.split("-")[1]
+    publisher = f"h/{pid}/guessed-secret"  # same pid as the victim: only the secret is unknown
+    send(s, [hello("thief", publisher)])
+    send(s, [snapshot("thief", publisher, 1, (500, 32), shm={"segment": victim_segment, "offset": 64,
+                                                                "slot_seq": slot_seq})])
+    time.sleep(0.5)
+    s.close()
+    return {"segment": victim_segment}
+
+
+def starve(port: int, rows: int, cols: int) -> dict:
+    """One small inline snapshot whose analysis costs V^2 pairs."""
+    s = connect(port)
+    send(s, [hello("starve", "h/1/x")])
+    send(s, [snapshot("starve", "h/1/x", 1, (rows, cols), dtype="float16"), b"\0" * (rows * cols * 2)])
+    time.sleep(0.5)
+    s.close()
+    return {"bytes": rows * cols * 2}
+
+
+def big_vocab(port: int, tokens: int) -> dict:
+    """A hello carrying a huge vocabulary."""
+    s = connect(port)
+    body = hello("vocab-bomb", "h/1/x", vocab=["%d" % (i % 100) for i in range(tokens)])
+    send(s, [body])
+    time.sleep(1.0)
+    s.close()
+    return {"wire_bytes": len(body)}
+
+
+def idle_peers(port: int, count: int, hold: float) -> dict:
+    """`count` connections that send the greeting and READY (where the daemon accepts them), then nothing."""
+    socks, failed = [], 0
+    for _ in range(count):  # non-blocking connects: a full accept backlog must not stall us
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        socks.append(s)
+    time.sleep(1.0)
+    for s in socks:  # then silence: not even a reply to the daemon's heartbeat PINGs
+        try:
+            s.send(GREETING + _command(b"READY", b"\x0bSocket-Type" + struct.pack(">I", 4) + b"PUSH"))
+        except OSError:
+            failed += 1  # still in the accept backlog, or already dropped: idle all the same
+    print(json.dumps({"opened": len(socks), "greeting_not_sent": failed}), flush=True)
+    time.sleep(hold)
+    alive = 0
+    for s in socks:
+        try:
+            while True:  # read what the daemon sent; b"" (or a reset) means it closed the connection
+                if s.recv(65536) == b"":
+                    break
+        except BlockingIOError:
+            alive += 1
+        except OSError:
+            pass
+        s.close()
+    return {"opened": len(socks), "still_open_at_end": alive}
+
+
+def oversized(port: int, count: int) -> dict:
+    """`count` peers that announce a 4 GiB frame and send only its first bytes."""
+    socks = []
+    for _ in range(count):
+        s = connect(port)
+        s.sendall(b"\x02" + struct.pack(">Q", 4 * 1024**3) + b"\0" * 65536)
+        socks.append(s)
+    time.sleep(1.0)
+    return {"peers": len(socks)}
+
+
+def flood(port: int, count: int) -> dict:
+    """`count` malformed messages, and a hello whose host and run try to forge log lines and escape codes."""
+    s = connect(port)
+    for i in range(count):
+        send(s, [b"\x00garbage" + str(i).encode()])
+    send(s, [hello("inject\u202e", "h/1/x", host="evil\n2026-01-01 00:00:00 analysis-daemon INFO forged line\x1b[31mRED")])
+    time.sleep(0.5)
+    s.close()
+    return {"sent": count + 1}
+
+
+def read_secrets(port: int, directory: str, seconds: float) -> dict:
+    """Try, for `seconds`, to read every *.key_secret file appearing in `directory` (the keygen race)."""
+    tried = stolen = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            if "key_secret" in name:
+                tried += 1
+                try:
+                    with open(os.path.join(directory, name), "rb") as f:
+                        stolen += b"secret-key" in f.read()
+                except OSError:
+                    pass
+    return {"tried": tried, "stolen": stolen}
+
+
+COMMANDS = {"read-secrets": (read_secrets, [str, float]), "shm-truncate": (shm_truncate, [int]), "shm-theft": (shm_theft, [str, int]),
+            "starve": (starve, [int, int]), "big-vocab": (big_vocab, [int]), "idle-peers": (idle_peers, [int, float]),
+            "oversized": (oversized, [int]), "flood": (flood, [int])}
+
+
+def main() -> int:
+    port, command, args = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    fn, types = COMMANDS[command]
+    result = fn(port, *(t(a) for t, a in zip(types, args)))
+    result["uid"] = os.getuid()
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
