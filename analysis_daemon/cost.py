@@ -29,10 +29,43 @@ class CostLimits:
     min_cols: int = 2  # a 1-wide embedding has only cosines of +-1
 
 
-def estimate_cost(rows: int, cols: int) -> float:
-    """Work of one analysis in multiply-add equivalents: pairs x (d + overhead) + Gram and decompositions."""
-    pairs = rows * (rows - 1) / 2
-    return pairs * (cols + PAIR_OVERHEAD) + 3.0 * rows * cols * cols + 20.0 * cols**3
+MIN_SAMPLE_ROWS: Final[int] = 1000  # fewer sampled rows give intervals too wide to be worth a result
+
+
+def estimate_cost(rows: int, cols: int, sample_rows: int | None = None) -> float:
+    """Work of one analysis in multiply-add equivalents: pairs x (d + overhead) + Gram and decompositions.
+
+    With `sample_rows` = N < rows the geometry compares N rows with all rows (N x V pairs).
+    """
+    if sample_rows is not None and sample_rows < rows:
+        pairs = float(sample_rows) * rows
+    else:
+        pairs = rows * (rows - 1) / 2
+    return pairs * (cols + PAIR_OVERHEAD) + _fixed_cost(rows, cols)
+
+
+def _fixed_cost(rows: int, cols: int) -> float:
+    return 3.0 * rows * cols * cols + 20.0 * cols**3
+
+
+def plan(rows: int, cols: int, limits: CostLimits, chunk_size: int = 512, knn_k: int = 10,
+         sample_rows: int | None = None, can_sample: bool = True) -> tuple[str | None, int | None]:
+    """(reason to refuse or None, rows to sample the geometry from or None for the configured pass).
+
+    A snapshot whose exact pass is over --max-cost is analysed sampled instead when the largest
+    sample that fits has at least MIN_SAMPLE_ROWS rows (drift and the other parts stay exact).
+    """
+    reason = check(rows, cols, limits, chunk_size, knn_k, sample_rows)
+    if reason is None or not can_sample or "--max-cost" not in reason:
+        return reason, None
+    budget = limits.max_cost - _fixed_cost(rows, cols)
+    fit = int(budget / (rows * (cols + PAIR_OVERHEAD))) if budget > 0 else 0
+    if sample_rows is not None:
+        fit = min(fit, sample_rows)
+    if fit < MIN_SAMPLE_ROWS or fit >= rows:
+        return reason, None
+    again = check(rows, cols, limits, chunk_size, knn_k, fit)
+    return (again, None) if again is not None else (None, fit)
 
 
 def estimate_memory(rows: int, cols: int, chunk_size: int = 512, knn_k: int = 10) -> int:
@@ -44,12 +77,13 @@ def estimate_memory(rows: int, cols: int, chunk_size: int = 512, knn_k: int = 10
     return matrices + block + neighbours + square
 
 
-def check(rows: int, cols: int, limits: CostLimits, chunk_size: int = 512, knn_k: int = 10) -> str | None:
-    """None when a rows x cols snapshot may be analysed; else the one-line reason it is refused."""
+def check(rows: int, cols: int, limits: CostLimits, chunk_size: int = 512, knn_k: int = 10,
+          sample_rows: int | None = None) -> str | None:
+    """None when a rows x cols snapshot may be analysed (geometry sampled from `sample_rows`); else the reason."""
     if cols < limits.min_cols:
         return (f"snapshot {rows}x{cols} is narrower than --min-cols {limits.min_cols} "
                 "(an embedding this thin is not worth its V^2 pairs)")
-    cost = estimate_cost(rows, cols)
+    cost = estimate_cost(rows, cols, sample_rows)
     if cost > limits.max_cost:
         return (f"snapshot {rows}x{cols}: estimated analysis cost {cost:.2g} multiply-adds exceeds --max-cost "
                 f"{limits.max_cost:.2g} (one job may not hold the worker that long; raise --max-cost to allow it)")

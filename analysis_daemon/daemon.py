@@ -28,7 +28,7 @@ from protocol import (DEFAULT_LIMITS, DEFAULT_PEER_LIMITS, End, Gate, Heartbeat,
 from protocol.shm import segment_belongs_to
 
 from . import backlog, recovery
-from .cost import CostLimits, check as check_cost
+from .cost import CostLimits, plan as plan_cost
 from .liveness import DEFAULT_RUN_TIMEOUT_S, Publishers
 from .assembly import DEFAULT_TIMEOUT_S, Assembler, PartRejected
 from .logsafe import RateLimiter, reason_key, safe
@@ -295,11 +295,16 @@ class Daemon:
         # Decided from the header alone, before the payload is even copied: a snapshot whose analysis
         # would hold the only worker (or memory) beyond the bounds is refused with its reason.
         settings = self.config.analysis
-        too_costly = check_cost(msg.shape[0], msg.shape[1], self.config.cost, settings.chunk_size,
-                                settings.knn_k if settings.extras else 0)
+        rows, cols = getattr(msg, "global_shape", None) or msg.shape  # a shard is judged by the whole matrix
+        too_costly, sample = plan_cost(rows, cols, self.config.cost, settings.chunk_size,
+                                       settings.knn_k if settings.extras else 0, settings.sample_rows)
         if too_costly is not None:
             self._reject(too_costly, msg.run)
             return
+        if sample is not None:
+            self.reject_log.log(logging.INFO, f"sampled:{msg.run}", "run %s iter %d: the exact geometry of %dx%d "
+                                "is over --max-cost %.2g: analysing it sampled from %d rows", safe(msg.run),
+                                msg.iter, rows, cols, self.config.cost.max_cost, sample)
         try:
             if msg.shm is not None:
                 self._check_shm_owner(msg)
@@ -314,9 +319,10 @@ class Daemon:
             snap = self._assemble(part_run, msg, tensor)
             if snap is None:
                 return
+            snap.sample_rows = sample  # judged by the whole matrix's shape, like every part of it
         else:
             snap = SnapshotData(iter=msg.iter, seq=msg.seq, name=msg.name, tensor=tensor, sent_at=msg.sent_at,
-                                metrics=msg.metrics)
+                                metrics=msg.metrics, sample_rows=sample)
         budget = self.config.max_pending_bytes
         with self.cond:
             pub, warning = self.publishers.route(msg.run, msg.publisher)

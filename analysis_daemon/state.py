@@ -42,6 +42,7 @@ class SnapshotData:
     sent_at: float | None = None  # publisher's wall clock, when it said
     metrics: dict[str, float | int] | None = None  # trainer scalars sent with the snapshot (validated)
     skipped_before: list[int] = field(default_factory=list)  # iterations of the run skipped just before it
+    sample_rows: int | None = None  # set when its exact geometry is over --max-cost: sample this many rows
     recovered: bool = False  # read back from --state-dir: it was being analysed when the daemon stopped
 
     @property

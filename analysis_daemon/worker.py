@@ -102,6 +102,11 @@ def warm_up(settings: AnalysisSettings) -> None:
         compute_insight(b, prev=a, probe_ids=[0])  # eigh's first call loads LAPACK too
 
 
+def _sample_rows(configured: int | None, planned: int | None) -> int | None:
+    # `planned`: the daemon's cost bound asked for a sample (cost.plan); the smaller of the two wins.
+    return min((n for n in (configured, planned) if n is not None), default=None)
+
+
 def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], None] | None = None,
             insight_state: RunInsight | None = None) -> dict[str, Any]:
     """Run drift (vs `job.previous`), geometry and the extras on `job.current`; the result record minus counters.
@@ -151,7 +156,7 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
         geom, neighbours = geometry_and_neighbours(
             cur.tensor, threshold=settings.threshold, chunk_size=settings.chunk_size,
             knn_k=settings.knn_k if settings.extras else 0, progress=progress,
-            sample_rows=settings.sample_rows, seed=settings.sample_seed)
+            sample_rows=_sample_rows(settings.sample_rows, cur.sample_rows), seed=settings.sample_seed)
         geometry = jsonable(geom)
         knn_ids = neighbours[0] if neighbours is not None else None
         # each row's k-th nearest cosine: the clump search's candidates (sampled geometry has lists for

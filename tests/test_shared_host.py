@@ -14,7 +14,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from analysis_daemon.cost import CostLimits, check, estimate_cost, estimate_memory
+from analysis_daemon.cost import CostLimits, check, estimate_cost, estimate_memory, plan
 from analysis_daemon.logsafe import RateLimiter, SafeFormatter, reason_key, safe
 from analysis_daemon.paths import run_dirname, run_from_dirname
 from analysis_daemon.vocab import CompactVocab
@@ -104,6 +104,12 @@ def test_cost_bounds_refuse_cheap_messages_with_expensive_analyses() -> None:
     # The model follows the dense definition: pairs x (d + overhead) + Gram terms.
     assert estimate_cost(1000, 10) == pytest.approx(1000 * 999 / 2 * 138 + 3 * 1000 * 100 + 20 * 1000)
     assert estimate_memory(1000, 10) > 4 * 1000 * 10 * 4
+    # Over --max-cost but a sample of >= 1000 rows fits: analysed sampled; the sample's cost is in the bound.
+    reason, sample = plan(131072, 2, CostLimits(max_cost=2e10))
+    assert reason is None and sample == 1173 and estimate_cost(131072, 2, sample) <= 2e10
+    assert plan(131072, 2, CostLimits(max_cost=2e10), can_sample=False)[0] is not None
+    assert "--max-cost" in plan(131072, 2, CostLimits(max_cost=1e9))[0]  # not even 1000 rows fit
+    assert plan(50304, 768, CostLimits()) == (None, None)
 
 
 # ------------------------------------------------------------------ keys
