@@ -290,6 +290,27 @@ def set_threads_and_priority(args: argparse.Namespace, log: logging.Logger) -> i
     return threads
 
 
+def raise_fd_limit(max_connections: int, log: logging.Logger) -> None:
+    """Raise the soft open-file limit to the hard one, and warn when --max-connections does not fit in it.
+
+    Every connection is a descriptor until the gate refuses it; a daemon out of descriptors cannot
+    accept its trainers or open their shared-memory slots.
+    """
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    except (ImportError, ValueError, OSError) as exc:
+        log.warning("could not raise the open-file limit: %s", exc)
+        return
+    if max_connections + 64 > soft:
+        log.warning("--max-connections %d is close to the open-file limit %d: lower it or raise the limit "
+                    "(ulimit -n)", max_connections, soft)
+
+
 def make_sinks(args: argparse.Namespace, settings: Any, threads: int, close_timeout: float | None) -> Any:
     """The SinkSet of parsed output options: console (unless --no-console), results file, W&B.
 
@@ -369,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         return fail(f"--max-pending-bytes: {exc}")
     threads = set_threads_and_priority(args, log)
+    raise_fd_limit(args.max_connections, log)
     for name in ("heartbeat_interval", "peer_timeout", "handshake_timeout", "max_cost"):
         value = getattr(args, name)
         if value is not None and not value > 0:

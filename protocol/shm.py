@@ -38,6 +38,7 @@ READY: Final[int] = 2  # complete, waiting for the reader
 
 _WORDS = struct.Struct("<QQQQ")  # magic, state, seq, nbytes
 _STATE_AT, _SEQ_AT = 8, 16
+_READ_CHUNK = 4 * 1024 * 1024  # bytes per preadv call when copying a payload out
 
 
 def shm_available(directory: Path = SHM_DIR) -> bool:
@@ -305,8 +306,8 @@ class ShmReader:
             out = np.empty(nbytes, dtype=np.uint8)
             view = memoryview(out)
             done = 0
-            while done < nbytes:  # preadv may return less than asked (at most ~2 GiB per call on Linux)
-                n = os.preadv(fd, [view[done:]], ref.offset + done)
+            while done < nbytes:  # in 4 MiB pieces (measured a little faster than one call; bench_shm_read.py)
+                n = os.preadv(fd, [view[done:done + _READ_CHUNK]], ref.offset + done)
                 if n <= 0:
                     raise ProtocolError(f"shm: segment {ref.segment!r} was truncated while being read "
                                         f"({done} of {nbytes} bytes)")
