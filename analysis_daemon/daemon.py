@@ -77,8 +77,10 @@ class DaemonConfig:
 
 
 def _held_bytes(state: RunState) -> int:
-    snaps = (state.previous, state.pending)
-    total = sum(s.tensor.numel() * s.tensor.element_size() for s in snaps if s is not None)
+    # The baseline, the run's backlog (bounded daemon-wide by --max-pending-bytes) and its vocabulary.
+    total = state.queued_bytes
+    if state.previous is not None:
+        total += state.previous.tensor.numel() * state.previous.tensor.element_size()
     vocab = state.hello.vocab if state.hello is not None else None
     return total + (vocab.nbytes() if isinstance(vocab, CompactVocab) else 0)
 
@@ -210,8 +212,8 @@ class Daemon:
             result["counters"] = state.counters.as_dict()
             # `lost` / `lost_by_sink`: results earlier sinks could not deliver (this one not yet known).
             result["daemon_counters"] = {**self.totals.as_dict(), **self.sinks.counters()}
-            # What this run holds between results (baseline + waiting snapshot + vocabulary): bounded by
-            # --max-bytes per snapshot and the vocabulary limits, reported so growth is visible.
+            # What this run holds between results (baseline + backlog + vocabulary): bounded by --max-bytes,
+            # --max-pending-bytes and the vocabulary limits, reported so growth is visible.
             result["memory_held_bytes"] = _held_bytes(state)
 
     def job_finished(self, job: Job) -> None:
