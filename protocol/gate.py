@@ -129,12 +129,20 @@ class Gate:
                         self._on_event(parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK)))
                     except zmq.Again:
                         break
+                    except Exception:  # a malformed event must not stop the gate
+                        log.exception("connection monitor: unreadable event")
+                        break
                 if self._zap in ready:
                     try:
                         request = self._zap.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         continue
-                    self._zap.send_multipart(self._answer(request))
+                    try:
+                        reply = self._answer(request)
+                    except Exception:  # a bug here must not leave every handshake waiting for an answer
+                        log.exception("ZAP handler failed; refusing this connection")
+                        reply = [b"1.0", request[1] if len(request) > 1 else b"", b"500", b"internal error", b"", b""]
+                    self._zap.send_multipart(reply)
         finally:
             self._monitor.close(0)
             self._zap.close(0)
@@ -153,7 +161,8 @@ class Gate:
             elif kind == zmq.EVENT_DISCONNECTED:
                 c.disconnected += 1
                 self._open.discard(fd)
-            else:
+            elif kind & (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                         | zmq.EVENT_HANDSHAKE_FAILED_AUTH):
                 c.handshake_failed += 1
                 log.debug("handshake failed: event %s value %s", kind, fd)
 
