@@ -37,6 +37,9 @@ from .staging import EventFactory, StagingPool, cuda_event
 
 log = logging.getLogger("embedding_monitor.hook")
 
+# Below this, fresh memory on the training thread costs a few ms at most (faulting in 16 MB): such
+# snapshots take slots and buffers as they come. Larger ones use what the sender thread prepared.
+_SMALL_BYTES = 16 * 1024 * 1024
 _REWARN_AFTER_S = 300.0  # a new episode of drops is logged again only after this long
 
 
@@ -129,6 +132,7 @@ class EmbeddingPublisher:
         self._writer: ShmWriter | None = None
         self._event_factory = _event_factory
         self._prepared_nbytes: int | None = None
+        self._prepared: PrepareJob | None = None  # the last prepare (its done event: slots exist)
         self._connect_grace_s = connect_grace_s
         # Until this moment a publish with no daemon connected yet is still copied and handed to the
         # sender thread, which waits for the first handshake: a trainer that publishes at iteration 0,
@@ -239,15 +243,18 @@ class EmbeddingPublisher:
 
     # ------------------------------------------------------------ publishing
 
-    def prepare(self, weight_or_module: Any) -> None:
-        """Before the training loop: connect and allocate, fault in, every buffer the weight's snapshots need.
+    def prepare(self, weight_or_module: Any, timeout: float = 60.0) -> bool:
+        """Before the training loop: connect, and allocate and fault in every buffer the weight's snapshots need.
 
-        Runs on the sender thread; publishes from the first one on then cost one copy. Raises the same
-        clear error publish() would for a weight that cannot be sent.
+        The work runs on the sender thread; this waits up to `timeout` s for it (0: do not wait) and
+        returns whether it finished. From then on every publish costs one copy, the first included.
+        Raises the same one-line error publish() would for a weight that cannot be sent.
         """
         part = self._part(weight_or_module)
-        if part is not None:
-            self._prepare_for(part, *self._wire_shape(part.local))
+        if part is None:
+            return True  # nothing to send from this rank
+        job = self._prepare_for(part, *self._wire_shape(part.local))
+        return job is None or job.done.wait(max(0.0, timeout))
 
     def _part(self, weight_or_module: Any) -> Part | None:
         if not self._shards_allowed or self._closed:
@@ -263,13 +270,15 @@ class EmbeddingPublisher:
         shape = (int(weight.shape[0]), int(weight.shape[1]))
         return dtype, shape, shape[0] * shape[1] * dtype.itemsize
 
-    def _prepare_for(self, part: Part, dtype: torch.dtype, shape: tuple[int, int], nbytes: int) -> None:
+    def _prepare_for(self, part: Part, dtype: torch.dtype, shape: tuple[int, int], nbytes: int) -> PrepareJob | None:
         # Once per size: the sender thread creates and faults in the shm slots / staging buffers, so
         # no later publish pays for fresh pages on the training thread.
         if self._sender is None or self._prepared_nbytes == nbytes:
-            return
+            return None
         self._prepared_nbytes = nbytes
-        self._sender.jobs.put(PrepareJob(nbytes=nbytes, pin=part.local.is_cuda))
+        job = self._prepared = PrepareJob(nbytes=nbytes, pin=part.local.is_cuda)
+        self._sender.jobs.put(job)
+        return job
 
     def publish(self, weight_or_module: Any, iter_num: int, metrics: dict[str, Any] | None = None) -> bool:
         """Copy the embedding weight (this rank's shard of a DTensor) and hand it off; True if handed off. Never blocks.
@@ -297,10 +306,19 @@ class EmbeddingPublisher:
                           connect_deadline=connect_deadline, metrics=clean, global_shape=part.global_shape,
                           offset=part.offset)
         try:
-            if weight.is_cuda or self._event_factory is not None or not sender.shm_enabled:
-                job.staged = self._pool.acquire(nbytes, pin=weight.is_cuda)
+            # A large snapshot uses the slots/buffers the sender thread prepared (prepare(), or queued by the
+            # first publish): fresh pages here would stall this thread (shm slot: ~10 copies), and faulting
+            # them in while the sender thread prepares contends with it for seconds. Only the very first
+            # publish without prepare() takes fresh (huge-page) memory, about 2x a copy.
+            big = nbytes > _SMALL_BYTES
+            prep = self._prepared if self._prepared is not None and self._prepared.nbytes == nbytes else None
+            ready = prep is not None and prep.done.is_set()
+            use_shm = sender.shm_enabled and not weight.is_cuda and self._event_factory is None and (ready or not big)
+            if not use_shm:
+                job.staged = self._pool.acquire(nbytes, pin=weight.is_cuda, allocate=not big or prep is None or ready)
                 if job.staged is None:
-                    return self._drop("snapshots still in flight (daemon slow or unreachable)")
+                    return self._drop("snapshots still in flight (daemon slow or unreachable), or buffers "
+                                      "still being prepared (call publisher.prepare(weight) before the loop)")
                 _copy_into(job.staged.data, weight, dtype, shape, non_blocking=weight.is_cuda)
                 if weight.is_cuda or self._event_factory is not None:
                     job.event = (self._event_factory or cuda_event)()

@@ -55,6 +55,7 @@ class PrepareJob:
 
     nbytes: int
     pin: bool
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -314,7 +315,10 @@ class Sender(threading.Thread):
                     job.done.set()
                 return
             if isinstance(job, PrepareJob):
-                self._prepare(job)
+                try:
+                    self._prepare(job)
+                finally:
+                    job.done.set()
                 continue
             try:
                 self._snapshot(job)

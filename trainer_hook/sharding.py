@@ -8,6 +8,7 @@ Everything publish cannot send is refused here, at the first publish, with one l
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,11 +36,10 @@ def dist_rank_and_world() -> tuple[int, int]:
 
 
 def _dtensor_class() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed
-        return None
-    return DTensor
+    # Never import it here: that takes seconds on the training thread at the first publish. A weight
+    # can only be a DTensor if the trainer has imported the module already.
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
 
 
 def is_dtensor(t: Any) -> bool:

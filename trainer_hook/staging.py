@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
 
 
@@ -32,7 +33,12 @@ class StagingBuffer:
 
     def __init__(self, nbytes: int, pin: bool) -> None:
         self.nbytes, self.pinned = nbytes, pin
-        self.data = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        if pin:
+            self.data = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        else:
+            # numpy advises huge pages for large arrays (MADV_HUGEPAGE): a fresh buffer's first write
+            # then faults 2 MB at a time, about 2x a copy instead of about 8x (bench_hook.py --faults).
+            self.data = torch.from_numpy(np.empty(nbytes, dtype=np.uint8))
 
     def view(self, dtype: torch.dtype, shape: tuple[int, int]) -> torch.Tensor:
         """The buffer seen as a (V, d) tensor of `dtype` (no copy)."""
@@ -52,12 +58,14 @@ class StagingPool:
         self._count = 0
         self._lock = threading.Lock()  # acquired on the training thread, released on the sender thread
 
-    def acquire(self, nbytes: int, pin: bool) -> StagingBuffer | None:
-        """A free buffer of exactly `nbytes` bytes, or None when all are in flight."""
+    def acquire(self, nbytes: int, pin: bool, allocate: bool = True) -> StagingBuffer | None:
+        """A free buffer of exactly `nbytes` bytes, or None when all are in flight (or none is free and not `allocate`)."""
         with self._lock:
             for i, buf in enumerate(self._free):
                 if buf.nbytes == nbytes and buf.pinned == pin:
                     return self._free.pop(i)
+            if not allocate:
+                return None
             if self._free:  # wrong size (shape or dtype changed): replace it rather than grow
                 self._free.pop()
                 self._count -= 1
