@@ -569,10 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _default_output(paths: list[Path]) -> Path:
     if len(paths) == 1:
         return paths[0].parent / REPORT_NAME
-    parents = [p.resolve().parent for p in paths]
-    common = Path(os.path.commonpath([str(p) for p in parents]))
-    # runs/a and runs/b share runs/; the page goes beside the run directories, not into one of them
-    return (common.parent if common in parents else common) / COMPARE_NAME
+    # runs/a/analysis.jsonl and runs/b/analysis.jsonl: runs/compare.html, beside the run directories
+    return Path(os.path.commonpath([str(p.resolve().parent) for p in paths])) / COMPARE_NAME
 
 
 def write_atomic(out: Path, text: str) -> None:

@@ -459,6 +459,12 @@ def test_same_run_name_twice_errors_and_default_output(two_runs: dict[str, Path]
     page = _page(tmp_path / "compare.html")
     for d in (a, b):  # the same run name, told apart by its results file
         assert f"lr-3e-3 ({d / 'analysis.jsonl'}): avg cosine, iter" in page
+    flat = tmp_path / "flat"  # two results files side by side: the page goes beside them
+    flat.mkdir()
+    for name, d in (("a.jsonl", a), ("b.jsonl", b)):
+        (flat / name).write_bytes((d / "analysis.jsonl").read_bytes())
+    assert main([str(flat / "a.jsonl"), str(flat / "b.jsonl")]) == 0
+    assert capsys.readouterr().out.startswith(f"report: {flat / 'compare.html'} (2 runs compared)\n")
     cases = [([str(a), str(a / "analysis.jsonl")], "the same results file is given twice: pass each run once"),
              ([str(a)] * (MAX_RUNS + 1), f"{MAX_RUNS + 1} runs given, at most {MAX_RUNS} fit on one page")]
     for argv, message in cases:
