@@ -215,6 +215,8 @@ def _replay(run: str, checkpoints: list[Any], tensor_name: str | None, settings:
         counters.analysed += 1
         result["counters"] = counters.as_dict()
         result["daemon_counters"] = counters.as_dict()
+        # as the daemon reports it: what is held until the next result (this snapshot, the next baseline)
+        result["memory_held_bytes"] = snap.tensor.numel() * snap.tensor.element_size()
         result["checkpoint"] = str(ckpt.path)
         result["iter_source"] = ckpt.iter_source
         sinks.handle(result)
