@@ -274,6 +274,11 @@ class Daemon:
             self.cond.notify_all()
         if warning:
             log.warning("%s", warning)
+        beat = msg.meta.get("heartbeat_s")
+        if type(beat) in (int, float) and 0 < beat <= 3600 and self.config.run_timeout < 2 * beat:
+            log.warning("run %s: its publisher heartbeats every %g s but --run-timeout is %g s, so a quiet "
+                        "trainer looks gone; use --run-timeout %g or more", safe(run), beat,
+                        self.config.run_timeout, 3 * beat)
         log.info("run %s: hello from pid %s on %s%s (vocab: %s tokens, wandb: %s)", safe(run), msg.pid,
                  safe(msg.host),
                  f", rank {msg.rank} of {msg.world_size}" if msg.world_size > 1 else "",

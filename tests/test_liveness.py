@@ -96,7 +96,8 @@ def test_silent_publishers_are_closed_like_end_and_released(start_daemon, push: 
     # Six trainers on another host (their pid cannot be checked here): each sends a hello and one
     # snapshot, then goes silent forever, as a SIGKILLed trainer does.
     for n in range(6):
-        push.send_multipart(encode_hello(run=f"gone-{n}", seq=0, pid=4242, host="elsewhere", publisher=f"p{n}"))
+        push.send_multipart(encode_hello(run=f"gone-{n}", seq=0, pid=4242, host="elsewhere", publisher=f"p{n}",
+                                         meta={"heartbeat_s": 0.2 if n else 5.0}))
         snapshot(push, f"gone-{n}", 7, torch.randn(40, 8), publisher=f"p{n}")
     # A heartbeat of a publisher never introduced creates nothing.
     push.send_multipart(encode_heartbeat(run="ghost", seq=0, publisher="nobody"))
@@ -109,6 +110,9 @@ def test_silent_publishers_are_closed_like_end_and_released(start_daemon, push: 
     # Memory: the two oldest closed runs are released (four ended runs are kept for resumption).
     assert log.count("state released from memory") == 2
     assert "ghost" not in log and not (d.results_dir / "ghost").exists()
+    # The hook tells its heartbeat interval: a timeout shorter than two of them is called out.
+    assert log.count("heartbeats every") == 1
+    assert "run gone-0: its publisher heartbeats every 5 s but --run-timeout is 1 s" in log
 
 
 def test_dead_local_publisher_segments_removed_and_open_run_limit_evicts(
