@@ -142,7 +142,9 @@ def bench_stall(weight: torch.Tensor, reps: int, shared_memory: bool, prepare: b
             times.append(time.perf_counter() - t)
         wait_snapshots(listener, sent)
         dropped = 2 - sent
-        time.sleep(0.5 if weight.numel() < 10**8 else 3.0)  # without prepare(): the sender fills the rest in now
+        if pub._prepared is not None:  # without prepare(): the sender thread makes the buffers now
+            pub._prepared.done.wait(600)
+        time.sleep(0.5)
         for i in range(2, 2 + reps):
             t = time.perf_counter()
             assert pub.publish(weight, i), "snapshot dropped"
@@ -333,7 +335,7 @@ def print_stall(weight: torch.Tensor, reps: int) -> None:
         for prepare in (False, True):
             r = bench_stall(weight, reps, shared_memory, prepare)
             print(f"  {label} {'prepare()   ' if prepare else 'no prepare()'}  first {r['first']:8.1f} ms  second "
-                  f"{r['second']:8.1f} ms{' (dropped)' if r['dropped'] else '          '}  steady {r['steady']:8.1f} ms  "
+                  f"{r['second']:8.1f} ms  dropped {r['dropped']}  steady {r['steady']:8.1f} ms  "
                   f"worst/steady {r['ratio']:5.2f}x")
 
 

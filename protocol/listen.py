@@ -17,7 +17,7 @@ import time
 
 import zmq
 
-from .messages import Hello, Limits, ProtocolError, Snapshot, decode
+from .messages import End, Hello, Limits, ProtocolError, Snapshot, decode
 from .security import CurveServer
 from .shm import ShmReader
 from .transport import bind_receiver
@@ -35,8 +35,9 @@ def describe(msg, shm: ShmReader, digest: bool) -> dict:
                    sent_at=msg.sent_at, via="shm" if msg.shm is not None else "inline", metrics=msg.metrics)
         if digest:
             out["digest"] = hashlib.blake2b(data, digest_size=16).hexdigest()
-    else:
+    elif isinstance(msg, End):
         out.update(final_iter=msg.final_iter, published=msg.published, dropped=msg.dropped)
+    # other kinds (heartbeat) carry nothing beyond the common fields
     out["t_done"] = time.time()
     return out
 

@@ -40,6 +40,9 @@ log = logging.getLogger("embedding_monitor.hook")
 # Below this, fresh memory on the training thread costs a few ms at most (faulting in 16 MB): such
 # snapshots take slots and buffers as they come. Larger ones use what the sender thread prepared.
 _SMALL_BYTES = 16 * 1024 * 1024
+# Above this a first publish without prepare() is dropped instead of copied into fresh memory: 2 GB of new
+# pages took 11 s on the training thread of a loaded host (bench_hook.py --stall, 128256 x 4096).
+_FRESH_MAX_BYTES = 256 * 1024 * 1024
 _REWARN_AFTER_S = 300.0  # a new episode of drops is logged again only after this long
 
 
@@ -309,14 +312,20 @@ class EmbeddingPublisher:
             # A large snapshot uses the slots/buffers the sender thread prepared (prepare(), or queued by the
             # first publish): fresh pages here would stall this thread (shm slot: ~10 copies), and faulting
             # them in while the sender thread prepares contends with it for seconds. Only the very first
-            # publish without prepare() takes fresh (huge-page) memory, about 2x a copy.
+            # publish without prepare() takes fresh (huge-page) memory, about 2x a copy, up to _FRESH_MAX_BYTES.
             big = nbytes > _SMALL_BYTES
             prep = self._prepared if self._prepared is not None and self._prepared.nbytes == nbytes else None
             ready = prep is not None and prep.done.is_set()
             use_shm = sender.shm_enabled and not weight.is_cuda and self._event_factory is None and (ready or not big)
             if not use_shm:
-                job.staged = self._pool.acquire(nbytes, pin=weight.is_cuda, allocate=not big or prep is None or ready)
+                fresh_ok = not big or ready or (prep is None and nbytes <= _FRESH_MAX_BYTES)
+                job.staged = self._pool.acquire(nbytes, pin=weight.is_cuda, allocate=fresh_ok)
                 if job.staged is None:
+                    if prep is None:
+                        self._prepare_for(part, dtype, shape, nbytes)
+                        return self._drop(f"first snapshot of {nbytes / 1e6:.0f} MB skipped while its buffers are "
+                                          "prepared off the training thread; call publisher.prepare(weight) before "
+                                          "the loop to keep it")
                     return self._drop("snapshots still in flight (daemon slow or unreachable), or buffers "
                                       "still being prepared (call publisher.prepare(weight) before the loop)")
                 _copy_into(job.staged.data, weight, dtype, shape, non_blocking=weight.is_cuda)
