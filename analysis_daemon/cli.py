@@ -116,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="on SIGTERM/SIGINT, let the running analysis finish for this long, then "
                            "abandon it (default: %(default)s)")
     life.add_argument("--assembly-timeout", type=float, default=120.0, metavar="SECONDS",
-                      help="sharded (FSDP2/tensor-parallel) runs: drop an iteration whose parts from all ranks "
-                           "have not arrived within this long, and end a run this long after its first rank "
-                           "ended (default: %(default)s)")
+                      help="sharded (FSDP2/tensor-parallel) runs: drop an iteration whose parts have not all "
+                           "arrived within this long; an ending run waits at most this long for them "
+                           "(default: %(default)s)")
     return p
 
 
