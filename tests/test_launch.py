@@ -23,6 +23,17 @@ def _launch_env(subprocess_env: dict[str, str], tmp_path: Path, port: int) -> di
                 RUN="launch-test", WANDB_MODE="offline")
 
 
+def _terminal_signals() -> None:
+    """In the child before exec: SIGINT/SIGHUP at their defaults, as under a terminal.
+
+    A shell started with a signal ignored can never trap it ("signals ignored upon entry cannot be
+    trapped"), and a test runner started in the background of a non-interactive shell inherits SIGINT
+    ignored: launch.sh's Ctrl-C trap would then silently not exist and the test would see exit 0.
+    """
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _our_segments() -> set[str]:
     # The hook's shared-memory slots ("emon-<pid>-..."); other software's segments are not ours to judge.
     shm = Path("/dev/shm")
@@ -89,7 +100,7 @@ def test_ctrl_c_stops_trainer_and_daemon_without_leftovers(sig, status, name, tm
         [str(ROOT / "launch.sh"), "--", "--max_iters=100000", "--eval_interval=20", "--eval_iters=2",
          f"--out_dir={tmp_path / 'out'}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-        start_new_session=True)
+        start_new_session=True, preexec_fn=_terminal_signals)
     results = tmp_path / "runs" / "launch-test" / "analysis.jsonl"
     deadline = time.monotonic() + 180
     while not (results.exists() and results.read_text().count("\n") >= 2):
