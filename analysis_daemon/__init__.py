@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 _EXPORTS = {
-    "DriftShapeMismatch": "analysis_daemon.drift",
-    "measure_semantic_drift": "analysis_daemon.drift",
-    "analyze_embedding_geometry": "analysis_daemon.geometry",
-    "pairwise_moments": "analysis_daemon.geometry",
+    "DriftShapeMismatch": "analysis_daemon.metrics.drift",
+    "measure_semantic_drift": "analysis_daemon.metrics.drift",
+    "analyze_embedding_geometry": "analysis_daemon.metrics.geometry",
+    "pairwise_moments": "analysis_daemon.metrics.geometry",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _default_budget() -> str:
-    from .backlog import default_max_pending_bytes, human
+    from .service.backlog import default_max_pending_bytes, human
     return human(default_max_pending_bytes())
 
 
@@ -223,7 +223,7 @@ def setup_logging(level: str, log_file: Path | None) -> logging.Logger:
     """stderr (and optionally a file) handlers on the daemon's logger."""
     logger = logging.getLogger(LOGGER)
     logger.setLevel(level)
-    from .logsafe import SafeFormatter  # peer-supplied text never reaches the log raw
+    from .service.logsafe import SafeFormatter  # peer-supplied text never reaches the log raw
 
     fmt = SafeFormatter("%(asctime)s analysis-daemon %(levelname)s %(message)s")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
@@ -249,8 +249,8 @@ def _ensure_passive_omp(argv: list[str]) -> None:
 
 def analysis_settings(args: argparse.Namespace) -> Any:
     """The AnalysisSettings of parsed options (from `add_analysis_options`); ValueError names a bad one."""
-    from .alerts import AlertSettings
-    from .worker import AnalysisSettings
+    from .metrics.alerts import AlertSettings
+    from .pipeline import AnalysisSettings
 
     for name in ("threshold", "chunk_size", "top_k", "threads", "knn_k", "probe_k", "sample_rows"):
         value = getattr(args, name)
@@ -355,10 +355,10 @@ def main(argv: list[str] | None = None) -> int:
         from protocol.keygen import main as keygen_main
         return keygen_main(argv[1:])
     if argv[:1] == ["report"]:
-        from .report import main as report_main
+        from .report.page import main as report_main
         return report_main(argv[1:])
     if argv[:1] == ["replay"]:
-        from .replay import build_parser as replay_parser, main as replay_main
+        from .replay.command import build_parser as replay_parser, main as replay_main
         replay_args = replay_parser().parse_args(argv[1:])
         _ensure_passive_omp(argv)
         return replay_main(replay_args)
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from protocol import DEFAULT_LIMITS, CurveServer
 
-    from .daemon import Daemon, DaemonConfig
+    from .service.daemon import Daemon, DaemonConfig
 
     for name in ("max_rows", "max_cols", "max_bytes", "max_connections", "max_vocab_tokens", "max_vocab_bytes",
                  "min_cols", "max_analysis_memory"):
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc))
     if not args.run_timeout > 0:
         return fail(f"--run-timeout must be more than 0 seconds, got {args.run_timeout}")
-    from .backlog import default_max_pending_bytes, parse_bytes
+    from .service.backlog import default_max_pending_bytes, parse_bytes
     try:
         max_pending = (parse_bytes(args.max_pending_bytes) if args.max_pending_bytes is not None
                        else default_max_pending_bytes())
@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc))
     from protocol import PeerLimits
 
-    from .cost import DEFAULT_MAX_COST, DEFAULT_MAX_MEMORY, CostLimits
+    from .service.cost import DEFAULT_MAX_COST, DEFAULT_MAX_MEMORY, CostLimits
     cost = CostLimits(max_cost=args.max_cost or DEFAULT_MAX_COST, min_cols=args.min_cols,
                       max_memory=args.max_analysis_memory or DEFAULT_MAX_MEMORY)
     if limits.max_payload_bytes > cost.max_memory // 4:

@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from analysis_daemon.drift import measure_semantic_drift  # noqa: E402
-from analysis_daemon.geometry import analyze_embedding_geometry, geometry_and_neighbours  # noqa: E402
-from analysis_daemon.clump import find_clump  # noqa: E402
-from analysis_daemon.galaxy import galaxy_map  # noqa: E402
-from analysis_daemon.insight import compute_insight  # noqa: E402
+from analysis_daemon.metrics.drift import measure_semantic_drift  # noqa: E402
+from analysis_daemon.metrics.geometry import analyze_embedding_geometry, geometry_and_neighbours  # noqa: E402
+from analysis_daemon.metrics.clump import find_clump  # noqa: E402
+from analysis_daemon.metrics.galaxy import galaxy_map  # noqa: E402
+from analysis_daemon.metrics.insight import compute_insight  # noqa: E402
 
 
 def make_embeddings(vocab: int, dim: int, seed: int = 0) -> torch.Tensor:

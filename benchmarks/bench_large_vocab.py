@@ -42,9 +42,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import analysis_daemon.geometry as geometry  # noqa: E402
-from analysis_daemon.drift import measure_semantic_drift  # noqa: E402
-from analysis_daemon.geometry import geometry_and_neighbours, pairwise_moments  # noqa: E402
+import analysis_daemon.metrics.geometry as geometry  # noqa: E402
+from analysis_daemon.metrics.drift import measure_semantic_drift  # noqa: E402
+from analysis_daemon.metrics.geometry import geometry_and_neighbours, pairwise_moments  # noqa: E402
 
 GB = 1e9
 

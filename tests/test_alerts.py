@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 
-from analysis_daemon.alerts import AlertSettings, RunAlerts, check, drift_spike_bound
+from analysis_daemon.metrics.alerts import AlertSettings, RunAlerts, check, drift_spike_bound
 
 
 def record(it: int, mean: float | None = 0.1, rank: float | None = 30.0, drift: float | None = None,

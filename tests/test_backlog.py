@@ -9,9 +9,9 @@ import pytest
 import torch
 import zmq
 
-from analysis_daemon.backlog import enqueue, next_run, parse_bytes, trim
-from analysis_daemon.state import RunState, SnapshotData
-from analysis_daemon.state_store import StateStore
+from analysis_daemon.service.backlog import enqueue, next_run, parse_bytes, trim
+from analysis_daemon.service.state import RunState, SnapshotData
+from analysis_daemon.service.state_store import StateStore
 from protocol import encode_end
 from tests.conftest import free_tcp_port
 from tests.test_daemon import (assert_drift_matches, env, matrices, push, snapshot,  # noqa: F401  (fixtures)

@@ -8,14 +8,14 @@ from typing import Any
 import pytest
 import torch
 
-from analysis_daemon.paths import run_dirname
+from analysis_daemon.service.paths import run_dirname
 from analysis_daemon.sinks import Sink, SinkSet
 from analysis_daemon.sinks.console import format_result
 from analysis_daemon.sinks.jsonl import JsonlSink
 from analysis_daemon.sinks.wandb_sink import wandb_run_settings
-from analysis_daemon.state import HelloInfo, SnapshotData
-from analysis_daemon.state_store import StateStore
-from analysis_daemon.worker import jsonable
+from analysis_daemon.service.state import HelloInfo, SnapshotData
+from analysis_daemon.service.state_store import StateStore
+from analysis_daemon.pipeline import jsonable
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis_daemon.galaxy import cluster_purity
+from analysis_daemon.metrics.galaxy import cluster_purity
 from corpus import same_group_neighbour_rate, synthetic_vocab
 from model import GPT, GPTConfig
 from tests.test_daemon import DaemonProc

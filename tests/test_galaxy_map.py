@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from analysis_daemon.alerts import AlertSettings, RunAlerts, check
-from analysis_daemon.clump import find_clump, sample_size
-from analysis_daemon.galaxy import MAX_CLUSTERS_LISTED, cluster_purity, galaxy_map, subset_ids
-from analysis_daemon.geometry import geometry_and_neighbours
+from analysis_daemon.metrics.alerts import AlertSettings, RunAlerts, check
+from analysis_daemon.metrics.clump import find_clump, sample_size
+from analysis_daemon.metrics.galaxy import MAX_CLUSTERS_LISTED, cluster_purity, galaxy_map, subset_ids
+from analysis_daemon.metrics.geometry import geometry_and_neighbours
 
 
 def planted(groups: int = 12, size: int = 6, noise: float = 0.15, extra: int = 60, d: int = 48, seed: int = 0):

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from analysis_daemon.drift import measure_semantic_drift
-from analysis_daemon.geometry import analyze_embedding_geometry, geometry_and_neighbours
-from analysis_daemon.insight import (compute_insight, effective_rank, frozen_rows, isotropy,
+from analysis_daemon.metrics.drift import measure_semantic_drift
+from analysis_daemon.metrics.geometry import analyze_embedding_geometry, geometry_and_neighbours
+from analysis_daemon.metrics.insight import (compute_insight, effective_rank, frozen_rows, isotropy,
                                      neighbourhood_overlap, probe_neighbours, resolve_probes,
                                      row_norm_stats, singular_values, spectrum)
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 import zmq
 
-from analysis_daemon.liveness import publisher_tag
-from analysis_daemon.report import load_results
+from analysis_daemon.service.liveness import publisher_tag
+from analysis_daemon.report.page import load_results
 from protocol import encode_end, encode_heartbeat, encode_hello, segments_of, shm_available
 from tests.test_daemon import (assert_drift_matches, env, matrices, push, snapshot,  # noqa: F401  (fixtures)
                                start_daemon, wait_for)

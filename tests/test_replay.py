@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import save_file
 
 from analysis_daemon import measure_semantic_drift
-from analysis_daemon.checkpoints import CheckpointError, expand, order, read_embedding
+from analysis_daemon.replay.checkpoints import CheckpointError, expand, order, read_embedding
 from analysis_daemon.cli import main as cli_main
-from analysis_daemon.safetensors_file import SafetensorsError, read_header, read_tensor
+from analysis_daemon.replay.safetensors_file import SafetensorsError, read_header, read_tensor
 from tests import wandb_history
-from analysis_daemon.report import main as report_main
+from analysis_daemon.report.page import main as report_main
 from tests.test_daemon import DaemonProc
 from tests.test_train import train_here
 
@@ -372,7 +372,7 @@ def test_only_the_embedding_is_read_not_the_model(tmp_path: Path, subprocess_env
     code = (
         "import resource, sys, torch\n"
         "from pathlib import Path\n"
-        "from analysis_daemon.checkpoints import read_embedding\n"
+        "from analysis_daemon.replay.checkpoints import read_embedding\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "for name in sys.argv[1:]:\n"
         "    e = read_embedding(Path(name))\n"
@@ -385,7 +385,7 @@ def test_only_the_embedding_is_read_not_the_model(tmp_path: Path, subprocess_env
 
 
 def test_vocabulary_files_beside_the_weights(tmp_path: Path) -> None:
-    from analysis_daemon.vocab_files import load_vocab
+    from analysis_daemon.replay.vocab_files import load_vocab
 
     (tmp_path / "ck").mkdir()
     (tmp_path / "vocab.txt").write_text("[PAD]\nhello\nworld\n")

@@ -21,8 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from analysis_daemon.report import Results, build_report, load_results, main
-from analysis_daemon.report_svg import esc, nice_ticks
+from analysis_daemon.report.page import Results, build_report, load_results, main
+from analysis_daemon.report.svg import esc, nice_ticks
 from tests.conftest import free_tcp_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,7 +225,7 @@ def test_insight_alerts_and_probes_are_plotted_and_tabled(run_dir: Path, tmp_pat
 
 
 def test_many_alerts_are_listed_first_and_last(tmp_path: Path, capsys) -> None:
-    from analysis_daemon.report import ALERT_ROWS, MAX_MARKERS
+    from analysis_daemon.report.page import ALERT_ROWS, MAX_MARKERS
 
     n = MAX_MARKERS + 10
     path = tmp_path / "analysis.jsonl"
@@ -326,9 +326,9 @@ def test_any_json_shape_renders_without_error(fields: list[dict[str, Any]], runs
 
 
 def test_hostile_metrics_galaxy_and_skips_are_bounded_and_escaped(tmp_path: Path, capsys) -> None:
-    from analysis_daemon.report import MAX_METRIC_CHARTS, MAX_METRIC_NAMES
-    from analysis_daemon.report_galaxy import MAX_POINTS
-    from analysis_daemon.report_records import MAX_SKIP_MARKS
+    from analysis_daemon.report.page import MAX_METRIC_CHARTS, MAX_METRIC_NAMES
+    from analysis_daemon.report.galaxy import MAX_POINTS
+    from analysis_daemon.report.records import MAX_SKIP_MARKS
 
     evil = '<svg onload="alert(1)">'
     recs = []

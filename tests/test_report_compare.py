@@ -18,10 +18,10 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-from analysis_daemon.report import main
-from analysis_daemon.report_svg import PALETTE
+from analysis_daemon.report.page import main
+from analysis_daemon.report.svg import PALETTE
 from tests.conftest import free_tcp_port
-from analysis_daemon.report_svg import esc, fmt
+from analysis_daemon.report.svg import esc, fmt
 from tests.test_report import _chromium, _headless, _png_pixels, _png_size
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -228,7 +228,7 @@ def test_two_real_runs_share_axes_one_colour_per_run(two_runs: dict[str, Path]) 
     assert sum(1 for s in _svgs(page) if s.get("class") == "heatmap") == 2  # one per run
 
     # The daemon's galaxy maps: up to 8 small multiples per run, and the latest map with a tooltip per token.
-    from analysis_daemon.report_galaxy import SNAPSHOTS
+    from analysis_daemon.report.galaxy import SNAPSHOTS
     scatters = [s for s in _svgs(page) if s.get("class") == "scatter"]
     assert len(scatters) == sum(min(SNAPSHOTS, len(rs)) + 1 for rs in recs.values())
     for run, rs in recs.items():
@@ -283,7 +283,7 @@ def test_numeric_axis_gaps_and_skipped_iterations(two_runs: dict[str, Path], tmp
 
 def test_token_histories_follow_the_drifted_tokens_and_probes(two_runs: dict[str, Path], tmp_path: Path,
                                                              capsys) -> None:
-    from analysis_daemon.report_history import LAST_TOKENS
+    from analysis_daemon.report.history import LAST_TOKENS
 
     run = two_runs["lr-3e-3"]
     assert main([str(run), "-o", str(tmp_path / "r.html")]) == 0
@@ -351,7 +351,7 @@ def _with_metrics_and_galaxy(recs: list[dict[str, Any]]) -> list[dict[str, Any]]
 
 
 def test_loss_beside_drift_and_the_galaxy_map(two_runs: dict[str, Path], tmp_path: Path, capsys) -> None:
-    from analysis_daemon.report_galaxy import SINGLETON, SNAPSHOTS
+    from analysis_daemon.report.galaxy import SINGLETON, SNAPSHOTS
 
     dirs = [_copy_run(d, tmp_path / run, _with_metrics_and_galaxy) for run, d in two_runs.items()]
     out = tmp_path / "both.html"
@@ -448,7 +448,7 @@ def test_multi_run_page_renders_in_headless_chromium(two_runs: dict[str, Path], 
 
 
 def test_same_run_name_twice_errors_and_default_output(two_runs: dict[str, Path], tmp_path: Path, capsys) -> None:
-    from analysis_daemon.report import MAX_RUNS
+    from analysis_daemon.report.page import MAX_RUNS
 
     src = two_runs["lr-3e-3"]
     a = _copy_run(src, tmp_path / "host-a" / "lr-3e-3")

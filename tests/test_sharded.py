@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis_daemon.assembly import Assembler, PartRejected
-from analysis_daemon.state import Job, RunInsight, SnapshotData
-from analysis_daemon.worker import AnalysisSettings, analyse
+from analysis_daemon.service.assembly import Assembler, PartRejected
+from analysis_daemon.service.state import Job, RunInsight, SnapshotData
+from analysis_daemon.pipeline import AnalysisSettings, analyse
 from protocol import decode, encode_snapshot
 from tests.test_daemon import DaemonProc, wait_for
 
@@ -54,7 +54,7 @@ def close(a, b, path: str = "") -> None:
 
 def reference(out: Path, run: str, iters: list[int]) -> list[dict]:
     """Analyse the saved full_tensor() of each iteration exactly as the daemon's worker does."""
-    from analysis_daemon.worker import jsonable
+    from analysis_daemon.pipeline import jsonable
 
     torch.set_num_threads(1)  # the daemon runs with --threads 1: same reduction order
     prev, records, insight = None, [], RunInsight()

@@ -137,7 +137,7 @@ def galaxy_metrics(result: dict[str, Any], wandb: Any, vocab: list[str] | None =
     galaxy = result.get("galaxy")
     if not galaxy:
         return data
-    from ..galaxy import token_label
+    from ..metrics.galaxy import token_label
     rows = [[result["iter"], int(t), token_label(vocab, int(t)), x, y, c] for t, x, y, c in galaxy["points"]]
     data["analysis/galaxy"] = wandb.Table(columns=GALAXY_COLUMNS, data=rows)
     data["analysis/galaxy_clusters"] = galaxy.get("cluster_count", len(galaxy.get("clusters") or []))

@@ -1,24 +1,23 @@
-"""The analysis thread: takes one job at a time from the daemon, runs drift + geometry, feeds the sinks.
+"""One snapshot pair in, one result record out: the analysis pipeline shared by the daemon and replay.
 
-torch releases the GIL inside its matmuls and reductions, so the receive loop on the main thread keeps
-draining the socket (and releasing shared-memory slots) while this thread computes.
+`analyse(job, settings)` runs drift (against `job.previous`), geometry (exact or sampled) and the
+insight extras (spectrum, norms, neighbour lists, probes, galaxy map, clump search, alerts) on
+`job.current`, and returns the JSON-ready record the sinks write. The live daemon's worker thread
+(service/worker.py) and `analysis-daemon replay` (replay/command.py) both call it, so a replayed
+checkpoint and a live snapshot give records of one form.
 """
 from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 
-from .alerts import AlertSettings, RunAlerts, check as check_alerts
-from .state import Job, RunInsight, SnapshotData
-
-if TYPE_CHECKING:
-    from .daemon import Daemon
+from .metrics.alerts import AlertSettings, RunAlerts, check as check_alerts
+from .service.state import Job, RunInsight, SnapshotData
 
 log = logging.getLogger("embedding_monitor.daemon")
 
@@ -90,15 +89,15 @@ def warm_up(settings: AnalysisSettings) -> None:
     hundred ms on a loaded machine); paid here, they do not delay the first real snapshot, which would
     make the next one arrive while the worker is still busy and be skipped.
     """
-    from .drift import measure_semantic_drift
-    from .geometry import analyze_embedding_geometry
+    from .metrics.drift import measure_semantic_drift
+    from .metrics.geometry import analyze_embedding_geometry
 
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(64, 16, generator=gen), torch.randn(64, 16, generator=gen)
     measure_semantic_drift(a, b, top_k=settings.top_k)
     analyze_embedding_geometry(b, threshold=settings.threshold, chunk_size=min(settings.chunk_size, 32))
     if settings.extras:
-        from .insight import compute_insight
+        from .metrics.insight import compute_insight
         compute_insight(b, prev=a, probe_ids=[0])  # eigh's first call loads LAPACK too
 
 
@@ -114,8 +113,8 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     `insight_state` is the run's state between results (previous neighbour lists, alert history); a
     fresh one (no neighbourhood drift, no drift history) when None.
     """
-    from .drift import measure_semantic_drift
-    from .geometry import geometry_and_neighbours
+    from .metrics.drift import measure_semantic_drift
+    from .metrics.geometry import geometry_and_neighbours
 
     state = insight_state if insight_state is not None else RunInsight()
     cur: SnapshotData = job.current
@@ -229,7 +228,7 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
 
 def _insight(job: Job, settings: AnalysisSettings, state: RunInsight, knn_ids: Any,
              vocab: list[str] | None) -> dict[str, Any]:
-    from .insight import compute_insight, resolve_probes
+    from .metrics.insight import compute_insight, resolve_probes
 
     cur, prev = job.current, job.previous
     probe_ids, unknown = resolve_probes(settings.probes, vocab, cur.tensor.shape[0])
@@ -252,8 +251,8 @@ def _insight(job: Job, settings: AnalysisSettings, state: RunInsight, knn_ids: A
 def _galaxy_and_clump(job: Job, settings: AnalysisSettings, state: RunInsight, knn_kth: Any,
                       vocab: list[str] | None) -> tuple[dict | None, dict | None, str | None]:
     """The galaxy map (aligned to the run's previous one) and the partial-collapse clump; errors as text."""
-    from .clump import find_clump
-    from .galaxy import galaxy_map
+    from .metrics.clump import find_clump
+    from .metrics.galaxy import galaxy_map
 
     cur, errors = job.current, []
     galaxy = clump = None
@@ -274,120 +273,3 @@ def _galaxy_and_clump(job: Job, settings: AnalysisSettings, state: RunInsight, k
     for error in errors:
         log.error("run %s iter %d: %s", job.run, cur.iter, error)
     return galaxy, clump, "; ".join(errors) or None
-
-
-class AnalysisWorker(threading.Thread):
-    """The one thread that runs analyses and calls the sinks, in order, one result at a time."""
-
-    def __init__(self, daemon: "Daemon", settings: AnalysisSettings) -> None:
-        super().__init__(name="analysis-worker", daemon=True)
-        self.daemon_ref = daemon
-        self.settings = settings
-        self.current: Job | None = None  # read by the main thread at shutdown (for its log line)
-        self.fraction_done = 0.0
-        self._hello_sent: dict[str, Any] = {}
-        self._insight: dict[str, RunInsight] = {}  # per run; only this thread touches it
-
-    def _progress_callback(self, job: Job) -> Callable[[float], None]:
-        started = time.monotonic()
-        last = [started]
-        abandon = self.daemon_ref.abandon
-
-        def progress(fraction: float) -> None:
-            self.fraction_done = fraction
-            if abandon.is_set():
-                raise AnalysisAbandoned(f"abandoned at {fraction:.0%}")
-            now = time.monotonic()
-            if now - last[0] >= self.settings.progress_interval:
-                last[0] = now
-                log.info("run %s iter %d: geometry %.0f%% done after %.1f s",
-                         job.run, job.current.iter, 100 * fraction, now - started)
-        return progress
-
-    def run(self) -> None:
-        """Take tasks until the daemon says stop."""
-        d = self.daemon_ref
-        while True:
-            task = d.next_task()
-            if task is None:
-                return
-            try:
-                if isinstance(task, Job):
-                    self._run_job(task)
-                else:
-                    run, summary = task
-                    d.sinks.run_ended(run, summary)
-                    d.mark_closed(run)
-                    self._forget_released_runs()
-            except Exception as exc:  # a bug here must cost one task, never the daemon's only worker
-                log.exception("worker: %s failed: %s: %s", "job" if isinstance(task, Job) else "closing a run",
-                              type(exc).__name__, exc)
-
-    def _forget_released_runs(self) -> None:
-        # The daemon releases ended runs from memory; drop this thread's per-run state with them.
-        live = set(self.daemon_ref.runs)
-        for per_run in (self._insight, self._hello_sent):
-            for run in [r for r in per_run if r not in live]:
-                del per_run[run]
-
-    def _run_job(self, job: Job) -> None:
-        d = self.daemon_ref
-        self.current, self.fraction_done = job, 0.0
-        try:
-            self._analyse_and_report(job)
-        finally:
-            # Whatever happened, the run is free again: a stuck `busy` flag would stop its analyses
-            # and keep --exit-on-end from ever exiting.
-            self.current = None
-            d.job_finished(job)
-
-    def _analyse_and_report(self, job: Job) -> None:
-        d = self.daemon_ref
-        if job.hello is not None and self._hello_sent.get(job.run) is not job.hello:
-            self._hello_sent[job.run] = job.hello
-            d.sinks.run_hello(job.run, job.hello)
-            if d.store is not None:  # here, not on the receive thread: it fsyncs the whole vocabulary
-                try:
-                    d.store.save_hello(job.run, job.hello)
-                except OSError as exc:
-                    log.error("state dir: could not save hello of run %s: %s", job.run, exc)
-        if d.store is not None and not job.current.recovered:
-            # On disk before the analysis, promoted to baseline only once its result is delivered:
-            # a crash in between leaves the old baseline (which has a record) and this snapshot,
-            # analysed again at the next start-up.
-            try:
-                d.store.begin_analysis(job.run, job.current)
-            except OSError as exc:
-                log.error("state dir: could not save run %s iter %d: %s", job.run, job.current.iter, exc)
-        prev_iter = job.previous.iter if job.previous is not None else None
-        if job.repeat_of is not None:
-            log.warning("run %s iter %d: repeats an iteration (iter %d was analysed already): a trainer resumed "
-                        "from a checkpoint? Both records are kept; this one is marked \"repeat\": true",
-                        job.run, job.current.iter, job.repeat_of)
-        log.info("run %s iter %d: analysing %s %s (drift vs iter %s)", job.run, job.current.iter,
-                 "x".join(map(str, job.current.shape)), job.current.dtype, prev_iter)
-        try:
-            result = analyse(job, self.settings, self._progress_callback(job),
-                             self._insight.setdefault(job.run, RunInsight()))
-        except AnalysisAbandoned as exc:
-            log.warning("run %s iter %d: analysis abandoned on shutdown (%s)", job.run,
-                        job.current.iter, exc)
-            return
-        except Exception as exc:  # analyse() catches math errors itself; this is a daemon bug
-            log.exception("run %s iter %d: analysis crashed: %s", job.run, job.current.iter, exc)
-            return
-        if job.repeat_of is not None:
-            result["repeat"], result["resumed_after_iter"] = True, job.repeat_of
-        if job.current.recovered:
-            result["recovered"] = True  # analysed again after a restart (it was interrupted)
-        d.add_counters(job, result)
-        log.info("run %s iter %d: analysed in %.2f s", job.run, job.current.iter, result["seconds"])
-        # The job is finished (by _run_job) only after this: --exit-on-end must not exit between the
-        # analysis and the sinks.
-        d.sinks.handle(result)
-        if d.store is not None:
-            try:
-                d.store.commit_analysis(job.run, job.current)
-            except OSError as exc:
-                log.error("state dir: could not record run %s iter %d as analysed: %s", job.run,
-                          job.current.iter, exc)

@@ -32,11 +32,12 @@ from .cost import CostLimits, plan as plan_cost
 from .liveness import DEFAULT_RUN_TIMEOUT_S, Publishers
 from .assembly import DEFAULT_TIMEOUT_S, Assembler, PartRejected
 from .logsafe import RateLimiter, reason_key, safe
-from .sinks import SinkSet
+from ..sinks import SinkSet
 from .state import Counters, HelloInfo, Job, RunState, SnapshotData
 from .state_store import StateStore
 from .vocab import CompactVocab
-from .worker import AnalysisSettings, AnalysisWorker, warm_up
+from ..pipeline import AnalysisSettings, warm_up
+from .worker import AnalysisWorker
 
 log = logging.getLogger("embedding_monitor.daemon")
 

@@ -405,7 +405,7 @@ def analyze_embedding_geometry(
     `sample_rows=N` (fewer than the valid rows): estimate the neighbourhood size and the histogram from N
     rows drawn with `seed`, each against all rows (cost N x V instead of V^2 / 2); the result gains
     `sampled_rows`, `sampled_pairs`, `sample_seed` and `confidence_95` (95% intervals), mean and std stay
-    exact (geometry_sampled.py). N >= the valid rows is the exact pass.
+    exact (sampled.py). N >= the valid rows is the exact pass.
     """
     return geometry_and_neighbours(weights, threshold, chunk_size, knn_k=0, progress=progress,
                                    sample_rows=sample_rows, seed=seed)[0]
@@ -460,7 +460,7 @@ def geometry_and_neighbours(
     x_threshold = k * threshold + c
     above_threshold = 0
     if sample_rows is not None and sample_rows < n:
-        from .geometry_sampled import sampled_geometry
+        from .sampled import sampled_geometry
         index = torch.cat(index_parts) if index_parts else torch.zeros(0, dtype=torch.int64)
         return sampled_geometry(packed, index, int(weights.shape[0]), d, (k, c, off, HIST_BINS), threshold,
                                 off + round(edge) if aligned else None, (pairs, mean, std), (nonfinite, zero),

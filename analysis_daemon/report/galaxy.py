@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .report_records import Page, RunView, get, integer, lst, note, num, token_html, token_label
-from .report_svg import Scatter, esc, scatter
+from .records import Page, RunView, get, integer, lst, note, num, token_html, token_label
+from .svg import Scatter, esc, scatter
 
 SNAPSHOTS = 8  # small multiples per run, evenly spaced over its maps
 MAX_POINTS = 4000  # points drawn per map (the daemon's subset is normally smaller)

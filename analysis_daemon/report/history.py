@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from .report_records import Page, RunView, get, integer, lst, note, num, token_label, with_breaks
-from .report_svg import WIDE_PALETTE, Chart, Series, esc, line_chart
+from .records import Page, RunView, get, integer, lst, note, num, token_label, with_breaks
+from .svg import WIDE_PALETTE, Chart, Series, esc, line_chart
 
 LAST_TOKENS = 8  # the latest result's most (least) drifted tokens followed back in time
 UNION_TOKENS = 4  # plus the tokens most often among the first LAST_TOKENS over the whole run

@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .report_records import Page, Results, RunView, get as _get, integer as _int, lst as _list, note as _note
-from .report_records import MAX_SKIPPED_READ, num as _num, run_view, token_html as _token
-from .report_records import vocabulary as _vocabulary, with_breaks
-from .report_galaxy import galaxy_section
-from .report_history import history_section
-from .report_svg import PALETTE, Chart, Heatmap, Series, esc, fmt, heatmap, line_chart
+from .records import Page, Results, RunView, get as _get, integer as _int, lst as _list, note as _note
+from .records import MAX_SKIPPED_READ, num as _num, run_view, token_html as _token
+from .records import vocabulary as _vocabulary, with_breaks
+from .galaxy import galaxy_section
+from .history import history_section
+from .svg import PALETTE, Chart, Heatmap, Series, esc, fmt, heatmap, line_chart
 
 RESULTS_NAME = "analysis.jsonl"
 REPORT_NAME = "report.html"

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from .cli import (add_analysis_options, add_output_options, analysis_settings, fail, make_sinks,
+from ..cli import (add_analysis_options, add_output_options, analysis_settings, fail, make_sinks,
                   set_threads_and_priority, setup_logging)
 
 log = logging.getLogger("embedding_monitor.daemon")
@@ -165,8 +165,8 @@ def _replay(run: str, checkpoints: list[Any], tensor_name: str | None, settings:
     """Analyse `checkpoints` in order into `sinks`; the (path, reason) of each one that failed."""
     from .checkpoints import CheckpointError, read_embedding
     from .vocab_files import load_vocab
-    from .state import Counters, HelloInfo, Job, RunInsight, SnapshotData
-    from .worker import analyse
+    from ..service.state import Counters, HelloInfo, Job, RunInsight, SnapshotData
+    from ..pipeline import analyse
 
     counters = Counters()
     insight = RunInsight()

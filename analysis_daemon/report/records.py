@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .report_svg import esc
+from .svg import esc
 
 MAX_SKIPPED_READ = 10000  # skipped iterations read per run (a hostile file may list millions)
 MAX_SKIP_MARKS = 200  # skipped-iteration ticks drawn per run and chart

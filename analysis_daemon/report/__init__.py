@@ -1,0 +1,1 @@
+"""`analysis-daemon report`: one self-contained HTML page (inline SVG, no script) from results files."""
