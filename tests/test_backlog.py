@@ -79,7 +79,8 @@ def test_lazy_state_dir_and_an_analysis_killed_midway_is_redone(start_daemon, pu
     grew = (psutil.Process(d1.proc.pid).memory_info().rss - psutil.Process(bare.proc.pid).memory_info().rss) / 2**20
     assert grew < 24, f"a daemon with 48 MiB of old state uses {grew:.0f} MiB more than one without"
     bare.kill()
-    w1, w2, w3 = matrices(3, (9000, 64), seed=6)
+    # Large enough that the kill lands mid-analysis also on an idle machine (~1 s of geometry at 1 thread)
+    w1, w2, w3 = matrices(3, (24000, 128), seed=6)
     snapshot(push, "mid", 1, w1[:300])
     d1.wait_results("mid", 1)
     snapshot(push, "mid", 2, w2)
