@@ -169,7 +169,7 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
         log.error("run %s iter %d: %s", job.run, cur.iter, geometry_error)
     geometry_seconds = time.monotonic() - t0
 
-    insight, insight_error, insight_seconds = None, None, 0.0
+    insight, insight_error, insight_seconds, token_stats = None, None, 0.0, None
     if settings.extras:
         t0 = time.monotonic()
         try:
@@ -177,6 +177,12 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
         except Exception as exc:  # like geometry: costs this section, never the daemon
             insight_error = f"insight failed: {_first_line(exc)}"
             log.error("run %s iter %d: %s", job.run, cur.iter, insight_error)
+        try:
+            token_stats = _token_stats(job, settings, state, drift, insight)
+        except Exception as exc:  # costs the per-token figures, never the record
+            error = f"token stats failed: {_first_line(exc)}"
+            insight_error = f"{insight_error}; {error}" if insight_error else error
+            log.error("run %s iter %d: %s", job.run, cur.iter, error)
         insight_seconds = time.monotonic() - t0
         # The next neighbourhood drift compares against this snapshot's lists (None: nothing to compare).
         state.knn_iter, state.knn_ids = cur.iter, knn_ids
@@ -206,6 +212,7 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
         "geometry_seconds": round(geometry_seconds, 6),
         "insight": insight,
         "insight_error": insight_error,
+        "token_stats": token_stats,  # norm and neighbourhood size of the followed tokens; null with --no-extras
         "insight_seconds": round(insight_seconds, 6),
         "galaxy": galaxy,  # the 2-D map (galaxy.py); null with --no-extras or --galaxy-rows 0
         "clump": clump,  # the partial-collapse clump (clump.py), null when there is none
@@ -246,6 +253,33 @@ def _insight(job: Job, settings: AnalysisSettings, state: RunInsight, knn_ids: A
     if insight.get("neighbourhood_drift") is not None:
         insight["neighbourhood_drift"]["prev_iter"] = state.knn_iter  # last analysed, not job.previous
     return insight
+
+
+MAX_FOLLOWED = 256  # tokens whose norm and neighbourhood size a record gives (bounds the O(n V d) pass)
+
+
+def followed_tokens(previous: list[int], probes: list[int], drifted: list[int], rows: int,
+                    limit: int = MAX_FOLLOWED) -> list[int]:
+    """This record's followed tokens: probes, then this drift's listed tokens, then those followed before.
+
+    Earlier ones stay (so a token keeps its line over time) until the bound pushes the oldest out.
+    """
+    ids = [t for t in (*probes, *drifted, *previous) if 0 <= t < rows]
+    return list(dict.fromkeys(ids))[:limit]
+
+
+def _token_stats(job: Job, settings: AnalysisSettings, state: RunInsight, drift: dict[str, Any] | None,
+                 insight: dict[str, Any] | None) -> dict[str, Any]:
+    """The record's "token_stats" for the run's followed tokens; updates the run's followed set."""
+    from .metrics.insight import token_stats
+
+    drifted: list[int] = []
+    for kind in ("most", "least"):
+        drifted += [int(p[0]) for p in ((drift or {}).get(f"{kind}_drifted_tokens") or [])[: settings.top_k]]
+    probes = [int(p["token_id"]) for p in ((insight or {}).get("probes") or [])]
+    cur = job.current.tensor
+    state.followed = followed_tokens(state.followed, probes, drifted, int(cur.shape[0]))
+    return token_stats(cur, state.followed, settings.threshold)
 
 
 def _galaxy_and_clump(job: Job, settings: AnalysisSettings, state: RunInsight, knn_kth: Any,

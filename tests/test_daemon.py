@@ -573,6 +573,21 @@ def test_insight_probes_and_throttled_collapse_alerts(start_daemon, tmp_path: Pa
         sims = u[3] @ u.T
         sims[3] = -2
         assert [n[0] for n in r["insight"]["probes"][0]["neighbours"]] == sims.topk(4).indices.tolist()
+    # token_stats: the probes, this drift's listed tokens and those followed before, against float64 cosines
+    followed: list[int] = []
+    for r, w in zip(results, mats):
+        listed = [t for kind in ("most", "least") for t, _ in (r["drift"] or {}).get(f"{kind}_drifted_tokens", [])]
+        followed = list(dict.fromkeys([3, 7, *listed, *followed]))[:256]
+        stats = r["token_stats"]
+        assert stats["threshold"] == 0.7 and [t for t, _, _ in stats["tokens"]] == followed
+        u = torch.nn.functional.normalize(w.double(), dim=1)
+        for tid, norm, size in stats["tokens"]:
+            cos = u[tid] @ u.T
+            cos[tid] = -2
+            assert norm == pytest.approx(float(w[tid].double().norm()), rel=1e-5)
+            if not bool(((cos - 0.7).abs() < 1e-5).any()):  # a cosine at the threshold may go either way
+                assert size == int((cos > 0.7).sum()), (r["iter"], tid)
+    assert len(results[1]["token_stats"]["tokens"]) == 2 + 100 and len(results[-1]["token_stats"]["tokens"]) == 256
     assert results[0]["insight"]["neighbourhood_drift"] is None and results[0]["insight"]["frozen_tokens"] is None
     nd = results[1]["insight"]["neighbourhood_drift"]
     assert nd["k"] == 5 and nd["prev_iter"] == 10 and 0 <= nd["mean_overlap"] <= 1

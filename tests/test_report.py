@@ -315,7 +315,7 @@ _json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | s
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.dictionaries(st.sampled_from(["drift", "geometry", "insight", "alerts", "skipped_iters",
                                                  "counters", "shape", "run", "seconds", "prev_iter", "metrics",
-                                                 "galaxy"]), _json),
+                                                 "token_stats", "galaxy"]), _json),
                 min_size=1, max_size=4), st.integers(1, 3))
 def test_any_json_shape_renders_without_error(fields: list[dict[str, Any]], runs: int) -> None:
     recs = [dict(f, iter=i) for i, f in enumerate(fields)]

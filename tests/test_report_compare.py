@@ -316,6 +316,38 @@ def test_token_histories_follow_the_drifted_tokens_and_probes(two_runs: dict[str
     for pa, pb in zip(a["insight"]["probes"], b["insight"]["probes"]):
         share = len({n[0] for n in pa["neighbours"]} & {n[0] for n in pb["neighbours"]}) / len(pb["neighbours"])
         assert f"{pb['token']!r} #{pb['token_id']}, iter {b['iter']}: {share:.4f}" in kept
+    # norm and neighbourhood size of the followed tokens (the records' token_stats) at every result
+    thr = _records(run)[-1]["token_stats"]["threshold"]
+    norms = _titled(_chart(page, "Followed tokens: row norm"), "circle")
+    sizes = _titled(_chart(page, f"Followed tokens: neighbourhood size (cosine > {thr:.2f})"), "circle")
+    strings = {p["token_id"]: p["token"] for p in _records(run)[-1]["insight"]["probes"]}
+    shown = [*strings, last["most_drifted_tokens"][0][0], last["least_drifted_tokens"][0][0]]
+    strings[shown[2]], strings[shown[3]] = last["most_drifted_token_strings"][0], last["least_drifted_token_strings"][0]
+    for r in _records(run):
+        stats = {t: (n, c) for t, n, c in r["token_stats"]["tokens"]}
+        assert {10, 11} <= set(stats)  # the probes: every result
+        for tid in shown:
+            tips = [tip for tip in norms if tip.startswith(f"{strings[tid]!r} #{tid}, iter {r['iter']}: ")]
+            assert tips == ([f"{strings[tid]!r} #{tid}, iter {r['iter']}: {stats[tid][0]:.4f}"] if tid in stats else [])
+            if tid in stats:
+                assert f"{strings[tid]!r} #{tid}, iter {r['iter']}: {stats[tid][1]:.4f}" in sizes
+    assert len(norms) == len(sizes) and len(norms) >= 2 * len(_records(run))
+    assert "are not in the results" not in page
+
+    def hostile(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:  # malformed entries: skipped and counted
+        recs[-1]["token_stats"]["tokens"] += [[10, "x", 3], ["10", 1.0, 3], [10, 1.0, -2], [10, 1.0, 2.5], [10], 7,
+                                              [True, 1.0, 1]]
+        recs[-2]["token_stats"] = {"threshold": "<b>", "tokens": {"a": 1}}
+        return recs
+
+    bad = _copy_run(run, tmp_path / "hostile", hostile)
+    assert main([str(bad), "-o", str(tmp_path / "h.html")]) == 0
+    page = _page(tmp_path / "h.html")
+    assert "Token norms and neighbourhood sizes: 7 malformed token_stats entries skipped." in page
+    tips = _titled(_chart(page, "Followed tokens: row norm"), "circle")
+    gone = [tip for tip in norms if f", iter {_records(run)[-2]['iter']}: " in tip]
+    assert gone and len(tips) == len(norms) - len(gone)  # the second-to-last result has no points now
+    assert not any(f", iter {_records(run)[-2]['iter']}: " in tip for tip in tips)
 
 
 HOSTILE_MEMBER = '<img src=x onerror="alert(1)">'
@@ -403,6 +435,7 @@ def test_loss_beside_drift_and_the_galaxy_map(two_runs: dict[str, Path], tmp_pat
     sizes_chart = [s for s in _svgs(page)
                    if s.get("aria-label") == "Followed tokens: size of their cluster in the galaxy map"]
     assert len(sizes_chart) == 2  # one per run
+    assert sum(s.get("aria-label") == "Followed tokens: row norm" for s in _svgs(page)) == 2
     tips = _titled(sizes_chart[0], "circle")
     for r in recs:
         pts = [p for p in r["galaxy"]["points"] if len(p) == 4 and isinstance(p[0], int)]

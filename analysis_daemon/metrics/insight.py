@@ -280,3 +280,49 @@ def compute_insight(cur: torch.Tensor, *, prev: torch.Tensor | None = None,
         for tid, found in zip(probe_ids, probe_neighbours(cur, list(probe_ids), probe_k, spec))
     ]
     return out
+
+
+def _sig(x: float, digits: int = 6) -> float | None:
+    """`x` to `digits` significant digits (None when not finite): enough for a plot, short in JSON."""
+    return float(f"{x:.{digits}g}") if math.isfinite(x) else None
+
+
+@torch.no_grad()
+def token_stats(weights: torch.Tensor, token_ids: Sequence[int], threshold: float) -> dict[str, Any]:
+    """Per followed token: its row's L2 norm and its neighbourhood size, as the record's "token_stats".
+
+    Neighbourhood size = number of other valid rows with cosine > `threshold` (geometry's
+    average_neighborhood_size, per token: unit rows, self excluded, non-finite or all-zero rows excluded).
+    One (n x V) product over row blocks: O(n V d) for n tokens, float32 like geometry. An invalid followed
+    row has a null size (and a null norm when it is not finite). Ids outside the matrix are left out.
+    """
+    if weights.dim() != 2:
+        raise ValueError(f"embedding weights must be 2-D (V, d), got shape {list(weights.shape)}")
+    threshold = float(threshold)
+    if not math.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number, got {threshold}")
+    rows = int(weights.shape[0])
+    ids = list(dict.fromkeys(int(t) for t in token_ids if 0 <= int(t) < rows))
+    if not ids:
+        return {"threshold": threshold, "tokens": []}
+    p = weights[ids].detach().to("cpu", torch.float32)
+    norms = torch.linalg.vector_norm(p.double(), dim=1)  # float64: a float32 norm could overflow
+    p_ok = _valid_rows(p)
+    p = p / torch.linalg.vector_norm(p, dim=1, keepdim=True).clamp(min=1e-30)
+    p[~p_ok] = 0.0  # no NaN into the product; these tokens get a null size anyway
+    pt = p.T.contiguous()
+    counts = torch.zeros(len(ids), dtype=torch.int64)
+    where = torch.tensor(ids)
+    for a, w in _blocks(weights):
+        ok = _valid_rows(w, torch.linalg.vector_norm(w, dim=1))
+        u = w / torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp(min=1e-30)
+        above = (u @ pt) > threshold  # (block rows, n)
+        above[~ok] = False  # an invalid row is nobody's neighbour
+        mine = (where >= a) & (where < a + w.shape[0])  # followed tokens in this block: not their own neighbour
+        if bool(mine.any()):
+            cols = torch.nonzero(mine).squeeze(1)
+            above[where[cols] - a, cols] = False
+        counts += above.sum(dim=0)
+    return {"threshold": threshold,
+            "tokens": [[tid, _sig(float(norms[j])), int(counts[j]) if bool(p_ok[j]) else None]
+                       for j, tid in enumerate(ids)]}

@@ -1,9 +1,10 @@
-"""Token histories for the report: one line per token over iterations (drift, neighbourhood, probes).
+"""Token histories for the report: one line per token over iterations (drift, neighbourhood, probes, norms).
 
 The records hold per-token values only for the tokens a result lists: its --top-k most and least drifted
 tokens (with their drift cosine), the tokens whose neighbourhood changed most (with their overlap), and
 the probes (with their nearest neighbours). A token's line therefore has a point where a result listed
-it and breaks where none did; the page says so beside the charts.
+it and breaks where none did; the page says so beside the charts. The "token_stats" of a result give the
+row norm and neighbourhood size of every token the daemon follows (listed once, followed from then on).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ MAX_LISTED = 1000  # entries read from one result's token list (the daemon write
 MAX_PROBES = 12  # probe tokens followed
 MAX_MAPS = 400  # galaxy maps read for the cluster-size history (evenly over a longer run)
 MAX_MAP_POINTS = 4000  # points read per map (as the galaxy section draws)
+MAX_STATS = 1000  # token_stats entries read per result (the daemon writes at most 256)
+MAX_STAT_LINES = 16  # tokens drawn in the norm and neighbourhood-size charts
 
 
 def _listed(rec: dict[str, Any], *keys: str) -> dict[int, float]:
@@ -148,6 +151,49 @@ def _galaxy_chart(page: Page, view: RunView, vocab: dict[int, str], tokens: list
                          shown, values, [float(r["iter"]) for r in recs], vocab)]
 
 
+def _stats(rec: dict[str, Any]) -> tuple[dict[int, float], dict[int, float], int]:
+    """token id -> norm, token id -> neighbourhood size from a result's token_stats; malformed entries counted."""
+    norms: dict[int, float] = {}
+    sizes: dict[int, float] = {}
+    bad = 0
+    for entry in lst(rec, "token_stats", "tokens")[:MAX_STATS]:
+        tid, norm, size = integer(entry, 0), num(entry, 1), get(entry, 2)
+        size_ok = size is None or (integer(entry, 2) is not None and size >= 0)
+        if tid is None or not isinstance(entry, list) or len(entry) != 3 or not size_ok \
+                or (norm is None and get(entry, 1) is not None):
+            bad += 1
+            continue
+        if norm is not None:
+            norms.setdefault(tid, norm)
+        if size is not None:
+            sizes.setdefault(tid, float(size))
+    return norms, sizes, bad
+
+
+def _stats_charts(page: Page, view: RunView, vocab: dict[int, str], tokens: list[int]) -> list[str]:
+    """Norm and neighbourhood size of the followed tokens over iterations (the records' token_stats)."""
+    recs = [r for r in view.records if isinstance(get(r, "token_stats"), dict)]
+    if not recs or not tokens:
+        return []
+    norms, sizes, bad = [], [], 0
+    for r in recs:
+        n, s, b = _stats(r)
+        norms.append(n)
+        sizes.append(s)
+        bad += b
+    shown = [t for t in tokens if any(t in v for v in norms) or any(t in v for v in sizes)][:MAX_STAT_LINES]
+    out = [note(f"Token norms and neighbourhood sizes: {bad} malformed token_stats entr"
+                f"{'y' if bad == 1 else 'ies'} skipped.")] if bad else []
+    if not shown:
+        return out + [note("Token norms and neighbourhood sizes: the results give none for the followed tokens.")]
+    thr = num(recs[-1], "token_stats", "threshold")
+    xs = [float(r["iter"]) for r in recs]
+    return out + [
+        _token_chart(page, view, "Followed tokens: row norm", "L2 norm", shown, norms, xs, vocab),
+        _token_chart(page, view, f"Followed tokens: neighbourhood size (cosine > {thr:.2f})" if thr is not None
+                     else "Followed tokens: neighbourhood size", "other tokens", shown, sizes, xs, vocab)]
+
+
 def history_section(page: Page, vocabs: dict[str, dict[int, str]]) -> str:
     """Per run: the drift of its most and least drifted tokens, changed neighbourhoods and probes over time."""
     parts = ['<section id="histories"><h2>Token histories</h2><p>A line per token over iterations: the latest '
@@ -155,8 +201,11 @@ def history_section(page: Page, vocabs: dict[str, dict[int, str]]) -> str:
              "among them over the run, the neighbourhoods that changed most, and every probe token. A result "
              "lists only its --top-k most and least drifted tokens, so a token's line breaks where it was not "
              "among them. With galaxy maps in the results, the size of the cluster each followed token (the "
-             f"latest {LAST_TOKENS // 2} most drifted and the probes) belongs to. Per-token norms and per-token "
-             "neighbourhood counts are not in the results, so they are not plotted.</p>"]
+             f"latest {LAST_TOKENS // 2} most drifted and the probes) belongs to. For the latest "
+             f"{LAST_TOKENS // 2} most and {LAST_TOKENS // 2} least drifted tokens and the probes: their row norm "
+             "and neighbourhood size (other tokens above the cosine threshold) at every result, from the "
+             "results' token_stats: once a result lists a token, the daemon keeps following it (up to 256 "
+             "tokens per run), so these lines run on from there.</p>"]
     for view in page.runs:
         vocab = vocabs.get(view.label, {})
         if page.multi:
@@ -165,8 +214,13 @@ def history_section(page: Page, vocabs: dict[str, dict[int, str]]) -> str:
         drifted = [r for r in view.records if isinstance(r.get("drift"), dict)]
         followed = list(dict.fromkeys(chosen_tokens(drifted, "drift", "most_drifted_tokens")[:LAST_TOKENS // 2]
                                       + _probe_ids(view.records)))[:MAX_PROBES]
+        least = chosen_tokens(drifted, "drift", "least_drifted_tokens")[:LAST_TOKENS // 2]
+        stats_tokens = list(dict.fromkeys(
+            chosen_tokens(drifted, "drift", "most_drifted_tokens")[:LAST_TOKENS // 2] + least
+            + _probe_ids(view.records)))
         charts = _drift_charts(page, view, vocab) + _neighbourhood_chart(page, view, vocab) \
-            + _probe_charts(page, view, vocab) + _galaxy_chart(page, view, vocab, followed)
+            + _probe_charts(page, view, vocab) + _galaxy_chart(page, view, vocab, followed) \
+            + _stats_charts(page, view, vocab, stats_tokens)
         parts.append('<div class="row">' + "".join(charts) + "</div>")
     parts.append("</section>")
     return "".join(parts)

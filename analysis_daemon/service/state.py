@@ -121,3 +121,4 @@ class RunInsight:
     alerts: Any = None  # alerts.RunAlerts, created on first use
     probes_logged: bool = False  # unknown probe tokens are logged once per run
     galaxy_prev: dict[str, Any] | None = None  # {"iter", "points"} of the last map: the next one aligns to it
+    followed: list[int] = field(default_factory=list)  # token_stats' tokens so far (bounded): each keeps its line
