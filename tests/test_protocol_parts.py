@@ -1,27 +1,15 @@
 """Wire fields of sharded runs: rank/world_size in hello, global_shape/offset of a snapshot part, hostile values."""
 from __future__ import annotations
 
-import msgpack
 import pytest
 
 from protocol import Limits, ProtocolError, decode, encode_hello, encode_snapshot
+from tests.test_protocol import snapshot_frames, with_header
 
 
 def part_frames(**overrides):
-    fields = dict(run="r", iter=5, seq=1, name="wte", dtype="float32", shape=(4, 3), payload=bytes(48),
-                  global_shape=(10, 3), offset=(6, 0))
-    fields.update(overrides)
-    return encode_snapshot(**fields)
-
-
-def with_header(frames, **changes):
-    header = msgpack.unpackb(frames[0])
-    for key, value in changes.items():
-        if value is None:
-            header.pop(key, None)
-        else:
-            header[key] = value
-    return [msgpack.packb(header), *frames[1:]]
+    """A snapshot part: rows 6..9 of a 10 x 3 matrix (test_protocol's snapshot plus the part fields)."""
+    return snapshot_frames(**{"global_shape": (10, 3), "offset": (6, 0), **overrides})
 
 
 def test_hello_carries_rank_and_world_size():
