@@ -27,6 +27,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -73,18 +75,26 @@ def bench_no_daemon(weight: torch.Tensor, reps: int) -> float:
     return median_ms(times)
 
 
-def bench_delivery(weight: torch.Tensor, reps: int, shared_memory: bool) -> dict:
+@contextmanager
+def listener_and_publisher(run: str, shared_memory: bool) -> Iterator[tuple[subprocess.Popen, EmbeddingPublisher]]:
+    """A `protocol.listen` receiver in a child process and a publisher connected to it (closed after)."""
     endpoint = free_endpoint()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     listener = subprocess.Popen([sys.executable, "-m", "protocol.listen", endpoint], stdout=subprocess.PIPE,
                                 env=env, text=True)
     try:
         assert listener.stdout.readline().startswith("listen ready")
-        pub = EmbeddingPublisher(endpoint, run="bench", shared_memory=shared_memory)
-        deadline = time.monotonic() + 10
-        while not pub.connected:
-            assert time.monotonic() < deadline, "publisher never connected"
-            time.sleep(0.01)
+        pub = EmbeddingPublisher(endpoint, run=run, shared_memory=shared_memory)
+        assert pub.wait_connected(10), "publisher never connected"
+        yield listener, pub
+        pub.close()
+    finally:
+        listener.kill()
+        listener.wait()
+
+
+def bench_delivery(weight: torch.Tensor, reps: int, shared_memory: bool) -> dict:
+    with listener_and_publisher("bench", shared_memory) as (listener, pub):
         blocking, latency, copies, first = [], [], [], None
         array, dst = weight.numpy(), np.empty(weight.shape, dtype=np.float32)
         for i in range(reps + 1):
@@ -104,10 +114,6 @@ def bench_delivery(weight: torch.Tensor, reps: int, shared_memory: bool) -> dict
                 continue
             blocking.append(took)
             latency.append(msg["t_done"] - start_wall)
-        pub.close()
-    finally:
-        listener.kill()
-        listener.wait()
     nbytes = weight.numel() * weight.element_size()
     return {"first_ms": first * 1e3, "publish_ms": median_ms(blocking), "copyto_ms": median_ms(copies[1:]),
             "deliver_ms": median_ms(latency), "gbps": nbytes / statistics.median(latency) / 1e9}
@@ -122,17 +128,7 @@ def wait_snapshots(listener: subprocess.Popen, n: int) -> None:
 
 def bench_stall(weight: torch.Tensor, reps: int, shared_memory: bool, prepare: bool) -> dict:
     """Blocking time of the first, second (receiver still busy with the first) and steady-state publishes."""
-    endpoint = free_endpoint()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    listener = subprocess.Popen([sys.executable, "-m", "protocol.listen", endpoint], stdout=subprocess.PIPE,
-                                env=env, text=True)
-    try:
-        assert listener.stdout.readline().startswith("listen ready")
-        pub = EmbeddingPublisher(endpoint, run="bench-stall", shared_memory=shared_memory)
-        deadline = time.monotonic() + 10
-        while not pub.connected:
-            assert time.monotonic() < deadline, "publisher never connected"
-            time.sleep(0.01)
+    with listener_and_publisher("bench-stall", shared_memory) as (listener, pub):
         if prepare:
             assert pub.prepare(weight, timeout=300), "prepare() did not finish"  # before the loop, as in the README
         times, sent = [], 0
@@ -150,10 +146,6 @@ def bench_stall(weight: torch.Tensor, reps: int, shared_memory: bool, prepare: b
             assert pub.publish(weight, i), "snapshot dropped"
             times.append(time.perf_counter() - t)
             wait_snapshots(listener, 1)
-        pub.close()
-    finally:
-        listener.kill()
-        listener.wait()
     steady = statistics.median(times[2:])
     return {"first": times[0] * 1e3, "second": times[1] * 1e3, "steady": steady * 1e3,
             "worst": max(times) * 1e3, "ratio": max(times) / steady, "dropped": dropped}
