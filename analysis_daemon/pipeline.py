@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from .metrics.alerts import AlertSettings, RunAlerts, check as check_alerts
+from .service.logsafe import first_line
 from .service.state import Job, RunInsight, SnapshotData
 
 log = logging.getLogger("embedding_monitor.daemon")
@@ -77,11 +78,6 @@ def _token_strings(pairs: Any, vocab: list[str] | None) -> list[str | None] | No
     return out
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
-
-
 def warm_up(settings: AnalysisSettings) -> None:
     """Run both analyses once on a tiny matrix, before the ready line.
 
@@ -137,7 +133,7 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
         try:
             drift = measure_semantic_drift(prev.tensor, cur.tensor, top_k=settings.top_k)
         except Exception as exc:  # a math failure costs this drift, never the daemon
-            reason = f"drift failed: {_first_line(exc)}"
+            reason = f"drift failed: {first_line(exc)}"
             log.error("run %s iter %d: %s", job.run, cur.iter, reason)
         drift_seconds = time.monotonic() - t0
     if drift is not None:
@@ -165,7 +161,7 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     except AnalysisAbandoned:
         raise
     except Exception as exc:
-        geometry_error = f"geometry failed: {_first_line(exc)}"
+        geometry_error = f"geometry failed: {first_line(exc)}"
         log.error("run %s iter %d: %s", job.run, cur.iter, geometry_error)
     geometry_seconds = time.monotonic() - t0
 
@@ -175,12 +171,12 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
         try:
             insight = _insight(job, settings, state, knn_ids, vocab)
         except Exception as exc:  # like geometry: costs this section, never the daemon
-            insight_error = f"insight failed: {_first_line(exc)}"
+            insight_error = f"insight failed: {first_line(exc)}"
             log.error("run %s iter %d: %s", job.run, cur.iter, insight_error)
         try:
             token_stats = _token_stats(job, settings, state, drift, insight)
         except Exception as exc:  # costs the per-token figures, never the record
-            error = f"token stats failed: {_first_line(exc)}"
+            error = f"token stats failed: {first_line(exc)}"
             insight_error = f"{insight_error}; {error}" if insight_error else error
             log.error("run %s iter %d: %s", job.run, cur.iter, error)
         insight_seconds = time.monotonic() - t0
@@ -296,14 +292,14 @@ def _galaxy_and_clump(job: Job, settings: AnalysisSettings, state: RunInsight, k
                                          threshold=settings.threshold, previous=state.galaxy_prev, vocab=vocab))
             state.galaxy_prev = {"iter": cur.iter, "points": galaxy["points"]}
         except Exception as exc:  # costs the map, never the record
-            errors.append(f"galaxy failed: {_first_line(exc)}")
+            errors.append(f"galaxy failed: {first_line(exc)}")
     if settings.alerts.partial_collapse_share > 0:
         try:
             clump = find_clump(cur.tensor, threshold=settings.threshold,
                                share=settings.alerts.partial_collapse_share, kth_cosine=knn_kth,
                                knn_k=settings.knn_k if knn_kth is not None else 0, vocab=vocab)
         except Exception as exc:
-            errors.append(f"clump search failed: {_first_line(exc)}")
+            errors.append(f"clump search failed: {first_line(exc)}")
     for error in errors:
         log.error("run %s iter %d: %s", job.run, cur.iter, error)
     return galaxy, clump, "; ".join(errors) or None

@@ -29,6 +29,9 @@ _EVENTS: Final[int] = (zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_H
 
 log = logging.getLogger("embedding_monitor.daemon")
 
+# Rate-limited log keys remembered at once (each distinct refused key is one).
+_MAX_LOG_KEYS = 1024
+
 
 def key_fingerprint(public_key: bytes) -> str:
     """A short, stable name for a CURVE public key (32 raw bytes) in logs: sha256:<16 hex>."""
@@ -77,11 +80,6 @@ class Gate:
         with self._lock:
             self._keys = frozenset(keys)
 
-    def open_connections(self) -> int:
-        """Connections open right now (accepted, not yet disconnected)."""
-        with self._lock:
-            return len(self._open)
-
     def start(self, ctx: zmq.Context) -> None:
         """Bind the ZAP endpoint in `ctx` (before the server socket binds) and start the thread."""
         self._zap = ctx.socket(zmq.REP)
@@ -111,6 +109,15 @@ class Gate:
         if last is not None and now - last < self.log_interval:
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
             return
+        if key not in self._last_log and len(self._last_log) >= _MAX_LOG_KEYS:
+            # The keys include refused clients' key fingerprints, which a peer chooses: forget the
+            # oldest entry rather than grow without bound (its suppressed count is logged with it).
+            oldest = min(self._last_log, key=self._last_log.__getitem__)
+            del self._last_log[oldest]
+            dropped = self._suppressed.pop(oldest, 0)
+            if dropped:
+                log.warning("%d similar messages suppressed in the last %g s (%s)", dropped,
+                            self.log_interval, oldest)
         self._last_log[key] = now
         n = self._suppressed.pop(key, 0)
         log.warning(msg + (f" [{n} similar suppressed in the last {self.log_interval:g} s]" if n else ""), *args)

@@ -321,10 +321,13 @@ class Daemon:
         except ProtocolError as exc:
             self._reject(str(exc), msg.run)
             return
+        with self.lock:  # the run this publisher's snapshots go to (kept-apart publishers: their own)
+            pub, warning = self.publishers.route(msg.run, msg.publisher)
+        if warning:
+            log.warning("%s", warning)
+        run = pub.run
         if msg.is_part:  # one rank's shard: analysed once the iteration's parts are all in
-            with self.lock:
-                part_run = self.publishers.route(msg.run, msg.publisher)[0].run  # kept-apart publishers too
-            snap = self._assemble(part_run, msg, tensor)
+            snap = self._assemble(run, msg, tensor)
             if snap is None:
                 return
             snap.sample_rows = sample  # judged by the whole matrix's shape, like every part of it
@@ -333,8 +336,6 @@ class Daemon:
                                 metrics=msg.metrics, sample_rows=sample)
         budget = self.config.max_pending_bytes
         with self.cond:
-            pub, warning = self.publishers.route(msg.run, msg.publisher)
-            run = pub.run
             state = self._state(run)
             self.seen_runs.add(run)
             if state.ended:
@@ -347,10 +348,8 @@ class Daemon:
             for victim_state, _ in skipped:
                 victim_state.counters.skipped += 1
                 self.totals.skipped += 1
-            queued = sum(s.queued_bytes for s in self.runs.values())
+            queued = sum(s.queued_bytes for s in self.runs.values()) if skipped else 0  # for the log line below
             self.cond.notify_all()
-        if warning:
-            log.warning("%s", warning)
         for victim_state, victim in skipped:
             log.warning("run %s: skipped iter %d: the backlog is over --max-pending-bytes %s (%s queued); "
                         "raise it, or add cores/threads if this persists", victim_state.run, victim.iter,

@@ -103,11 +103,6 @@ class Publishers:
         """True when no publisher of `run` is alive (an unknown run has none)."""
         return all(p.gone is not None for p in self.of_run(run))
 
-    def last_seen(self, run: str) -> float | None:
-        """When any publisher of `run` was last heard from."""
-        seen = [p.last_seen for p in self.of_run(run)]
-        return max(seen) if seen else None
-
     def same_host(self, pub: Publisher) -> bool:
         """Whether `pub` runs on this host (its pid and /dev/shm segments are ours to check)."""
         return pub.pid is not None and pub.host == self.hostname

@@ -40,6 +40,12 @@ def safe(value: Any, max_chars: int = MAX_FIELD_CHARS) -> str:
     return f"{text}...(+{cut} chars)" if cut > 0 else text
 
 
+def first_line(exc: BaseException) -> str:
+    """`Type: first line of the message`: an exception in one log line or record field."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
 class SafeFormatter(logging.Formatter):
     """A formatter whose message part is passed through `safe()` (tracebacks keep their newlines)."""
 

@@ -57,17 +57,6 @@ class SinkSet:
         with self._lost_lock:
             self._lost[sink_name] = self._lost.get(sink_name, 0) + n
 
-    @property
-    def lost(self) -> int:
-        """Results analysed but not delivered to some sink (a result missing from two sinks counts twice)."""
-        with self._lost_lock:
-            return sum(self._lost.values())
-
-    def lost_by_sink(self) -> dict[str, int]:
-        """The lost results per sink name (only sinks that lost any)."""
-        with self._lost_lock:
-            return dict(self._lost)
-
     def counters(self) -> dict[str, Any]:
         """`lost` and `lost_by_sink`, for the daemon's counters."""
         with self._lost_lock:

@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Any
 
+from ..service.logsafe import first_line
 from . import Sink
 
 log = logging.getLogger("embedding_monitor.daemon")
@@ -250,7 +251,7 @@ class WandbSink(Sink):
                 # W&B unreachable (network down, server gone): keep this run's results on disk instead.
                 # (no network, server gone, no credentials: wandb says which)
                 log.error("wandb: cannot start an online W&B run for %r (%s); logging it offline instead",
-                          run, _first_line(exc))
+                          run, first_line(exc))
                 try:
                     wb_run = self._init(kwargs, offline=True)
                 except BaseException as exc2:
@@ -261,7 +262,7 @@ class WandbSink(Sink):
             if wb_run is None:
                 self._failed.add(run)
                 log.error("wandb: cannot start a run for %r, its results are not logged to W&B (counted "
-                          "as lost): %s", run, _first_line(exc))
+                          "as lost): %s", run, first_line(exc))
                 return None
         log.info("wandb: run %s (%s) logs trainer run %r, project %r, group %r", wb_run.name,
                  wb_run.id, run, kwargs["project"], kwargs["group"])
@@ -343,7 +344,7 @@ class WandbSink(Sink):
                       "data stays in %s: upload it with `wandb sync %s`", run, self.finish_timeout, where, where)
         except Exception as exc:
             log.error("wandb: finishing the run for %r failed: %s; its data stays in %s: upload it with "
-                      "`wandb sync %s`", run, _first_line(exc), where, where)
+                      "`wandb sync %s`", run, first_line(exc), where, where)
 
 
 def sync_dir(wb_run: Any) -> str:
@@ -352,8 +353,3 @@ def sync_dir(wb_run: Any) -> str:
         return str(wb_run.settings.sync_dir)
     except Exception:  # an older or odd wandb: its files dir's parent is the same folder
         return os.path.dirname(str(getattr(wb_run, "dir", ""))) or "wandb/"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
