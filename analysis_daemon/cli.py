@@ -65,7 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     shared = p.add_argument_group("shared host (limits per peer and per snapshot; see README)")
     shared.add_argument("--max-connections", type=int, default=256, metavar="N",
-                        help="connections open at once; more are refused at the handshake (default: %(default)s)")
+                        help="connections of other users (not the daemon's own uid or an --allow-uid) open at "
+                             "once, all together; more are closed as soon as they are accepted. The daemon's "
+                             "own user is never refused (default: %(default)s)")
+    shared.add_argument("--max-connections-per-source", type=int, default=32, metavar="N",
+                        help="connections one other local user (by uid) or one remote address may hold at "
+                             "once, so one cannot take every place (default: %(default)s)")
     shared.add_argument("--heartbeat-interval", type=float, default=10.0, metavar="SECONDS",
                         help="ping every connection this often (default: %(default)s)")
     shared.add_argument("--peer-timeout", type=float, default=30.0, metavar="SECONDS",
@@ -87,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="reject snapshots narrower than this (default: %(default)s; a 1-wide embedding "
                              "has only cosines of +-1 and costs V^2 pairs)")
     shared.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
-                        help="also read shared-memory segments owned by this uid (default: only the "
-                             "daemon's own uid); repeatable")
+                        help="also read shared-memory segments owned by this uid, and treat its connections "
+                             "and runs like the daemon's own user's (default: only the daemon's own uid); repeatable")
     shared.add_argument("--reject-log-interval", type=float, default=10.0, metavar="SECONDS",
                         help="log at most one line per kind of rejected message or refused connection this "
                              "often, with the count suppressed meanwhile (default: %(default)s)")
@@ -372,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .service.daemon import Daemon, DaemonConfig
 
-    for name in ("max_rows", "max_cols", "max_bytes", "max_connections", "max_vocab_tokens", "max_vocab_bytes",
+    for name in ("max_rows", "max_cols", "max_bytes", "max_connections", "max_connections_per_source", "max_vocab_tokens", "max_vocab_bytes",
                  "min_cols", "max_analysis_memory"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -432,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     peers = PeerLimits(heartbeat_interval=args.heartbeat_interval, peer_timeout=args.peer_timeout,
                        handshake_timeout=args.handshake_timeout)
     config = DaemonConfig(
-        cost=cost, peers=peers, max_connections=args.max_connections, allow_uids=tuple(args.allow_uid),
+        cost=cost, peers=peers, max_connections=args.max_connections,
+        max_per_source=args.max_connections_per_source, allow_uids=tuple(args.allow_uid),
         reject_log_interval=args.reject_log_interval,
         listen=args.listen, limits=limits, exit_on_end=args.exit_on_end, state_dir=args.state_dir,
         shutdown_grace=args.shutdown_grace, curve=curve, allow_insecure=args.allow_insecure,

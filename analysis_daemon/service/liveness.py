@@ -51,6 +51,7 @@ class Publisher:
     host: str | None = None
     last_seen: float = 0.0  # monotonic
     gone: str | None = None  # why it no longer counts as alive (None: alive)
+    source: str | None = None  # the source (protocol/peers.py) it first spoke from; later messages must match
 
     def describe(self) -> str:
         """`pid N on HOST` or the id, for log lines."""
@@ -98,6 +99,10 @@ class Publishers:
     def of_run(self, run: str) -> list[Publisher]:
         """Publishers whose messages go to `run`."""
         return [p for p in self._by_key.values() if p.run == run]
+
+    def live(self, run: str) -> int:
+        """How many publishers of `run` are alive."""
+        return sum(1 for p in self._by_key.values() if p.run == run and p.gone is None)
 
     def all_gone(self, run: str) -> bool:
         """True when no publisher of `run` is alive (an unknown run has none)."""
