@@ -372,13 +372,13 @@ class Daemon:
             log.warning("run %s: its publisher heartbeats every %g s but --run-timeout is %g s, so a quiet "
                         "trainer looks gone; use --run-timeout %g or more", safe(run), beat,
                         self.config.run_timeout, 3 * beat)
-        # One line per source and interval for other users (a flood of hellos is summarised), per run for ours.
-        self.reject_log.log(logging.INFO, f"hello|{src.key}" + (f"|{run}" if self._trusted(src) else ""),
-                 "run %s: hello from pid %s on %s%s (vocab: %s tokens, wandb: %s)", safe(run), msg.pid,
-                 safe(msg.host),
-                 f", rank {msg.rank} of {msg.world_size}" if msg.world_size > 1 else "",
-                 len(msg.vocab) if msg.vocab is not None else "no",
-                 "yes" if msg.wandb else "no")
+        # Every hello of our own user's trainers; one line per interval for another source's (a flood of
+        # hellos is summarised with the count suppressed).
+        say = (lambda *a: log.info(*a) or True) if self._trusted(src) else \
+            (lambda *a: self.reject_log.log(logging.INFO, f"hello|{src.key}", *a))
+        say("run %s: hello from pid %s on %s%s (vocab: %s tokens, wandb: %s)", safe(run), msg.pid,
+            safe(msg.host), f", rank {msg.rank} of {msg.world_size}" if msg.world_size > 1 else "",
+            len(msg.vocab) if msg.vocab is not None else "no", "yes" if msg.wandb else "no")
 
     def _check_shm_owner(self, msg: Snapshot) -> None:
         # A shared-memory snapshot must name a segment of its own publisher (name bound to the secret in
