@@ -29,7 +29,7 @@ from typing import Final
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from .peers import OWN_UID, UNKNOWN, Source, from_zap_address, resolve_fd
+from .peers import OWN_UID, UNKNOWN, Source, from_zap_address, resolve_fd, still_connected
 
 ZAP_ENDPOINT: Final[str] = "inproc://zeromq.zap.01"
 ZAP_DOMAIN: Final[str] = "embedding-monitor"
@@ -170,9 +170,13 @@ class Gate:
         poller = zmq.Poller()
         poller.register(self._zap, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
+        next_sweep = time.monotonic() + 1.0
         try:
             while not self._stop.is_set():
                 ready = dict(poller.poll(100))
+                if time.monotonic() >= next_sweep:
+                    self._sweep()
+                    next_sweep = time.monotonic() + 1.0
                 # Monitor events first: a disconnect frees a place before the next ZAP request is judged.
                 while self._monitor in ready:
                     try:
@@ -226,6 +230,19 @@ class Gate:
                 return
         if failed is not None and src is not None:
             self._tell_failure(src, *failed)
+
+    def _sweep(self) -> None:
+        # libzmq's monitor queue holds 1000 events and drops the rest under a flood: a lost DISCONNECTED
+        # would leave its connection counted forever. Once a second, forget descriptors that are no
+        # longer a connection to us (a reused number is caught by the next ACCEPTED for it).
+        with self._lock:
+            entries = list(self._open.items())
+        gone = [(fd, src) for fd, src in entries if not still_connected(fd, self._listening)]
+        with self._lock:
+            for fd, src in gone:
+                if self._open.get(fd) is src:
+                    del self._open[fd]
+                    self._count(src, -1)
 
     def _count(self, src: Source, delta: int) -> None:
         # lock held

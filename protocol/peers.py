@@ -107,3 +107,20 @@ def from_zap_address(address: str) -> Source | None:
     if len(parts) == 4 and parts[1].isdigit():
         return Source(f"uid:{parts[1]}", f"uid {parts[1]} (ipc)")
     return None
+
+
+def still_connected(fd: int, listening: object) -> bool:
+    """Whether descriptor `fd` is still a connected socket on our listening address (cheap: no uid lookup)."""
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return False
+    try:
+        local = sock.getsockname()
+        sock.getpeername()
+        return local == listening if sock.family == socket.AF_UNIX else (
+            isinstance(listening, tuple) and local[1] == listening[1])
+    except OSError:
+        return False
+    finally:
+        sock.close()

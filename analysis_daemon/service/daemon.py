@@ -369,9 +369,9 @@ class Daemon:
             log.warning("%s", warning)
         beat = msg.meta.get("heartbeat_s")
         if type(beat) in (int, float) and 0 < beat <= 3600 and self.config.run_timeout < 2 * beat:
-            log.warning("run %s: its publisher heartbeats every %g s but --run-timeout is %g s, so a quiet "
-                        "trainer looks gone; use --run-timeout %g or more", safe(run), beat,
-                        self.config.run_timeout, 3 * beat)
+            self.reject_log.log(logging.WARNING, f"heartbeat_s|{src.key}", "run %s: its publisher heartbeats every "
+                                "%g s but --run-timeout is %g s, so a quiet trainer looks gone; use --run-timeout %g "
+                                "or more", safe(run), beat, self.config.run_timeout, 3 * beat)
         # Every hello of our own user's trainers; one line per interval for another source's (a flood of
         # hellos is summarised with the count suppressed).
         say = (lambda *a: log.info(*a) or True) if self._trusted(src) else \
