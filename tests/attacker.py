@@ -349,14 +349,17 @@ def join(port: int, run: str, seconds: float) -> dict:
         send(s, [snapshot(run, f"{me}-0", it, (rows // 4, cols), global_shape=(rows, cols), offset=(rows // 4, 0)),
                  b"\0" * (rows // 4 * cols * 4)])
         send(s, [snapshot(run, f"{me}-0", it, (rows, cols)), struct.pack("<f", 1.0) * (rows * cols)])
-    seq, deadline = 0, time.monotonic() + seconds
-    while time.monotonic() < deadline:  # bounded: `seconds`
-        for i in range(4):
-            send(s, [heartbeat(run, f"{me}-{i}", seq)])
+    seq, deadline, gone = 0, time.monotonic() + seconds, False
+    while time.monotonic() < deadline and not gone:  # bounded: `seconds`
+        try:
+            for i in range(4):
+                send(s, [heartbeat(run, f"{me}-{i}", seq)])
+        except OSError:
+            gone = True  # the daemon closed the connection: it exited while we still heartbeat
         seq += 1
         time.sleep(0.5)
     s.close()
-    return {"heartbeat_rounds": seq}
+    return {"heartbeat_rounds": seq, "daemon_gone": gone}
 
 
 def names(port: int, count: int, rows: int, cols: int) -> dict:

@@ -141,11 +141,10 @@ def test_no_peer_can_evict_join_or_hold_open_another_users_run(start_daemon, att
         legit.step()
     results = legit.finish()  # sends `end`: the daemon must exit although the attacker still heartbeats
     assert d.wait_exit() == 0
-    still_attacking = joiner.poll() is None
-    joiner.kill()
-    joiner.wait(10)
+    joined = finish(joiner)
     log = d.log()
-    assert still_attacking, "the attacker stopped before the daemon exited: --exit-on-end was not tested"
+    # The attacker was still heartbeating for the victim's run when the daemon exited under it.
+    assert joined["daemon_gone"], f"the attacker's heartbeats ended first ({joined}): --exit-on-end was not tested"
     assert [r["iter"] for r in results] == [10, 20, 30, 40, 50, 60]
     assert all(r["counters"]["received"] == i + 1 and r["counters"]["rejected"] == 0 for i, r in enumerate(results))
     assert results[-1]["drift"] is not None and results[-1]["prev_iter"] == 50
@@ -164,8 +163,8 @@ def test_fresh_run_names_from_one_source_cannot_starve_another(start_daemon, att
     # 30 fresh run names, each with one small but slow snapshot (8000 x 2: 3.2e7 pairs).
     attack(attacker_script, port_of(tcp_endpoint), "names", 30, 8000, 2)
     wait_for("the flood to be analysed", lambda: any(d.results(f"slow-{i}") for i in range(30)), proc=d)
+    legit = LegitRun(d, "legit", 1)  # connected before we count, so its snapshot goes out at once
     done_before = max((r["daemon_counters"]["analysed"] for i in range(30) for r in d.results(f"slow-{i}")), default=0)
-    legit = LegitRun(d, "legit", 1)
     legit.sent += 1
     wait_for("the legit snapshot", lambda: legit.pub.publish(legit.mats[0], 10), proc=d)
     (mine,) = d.wait_results("legit", 1)
@@ -174,9 +173,10 @@ def test_fresh_run_names_from_one_source_cannot_starve_another(start_daemon, att
     wait_for("the rest of the flood", lambda: sum(len(d.results(f"slow-{i}")) for i in range(30)) == 30, proc=d)
     after = sum(r["daemon_counters"]["analysed"] > mine["daemon_counters"]["analysed"]
                 for i in range(30) for r in d.results(f"slow-{i}"))
-    # Fair by source: the legit source waits for at most the analysis running when it arrived and one
-    # more (a result being written while we counted); by run name it waited for the whole queue.
-    assert ahead <= 2, f"{ahead} of the flood's analyses ran before the legit snapshot"
+    # Fair by source: the legit snapshot waits for at most the result being written as we counted, the
+    # analysis running when it arrived, and one more if its delivery took longer than one analysis (a
+    # loaded host). Fair by run name (before), every fresh name went first: it waited for all of them.
+    assert ahead <= 3, f"{ahead} of the flood's analyses ran before the legit snapshot"
     assert after >= 10, "the flood was not queued when the legit snapshot arrived: nothing was tested"
     print(f"\nstarvation: the legit snapshot waited for {ahead} of the flood's analyses; {after} ran after it")
 
