@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     life = p.add_argument_group("lifecycle")
     life.add_argument("--exit-on-end", action="store_true",
-                      help="exit 0 once every run that connected has sent `end` and its work is done")
+                      help="exit 0 once every run that connected has sent `end` and its work is done (runs of "
+                           "other local users, not the daemon's uid or an --allow-uid, are not waited for)")
     life.add_argument("--run-timeout", type=float, default=60.0, metavar="SECONDS",
                       help="close a run (like `end`: its waiting snapshots analysed, state saved, memory "
                            "released) whose publishers have been silent this long; publishers heartbeat "

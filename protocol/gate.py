@@ -80,6 +80,9 @@ class Gate:
         self._keys: frozenset[bytes] | None = None  # None: NULL mechanism, no key check
         self._open: dict[int, Source] = {}  # fd -> source of each accepted connection still open
         self._per_source: dict[str, int] = {}
+        # fd -> source of the last connection accepted on it, kept after it closed: the messages it queued
+        # before closing (a trainer's `end`) are still read after the disconnect. Bounded by the fd limit.
+        self._last: dict[int, Source] = {}
         self._untrusted_open = 0
         self._listening: object = None  # the bound (host, port) or ipc path: only its connections are judged
         self._failed: tuple[int, int] | None = None  # the last handshake failure, told with its disconnect
@@ -115,12 +118,13 @@ class Gate:
             return UNKNOWN
         with self._lock:
             src = self._open.get(fd)
+            last = self._last.get(fd)
         if src is not None:
             return src
-        src, sock = resolve_fd(fd, self._listening)
+        src, sock = resolve_fd(fd, self._listening)  # accepted but not yet seen by the monitor thread
         if sock is not None:
             sock.close()
-        return src or UNKNOWN
+        return src or last or UNKNOWN
 
     def start(self, ctx: zmq.Context) -> None:
         """Bind the ZAP endpoint in `ctx` (before the server socket binds) and start the thread."""
@@ -277,7 +281,7 @@ class Gate:
                     stale = self._open.pop(fd, None)  # a disconnect we never heard of: the fd was reused
                     if stale is not None:
                         self._count(stale, -1)
-                    self._open[fd] = src
+                    self._open[fd] = self._last[fd] = src
                     self._count(src, +1)
                     c.peak_open = max(c.peak_open, len(self._open))
             if refuse is not None:

@@ -211,6 +211,15 @@ class Daemon:
         raise NotYours(f"run {run!r} belongs to the publishers of {state.owner_label}; {src.label} may not "
                        "join it (a different run name, or the run's secret): refused")
 
+    def _routed_state(self, pub: Any, src: Source, token: str | None) -> RunState:
+        # The state of the run a publisher was routed to (lock held). When its run is refused (a kept-apart
+        # name past the limits), the publisher is forgotten again: refused ids must not fill the table.
+        try:
+            return self._state(pub.run, src, token)
+        except TooManyRuns:
+            self.publishers.drop(pub)
+            raise
+
     def _bind(self, pub: Any, src: Source, token: str | None) -> None:
         # lock held: remember where an admitted publisher speaks from; a resumed run takes the new token.
         if pub.source is None:
@@ -355,7 +364,7 @@ class Daemon:
                 self._state(msg.run, src, token)  # room made (or the newcomer refused) before it is registered
             pub, warning = self.publishers.route(msg.run, msg.publisher, hello=msg)
             run = pub.run
-            state = self._state(run, src, token)
+            state = self._routed_state(pub, src, token)
             self._bind(pub, src, token)
             vocab = CompactVocab(msg.vocab) if msg.vocab is not None else None  # ~8 B/token instead of ~60
             state.hello = HelloInfo(pid=msg.pid, host=msg.host, vocab=vocab, wandb=msg.wandb, meta=meta)
@@ -408,9 +417,9 @@ class Daemon:
             if self.publishers.known(msg.run, msg.publisher) is None and msg.run not in self.runs:
                 self._state(msg.run, src)  # room made (or the newcomer refused) before it is registered
             pub, warning = self.publishers.route(msg.run, msg.publisher)
-            self._bind(pub, src, None)
             run = pub.run
-            self._state(run, src)
+            self._routed_state(pub, src, None)
+            self._bind(pub, src, None)
         if sample is not None:
             self.reject_log.log(logging.INFO, f"sampled:{msg.run}", "run %s iter %d: the exact geometry of %dx%d "
                                 "is over --max-cost %.2g: analysing it sampled from %d rows", safe(msg.run),
@@ -541,10 +550,10 @@ class Daemon:
             if self.publishers.known(msg.run, msg.publisher) is None and msg.run not in self.runs:
                 self._state(msg.run, src)
             pub, _ = self.publishers.route(msg.run, msg.publisher)
+            state = self._routed_state(pub, src, None)
             self._bind(pub, src, None)
             pub.gone = "sent end"
             run = pub.run
-            state = self._state(run, src)
             state.end_info = {"final_iter": msg.final_iter, "published": msg.published,
                               "dropped": msg.dropped}
             # A run ends when all its publishers have; a sharded one also waits (bounded by

@@ -136,6 +136,11 @@ class Publishers:
             if pub.gone is None:
                 pub.gone = reason
 
+    def drop(self, pub: Publisher) -> None:
+        """Forget one publisher (its run was refused)."""
+        if self._by_key.get(pub.key) is pub:
+            del self._by_key[pub.key]
+
     def forget_run(self, run: str) -> None:
         """Drop the entries of a run released from memory (so the table stays bounded)."""
         for key in [k for k, p in self._by_key.items() if p.run == run and p.gone is not None]:
