@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tests.conftest import ROOT, free_tcp_port
 from tests.test_daemon import DaemonProc
+from tests.test_publish_untouched import state
 from trainer_hook import EmbeddingPublisher
 
 pytestmark = pytest.mark.timeout(180)
@@ -89,9 +90,12 @@ class Monitor:
         assert self.pub.wait_connected(30), f"{run}: no daemon"
 
     def __call__(self, what, it: int, metrics: dict | None = None) -> None:
+        weight = what if isinstance(what, torch.Tensor) else what.weight
+        before = state(weight)
         assert self.pub.publish(what, it, metrics=metrics), f"{self.run}: iter {it} dropped"
         self.n += 1
         self.daemon.wait_results(self.run, self.n)
+        assert state(weight) == before, f"{self.run}: publish changed the weight's storage, flags or version"
 
     def records(self) -> list[dict]:
         self.pub.close()
