@@ -9,9 +9,7 @@ training without it (publishing never touches the user's tensors). See docs/trai
 from __future__ import annotations
 
 import logging
-import math
 import os
-from pathlib import Path
 from typing import Callable
 
 import pytest
