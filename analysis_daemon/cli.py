@@ -21,6 +21,25 @@ from typing import Any
 
 LOGGER = "embedding_monitor.daemon"
 
+# Every subcommand: its name -> the module holding its `build_parser()` and `main(argv)`. main() dispatches
+# through this table and the CLI reference (docs/hooks/cli_reference.py) documents every entry, so a
+# subcommand added here appears in both, and one missing here is not reachable at all.
+SUBCOMMANDS: dict[str, str] = {
+    "keygen": "protocol.keygen",
+    "report": "analysis_daemon.report.page",
+    "replay": "analysis_daemon.replay.command",
+}
+
+
+def subcommand_parser(name: str) -> argparse.ArgumentParser:
+    """The argument parser of subcommand `name`, its usage line as the user types it."""
+    import importlib
+
+    module = importlib.import_module(SUBCOMMANDS[name])
+    if name == "keygen":
+        return module.build_parser(prog="analysis-daemon keygen")
+    return module.build_parser()
+
 
 def default_threads() -> int:
     """Half the CPU cores this process may run on (at least 1): the rest stay free for a trainer."""
@@ -63,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--max-bytes", type=int, metavar="N",
                      help="reject snapshots whose tensor has more bytes than this")
 
-    shared = p.add_argument_group("shared host (limits per peer and per snapshot; see README)")
+    shared = p.add_argument_group("shared host (limits per peer and per snapshot; see docs/security.md)")
     shared.add_argument("--max-connections", type=int, default=256, metavar="N",
                         help="connections open at once; more are refused at the handshake (default: %(default)s)")
     shared.add_argument("--heartbeat-interval", type=float, default=10.0, metavar="SECONDS",
@@ -351,17 +370,17 @@ def fail(message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `analysis-daemon` / `python -m analysis_daemon`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["keygen"]:
-        from protocol.keygen import main as keygen_main
-        return keygen_main(argv[1:])
-    if argv[:1] == ["report"]:
-        from .report.page import main as report_main
-        return report_main(argv[1:])
-    if argv[:1] == ["replay"]:
-        from .replay.command import build_parser as replay_parser, main as replay_main
-        replay_args = replay_parser().parse_args(argv[1:])
+    if argv[:1] == ["replay"]:  # parsed before OMP_WAIT_POLICY is set, which may re-execute us
+        from .replay.command import main as replay_main
+        replay_args = subcommand_parser("replay").parse_args(argv[1:])
         _ensure_passive_omp(argv)
         return replay_main(replay_args)
+    if argv[:1] == ["keygen"]:
+        from protocol.keygen import main as keygen_main
+        return keygen_main(argv[1:], prog="analysis-daemon keygen")
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        import importlib
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
     _ensure_passive_omp(argv)
     log = setup_logging(args.log_level, args.log_file)
