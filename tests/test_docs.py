@@ -114,29 +114,36 @@ def daemon(tmp_path_factory):
     d.kill()
 
 
-def run_snippets(daemon: DaemonProc, tmp_path: Path, commands: dict[str, list[str]]) -> dict[str, str]:
-    """Run snippets (name -> command prefix) at once, each pointed at the daemon; their stderr by name."""
+def run_snippets(daemon: DaemonProc, tmp_path: Path, launches: dict[str, list[str]]) -> dict[str, str]:
+    """Start each launch (label -> command prefix + snippet names) at once, every snippet pointed at the
+    daemon; a launch of several snippets runs them one after the other in the same processes (torchrun
+    starts once). Returns each launch's output by label."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false")
+    runner = tmp_path / "run_snippets.py"
+    runner.write_text("import runpy, sys\nfor path in sys.argv[1:]:\n    runpy.run_path(path, run_name='__main__')\n")
     procs = {}
-    for name, prefix in commands.items():
-        source = (SNIPPETS / name).read_text()
-        assert DEFAULT_ENDPOINT in source or name == "math_only.py"
-        script = tmp_path / name
-        script.write_text(source.replace(DEFAULT_ENDPOINT, daemon.endpoint))
-        out = open(tmp_path / f"{name}.log", "w")
-        procs[name] = (subprocess.Popen([*prefix, str(script)], cwd=tmp_path, env=env, stdout=out,
-                                        stderr=subprocess.STDOUT), out)
+    for label, command in launches.items():
+        prefix = [c for c in command if not c.endswith(".py")]
+        scripts = []
+        for name in (c for c in command if c.endswith(".py")):
+            source = (SNIPPETS / name).read_text()
+            assert DEFAULT_ENDPOINT in source or name == "math_only.py"
+            scripts.append(tmp_path / name)
+            scripts[-1].write_text(source.replace(DEFAULT_ENDPOINT, daemon.endpoint))
+        out = open(tmp_path / f"{label}.log", "w")
+        procs[label] = (subprocess.Popen([*prefix, str(runner), *map(str, scripts)], cwd=tmp_path, env=env,
+                                         stdout=out, stderr=subprocess.STDOUT), out)
     logs = {}
-    for name, (proc, out) in procs.items():
+    for label, (proc, out) in procs.items():
         try:
             code = proc.wait(240)
         except subprocess.TimeoutExpired:
             proc.kill()
             code = "timeout"
         out.close()
-        logs[name] = (tmp_path / f"{name}.log").read_text()
-        assert code == 0, f"{name} exited with {code}:\n{logs[name][-3000:]}"
+        logs[label] = (tmp_path / f"{label}.log").read_text()
+        assert code == 0, f"{label} exited with {code}:\n{logs[label][-3000:]}"
     return logs
 
 
@@ -157,21 +164,22 @@ def check_results(daemon: DaemonProc, run: str, expected: list[int]) -> list[dic
 
 
 def test_getting_started_snippets_run(daemon: DaemonProc, tmp_path: Path):
-    logs = run_snippets(daemon, tmp_path, {"plain_loop.py": [sys.executable], "math_only.py": [sys.executable]})
+    logs = run_snippets(daemon, tmp_path, {"plain": [sys.executable, "plain_loop.py"],
+                                           "math": [sys.executable, "math_only.py"]})
     records = check_results(daemon, "my-run", [0, 10, 20, 30])
     assert records[0]["shape"] == [512, 32]
     assert all("train/loss" in r["metrics"] for r in records)
     if len(records) > 1:
         assert records[1]["drift"]["average_cosine_similarity"] < 1.0
-    cosine = float(re.search(r"drift cosine ([0-9.]+)", logs["math_only.py"]).group(1))
+    cosine = float(re.search(r"drift cosine ([0-9.]+)", logs["math"]).group(1))
     assert 0.99 < cosine <= 1.0  # a rotation plus 1% noise is (almost) no drift
 
 
 def test_integration_snippets_run(daemon: DaemonProc, tmp_path: Path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    run_snippets(daemon, tmp_path, {"hf_trainer.py": [sys.executable],
-                                           "lightning_module.py": [sys.executable],
-                                           "ddp.py": torchrun, "fsdp2.py": torchrun})
+    run_snippets(daemon, tmp_path, {"hf": [sys.executable, "hf_trainer.py"],
+                                    "lightning": [sys.executable, "lightning_module.py"],
+                                    "distributed": [*torchrun, "ddp.py", "fsdp2.py"]})  # one torchrun for both
     assert check_results(daemon, "hf-run", [0, 3, 6])[0]["shape"] == [256, 32]
     assert check_results(daemon, "lightning-run", [0, 3, 6])[0]["shape"] == [256, 32]
     assert check_results(daemon, "ddp-run", [0, 10, 20])[0]["shape"] == [512, 32]
