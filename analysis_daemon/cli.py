@@ -251,6 +251,13 @@ def add_output_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                      help="at the end of a run (and at exit) wait at most this long for W&B to take the "
                           "data; what is left stays in the run's wandb folder, and the log names the "
                           "`wandb sync` command that uploads it (default: %(default)s)")
+    out.add_argument("--token-data", action=argparse.BooleanOptionalAction, default=True,
+                     help="keep every token's nearest neighbours, drift cosine, norm and map position per "
+                          "analysed iteration in RESULTS_DIR/<run>/tokens/ for `analysis-daemon explore` "
+                          "(about 4.8 MB per iteration at 50304 tokens; default: on)")
+    out.add_argument("--token-data-keep", type=int, default=50, metavar="N",
+                     help="keep the token data of the newest N analysed iterations per run, removing older "
+                          "ones (default: %(default)s)")
     return out
 
 
@@ -305,6 +312,7 @@ def analysis_settings(args: argparse.Namespace) -> Any:
         progress_interval=args.progress_interval, extras=args.extras, knn_k=args.knn_k, probes=probes,
         probe_k=args.probe_k, sample_rows=args.sample_rows, sample_seed=args.sample_seed,
         galaxy_rows=args.galaxy_rows, galaxy_seed=args.galaxy_seed,
+        token_data=bool(getattr(args, "token_data", False)),
         alerts=AlertSettings(collapse_mean_sim=args.collapse_mean_sim,
                              collapse_min_rank_fraction=args.collapse_min_rank_fraction,
                              drift_window=args.drift_window, drift_spike_mads=args.drift_spike_mads,
@@ -359,6 +367,9 @@ def make_sinks(args: argparse.Namespace, settings: Any, threads: int, close_time
     if args.wandb_init_timeout <= 0 or args.wandb_finish_timeout <= 0:
         raise ValueError("--wandb-init-timeout and --wandb-finish-timeout must be > 0 seconds")
     sinks: list[Sink] = [JsonlSink(args.results_dir)]
+    if args.token_data:
+        from .sinks.token_data import TokenDataSink
+        sinks.append(TokenDataSink(args.results_dir, keep=args.token_data_keep))
     if not args.no_console or args.log_file is not None:
         # The summary blocks also go to the log file, so following the log (`./launch.sh tail`) shows
         # the metrics; the terminal still gets them once, on stdout.
@@ -392,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["report"]:
         from .report.page import main as report_main
         return report_main(argv[1:])
+    if argv[:1] == ["explore"]:
+        from .explore.command import main as explore_main
+        return explore_main(argv[1:])
     if argv[:1] == ["replay"]:
         from .replay.command import build_parser as replay_parser, main as replay_main
         replay_args = replay_parser().parse_args(argv[1:])
