@@ -5,6 +5,7 @@
     analysis-daemon report runs/my-run -o report.html                       (HTML report of a run's results)
     analysis-daemon report runs/lr-3e-4 runs/lr-1e-3                         (several runs compared on one page)
     analysis-daemon replay out/checkpoints --run my-run                     (analyse saved checkpoints, replay.py)
+    analysis-daemon explore runs/my-run                                     (web app over per-token data)
 
 torch is imported only after the thread settings are in place: OMP_WAIT_POLICY=PASSIVE must be in the
 environment before libgomp loads (busy-waiting OpenMP threads in two processes on the same cores
@@ -28,6 +29,7 @@ SUBCOMMANDS: dict[str, str] = {
     "keygen": "protocol.keygen",
     "report": "analysis_daemon.report.page",
     "replay": "analysis_daemon.replay.command",
+    "explore": "analysis_daemon.explore.command",
 }
 
 
@@ -60,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "`analysis-daemon report RUN_DIR [RUN_DIR ...] [-o OUT.html]` turns runs' results into one "
                     "HTML page (several runs on shared axes); "
                     "`analysis-daemon replay PATH...` analyses saved checkpoints the same way "
-                    "(`analysis-daemon replay --help`).",
+                    "(`analysis-daemon replay --help`); "
+                    "`analysis-daemon explore RESULTS` serves a local web app over a run's per-token data.",
         epilog="W&B follows wandb's own settings: WANDB_MODE (online/offline/disabled), WANDB_PROJECT, "
                "WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_DIR, WANDB_API_KEY; a trainer's hello message, "
                "when it names a project and group, takes precedence.")
@@ -270,6 +273,13 @@ def add_output_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                      help="at the end of a run (and at exit) wait at most this long for W&B to take the "
                           "data; what is left stays in the run's wandb folder, and the log names the "
                           "`wandb sync` command that uploads it (default: %(default)s)")
+    out.add_argument("--token-data", action=argparse.BooleanOptionalAction, default=True,
+                     help="keep every token's nearest neighbours, drift cosine, norm and map position per "
+                          "analysed iteration in RESULTS_DIR/<run>/tokens/ for `analysis-daemon explore` "
+                          "(about 4.8 MB per iteration at 50304 tokens; default: on)")
+    out.add_argument("--token-data-keep", type=int, default=50, metavar="N",
+                     help="keep the token data of the newest N analysed iterations per run, removing older "
+                          "ones (default: %(default)s)")
     return out
 
 
@@ -324,6 +334,7 @@ def analysis_settings(args: argparse.Namespace) -> Any:
         progress_interval=args.progress_interval, extras=args.extras, knn_k=args.knn_k, probes=probes,
         probe_k=args.probe_k, sample_rows=args.sample_rows, sample_seed=args.sample_seed,
         galaxy_rows=args.galaxy_rows, galaxy_seed=args.galaxy_seed,
+        token_data=bool(getattr(args, "token_data", False)),
         alerts=AlertSettings(collapse_mean_sim=args.collapse_mean_sim,
                              collapse_min_rank_fraction=args.collapse_min_rank_fraction,
                              drift_window=args.drift_window, drift_spike_mads=args.drift_spike_mads,
@@ -378,6 +389,9 @@ def make_sinks(args: argparse.Namespace, settings: Any, threads: int, close_time
     if args.wandb_init_timeout <= 0 or args.wandb_finish_timeout <= 0:
         raise ValueError("--wandb-init-timeout and --wandb-finish-timeout must be > 0 seconds")
     sinks: list[Sink] = [JsonlSink(args.results_dir)]
+    if args.token_data:
+        from .sinks.token_data import TokenDataSink
+        sinks.append(TokenDataSink(args.results_dir, keep=args.token_data_keep))
     if not args.no_console or args.log_file is not None:
         # The summary blocks also go to the log file, so following the log (`./launch.sh tail`) shows
         # the metrics; the terminal still gets them once, on stdout.
