@@ -29,7 +29,7 @@ from typing import Final
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from .peers import OWN_UID, UNKNOWN, Source, from_zap_address, resolve_fd, still_connected
+from .peers import OWN_UID, UNKNOWN, Source, TcpTable, from_zap_address, resolve_fd, still_connected
 
 ZAP_ENDPOINT: Final[str] = "inproc://zeromq.zap.01"
 ZAP_DOMAIN: Final[str] = "embedding-monitor"
@@ -39,6 +39,8 @@ _EVENTS: Final[int] = (zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_H
 
 log = logging.getLogger("embedding_monitor.daemon")
 
+# Monitor events handled per turn of the gate's loop (ZAP requests and the sweep come between batches).
+_EVENT_BATCH = 256
 # Rate-limited log keys remembered at once (each distinct refused key is one).
 _MAX_LOG_KEYS = 1024
 
@@ -181,10 +183,12 @@ class Gate:
                 if time.monotonic() >= next_sweep:
                     self._sweep()
                     next_sweep = time.monotonic() + 1.0
-                # Monitor events first: a disconnect frees a place before the next ZAP request is judged.
-                while self._monitor in ready:
+                # Monitor events first, at most a batch per turn so ZAP requests and the sweep are not
+                # starved by a flood; one read of the TCP owner table serves the whole batch.
+                table = TcpTable()
+                for _ in range(_EVENT_BATCH if self._monitor in ready else 0):
                     try:
-                        self._on_event(parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK)))
+                        self._on_event(parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK)), table)
                     except zmq.Again:
                         break
                     except Exception:  # a malformed event must not stop the gate
@@ -206,11 +210,11 @@ class Gate:
             self._zap.close(0)
             self._zap = None
 
-    def _on_event(self, event: dict) -> None:
+    def _on_event(self, event: dict, table: TcpTable | None = None) -> None:
         kind, fd = event["event"], event["value"]
         c = self.counters
         if kind == zmq.EVENT_ACCEPTED:
-            self._on_accepted(fd)
+            self._on_accepted(fd, table)
             return
         with self._lock:
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
@@ -258,9 +262,9 @@ class Gate:
         if not self.trusted(src):
             self._untrusted_open += delta
 
-    def _on_accepted(self, fd: int) -> None:
+    def _on_accepted(self, fd: int, table: TcpTable | None = None) -> None:
         c = self.counters
-        src, sock = resolve_fd(fd, self._listening)
+        src, sock = resolve_fd(fd, self._listening, table)
         src = src or UNKNOWN
         try:
             with self._lock:

@@ -46,20 +46,35 @@ def _hex_addr(ip: str, port: int) -> str:
     return f"{words.hex().upper()}:{port:04X}"
 
 
-def tcp_owner(peer: tuple[str, int], local: tuple[str, int]) -> int | None:
-    """The uid owning the client socket of a loopback connection peer -> local, from /proc/net/tcp{,6}."""
-    wanted_v4 = (_hex_addr(peer[0], peer[1]), _hex_addr(local[0], local[1]))
-    for table in _TCP_TABLES:
-        try:
-            with open(table, encoding="ascii") as f:
-                next(f, None)
-                for line in f:
-                    fields = line.split()
-                    if len(fields) > 7 and (fields[1], fields[2]) == wanted_v4:
-                        return int(fields[7])
-        except (OSError, ValueError):
-            continue
-    return None
+class TcpTable:
+    """The owners of this host's TCP sockets, read once from /proc/net/tcp{,6} when first asked: one read
+    serves a whole batch of accepted connections (under a flood the tables hold thousands of lines)."""
+
+    def __init__(self) -> None:
+        self._owners: dict[tuple[str, str], int] | None = None
+        self._reads = 0
+
+    def owner(self, peer: tuple[str, int], local: tuple[str, int]) -> int | None:
+        """The uid owning the client socket of a loopback connection peer -> local."""
+        key = (_hex_addr(peer[0], peer[1]), _hex_addr(local[0], local[1]))
+        if self._owners is None or (key not in self._owners and self._reads < 4):
+            self._read()  # first use, or a connection newer than the last read (a few re-reads per batch)
+        return self._owners.get(key) if self._owners is not None else None
+
+    def _read(self) -> None:
+        self._reads += 1
+        owners: dict[tuple[str, str], int] = {}
+        for table in _TCP_TABLES:
+            try:
+                with open(table, encoding="ascii") as f:
+                    next(f, None)
+                    for line in f:
+                        fields = line.split()
+                        if len(fields) > 7 and fields[3] != "06":  # not TIME_WAIT: those have no owner
+                            owners[(fields[1], fields[2])] = int(fields[7])
+            except (OSError, ValueError):
+                continue
+        self._owners = owners
 
 
 def _ipc_uid(sock: socket.socket) -> int | None:
@@ -70,7 +85,7 @@ def _ipc_uid(sock: socket.socket) -> int | None:
     return struct.unpack("3i", cred)[1]
 
 
-def resolve_fd(fd: int, listening: object) -> tuple[Source | None, socket.socket | None]:
+def resolve_fd(fd: int, listening: object, table: TcpTable | None = None) -> tuple[Source | None, socket.socket | None]:
     """The source of the connection on descriptor `fd`, when it is one of ours (its local address is
     `listening`: the (host, port) or ipc path we bound), with a duplicate socket to act on; else (None, None)."""
     try:
@@ -92,7 +107,7 @@ def resolve_fd(fd: int, listening: object) -> tuple[Source | None, socket.socket
         peer = sock.getpeername()
         ip = peer[0]
         if ipaddress.ip_address(ip).is_loopback:
-            uid = tcp_owner((ip, peer[1]), (local[0], local[1]))
+            uid = (table or TcpTable()).owner((ip, peer[1]), (local[0], local[1]))
             if uid is not None:
                 return Source(f"uid:{uid}", f"{ip} (uid {uid})"), sock
         return Source(f"addr:{ip}", ip), sock

@@ -12,6 +12,7 @@ Run it with: python -m analysis_daemon --listen tcp://127.0.0.1:5555 --results-d
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import signal
 import sys
@@ -619,8 +620,18 @@ class Daemon:
             return all(r not in self.runs or (self.runs[r].closed and self.runs[r].idle()) for r in runs)
 
     def _waits_for(self, state: RunState) -> bool:
-        owner = state.owner_source or ""
-        return not owner.startswith("uid:") or int(owner[4:]) in self.gate.trusted_uids
+        owner = state.owner_source
+        if owner is None or owner.startswith("key:"):
+            return True  # restored from --state-dir, or an authorised CurveZMQ key
+        if owner.startswith("uid:"):
+            return int(owner[4:]) in self.gate.trusted_uids
+        # A remote address (reachable only with keys or --allow-insecure) counts; a local peer whose
+        # owner could not be read does not (it may be another user's).
+        host = owner[len("addr:"):]
+        try:
+            return not ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signals += 1
