@@ -4,8 +4,8 @@ Run (as root: the attacker runs as uid 65534 through setpriv):
     .venv/bin/python benchmarks/bench_connection_flood.py [--repo DIR] [--snapshots 10] [--peers 300]
 
 `--repo` runs the daemon of another checkout (e.g. an older commit in a git worktree) for a before/after
-comparison. Scenarios: no attack; 300 TCP connections that never send a ZMTP greeting, reopened when
-dropped; 300 ZeroMQ peers that greet and fall silent, reopened when dropped. Printed per scenario: the
+comparison. Scenarios (the daemon's default timeouts): no attack; --peers (400) TCP connections that
+never send a ZMTP greeting, reopened when dropped; as many ZeroMQ peers that greet and fall silent, reopened when dropped. Printed per scenario: the
 legitimate trainer's snapshots served (a result written within 30 s of the publish) of those published,
 the median publish-to-result seconds, and the daemon's `connections:` line.
 """
@@ -46,8 +46,8 @@ def scenario(repo: Path, attack: str | None, snapshots: int, peers: int, work: P
     err = work / "daemon.err"
     daemon = subprocess.Popen([sys.executable, "-m", "analysis_daemon", "--listen", endpoint, "--threads", "1",
                                "--nice", "0", "--no-wandb", "--no-console", "--no-extras", "--results-dir",
-                               str(results), "--handshake-timeout", "2", "--reject-log-interval", "60"],
-                              stdout=subprocess.PIPE, stderr=open(err, "w"), text=True,
+                               str(results), "--reject-log-interval", "60"],  # default timeouts
+                              stdout=subprocess.PIPE, stderr=open(err, "w"), text=True, cwd=repo,
                               env=dict(os.environ, PYTHONPATH=str(repo), OMP_WAIT_POLICY="PASSIVE"))
     attacker = None
     try:
@@ -91,7 +91,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, default=ROOT, help="checkout whose daemon runs (default: this one)")
     parser.add_argument("--snapshots", type=int, default=10)
-    parser.add_argument("--peers", type=int, default=300)
+    parser.add_argument("--peers", type=int, default=400)
     args = parser.parse_args()
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         print("bench_connection_flood: needs root and setpriv (the attacker runs as uid 65534); nothing measured")
