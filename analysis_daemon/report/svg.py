@@ -10,6 +10,7 @@ import base64
 import html
 import math
 import re
+import sys
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     if not (math.isfinite(lo) and math.isfinite(hi) and math.isfinite(hi - lo)) or hi <= lo:
         return [lo] if math.isfinite(lo) else []
     raw = (hi - lo) / max(count, 1)
+    if raw < sys.float_info.min:  # a subnormal (or underflowed) step: floats cannot subdivide [lo, hi]
+        return [lo, hi]
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
     first = math.ceil(lo / step - 1e-9) * step
