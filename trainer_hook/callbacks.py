@@ -189,6 +189,10 @@ class StepPublisher:
         """Whether `step` is one of the every-n-steps steps."""
         return self.every_n_steps is not None and step % self.every_n_steps == 0
 
+    def wants(self, step: int) -> bool:
+        """Whether `step` is neither published nor pending (and a training is running)."""
+        return self.publisher is not None and step != self._last_step and step != self.pending
+
     def note_metrics(self, step: int, metrics: dict[str, Any]) -> None:
         """Record metrics the framework measured at `step` (merged with others of the same step)."""
         if step != self._metrics_step:
