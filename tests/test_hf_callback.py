@@ -8,6 +8,7 @@ with at that step (its forward pass over every token id), against which the daem
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 import subprocess
@@ -278,7 +279,8 @@ def test_bad_arguments_fail_before_training(tmp_path: Path) -> None:
         trainer.train()
 
 
-def test_evaluations_land_at_their_own_step_and_the_last_one_is_carried(start_daemon, tmp_path: Path) -> None:
+def test_evaluations_land_at_their_own_step_and_the_last_one_is_carried(start_daemon, env: dict[str, str],
+                                                                         tmp_path: Path) -> None:
     # The report that found it, scaled down: eval_steps=100, every_n_steps=25, max_steps=300 gave eval/loss at
     # 125 and 225 and no 300. Here eval every 4, publish every 2, log every 3, and the best checkpoint is
     # loaded at the end (the last snapshot must still be the last step's weights, not the best ones).
@@ -301,3 +303,10 @@ def test_evaluations_land_at_their_own_step_and_the_last_one_is_carried(start_da
     assert metrics == {it: logged_at(history, it) for it in expected}
     assert {it for it, m in metrics.items() if m and "eval/loss" in m} == set(evals)  # every eval, at its step
     assert {it for it, m in metrics.items() if m and "train/loss" in m} == {6, 12}  # logged at 3, 6, 9, 12
+    # Its replay from the checkpoints (trainer_state.json) names and values the metrics the same way.
+    proc = subprocess.run([sys.executable, "-m", "analysis_daemon", "replay", *sorted((tmp_path / "out").glob("checkpoint-*")),
+                           "--run", "replayed", "--results-dir", str(tmp_path / "replay"), "--no-wandb", "--threads", "1"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    replayed = [json.loads(line) for line in (tmp_path / "replay" / "replayed" / "analysis.jsonl").read_text().splitlines()]
+    assert [(r["iter"], r["metrics"]) for r in replayed] == [(it, metrics[it]) for it in (4, 8, 12)]

@@ -69,7 +69,7 @@ def test_launch_runs_trainer_and_daemon_to_a_results_file(tmp_path, subprocess_e
     assert records[0]["drift"] is None
     assert all(r["drift"] is not None and r["prev_iter"] == prev["iter"] for prev, r in zip(records, records[1:]))
     # train.py's losses travel with each snapshot into the record
-    assert all(set(r["metrics"]) == {"train/loss", "val/loss", "lr"} and 0 < r["metrics"]["val/loss"] < 10
+    assert all(set(r["metrics"]) == {"train/loss", "eval/loss", "train/learning_rate"} and 0 < r["metrics"]["eval/loss"] < 10
                for r in records)
     assert [(p["token_id"], len(p["neighbours"])) for p in records[-1]["insight"]["probes"]] == [(3, 4), (5, 4)]
     # The daemon's summary blocks reach the terminal once each, and its log file (for `tail`) has them too.
