@@ -26,7 +26,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 
 from analysis_daemon import measure_semantic_drift  # noqa: E402
 from tests import wandb_history  # noqa: E402
-from tests.test_daemon import DaemonProc, env, start_daemon  # noqa: E402,F401 - fixtures used by name
+from tests.test_daemon import DaemonProc, assert_drift_matches, env, start_daemon  # noqa: E402,F401 - fixtures used by name
 from trainer_hook.hf import EmbeddingMonitorCallback  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
@@ -131,12 +131,12 @@ def check_results(results: list[dict], refs: dict[int, torch.Tensor], expected: 
     assert [r["prev_iter"] for r in results] == [None, *expected[:-1]]
     assert results[0]["drift"] is None
     for r, prev, curr in zip(results[1:], expected, expected[1:]):
-        ref = measure_semantic_drift(refs[prev], refs[curr], top_k=50)
-        tol = dict(rel=1e-9, abs=1e-12) if exact else dict(rel=1e-4, abs=1e-6)
-        assert r["drift"]["average_cosine_similarity"] == pytest.approx(ref["average_cosine_similarity"], **tol)
-        assert r["drift"]["average_euclidean_distance"] == pytest.approx(ref["average_euclidean_distance"], **tol)
-        if exact:
-            assert [t for t, _ in r["drift"]["most_drifted_tokens"]] == [t for t, _ in ref["most_drifted_tokens"]]
+        if exact:  # the same float32 arithmetic, perhaps summed in another order
+            assert_drift_matches(r["drift"], refs[prev], refs[curr])
+        else:  # the reference adds the LoRA delta in another order than the model's forward pass
+            ref = measure_semantic_drift(refs[prev], refs[curr], top_k=50)
+            for key in ("average_cosine_similarity", "average_euclidean_distance"):
+                assert r["drift"][key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6)
         assert r["drift"]["average_cosine_similarity"] < 0.9999  # lr 5e-2: the published matrix really moved
     assert all(r["shape"] == [V, 32] for r in results)
 
