@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -441,7 +442,13 @@ def main(argv: list[str] | None = None) -> int:
              max(args.nice, 0), os.environ.get("OMP_WAIT_POLICY"), ", ".join(s.name for s in sinks.sinks))
     try:
         daemon = Daemon(config, sinks)
-        return daemon.serve()
+        status = daemon.serve()
+        # Stopped, flushed and counted (the "stopped" line is out): a SIGTERM/SIGINT from now on (launch.sh
+        # stopping a daemon that Ctrl-C already stopped) must not turn a clean exit into status 143/130.
+        # SIG_IGN, not a Python handler: interpreter shutdown resets Python handlers to the default (death).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        return status
     except ValueError as exc:  # bad endpoint, insecure endpoint refused
         sinks.close()
         return fail(str(exc))
