@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from analysis_daemon.report.page import Results, build_report, load_results, main
@@ -388,6 +388,9 @@ def test_hostile_metrics_galaxy_and_skips_are_bounded_and_escaped(tmp_path: Path
 
 @settings(max_examples=200, deadline=None)
 @given(st.floats(allow_nan=False, allow_infinity=False), st.floats(allow_nan=False, allow_infinity=False))
+@example(0.0, 5e-324)  # a subnormal range: once a math domain error
+@example(-1e-320, 1e-320)
+@example(1e308, 1.7976931348623157e308)
 def test_axis_ticks_are_round_bounded_and_inside_the_range(a: float, b: float) -> None:
     lo, hi = min(a, b), max(a, b)
     ticks = nice_ticks(lo, hi, 5)
