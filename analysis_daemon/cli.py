@@ -216,7 +216,22 @@ def add_output_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                      help="at the end of a run (and at exit) wait at most this long for W&B to take the "
                           "data; what is left stays in the run's wandb folder, and the log names the "
                           "`wandb sync` command that uploads it (default: %(default)s)")
+    add_tensorboard_options(p)
     return out
+
+
+def add_tensorboard_options(p: argparse.ArgumentParser) -> None:
+    """The TensorBoard sink's options (shared by the daemon and `replay`)."""
+    tb = p.add_argument_group("TensorBoard (needs the tensorboard extra: pip install 'embedding-monitor[tensorboard]')")
+    tb.add_argument("--tensorboard", type=Path, metavar="DIR",
+                    help="also write TensorBoard files, one TensorBoard run per trainer run in DIR/<run>/ (a "
+                         "named tensor of a run with several in DIR/<run>/<tensor>/): the W&B scalars and the "
+                         "trainer's metrics at the training iteration, the similarity and row-norm histograms, "
+                         "and the embedding projector with per-token metadata; view with "
+                         "`tensorboard --logdir DIR`")
+    tb.add_argument("--tensorboard-projector-keep", type=int, default=5, metavar="K",
+                    help="keep the projector of the latest K analysed snapshots per run (each costs the "
+                         "matrix's size on disk, V x d x 4 bytes); 0: no projector (default: %(default)s)")
 
 
 def setup_logging(level: str, log_file: Path | None) -> logging.Logger:
@@ -312,10 +327,10 @@ def raise_fd_limit(max_connections: int, log: logging.Logger) -> None:
 
 
 def make_sinks(args: argparse.Namespace, settings: Any, threads: int, close_timeout: float | None) -> Any:
-    """The SinkSet of parsed output options: console (unless --no-console), results file, W&B.
+    """The SinkSet of parsed output options: console (unless --no-console), results file, W&B, TensorBoard.
 
     `close_timeout` None: the W&B sink derives it from --wandb-init-timeout and --wandb-finish-timeout.
-    Raises ValueError for a timeout that is not positive.
+    Raises ValueError for a timeout that is not positive, or --tensorboard without its package.
     """
     from .sinks import Sink, SinkSet
     from .sinks.console import ConsoleSink
@@ -323,6 +338,13 @@ def make_sinks(args: argparse.Namespace, settings: Any, threads: int, close_time
 
     if args.wandb_init_timeout <= 0 or args.wandb_finish_timeout <= 0:
         raise ValueError("--wandb-init-timeout and --wandb-finish-timeout must be > 0 seconds")
+    tensorboard = None
+    if args.tensorboard is not None:  # first: a missing package must stop us before any sink starts a thread
+        from .sinks.tensorboard_sink import TensorBoardSink, missing_package
+        problem = missing_package()
+        if problem is not None:
+            raise ValueError(problem)
+        tensorboard = TensorBoardSink(args.tensorboard, projector_keep=args.tensorboard_projector_keep)
     sinks: list[Sink] = [JsonlSink(args.results_dir)]
     if not args.no_console or args.log_file is not None:
         # The summary blocks also go to the log file, so following the log (`./launch.sh tail`) shows
@@ -339,6 +361,8 @@ def make_sinks(args: argparse.Namespace, settings: Any, threads: int, close_time
             config.update(sample_rows=settings.sample_rows, sample_seed=settings.sample_seed)
         sinks.append(WandbSink(default_project=args.wandb_project, close_timeout=close_timeout, config=config,
                                init_timeout=args.wandb_init_timeout, finish_timeout=args.wandb_finish_timeout))
+    if tensorboard is not None:
+        sinks.append(tensorboard)
     return SinkSet(sinks)
 
 

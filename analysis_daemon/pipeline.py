@@ -19,6 +19,7 @@ import torch
 from .metrics.alerts import AlertSettings, RunAlerts, check as check_alerts
 from .service.logsafe import first_line
 from .service.state import Job, RunInsight, SnapshotData
+from .token_values import TokenValues, token_values
 
 log = logging.getLogger("embedding_monitor.daemon")
 
@@ -109,6 +110,17 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     `insight_state` is the run's state between results (previous neighbour lists, alert history); a
     fresh one (no neighbourhood drift, no drift history) when None.
     """
+    return analyse_snapshot(job, settings, progress, insight_state)[0]
+
+
+def analyse_snapshot(job: Job, settings: AnalysisSettings, progress: Callable[[float], None] | None = None,
+                     insight_state: RunInsight | None = None,
+                     per_token: bool = False) -> tuple[dict[str, Any], TokenValues | None]:
+    """`analyse`, and with `per_token` also the snapshot's per-token values (for the sinks that want them).
+
+    The per-token values reuse what the analysis computed (each row's drift cosine, the galaxy map's
+    clusters, the under-trained tokens); a failure there costs them (None), never the record.
+    """
     from .metrics.drift import measure_semantic_drift
     from .metrics.geometry import geometry_and_neighbours
 
@@ -131,12 +143,14 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     else:
         t0 = time.monotonic()
         try:
-            drift = measure_semantic_drift(prev.tensor, cur.tensor, top_k=settings.top_k)
+            drift = measure_semantic_drift(prev.tensor, cur.tensor, top_k=settings.top_k, token_cosines=per_token)
         except Exception as exc:  # a math failure costs this drift, never the daemon
             reason = f"drift failed: {first_line(exc)}"
             log.error("run %s iter %d: %s", job.run, cur.iter, reason)
         drift_seconds = time.monotonic() - t0
+    drift_cosines = None
     if drift is not None:
+        drift_cosines = drift.pop("token_cosines", None)  # V values: for the sinks, never the results file
         drift = jsonable(drift)
         for kind in ("most", "least"):
             strings = _token_strings(drift.get(f"{kind}_drifted_tokens") or [], vocab)
@@ -224,9 +238,16 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     for alert in record["alerts"]:
         if alert.get("notified"):
             log.warning("run %s ALERT %s: %s", job.run, alert["kind"], alert["message"])
+    tokens = None
+    if per_token:
+        try:
+            tokens = token_values(job.run, cur.iter, cur.tensor, record, vocab, drift_cosines,
+                                  getattr(cur, "token_counts", None))
+        except Exception as exc:  # costs the projector's table, never the record
+            log.error("run %s iter %d: per-token values failed: %s", job.run, cur.iter, first_line(exc))
     record["seconds"] = round(time.monotonic() - started, 6)
     record["finished_at"] = time.time()
-    return record
+    return record, tokens
 
 
 def _insight(job: Job, settings: AnalysisSettings, state: RunInsight, knn_ids: Any,

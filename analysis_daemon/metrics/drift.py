@@ -73,7 +73,8 @@ def _token_list(ids: torch.Tensor, cos: torch.Tensor) -> list[list]:
 
 
 @torch.no_grad()
-def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 50) -> dict:
+def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 50,
+                           token_cosines: bool = False) -> dict:
     """Per-token drift from snapshot `prev` (X) to snapshot `curr` (Y), both (V, d), after Procrustes alignment.
 
     Contract:
@@ -87,6 +88,8 @@ def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 
     - `most_drifted_tokens`: the top_k lowest cosines, ascending; `least_drifted_tokens`: the top_k
       highest, descending; each a list of [token_id, cosine] with token_id the row index in the input;
       ties keep token order. Averages are None (and lists empty) when no row qualifies.
+    - `token_cosines=True` adds "token_cosines": every row's cosine as a float32 (V,) tensor, NaN for the
+      rows left out (for the TensorBoard projector's per-token table; not JSON: the caller takes it out).
     Inputs may be float16/bfloat16/float32/float64; the work is float32 with float64 sums (float64 values
     beyond float32's range count as non-finite).
     """
@@ -110,6 +113,8 @@ def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 
         "most_drifted_tokens": [],
         "least_drifted_tokens": [],
     }
+    if token_cosines:
+        result["token_cosines"] = torch.full((v,), float("nan"), dtype=torch.float32)
     if n == 0:
         return result
     ids = None
@@ -153,6 +158,8 @@ def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 
     cos = (dot[keep] / (norm_x[keep] * norm_y[keep])).clamp_(-1.0, 1.0)
     token_ids = keep if ids is None else ids[keep]
     result["average_cosine_similarity"] = float(cos.mean())
+    if token_cosines:
+        result["token_cosines"][token_ids] = cos.float()
     k = min(top_k, cos.numel())
     order = torch.sort(cos, stable=True).indices
     result["most_drifted_tokens"] = _token_list(token_ids[order[:k]], cos[order[:k]])

@@ -166,7 +166,7 @@ def _replay(run: str, checkpoints: list[Any], tensor_name: str | None, settings:
     from .checkpoints import CheckpointError, read_embedding
     from .vocab_files import load_vocab
     from ..service.state import Counters, HelloInfo, Job, RunInsight, SnapshotData
-    from ..pipeline import analyse
+    from ..pipeline import analyse_snapshot
 
     counters = Counters()
     insight = RunInsight()
@@ -211,7 +211,7 @@ def _replay(run: str, checkpoints: list[Any], tensor_name: str | None, settings:
         snap = SnapshotData(iter=int(ckpt.iter), seq=k, name=emb.name, tensor=emb.tensor, metrics=emb.metrics)
         del emb
         job = Job(run=run, current=snap, previous=previous, skipped_iters=[], hello=hello)
-        result = analyse(job, settings, bar.update, insight)
+        result, tokens = analyse_snapshot(job, settings, bar.update, insight, per_token=sinks.wants_tokens)
         counters.analysed += 1
         result["counters"] = counters.as_dict()
         result["daemon_counters"] = counters.as_dict()
@@ -219,7 +219,8 @@ def _replay(run: str, checkpoints: list[Any], tensor_name: str | None, settings:
         result["memory_held_bytes"] = snap.tensor.numel() * snap.tensor.element_size()
         result["checkpoint"] = str(ckpt.path)
         result["iter_source"] = ckpt.iter_source
-        sinks.handle(result)
+        sinks.handle(result, tokens)
+        del tokens
         previous = snap  # the next drift is measured against the last checkpoint that could be read
         del job
     bar.finish()

@@ -1,0 +1,322 @@
+"""TensorBoard sink: scalars and histograms at the training iteration, and the embedding projector.
+
+    analysis-daemon --tensorboard tb/        then        tensorboard --logdir tb/
+
+Per trainer run one TensorBoard run, `DIR/<run>/` (a named tensor of a run with several gets its own
+`DIR/<run>/<tensor>/`):
+- every scalar the W&B sink logs, under the same keys (scalars.py: `analysis/drift_cosine_sim`, ...;
+  the trainer's metrics under their own names), with the **training iteration as the step**;
+- the pairwise-similarity and row-norm histograms (`add_histogram_raw` from the record's bins);
+- the embedding projector: for each analysed snapshot (the latest `projector_keep` of them: each costs
+  the matrix's size on disk) the matrix as raw float32 and a metadata TSV (in `projector~/iter_<N>/`), one row per token (its string,
+  drift cosine, row norm, galaxy cluster, under-trained flag, frequency, where known), all named in
+  `projector_config.pbtxt`.
+
+The event files are written by torch's SummaryWriter (tensorboard's own event-file writer underneath),
+flushed after every result. The projector's files are written whole or not at all: each to a temporary
+file in the same directory, fsynced, then renamed; the config is rewritten the same way only after the
+files it names are in place, and files of snapshots past `projector_keep` are removed only after the
+config stopped naming them. A result that could not be written (disk full, read-only directory) is
+counted as lost; the next result tries again with a fresh event file. Token strings are escaped and cut
+(`tsv_cell`), so no string a trainer sends can add a row or a column to the TSV.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import unicodedata
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from ..service.logsafe import first_line
+from ..service.paths import run_dirname
+from . import Sink
+from .scalars import histograms, scalar_metrics
+
+log = logging.getLogger("embedding_monitor.daemon")
+
+CONFIG_NAME = "projector_config.pbtxt"
+# per run: projector~/iter_<N>/{tensor.bytes,metadata.tsv}; the "~" keeps it apart from the tensors'
+# subfolders (run_dirname never makes a name ending in "~")
+PROJECTOR_DIR = "projector~"
+DEFAULT_PROJECTOR_KEEP = 5
+MAX_TOKEN_CHARS = 100  # a token string's cell is cut to this many characters (after escaping)
+MAX_OPEN_WRITERS = 64  # event files open at once; the least recently used is closed past this
+MAX_CONFIG_BYTES = 1 << 20  # an existing projector config read back at start-up (ours are a few KB)
+INSTALL_HINT = "pip install 'embedding-monitor[tensorboard]'"
+
+
+def missing_package() -> str | None:
+    """Why the TensorBoard sink cannot run here (one line that says how to fix it), or None when it can."""
+    try:
+        from tensorboard.plugins.projector import projector_config_pb2  # noqa: F401
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError as exc:
+        return f"--tensorboard needs the tensorboard package ({first_line(exc)}): {INSTALL_HINT}"
+    return None
+
+
+def tsv_cell(text: str, limit: int = MAX_TOKEN_CHARS) -> str:
+    """`text` as one TSV cell: backslash, tab, newlines and every other control or separator character
+    escaped (\\t, \\n, \\xNN, \\uNNNN), then cut to `limit` characters (an ellipsis marks the cut)."""
+    out: list[str] = []
+    size = 0
+    for ch in text:
+        if ch == "\\":
+            piece = "\\\\"
+        elif ch in "\t\n\r":
+            piece = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}[ch]
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp", "Co", "Cn"):
+            code = ord(ch)
+            piece = f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+        else:
+            piece = ch
+        if size + len(piece) > limit:
+            out.append("\u2026")
+            break
+        out.append(piece)
+        size += len(piece)
+    return "".join(out)
+
+
+def _fmt(value: float) -> str:
+    """A number for the TSV; empty (unknown) for NaN."""
+    return f"{value:.6g}" if math.isfinite(value) else ""
+
+
+def metadata_tsv(tokens: Any) -> bytes:
+    """The projector's metadata: a header, then one row per token (`tokens` is a TokenValues)."""
+    from ..token_values import NOT_IN_MAP
+
+    rows = tokens.rows
+    vocab = tokens.vocab or []
+    columns: list[tuple[str, list[str]]] = [
+        ("token", [tsv_cell(vocab[i]) if i < len(vocab) and isinstance(vocab[i], str) else f"#{i}"
+                   for i in range(rows)]),
+        ("id", [str(i) for i in range(rows)]),
+    ]
+    if tokens.drift_cosine is not None:
+        columns.append(("drift_cosine", [_fmt(v) for v in tokens.drift_cosine.tolist()]))
+    columns.append(("row_norm", [_fmt(v) for v in tokens.row_norm.tolist()]))
+    if tokens.cluster is not None:
+        columns.append(("galaxy_cluster", ["" if c == NOT_IN_MAP else str(c) for c in tokens.cluster.tolist()]))
+    if tokens.undertrained is not None:
+        columns.append(("undertrained", ["1" if u else "0" for u in tokens.undertrained.tolist()]))
+    if tokens.frequency is not None:
+        columns.append(("frequency", [str(f) for f in tokens.frequency.tolist()]))
+    lines = ["\t".join(name for name, _ in columns)]
+    lines += ["\t".join(cells) for cells in zip(*(values for _, values in columns))]
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def write_atomic(path: Path, data: Any) -> None:
+    """Write `data` (bytes or a buffer) to `path` whole or not at all: temp file, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(data).cast("B")
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
+class _Projector:
+    """The projector of one TensorBoard run directory: its config entries, newest last."""
+
+    def __init__(self, directory: Path, keep: int) -> None:
+        from tensorboard.plugins.projector import projector_config_pb2
+
+        self.directory, self.keep = directory, keep
+        self.config = projector_config_pb2.ProjectorConfig()
+        path = directory / CONFIG_NAME
+        try:
+            if path.is_file() and path.stat().st_size <= MAX_CONFIG_BYTES:
+                from google.protobuf import text_format
+                text_format.Parse(path.read_text(encoding="utf-8"), self.config)
+        except Exception as exc:  # another writer's or a damaged file: start over, it is rewritten whole
+            log.warning("tensorboard: %s could not be read (%s); starting a new projector config", path,
+                        first_line(exc))
+            self.config.Clear()
+
+    def add(self, tokens: Any, label: str = "embedding") -> None:
+        """Write one snapshot's matrix and metadata, then the config naming the latest `keep` of them
+        (`label`: the tensor's name in the projector's menu when it has no name of its own)."""
+        from google.protobuf import text_format
+
+        name = f"iter_{tokens.iter:09d}"
+        folder = self.directory / PROJECTOR_DIR / name
+        folder.mkdir(parents=True, exist_ok=True)
+        matrix = tokens.embedding.detach().to("cpu").float().contiguous()
+        write_atomic(folder / "tensor.bytes", matrix.numpy())
+        write_atomic(folder / "metadata.tsv", metadata_tsv(tokens))
+        entries = [e for e in self.config.embeddings if e.tensor_name != self._tensor_name(tokens, label)]
+        new = self.config.__class__()
+        for e in entries:
+            new.embeddings.add().CopyFrom(e)
+        e = new.embeddings.add()
+        e.tensor_name = self._tensor_name(tokens, label)
+        e.tensor_path = f"{PROJECTOR_DIR}/{name}/tensor.bytes"
+        e.metadata_path = f"{PROJECTOR_DIR}/{name}/metadata.tsv"
+        e.tensor_shape.extend([int(s) for s in matrix.shape])
+        dropped = []
+        while len(new.embeddings) > self.keep:
+            dropped.append(new.embeddings[0].tensor_path)
+            del new.embeddings[0]
+        write_atomic(self.directory / CONFIG_NAME, text_format.MessageToString(new).encode("utf-8"))
+        self.config = new
+        for tensor_path in dropped:  # only now: the config no longer names them
+            self._remove(tensor_path)
+
+    @staticmethod
+    def _tensor_name(tokens: Any, label: str) -> str:
+        return f"{tokens.tensor or label} @ iter {tokens.iter}"
+
+    def _remove(self, tensor_path: str) -> None:
+        parts = Path(tensor_path).parts
+        if len(parts) != 3 or parts[0] != PROJECTOR_DIR or not parts[1].startswith("iter_"):
+            return  # not one of ours: never delete what a config we did not write names
+        folder = self.directory / PROJECTOR_DIR / parts[1]
+        for f in ("tensor.bytes", "metadata.tsv"):
+            try:
+                (folder / f).unlink()
+            except FileNotFoundError:
+                pass
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
+class TensorBoardSink(Sink):
+    """Writes each result's scalars and histograms (and its projector snapshot) to TensorBoard files."""
+
+    name = "tensorboard"
+    wants_tokens = True
+
+    def __init__(self, logdir: str | Path, projector_keep: int = DEFAULT_PROJECTOR_KEEP) -> None:
+        if projector_keep < 0:
+            raise ValueError(f"--tensorboard-projector-keep must be >= 0 (0: no projector), got {projector_keep}")
+        self.logdir = Path(logdir)
+        self.projector_keep = projector_keep
+        self.wants_tokens = projector_keep > 0
+        self._writers: OrderedDict[tuple[str, str | None], Any] = OrderedDict()
+        self._projectors: dict[tuple[str, str | None], _Projector] = {}
+        self._failing: str | None = None
+        self._last_lost: tuple[Any, ...] | None = None
+        self._lost_in_episode = 0
+
+    def directory(self, run: str, tensor: str | None) -> Path:
+        """The TensorBoard run directory of `run` (and its named `tensor`)."""
+        base = self.logdir / run_dirname(run)
+        return base / run_dirname(tensor) if tensor else base
+
+    @staticmethod
+    def _key(result: dict[str, Any]) -> tuple[str, str | None]:
+        tensor = result.get("tensor")
+        return str(result["run"]), tensor if isinstance(tensor, str) and tensor else None
+
+    def _writer(self, key: tuple[str, str | None]) -> Any:
+        writer = self._writers.get(key)
+        if writer is not None:
+            self._writers.move_to_end(key)
+            return writer
+        from torch.utils.tensorboard import SummaryWriter
+
+        while len(self._writers) >= MAX_OPEN_WRITERS:
+            self._close_writer(next(iter(self._writers)))
+        writer = SummaryWriter(log_dir=str(self.directory(*key)), max_queue=1000, flush_secs=3600)
+        self._writers[key] = writer
+        return writer
+
+    def _close_writer(self, key: tuple[str, str | None]) -> None:
+        writer = self._writers.pop(key, None)
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:  # a full disk fails the last flush too: that result was counted already
+                pass
+
+    def handle(self, result: dict[str, Any]) -> None:
+        """Write the result's scalars and histograms at its training iteration, and flush them."""
+        key = self._key(result)
+        step = int(result["iter"])
+        walltime = result.get("finished_at") if isinstance(result.get("finished_at"), (int, float)) else None
+        try:
+            writer = self._writer(key)
+            for tag, value in scalar_metrics(result).items():
+                writer.add_scalar(tag, value, global_step=step, walltime=walltime)
+            for tag, (counts, bins) in histograms(result).items():
+                total = sum(counts)
+                centres = [(a + b) / 2 for a, b in zip(bins, bins[1:])]  # the record keeps bins, not values
+                writer.add_histogram_raw(
+                    tag, min=bins[0], max=bins[-1], num=total,
+                    sum=sum(c * x for c, x in zip(counts, centres)),
+                    sum_squares=sum(c * x * x for c, x in zip(counts, centres)),
+                    bucket_limits=bins[1:], bucket_counts=counts, global_step=step, walltime=walltime)
+            writer.flush()
+        except Exception as exc:  # disk full, read-only: this result is lost here, the next one tries again
+            self._close_writer(key)
+            self._lose(result, exc)
+            return
+        self._recovered()
+
+    def handle_tokens(self, result: dict[str, Any], tokens: Any) -> None:
+        """Add the snapshot to its run's projector (the latest `projector_keep` are kept)."""
+        if self.projector_keep <= 0:
+            return
+        key = self._key(result)
+        try:
+            projector = self._projectors.get(key)
+            if projector is None:
+                directory = self.directory(*key)
+                directory.mkdir(parents=True, exist_ok=True)
+                projector = self._projectors[key] = _Projector(directory, self.projector_keep)
+            label = result.get("name")
+            projector.add(tokens, label if isinstance(label, str) and label else "embedding")
+        except OSError as exc:
+            self._lose(result, exc)
+            return
+        self._recovered()
+
+    def _lose(self, result: dict[str, Any], exc: BaseException) -> None:
+        this = (self._key(result), result.get("iter"), result.get("seq"))
+        if this != self._last_lost:  # its scalars and its projector both failed: one result lost, not two
+            self._last_lost = this
+            self.count_lost(1)
+            self._lost_in_episode += 1
+        if self._failing is None:
+            self._failing = first_line(exc)
+            log.error("tensorboard: cannot write run %s iter %s (%s); counted as lost, trying again with "
+                      "each new result", result.get("run"), result.get("iter"), self._failing)
+
+    def _recovered(self) -> None:
+        if self._failing is not None:
+            log.warning("tensorboard: writable again; %d result(s) lost meanwhile (%s)", self._lost_in_episode,
+                        self._failing)
+            self._failing, self._lost_in_episode = None, 0
+
+    def run_ended(self, run: str, summary: dict[str, Any]) -> None:
+        """Close the run's event files (a later result reopens them)."""
+        for key in [k for k in self._writers if k[0] == run]:
+            self._close_writer(key)
+        for key in [k for k in self._projectors if k[0] == run]:
+            del self._projectors[key]
+
+    def close(self) -> None:
+        """Flush and close every event file."""
+        for key in list(self._writers):
+            self._close_writer(key)
+        self._projectors.clear()
