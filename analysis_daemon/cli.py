@@ -340,6 +340,9 @@ def make_sinks(args: argparse.Namespace, settings: Any, threads: int, close_time
         raise ValueError("--wandb-init-timeout and --wandb-finish-timeout must be > 0 seconds")
     tensorboard = None
     if args.tensorboard is not None:  # first: a missing package must stop us before any sink starts a thread
+        if args.tensorboard_projector_keep < 0:
+            raise ValueError("--tensorboard-projector-keep must be >= 0 (0: no projector), "
+                             f"got {args.tensorboard_projector_keep}")
         from .sinks.tensorboard_sink import TensorBoardSink, missing_package
         problem = missing_package()
         if problem is not None:

@@ -12,8 +12,10 @@ Per trainer run one TensorBoard run, `DIR/<run>/` (a named tensor of a run with 
   drift cosine, row norm, galaxy cluster, under-trained flag, frequency, where known), all named in
   `projector_config.pbtxt`.
 
-The event files are written by torch's SummaryWriter (tensorboard's own event-file writer underneath),
-flushed after every result. The projector's files are written whole or not at all: each to a temporary
+The event records are made by torch's summary builders (`torch.utils.tensorboard.summary`, what its
+SummaryWriter uses) and framed by tensorboard's RecordWriter, and each result's records are appended at
+once, fsynced, and cut back off if the write fails: SummaryWriter writes from a thread of its own, which
+on a full disk dies with a traceback and leaves half a record. The projector's files are written whole or not at all: each to a temporary
 file in the same directory, fsynced, then renamed; the config is rewritten the same way only after the
 files it names are in place, and files of snapshots past `projector_keep` are removed only after the
 config stopped naming them. A result that could not be written (disk full, read-only directory) is
@@ -22,9 +24,13 @@ counted as lost; the next result tries again with a fresh event file. Token stri
 """
 from __future__ import annotations
 
+import io
+import itertools
 import logging
 import math
 import os
+import socket
+import time
 import unicodedata
 from collections import OrderedDict
 from pathlib import Path
@@ -52,7 +58,7 @@ def missing_package() -> str | None:
     """Why the TensorBoard sink cannot run here (one line that says how to fix it), or None when it can."""
     try:
         from tensorboard.plugins.projector import projector_config_pb2  # noqa: F401
-        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        from torch.utils.tensorboard.summary import histogram_raw, scalar  # noqa: F401
     except ImportError as exc:
         return f"--tensorboard needs the tensorboard package ({first_line(exc)}): {INSTALL_HINT}"
     return None
@@ -158,17 +164,23 @@ class _Projector:
 
         name = f"iter_{tokens.iter:09d}"
         folder = self.directory / PROJECTOR_DIR / name
-        folder.mkdir(parents=True, exist_ok=True)
+        tensor_path = f"{PROJECTOR_DIR}/{name}/tensor.bytes"
         matrix = tokens.embedding.detach().to("cpu").float().contiguous()
-        write_atomic(folder / "tensor.bytes", matrix.numpy())
-        write_atomic(folder / "metadata.tsv", metadata_tsv(tokens))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(folder / "tensor.bytes", matrix.numpy())
+            write_atomic(folder / "metadata.tsv", metadata_tsv(tokens))
+        except OSError:
+            if all(e.tensor_path != tensor_path for e in self.config.embeddings):
+                self._remove(tensor_path)  # a folder no config names: nothing of it left behind
+            raise
         entries = [e for e in self.config.embeddings if e.tensor_name != self._tensor_name(tokens, label)]
         new = self.config.__class__()
         for e in entries:
             new.embeddings.add().CopyFrom(e)
         e = new.embeddings.add()
         e.tensor_name = self._tensor_name(tokens, label)
-        e.tensor_path = f"{PROJECTOR_DIR}/{name}/tensor.bytes"
+        e.tensor_path = tensor_path
         e.metadata_path = f"{PROJECTOR_DIR}/{name}/metadata.tsv"
         e.tensor_shape.extend([int(s) for s in matrix.shape])
         dropped = []
@@ -200,6 +212,60 @@ class _Projector:
             pass
 
 
+class _EventFile:
+    """One TensorBoard event file, appended one whole result at a time.
+
+    The records are framed by tensorboard's own RecordWriter (length, masked CRCs) into memory, then
+    written with one append and fsynced; a failed write is cut back to the file's previous size, so a
+    reader never meets half a record. Written on the caller's thread: an error is the caller's to count.
+    """
+
+    _made = itertools.count()
+
+    def __init__(self, directory: Path) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event
+
+        directory.mkdir(parents=True, exist_ok=True)
+        # TensorBoard reads a directory's event files in name order: the time, then a zero-padded counter
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(self._made):06d}"
+        self.path = directory / name
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        try:
+            self.append([Event(wall_time=time.time(), file_version="brain.Event:2")])
+        except OSError:
+            self.close()
+            self.path.unlink(missing_ok=True)
+            raise
+
+    def append(self, events: list[Any]) -> None:
+        """Append `events` whole and make them durable, or leave the file as it was and raise OSError."""
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        buf = io.BytesIO()
+        framing = RecordWriter(buf)
+        for event in events:
+            framing.write(event.SerializeToString())
+        view = memoryview(buf.getvalue())
+        size = os.fstat(self.fd).st_size
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+            os.fsync(self.fd)
+        except OSError:
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError:
+                pass
+            raise
+
+    def close(self) -> None:
+        """Close the file (its records are on disk already)."""
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
 class TensorBoardSink(Sink):
     """Writes each result's scalars and histograms (and its projector snapshot) to TensorBoard files."""
 
@@ -212,7 +278,7 @@ class TensorBoardSink(Sink):
         self.logdir = Path(logdir)
         self.projector_keep = projector_keep
         self.wants_tokens = projector_keep > 0
-        self._writers: OrderedDict[tuple[str, str | None], Any] = OrderedDict()
+        self._files: OrderedDict[tuple[str, str | None], _EventFile] = OrderedDict()  # open, least recent first
         self._projectors: dict[tuple[str, str | None], _Projector] = {}
         self._failing: str | None = None
         self._last_lost: tuple[Any, ...] | None = None
@@ -228,47 +294,42 @@ class TensorBoardSink(Sink):
         tensor = result.get("tensor")
         return str(result["run"]), tensor if isinstance(tensor, str) and tensor else None
 
-    def _writer(self, key: tuple[str, str | None]) -> Any:
-        writer = self._writers.get(key)
-        if writer is not None:
-            self._writers.move_to_end(key)
-            return writer
-        from torch.utils.tensorboard import SummaryWriter
+    def _events(self, key: tuple[str, str | None]) -> "_EventFile":
+        events = self._files.get(key)
+        if events is not None:
+            self._files.move_to_end(key)
+            return events
+        while len(self._files) >= MAX_OPEN_WRITERS:
+            self._close_file(next(iter(self._files)))
+        events = self._files[key] = _EventFile(self.directory(*key))
+        return events
 
-        while len(self._writers) >= MAX_OPEN_WRITERS:
-            self._close_writer(next(iter(self._writers)))
-        writer = SummaryWriter(log_dir=str(self.directory(*key)), max_queue=1000, flush_secs=3600)
-        self._writers[key] = writer
-        return writer
-
-    def _close_writer(self, key: tuple[str, str | None]) -> None:
-        writer = self._writers.pop(key, None)
-        if writer is not None:
-            try:
-                writer.close()
-            except Exception:  # a full disk fails the last flush too: that result was counted already
-                pass
+    def _close_file(self, key: tuple[str, str | None]) -> None:
+        events = self._files.pop(key, None)
+        if events is not None:
+            events.close()
 
     def handle(self, result: dict[str, Any]) -> None:
-        """Write the result's scalars and histograms at its training iteration, and flush them."""
+        """Append the result's scalars and histograms, at its training iteration, to its run's event file."""
+        from tensorboard.compat.proto.event_pb2 import Event
+        from torch.utils.tensorboard.summary import histogram_raw, scalar
+
         key = self._key(result)
         step = int(result["iter"])
-        walltime = result.get("finished_at") if isinstance(result.get("finished_at"), (int, float)) else None
+        finished = result.get("finished_at")
+        walltime = float(finished) if isinstance(finished, (int, float)) and not isinstance(finished, bool) else time.time()
+        events = [Event(wall_time=walltime, step=step, summary=scalar(tag, value))
+                  for tag, value in scalar_metrics(result).items()]
+        for tag, (counts, bins) in histograms(result).items():
+            centres = [(a + b) / 2 for a, b in zip(bins, bins[1:])]  # the record keeps bins, not the values
+            events.append(Event(wall_time=walltime, step=step, summary=histogram_raw(
+                tag, min=bins[0], max=bins[-1], num=sum(counts), sum=sum(c * x for c, x in zip(counts, centres)),
+                sum_squares=sum(c * x * x for c, x in zip(counts, centres)), bucket_limits=bins[1:],
+                bucket_counts=counts)))
         try:
-            writer = self._writer(key)
-            for tag, value in scalar_metrics(result).items():
-                writer.add_scalar(tag, value, global_step=step, walltime=walltime)
-            for tag, (counts, bins) in histograms(result).items():
-                total = sum(counts)
-                centres = [(a + b) / 2 for a, b in zip(bins, bins[1:])]  # the record keeps bins, not values
-                writer.add_histogram_raw(
-                    tag, min=bins[0], max=bins[-1], num=total,
-                    sum=sum(c * x for c, x in zip(counts, centres)),
-                    sum_squares=sum(c * x * x for c, x in zip(counts, centres)),
-                    bucket_limits=bins[1:], bucket_counts=counts, global_step=step, walltime=walltime)
-            writer.flush()
-        except Exception as exc:  # disk full, read-only: this result is lost here, the next one tries again
-            self._close_writer(key)
+            self._events(key).append(events)
+        except OSError as exc:  # disk full, read-only: this result is lost here, the next one tries again
+            self._close_file(key)
             self._lose(result, exc)
             return
         self._recovered()
@@ -309,14 +370,14 @@ class TensorBoardSink(Sink):
             self._failing, self._lost_in_episode = None, 0
 
     def run_ended(self, run: str, summary: dict[str, Any]) -> None:
-        """Close the run's event files (a later result reopens them)."""
-        for key in [k for k in self._writers if k[0] == run]:
-            self._close_writer(key)
+        """Close the run's event files and forget its projector (a later result starts new ones)."""
+        for key in [k for k in self._files if k[0] == run]:
+            self._close_file(key)
         for key in [k for k in self._projectors if k[0] == run]:
             del self._projectors[key]
 
     def close(self) -> None:
-        """Flush and close every event file."""
-        for key in list(self._writers):
-            self._close_writer(key)
+        """Close every event file (each result was made durable when it was written)."""
+        for key in list(self._files):
+            self._close_file(key)
         self._projectors.clear()
