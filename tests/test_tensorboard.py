@@ -272,3 +272,23 @@ def test_negative_projector_keep_is_refused_before_any_sink_starts() -> None:
     args = build_parser().parse_args(["--tensorboard", "tb", "--tensorboard-projector-keep", "-1"])
     with pytest.raises(ValueError, match=r"^--tensorboard-projector-keep must be >= 0 \(0: no projector\), got -1$"):
         make_sinks(args, AnalysisSettings(), 1, None)  # main() prints it as one `Error:` line, as above
+
+
+def test_undertrained_flags_and_frequencies_become_columns_where_known() -> None:
+    from analysis_daemon.sinks.tensorboard_sink import metadata_tsv
+    from analysis_daemon.token_values import token_values
+
+    w = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))
+    # the insight's list as a record carries it, hostile entries included (out of range, not an id)
+    record = {"insight": {"undertrained_tokens": [[3, 0.9], [7, 0.8], [999, 1.0], ["x", 1], True]},
+              "galaxy": {"points": [[2, 0.1, 0.2, 5], [4, 0.0, 0.0, -1], [99, 0, 0, 1]]}}
+    tokens = token_values("r", 5, w, record, ["a", "b"], None, counts=list(range(100, 110)))
+    rows = [line.split("\t") for line in metadata_tsv(tokens).decode().splitlines()]
+    assert rows[0] == ["token", "id", "row_norm", "galaxy_cluster", "undertrained", "frequency"]
+    col = {name: [row[k] for row in rows[1:]] for k, name in enumerate(rows[0])}
+    assert col["token"] == ["a", "b"] + [f"#{i}" for i in range(2, 10)]  # beyond the vocabulary: the id
+    assert col["undertrained"] == ["1" if i in (3, 7) else "0" for i in range(10)]
+    assert col["frequency"] == [str(100 + i) for i in range(10)]
+    assert col["galaxy_cluster"] == ["", "", "5", "", "-1", "", "", "", "", ""]
+    # counts of another vocabulary size are not this matrix's: no column rather than a wrong one
+    assert token_values("r", 5, w, {}, None, None, counts=[1, 2, 3]).frequency is None
