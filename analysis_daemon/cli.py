@@ -56,12 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
                           "(required with --curve-secret)")
     net.add_argument("--allow-insecure", action="store_true",
                      help="allow binding a non-loopback tcp endpoint without CurveZMQ (trusted networks only)")
-    net.add_argument("--max-rows", type=int, metavar="V",
-                     help="reject snapshots with more rows (vocabulary size) than this")
-    net.add_argument("--max-cols", type=int, metavar="D",
-                     help="reject snapshots with more columns (embedding width) than this")
-    net.add_argument("--max-bytes", type=int, metavar="N",
-                     help="reject snapshots whose tensor has more bytes than this")
 
     shared = p.add_argument_group("shared host (limits per peer and per snapshot; see README)")
     shared.add_argument("--max-connections", type=int, default=256, metavar="N",
@@ -77,15 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="reject a hello whose vocabulary has more tokens (default: 1048576)")
     shared.add_argument("--max-vocab-bytes", type=int, metavar="N",
                         help="reject a hello whose token strings total more UTF-8 bytes (default: 16 MiB)")
-    shared.add_argument("--max-cost", type=float, default=None, metavar="MULADDS",
-                        help="reject a snapshot whose estimated analysis cost (pairs x (d + 128) + 3 V d^2 + "
-                             "20 d^3 multiply-adds) is higher; bounds how long one job holds the worker "
-                             "(default: 2e12, about 1.6 GPT-2 snapshots)")
-    shared.add_argument("--max-analysis-memory", type=int, default=None, metavar="BYTES",
-                        help="reject a snapshot whose estimated analysis memory is higher (default: 4 GiB)")
-    shared.add_argument("--min-cols", type=int, default=2, metavar="D",
-                        help="reject snapshots narrower than this (default: %(default)s; a 1-wide embedding "
-                             "has only cosines of +-1 and costs V^2 pairs)")
     shared.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
                         help="also read shared-memory segments owned by this uid (default: only the "
                              "daemon's own uid); repeatable")
@@ -93,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log at most one line per kind of rejected message or refused connection this "
                              "often, with the count suppressed meanwhile (default: %(default)s)")
 
+    add_limit_options(p)
     add_analysis_options(p)
     out = add_output_options(p)
     out.add_argument("--state-dir", type=Path,
@@ -125,6 +111,55 @@ def build_parser() -> argparse.ArgumentParser:
 def _default_budget() -> str:
     from .service.backlog import default_max_pending_bytes, human
     return human(default_max_pending_bytes())
+
+
+def add_limit_options(p: argparse.ArgumentParser) -> None:
+    """Bounds on one snapshot (live) or checkpoint (replay), checked from its shape before any work."""
+    lim = p.add_argument_group("limits of one snapshot (checked from its shape before any work)")
+    lim.add_argument("--max-rows", type=int, metavar="V",
+                     help="refuse a snapshot with more rows (vocabulary size) than this (default: 4194304)")
+    lim.add_argument("--max-cols", type=int, metavar="D",
+                     help="refuse a snapshot with more columns (embedding width) than this (default: 65536)")
+    lim.add_argument("--max-bytes", type=int, metavar="N",
+                     help="refuse a snapshot whose tensor has more bytes than this (default: a quarter of "
+                          "--max-analysis-memory, since a float32 analysis needs about 4x its size)")
+    lim.add_argument("--max-cost", type=float, default=None, metavar="MULADDS",
+                     help="estimated analysis cost, in multiply-add equivalents, above which the geometry is "
+                          "sampled (at least 1000 rows) or, when even that does not fit, the snapshot is "
+                          "refused; bounds how long one job holds the worker (default: 2e12, about 1.25 "
+                          "GPT-2 snapshots; the model: benchmarks/bench_cost_model.py)")
+    lim.add_argument("--max-analysis-memory", type=int, default=None, metavar="BYTES",
+                     help="refuse a snapshot whose estimated analysis memory is higher (default: 4 GiB)")
+    lim.add_argument("--min-cols", type=int, default=2, metavar="D",
+                     help="refuse snapshots narrower than this (default: %(default)s; a 1-wide embedding "
+                          "has only cosines of +-1 and costs V^2 pairs)")
+
+
+def snapshot_limits(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(protocol Limits, cost.CostLimits) from the limit options; ValueError names a bad value.
+
+    The payload bound is at most a quarter of the analysis memory bound: a float32 payload needs about
+    4x its size to analyse (cost.estimate_memory), so a larger one could only be refused after arriving.
+    """
+    from dataclasses import replace
+
+    from protocol import DEFAULT_LIMITS
+
+    from .service.cost import DEFAULT_MAX_COST, DEFAULT_MAX_MEMORY, CostLimits
+    for name in ("max_rows", "max_cols", "max_bytes", "min_cols", "max_analysis_memory"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.max_cost is not None and not args.max_cost > 0:
+        raise ValueError(f"--max-cost must be positive, got {args.max_cost}")
+    cost = CostLimits(max_cost=args.max_cost or DEFAULT_MAX_COST, min_cols=args.min_cols,
+                      max_memory=args.max_analysis_memory or DEFAULT_MAX_MEMORY)
+    overrides = {k: v for k, v in (("max_rows", args.max_rows), ("max_cols", args.max_cols),
+                                   ("max_payload_bytes", args.max_bytes)) if v is not None}
+    limits = replace(DEFAULT_LIMITS, **overrides)
+    if limits.max_payload_bytes > cost.max_memory // 4:
+        limits = replace(limits, max_payload_bytes=cost.max_memory // 4)
+    return limits, cost
 
 
 def add_analysis_options(p: argparse.ArgumentParser) -> None:
@@ -395,17 +430,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch  # noqa: F401  only now: see the module docstring
 
-    from protocol import DEFAULT_LIMITS, CurveServer
+    from protocol import CurveServer
 
     from .service.daemon import Daemon, DaemonConfig
 
-    for name in ("max_rows", "max_cols", "max_bytes", "max_connections", "max_vocab_tokens", "max_vocab_bytes",
-                 "min_cols", "max_analysis_memory"):
+    for name in ("max_connections", "max_vocab_tokens", "max_vocab_bytes"):
         value = getattr(args, name)
         if value is not None and value < 1:
             return fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     try:
         settings = analysis_settings(args)
+        limits, cost = snapshot_limits(args)
     except ValueError as exc:
         return fail(str(exc))
     if not args.run_timeout > 0:
@@ -418,20 +453,18 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--max-pending-bytes: {exc}")
     threads = set_threads_and_priority(args, log)
     raise_fd_limit(args.max_connections, log)
-    for name in ("heartbeat_interval", "peer_timeout", "handshake_timeout", "max_cost"):
+    for name in ("heartbeat_interval", "peer_timeout", "handshake_timeout"):
         value = getattr(args, name)
         if value is not None and not value > 0:
             return fail(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.reject_log_interval < 0:
         return fail(f"--reject-log-interval must be >= 0, got {args.reject_log_interval}")
 
-    limits = DEFAULT_LIMITS
-    overrides = {k: v for k, v in (("max_rows", args.max_rows), ("max_cols", args.max_cols),
-                                   ("max_payload_bytes", args.max_bytes), ("max_vocab_tokens", args.max_vocab_tokens),
-                                   ("max_vocab_bytes", args.max_vocab_bytes)) if v is not None}
-    if overrides:
+    vocab_overrides = {k: v for k, v in (("max_vocab_tokens", args.max_vocab_tokens),
+                                         ("max_vocab_bytes", args.max_vocab_bytes)) if v is not None}
+    if vocab_overrides:
         from dataclasses import replace
-        limits = replace(DEFAULT_LIMITS, **overrides)
+        limits = replace(limits, **vocab_overrides)
 
     curve = None
     if args.curve_secret or args.curve_authorized_dir:
@@ -448,14 +481,6 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc))
     from protocol import PeerLimits
 
-    from .service.cost import DEFAULT_MAX_COST, DEFAULT_MAX_MEMORY, CostLimits
-    cost = CostLimits(max_cost=args.max_cost or DEFAULT_MAX_COST, min_cols=args.min_cols,
-                      max_memory=args.max_analysis_memory or DEFAULT_MAX_MEMORY)
-    if limits.max_payload_bytes > cost.max_memory // 4:
-        # A float32 payload needs about 4x its size to analyse (see cost.estimate_memory), so a larger
-        # frame could only be refused after arriving: libzmq refuses it at its header instead.
-        from dataclasses import replace as _replace
-        limits = _replace(limits, max_payload_bytes=cost.max_memory // 4)
     peers = PeerLimits(heartbeat_interval=args.heartbeat_interval, peer_timeout=args.peer_timeout,
                        handshake_timeout=args.handshake_timeout)
     config = DaemonConfig(
