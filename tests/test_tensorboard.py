@@ -27,7 +27,8 @@ from analysis_daemon.pipeline import AnalysisSettings, analyse_snapshot  # noqa:
 from analysis_daemon.service.state import HelloInfo, Job, RunInsight, SnapshotData  # noqa: E402
 from analysis_daemon.sinks import SinkSet  # noqa: E402
 from analysis_daemon.sinks.scalars import histograms, scalar_metrics  # noqa: E402
-from analysis_daemon.sinks.tensorboard_sink import CONFIG_NAME, MAX_TOKEN_CHARS, TensorBoardSink, tsv_cell  # noqa: E402
+from analysis_daemon.sinks.projector import CONFIG_NAME, MAX_TOKEN_CHARS, tsv_cell  # noqa: E402
+from analysis_daemon.sinks.tensorboard_sink import TensorBoardSink  # noqa: E402
 from tests.test_daemon import env, matrices, publisher_for, start_daemon  # noqa: E402,F401
 from tests.test_full_disk import _mount_problem, fill, small_fs  # noqa: E402
 
@@ -275,7 +276,7 @@ def test_negative_projector_keep_is_refused_before_any_sink_starts() -> None:
 
 
 def test_undertrained_flags_and_frequencies_become_columns_where_known() -> None:
-    from analysis_daemon.sinks.tensorboard_sink import metadata_tsv
+    from analysis_daemon.sinks.projector import metadata_tsv
     from analysis_daemon.token_values import token_values
 
     w = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))

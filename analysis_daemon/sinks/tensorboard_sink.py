@@ -6,32 +6,26 @@ Per trainer run one TensorBoard run, `DIR/<run>/` (a named tensor of a run with 
 `DIR/<run>/<tensor>/`):
 - every scalar the W&B sink logs, under the same keys (scalars.py: `analysis/drift_cosine_sim`, ...;
   the trainer's metrics under their own names), with the **training iteration as the step**;
-- the pairwise-similarity and row-norm histograms (`add_histogram_raw` from the record's bins);
+- the pairwise-similarity and row-norm histograms (what `SummaryWriter.add_histogram_raw` writes, from the record's bins);
 - the embedding projector: for each analysed snapshot (the latest `projector_keep` of them: each costs
-  the matrix's size on disk) the matrix as raw float32 and a metadata TSV (in `projector~/iter_<N>/`), one row per token (its string,
-  drift cosine, row norm, galaxy cluster, under-trained flag, frequency, where known), all named in
-  `projector_config.pbtxt`.
+  the matrix's size on disk) the matrix and a metadata TSV with one row per token (its string, drift
+  cosine, row norm, galaxy cluster, under-trained flag, frequency, where known): projector.py.
 
 The event records are made by torch's summary builders (`torch.utils.tensorboard.summary`, what its
-SummaryWriter uses) and framed by tensorboard's RecordWriter, and each result's records are appended at
-once, fsynced, and cut back off if the write fails: SummaryWriter writes from a thread of its own, which
-on a full disk dies with a traceback and leaves half a record. The projector's files are written whole or not at all: each to a temporary
-file in the same directory, fsynced, then renamed; the config is rewritten the same way only after the
-files it names are in place, and files of snapshots past `projector_keep` are removed only after the
-config stopped naming them. A result that could not be written (disk full, read-only directory) is
-counted as lost; the next result tries again with a fresh event file. Token strings are escaped and cut
-(`tsv_cell`), so no string a trainer sends can add a row or a column to the TSV.
+SummaryWriter uses) and framed by tensorboard's RecordWriter; each result's records are appended at
+once, fsynced, and cut back off if the write fails. (SummaryWriter itself writes from a thread of its
+own, which on a full disk dies with a traceback and leaves half a record.) A result that could not be
+written (disk full, read-only directory) is counted as lost, once even when its projector failed too;
+the next result tries again with a fresh event file.
 """
 from __future__ import annotations
 
 import io
 import itertools
 import logging
-import math
 import os
 import socket
 import time
-import unicodedata
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -39,18 +33,13 @@ from typing import Any
 from ..service.logsafe import first_line
 from ..service.paths import run_dirname
 from . import Sink
+from .projector import Projector
 from .scalars import histograms, scalar_metrics
 
 log = logging.getLogger("embedding_monitor.daemon")
 
-CONFIG_NAME = "projector_config.pbtxt"
-# per run: projector~/iter_<N>/{tensor.bytes,metadata.tsv}; the "~" keeps it apart from the tensors'
-# subfolders (run_dirname never makes a name ending in "~")
-PROJECTOR_DIR = "projector~"
 DEFAULT_PROJECTOR_KEEP = 5
-MAX_TOKEN_CHARS = 100  # a token string's cell is cut to this many characters (after escaping)
 MAX_OPEN_WRITERS = 64  # event files open at once; the least recently used is closed past this
-MAX_CONFIG_BYTES = 1 << 20  # an existing projector config read back at start-up (ours are a few KB)
 INSTALL_HINT = "pip install 'embedding-monitor[tensorboard]'"
 
 
@@ -62,154 +51,6 @@ def missing_package() -> str | None:
     except ImportError as exc:
         return f"--tensorboard needs the tensorboard package ({first_line(exc)}): {INSTALL_HINT}"
     return None
-
-
-def tsv_cell(text: str, limit: int = MAX_TOKEN_CHARS) -> str:
-    """`text` as one TSV cell: backslash, tab, newlines and every other control or separator character
-    escaped (\\t, \\n, \\xNN, \\uNNNN), then cut to `limit` characters (an ellipsis marks the cut)."""
-    out: list[str] = []
-    size = 0
-    for ch in text:
-        if ch == "\\":
-            piece = "\\\\"
-        elif ch in "\t\n\r":
-            piece = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}[ch]
-        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp", "Co", "Cn"):
-            code = ord(ch)
-            piece = f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
-        else:
-            piece = ch
-        if size + len(piece) > limit:
-            out.append("\u2026")
-            break
-        out.append(piece)
-        size += len(piece)
-    return "".join(out)
-
-
-def _fmt(value: float) -> str:
-    """A number for the TSV; empty (unknown) for NaN."""
-    return f"{value:.6g}" if math.isfinite(value) else ""
-
-
-def metadata_tsv(tokens: Any) -> bytes:
-    """The projector's metadata: a header, then one row per token (`tokens` is a TokenValues)."""
-    from ..token_values import NOT_IN_MAP
-
-    rows = tokens.rows
-    vocab = tokens.vocab or []
-    columns: list[tuple[str, list[str]]] = [
-        ("token", [tsv_cell(vocab[i]) if i < len(vocab) and isinstance(vocab[i], str) else f"#{i}"
-                   for i in range(rows)]),
-        ("id", [str(i) for i in range(rows)]),
-    ]
-    if tokens.drift_cosine is not None:
-        columns.append(("drift_cosine", [_fmt(v) for v in tokens.drift_cosine.tolist()]))
-    columns.append(("row_norm", [_fmt(v) for v in tokens.row_norm.tolist()]))
-    if tokens.cluster is not None:
-        columns.append(("galaxy_cluster", ["" if c == NOT_IN_MAP else str(c) for c in tokens.cluster.tolist()]))
-    if tokens.undertrained is not None:
-        columns.append(("undertrained", ["1" if u else "0" for u in tokens.undertrained.tolist()]))
-    if tokens.frequency is not None:
-        columns.append(("frequency", [str(f) for f in tokens.frequency.tolist()]))
-    lines = ["\t".join(name for name, _ in columns)]
-    lines += ["\t".join(cells) for cells in zip(*(values for _, values in columns))]
-    return ("\n".join(lines) + "\n").encode("utf-8")
-
-
-def write_atomic(path: Path, data: Any) -> None:
-    """Write `data` (bytes or a buffer) to `path` whole or not at all: temp file, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            view = memoryview(data).cast("B")
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-
-
-class _Projector:
-    """The projector of one TensorBoard run directory: its config entries, newest last."""
-
-    def __init__(self, directory: Path, keep: int) -> None:
-        from tensorboard.plugins.projector import projector_config_pb2
-
-        self.directory, self.keep = directory, keep
-        self.config = projector_config_pb2.ProjectorConfig()
-        path = directory / CONFIG_NAME
-        try:
-            if path.is_file() and path.stat().st_size <= MAX_CONFIG_BYTES:
-                from google.protobuf import text_format
-                text_format.Parse(path.read_text(encoding="utf-8"), self.config)
-        except Exception as exc:  # another writer's or a damaged file: start over, it is rewritten whole
-            log.warning("tensorboard: %s could not be read (%s); starting a new projector config", path,
-                        first_line(exc))
-            self.config.Clear()
-
-    def add(self, tokens: Any, label: str = "embedding") -> None:
-        """Write one snapshot's matrix and metadata, then the config naming the latest `keep` of them
-        (`label`: the tensor's name in the projector's menu when it has no name of its own)."""
-        from google.protobuf import text_format
-
-        name = f"iter_{tokens.iter:09d}"
-        folder = self.directory / PROJECTOR_DIR / name
-        tensor_path = f"{PROJECTOR_DIR}/{name}/tensor.bytes"
-        matrix = tokens.embedding.detach().to("cpu").float().contiguous()
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            write_atomic(folder / "tensor.bytes", matrix.numpy())
-            write_atomic(folder / "metadata.tsv", metadata_tsv(tokens))
-        except OSError:
-            if all(e.tensor_path != tensor_path for e in self.config.embeddings):
-                self._remove(tensor_path)  # a folder no config names: nothing of it left behind
-            raise
-        entries = [e for e in self.config.embeddings if e.tensor_name != self._tensor_name(tokens, label)]
-        new = self.config.__class__()
-        for e in entries:
-            new.embeddings.add().CopyFrom(e)
-        e = new.embeddings.add()
-        e.tensor_name = self._tensor_name(tokens, label)
-        e.tensor_path = tensor_path
-        e.metadata_path = f"{PROJECTOR_DIR}/{name}/metadata.tsv"
-        e.tensor_shape.extend([int(s) for s in matrix.shape])
-        dropped = []
-        while len(new.embeddings) > self.keep:
-            dropped.append(new.embeddings[0].tensor_path)
-            del new.embeddings[0]
-        write_atomic(self.directory / CONFIG_NAME, text_format.MessageToString(new).encode("utf-8"))
-        self.config = new
-        for tensor_path in dropped:  # only now: the config no longer names them
-            self._remove(tensor_path)
-
-    @staticmethod
-    def _tensor_name(tokens: Any, label: str) -> str:
-        return f"{tokens.tensor or label} @ iter {tokens.iter}"
-
-    def _remove(self, tensor_path: str) -> None:
-        parts = Path(tensor_path).parts
-        if len(parts) != 3 or parts[0] != PROJECTOR_DIR or not parts[1].startswith("iter_"):
-            return  # not one of ours: never delete what a config we did not write names
-        folder = self.directory / PROJECTOR_DIR / parts[1]
-        for f in ("tensor.bytes", "metadata.tsv"):
-            try:
-                (folder / f).unlink()
-            except FileNotFoundError:
-                pass
-        try:
-            folder.rmdir()
-        except OSError:
-            pass
 
 
 class _EventFile:
@@ -279,7 +120,7 @@ class TensorBoardSink(Sink):
         self.projector_keep = projector_keep
         self.wants_tokens = projector_keep > 0
         self._files: OrderedDict[tuple[str, str | None], _EventFile] = OrderedDict()  # open, least recent first
-        self._projectors: dict[tuple[str, str | None], _Projector] = {}
+        self._projectors: dict[tuple[str, str | None], Projector] = {}
         self._failing: str | None = None
         self._last_lost: tuple[Any, ...] | None = None
         self._lost_in_episode = 0
@@ -344,7 +185,7 @@ class TensorBoardSink(Sink):
             if projector is None:
                 directory = self.directory(*key)
                 directory.mkdir(parents=True, exist_ok=True)
-                projector = self._projectors[key] = _Projector(directory, self.projector_keep)
+                projector = self._projectors[key] = Projector(directory, self.projector_keep)
             label = result.get("name")
             projector.add(tokens, label if isinstance(label, str) and label else "embedding")
         except OSError as exc:

@@ -1,0 +1,158 @@
+"""The embedding projector's files of one TensorBoard run directory: the matrices, their per-token
+metadata, and `projector_config.pbtxt` naming the latest K of them.
+
+    DIR/<run>/projector_config.pbtxt                 tensorboard's ProjectorConfig, as text
+    DIR/<run>/projector~/iter_<N>/tensor.bytes       the (V, d) matrix, raw float32 (tensor_shape in the config)
+    DIR/<run>/projector~/iter_<N>/metadata.tsv       a header, then one row per token
+
+Every file is written whole or not at all (temporary file, fsync, rename); the config is rewritten only
+after the files it names are complete, and the files of a snapshot past K are deleted only after the
+config stopped naming them, so a crash or a full disk leaves the previous, consistent projector.
+Token strings come from the trainer over the network: `tsv_cell` escapes and cuts them, so none can add
+a row or a column to the table.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import unicodedata
+from pathlib import Path
+from typing import Any
+
+from ..service.logsafe import first_line
+from ..service.state_store import write_atomic
+
+log = logging.getLogger("embedding_monitor.daemon")
+
+CONFIG_NAME = "projector_config.pbtxt"
+# per run: projector~/iter_<N>/{tensor.bytes,metadata.tsv}; the "~" keeps it apart from the tensors'
+# subfolders (run_dirname never makes a name ending in "~")
+PROJECTOR_DIR = "projector~"
+MAX_TOKEN_CHARS = 100  # a token string's cell is cut to this many characters (after escaping)
+MAX_CONFIG_BYTES = 1 << 20  # an existing projector config read back at start-up (ours are a few KB)
+
+
+def tsv_cell(text: str, limit: int = MAX_TOKEN_CHARS) -> str:
+    """`text` as one TSV cell: backslash, tab, newlines and every other control or separator character
+    escaped (\\t, \\n, \\xNN, \\uNNNN), then cut to `limit` characters (an ellipsis marks the cut)."""
+    out: list[str] = []
+    size = 0
+    for ch in text:
+        if ch == "\\":
+            piece = "\\\\"
+        elif ch in "\t\n\r":
+            piece = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}[ch]
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp", "Co", "Cn"):
+            code = ord(ch)
+            piece = f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+        else:
+            piece = ch
+        if size + len(piece) > limit:
+            out.append("\u2026")
+            break
+        out.append(piece)
+        size += len(piece)
+    return "".join(out)
+
+
+def _fmt(value: float) -> str:
+    """A number for the TSV; empty (unknown) for NaN."""
+    return f"{value:.6g}" if math.isfinite(value) else ""
+
+
+def metadata_tsv(tokens: Any) -> bytes:
+    """The projector's metadata: a header, then one row per token (`tokens` is a TokenValues)."""
+    from ..token_values import NOT_IN_MAP
+
+    rows = tokens.rows
+    vocab = tokens.vocab or []
+    columns: list[tuple[str, list[str]]] = [
+        ("token", [tsv_cell(vocab[i]) if i < len(vocab) and isinstance(vocab[i], str) else f"#{i}"
+                   for i in range(rows)]),
+        ("id", [str(i) for i in range(rows)]),
+    ]
+    if tokens.drift_cosine is not None:
+        columns.append(("drift_cosine", [_fmt(v) for v in tokens.drift_cosine.tolist()]))
+    columns.append(("row_norm", [_fmt(v) for v in tokens.row_norm.tolist()]))
+    if tokens.cluster is not None:
+        columns.append(("galaxy_cluster", ["" if c == NOT_IN_MAP else str(c) for c in tokens.cluster.tolist()]))
+    if tokens.undertrained is not None:
+        columns.append(("undertrained", ["1" if u else "0" for u in tokens.undertrained.tolist()]))
+    if tokens.frequency is not None:
+        columns.append(("frequency", [str(f) for f in tokens.frequency.tolist()]))
+    lines = ["\t".join(name for name, _ in columns)]
+    lines += ["\t".join(cells) for cells in zip(*(values for _, values in columns))]
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+class Projector:
+    """The projector of one TensorBoard run directory: its config entries, newest last."""
+
+    def __init__(self, directory: Path, keep: int) -> None:
+        from tensorboard.plugins.projector import projector_config_pb2
+
+        self.directory, self.keep = directory, keep
+        self.config = projector_config_pb2.ProjectorConfig()
+        path = directory / CONFIG_NAME
+        try:
+            if path.is_file() and path.stat().st_size <= MAX_CONFIG_BYTES:
+                from google.protobuf import text_format
+                text_format.Parse(path.read_text(encoding="utf-8"), self.config)
+        except Exception as exc:  # another writer's or a damaged file: start over, it is rewritten whole
+            log.warning("tensorboard: %s could not be read (%s); starting a new projector config", path,
+                        first_line(exc))
+            self.config.Clear()
+
+    def add(self, tokens: Any, label: str = "embedding") -> None:
+        """Write one snapshot's matrix and metadata, then the config naming the latest `keep` of them
+        (`label`: the tensor's name in the projector's menu when it has no name of its own)."""
+        from google.protobuf import text_format
+
+        name = f"iter_{tokens.iter:09d}"
+        folder = self.directory / PROJECTOR_DIR / name
+        tensor_path = f"{PROJECTOR_DIR}/{name}/tensor.bytes"
+        matrix = tokens.embedding.detach().to("cpu").float().contiguous()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(folder / "tensor.bytes", memoryview(matrix.numpy()).cast("B"))
+            write_atomic(folder / "metadata.tsv", metadata_tsv(tokens))
+        except OSError:
+            if all(e.tensor_path != tensor_path for e in self.config.embeddings):
+                self._remove(tensor_path)  # a folder no config names: nothing of it left behind
+            raise
+        entries = [e for e in self.config.embeddings if e.tensor_name != self._tensor_name(tokens, label)]
+        new = self.config.__class__()
+        for e in entries:
+            new.embeddings.add().CopyFrom(e)
+        e = new.embeddings.add()
+        e.tensor_name = self._tensor_name(tokens, label)
+        e.tensor_path = tensor_path
+        e.metadata_path = f"{PROJECTOR_DIR}/{name}/metadata.tsv"
+        e.tensor_shape.extend([int(s) for s in matrix.shape])
+        dropped = []
+        while len(new.embeddings) > self.keep:
+            dropped.append(new.embeddings[0].tensor_path)
+            del new.embeddings[0]
+        write_atomic(self.directory / CONFIG_NAME, text_format.MessageToString(new).encode("utf-8"))
+        self.config = new
+        for tensor_path in dropped:  # only now: the config no longer names them
+            self._remove(tensor_path)
+
+    @staticmethod
+    def _tensor_name(tokens: Any, label: str) -> str:
+        return f"{tokens.tensor or label} @ iter {tokens.iter}"
+
+    def _remove(self, tensor_path: str) -> None:
+        parts = Path(tensor_path).parts
+        if len(parts) != 3 or parts[0] != PROJECTOR_DIR or not parts[1].startswith("iter_"):
+            return  # not one of ours: never delete what a config we did not write names
+        folder = self.directory / PROJECTOR_DIR / parts[1]
+        for f in ("tensor.bytes", "metadata.tsv"):
+            try:
+                (folder / f).unlink()
+            except FileNotFoundError:
+                pass
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
