@@ -21,7 +21,7 @@ class TokenValues:
     """One value per token (row) of the snapshot a record describes; None: not known for this snapshot."""
 
     run: str
-    tensor: str | None  # the record's "tensor" (None: the run's default tensor)
+    tensor: str | None  # the record's tensor when not the run's default one (named_tensor), else None
     iter: int
     embedding: torch.Tensor  # (V, d) the snapshot as analysed, in the dtype it came in
     vocab: list[str] | None  # the trainer's token strings (may be shorter than V)
@@ -35,6 +35,14 @@ class TokenValues:
     def rows(self) -> int:
         """V, the number of tokens."""
         return int(self.embedding.shape[0])
+
+
+def named_tensor(record: dict[str, Any]) -> str | None:
+    """The record's tensor when it is not its run's default one (which keeps the run's own names), else None."""
+    tensor = record.get("tensor")
+    if record.get("default_tensor", True) is not False or not isinstance(tensor, str) or not tensor:
+        return None
+    return tensor
 
 
 def row_norms(w: torch.Tensor) -> torch.Tensor:
@@ -84,7 +92,6 @@ def token_values(run: str, iter_: int, embedding: torch.Tensor, record: dict[str
         frequency = torch.as_tensor(counts, dtype=torch.int64).flatten()
         if frequency.numel() != rows:  # counts of another vocabulary size: not this matrix's tokens
             frequency = None
-    tensor = record.get("tensor")
-    return TokenValues(run=run, tensor=tensor if isinstance(tensor, str) and tensor else None, iter=iter_,
+    return TokenValues(run=run, tensor=named_tensor(record), iter=iter_,
                        embedding=embedding, vocab=vocab, row_norm=row_norms(embedding),
                        drift_cosine=drift_cosine, cluster=cluster, undertrained=undertrained, frequency=frequency)

@@ -156,8 +156,8 @@ def sink_results(n: int, shape: tuple[int, int] = (300, 16), tensor: str | None 
         rec, tokens = analyse_snapshot(Job("disk", snap, prev, [], HelloInfo(vocab=None)), AnalysisSettings(),
                                        None, state, per_token=True)
         rec.update(counters={"analysed": k + 1}, daemon_counters={"rejected": 0})
-        if tensor is not None:
-            rec["tensor"] = tokens.tensor = tensor
+        rec["tensor"], rec["default_tensor"] = tensor or "wte", tensor is None  # as the tensor-names records say
+        tokens.tensor = tensor
         out.append((rec, tokens))
         prev = snap
     return out
@@ -204,6 +204,7 @@ def test_a_named_tensor_gets_its_own_subfolder_and_projector(tmp_path: Path) -> 
     default, named = tmp_path / "tb" / "disk", tmp_path / "tb" / "disk" / "lm_head"
     assert [e.tensor_name for e in read_config(default).embeddings] == ["wte @ iter 2"]
     assert [e.tensor_name for e in read_config(named).embeddings] == ["lm_head @ iter 2"]
+    assert not (default / "wte").exists()  # the default tensor keeps the run's own folder
     for directory in (default, named):
         assert sorted(e.step for e in accumulator(directory).Scalars("train/loss")) == [1, 2]
 

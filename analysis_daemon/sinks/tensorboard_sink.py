@@ -2,8 +2,8 @@
 
     analysis-daemon --tensorboard tb/        then        tensorboard --logdir tb/
 
-Per trainer run one TensorBoard run, `DIR/<run>/` (a named tensor of a run with several gets its own
-`DIR/<run>/<tensor>/`):
+Per trainer run one TensorBoard run, `DIR/<run>/` (a run's other tensors, records whose "tensor" is
+not the run's default one, get their own `DIR/<run>/<tensor>/`):
 - every scalar the W&B sink logs, under the same keys (scalars.py: `analysis/drift_cosine_sim`, ...;
   the trainer's metrics under their own names), with the **training iteration as the step**;
 - the pairwise-similarity and row-norm histograms (what `SummaryWriter.add_histogram_raw` writes, from the record's bins);
@@ -132,8 +132,9 @@ class TensorBoardSink(Sink):
 
     @staticmethod
     def _key(result: dict[str, Any]) -> tuple[str, str | None]:
-        tensor = result.get("tensor")
-        return str(result["run"]), tensor if isinstance(tensor, str) and tensor else None
+        from ..token_values import named_tensor  # (torch: loaded by the daemon already)
+
+        return str(result["run"]), named_tensor(result)
 
     def _events(self, key: tuple[str, str | None]) -> "_EventFile":
         events = self._files.get(key)
