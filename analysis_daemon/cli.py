@@ -5,6 +5,7 @@
     analysis-daemon report runs/my-run -o report.html                       (HTML report of a run's results)
     analysis-daemon report runs/lr-3e-4 runs/lr-1e-3                         (several runs compared on one page)
     analysis-daemon replay out/checkpoints --run my-run                     (analyse saved checkpoints, replay.py)
+    analysis-daemon explore runs/my-run                                     (web app over per-token data)
 
 torch is imported only after the thread settings are in place: OMP_WAIT_POLICY=PASSIVE must be in the
 environment before libgomp loads (busy-waiting OpenMP threads in two processes on the same cores
@@ -20,6 +21,26 @@ from pathlib import Path
 from typing import Any
 
 LOGGER = "embedding_monitor.daemon"
+
+# Every subcommand: its name -> the module holding its `build_parser()` and `main(argv)`. main() dispatches
+# through this table and the CLI reference (docs/hooks/cli_reference.py) documents every entry, so a
+# subcommand added here appears in both, and one missing here is not reachable at all.
+SUBCOMMANDS: dict[str, str] = {
+    "keygen": "protocol.keygen",
+    "report": "analysis_daemon.report.page",
+    "replay": "analysis_daemon.replay.command",
+    "explore": "analysis_daemon.explore.command",
+}
+
+
+def subcommand_parser(name: str) -> argparse.ArgumentParser:
+    """The argument parser of subcommand `name`, its usage line as the user types it."""
+    import importlib
+
+    module = importlib.import_module(SUBCOMMANDS[name])
+    if name == "keygen":
+        return module.build_parser(prog="analysis-daemon keygen")
+    return module.build_parser()
 
 
 def default_threads() -> int:
@@ -41,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "`analysis-daemon report RUN_DIR [RUN_DIR ...] [-o OUT.html]` turns runs' results into one "
                     "HTML page (several runs on shared axes); "
                     "`analysis-daemon replay PATH...` analyses saved checkpoints the same way "
-                    "(`analysis-daemon replay --help`).",
+                    "(`analysis-daemon replay --help`); "
+                    "`analysis-daemon explore RESULTS` serves a local web app over a run's per-token data.",
         epilog="W&B follows wandb's own settings: WANDB_MODE (online/offline/disabled), WANDB_PROJECT, "
                "WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_DIR, WANDB_API_KEY; a trainer's hello message, "
                "when it names a project and group, takes precedence.")
@@ -57,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--allow-insecure", action="store_true",
                      help="allow binding a non-loopback tcp endpoint without CurveZMQ (trusted networks only)")
 
-    shared = p.add_argument_group("shared host (limits per peer and per snapshot; see README)")
+    shared = p.add_argument_group("shared host (limits per peer and per snapshot; see docs/security.md)")
     shared.add_argument("--max-connections", type=int, default=256, metavar="N",
                         help="connections open at once; more are refused at the handshake (default: %(default)s)")
     shared.add_argument("--heartbeat-interval", type=float, default=10.0, metavar="SECONDS",
@@ -251,6 +273,13 @@ def add_output_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                      help="at the end of a run (and at exit) wait at most this long for W&B to take the "
                           "data; what is left stays in the run's wandb folder, and the log names the "
                           "`wandb sync` command that uploads it (default: %(default)s)")
+    out.add_argument("--token-data", action=argparse.BooleanOptionalAction, default=True,
+                     help="keep every token's nearest neighbours, drift cosine, norm and map position per "
+                          "analysed iteration in RESULTS_DIR/<run>/tokens/ for `analysis-daemon explore` "
+                          "(about 4.8 MB per iteration at 50304 tokens; default: on)")
+    out.add_argument("--token-data-keep", type=int, default=50, metavar="N",
+                     help="keep the token data of the newest N analysed iterations per run, removing older "
+                          "ones (default: %(default)s)")
     add_tensorboard_options(p)
     return out
 
@@ -320,6 +349,9 @@ def analysis_settings(args: argparse.Namespace) -> Any:
         progress_interval=args.progress_interval, extras=args.extras, knn_k=args.knn_k, probes=probes,
         probe_k=args.probe_k, sample_rows=args.sample_rows, sample_seed=args.sample_seed,
         galaxy_rows=args.galaxy_rows, galaxy_seed=args.galaxy_seed,
+        # the per-token arrays: for the explorer's token data, and for the TensorBoard projector
+        token_data=bool(getattr(args, "token_data", False))
+        or (getattr(args, "tensorboard", None) is not None and getattr(args, "tensorboard_projector_keep", 0) > 0),
         alerts=AlertSettings(collapse_mean_sim=args.collapse_mean_sim,
                              collapse_min_rank_fraction=args.collapse_min_rank_fraction,
                              drift_window=args.drift_window, drift_spike_mads=args.drift_spike_mads,
@@ -384,6 +416,9 @@ def make_sinks(args: argparse.Namespace, settings: Any, threads: int, close_time
             raise ValueError(problem)
         tensorboard = TensorBoardSink(args.tensorboard, projector_keep=args.tensorboard_projector_keep)
     sinks: list[Sink] = [JsonlSink(args.results_dir)]
+    if args.token_data:
+        from .sinks.token_data import TokenDataSink
+        sinks.append(TokenDataSink(args.results_dir, keep=args.token_data_keep))
     if not args.no_console or args.log_file is not None:
         # The summary blocks also go to the log file, so following the log (`./launch.sh tail`) shows
         # the metrics; the terminal still gets them once, on stdout.
@@ -413,17 +448,17 @@ def fail(message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `analysis-daemon` / `python -m analysis_daemon`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["keygen"]:
-        from protocol.keygen import main as keygen_main
-        return keygen_main(argv[1:])
-    if argv[:1] == ["report"]:
-        from .report.page import main as report_main
-        return report_main(argv[1:])
-    if argv[:1] == ["replay"]:
-        from .replay.command import build_parser as replay_parser, main as replay_main
-        replay_args = replay_parser().parse_args(argv[1:])
+    if argv[:1] == ["replay"]:  # parsed before OMP_WAIT_POLICY is set, which may re-execute us
+        from .replay.command import main as replay_main
+        replay_args = subcommand_parser("replay").parse_args(argv[1:])
         _ensure_passive_omp(argv)
         return replay_main(replay_args)
+    if argv[:1] == ["keygen"]:
+        from protocol.keygen import main as keygen_main
+        return keygen_main(argv[1:], prog="analysis-daemon keygen")
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        import importlib
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
     _ensure_passive_omp(argv)
     log = setup_logging(args.log_level, args.log_file)

@@ -19,9 +19,32 @@ import torch
 from .metrics.alerts import AlertSettings, RunAlerts, check as check_alerts
 from .service.logsafe import first_line
 from .service.state import Job, RunInsight, SnapshotData
-from .token_values import TokenValues, token_values
 
 log = logging.getLogger("embedding_monitor.daemon")
+
+
+# The record key under which `analyse` hands the per-token arrays (a TokenArrays) to the sinks. SinkSet
+# takes it out of the record before any sink sees the record, so it never reaches JSON, and gives it to
+# the sinks that store arrays (sinks/token_data.py).
+TOKEN_ARRAYS = "_token_arrays"
+
+
+@dataclass
+class TokenArrays:
+    """Every token's figures at one analysed iteration (the explorer's data; V rows each)."""
+
+    knn_ids: torch.Tensor | None  # (V, k) int32 nearest rows by cosine, best first, -1 where none
+    knn_cos: torch.Tensor | None  # (V, k) float32 their cosines (of L2-normalised rows, as the geometry)
+    drift: torch.Tensor | None  # (V,) float32 drift cosine against the previous snapshot, NaN where none
+    norm: torch.Tensor  # (V,) float32 row norm
+    xy: torch.Tensor  # (V, 2) float32 map coordinates, aligned with the run's previous ones
+    # the (V, d) snapshot itself, not copied: the TensorBoard projector shows it (not in nbytes: not stored)
+    weights: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        """Bytes the arrays hold (what one iteration costs on disk, give or take the file headers)."""
+        return sum(t.numel() * t.element_size() for t in (self.knn_ids, self.knn_cos, self.drift, self.norm, self.xy)
+                   if t is not None)
 
 
 class AnalysisAbandoned(Exception):
@@ -45,6 +68,7 @@ class AnalysisSettings:
     alerts: AlertSettings = AlertSettings()
     sample_rows: int | None = None  # sampled geometry from this many rows (None: the exact pass)
     sample_seed: int = 0  # the sample's seed: the same rows for every snapshot of the same size
+    token_data: bool = True  # per-token arrays for the explorer (TOKEN_ARRAYS): neighbours, drift, norm, map
 
 
 def jsonable(value: Any) -> Any:
@@ -110,17 +134,6 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     `insight_state` is the run's state between results (previous neighbour lists, alert history); a
     fresh one (no neighbourhood drift, no drift history) when None.
     """
-    return analyse_snapshot(job, settings, progress, insight_state)[0]
-
-
-def analyse_snapshot(job: Job, settings: AnalysisSettings, progress: Callable[[float], None] | None = None,
-                     insight_state: RunInsight | None = None,
-                     per_token: bool = False) -> tuple[dict[str, Any], TokenValues | None]:
-    """`analyse`, and with `per_token` also the snapshot's per-token values (for the sinks that want them).
-
-    The per-token values reuse what the analysis computed (each row's drift cosine, the galaxy map's
-    clusters, the under-trained tokens); a failure there costs them (None), never the record.
-    """
     from .metrics.drift import measure_semantic_drift
     from .metrics.geometry import geometry_and_neighbours
 
@@ -143,14 +156,14 @@ def analyse_snapshot(job: Job, settings: AnalysisSettings, progress: Callable[[f
     else:
         t0 = time.monotonic()
         try:
-            drift = measure_semantic_drift(prev.tensor, cur.tensor, top_k=settings.top_k, token_cosines=per_token)
+            drift = measure_semantic_drift(prev.tensor, cur.tensor, top_k=settings.top_k,
+                                           per_token=settings.token_data)
         except Exception as exc:  # a math failure costs this drift, never the daemon
             reason = f"drift failed: {first_line(exc)}"
             log.error("run %s iter %d: %s", job.run, cur.iter, reason)
         drift_seconds = time.monotonic() - t0
-    drift_cosines = None
+    token_drift = drift.pop("per_token_cosine", None) if drift is not None else None
     if drift is not None:
-        drift_cosines = drift.pop("token_cosines", None)  # V values: for the sinks, never the results file
         drift = jsonable(drift)
         for kind in ("most", "least"):
             strings = _token_strings(drift.get(f"{kind}_drifted_tokens") or [], vocab)
@@ -159,7 +172,7 @@ def analyse_snapshot(job: Job, settings: AnalysisSettings, progress: Callable[[f
 
     geometry: dict[str, Any] | None = None
     geometry_error: str | None = None
-    knn_ids = knn_kth = None
+    knn_ids = knn_kth = knn_cos = None
     t0 = time.monotonic()
     try:
         geom, neighbours = geometry_and_neighbours(
@@ -168,6 +181,8 @@ def analyse_snapshot(job: Job, settings: AnalysisSettings, progress: Callable[[f
             sample_rows=_sample_rows(settings.sample_rows, cur.sample_rows), seed=settings.sample_seed)
         geometry = jsonable(geom)
         knn_ids = neighbours[0] if neighbours is not None else None
+        if neighbours is not None and not geom.get("sampled_rows"):  # sampled: lists for a sample only
+            knn_cos = neighbours[1]
         # each row's k-th nearest cosine: the clump search's candidates (sampled geometry has lists for
         # the sampled rows only, which would hide a clump among the others: then every row is a candidate)
         if neighbours is not None and neighbours[1].shape[1] and not geom.get("sampled_rows"):
@@ -201,6 +216,15 @@ def analyse_snapshot(job: Job, settings: AnalysisSettings, progress: Callable[[f
         t0 = time.monotonic()
         galaxy, clump, galaxy_error = _galaxy_and_clump(job, settings, state, knn_kth, vocab)
         galaxy_seconds = time.monotonic() - t0
+
+    token_arrays, token_error = None, None
+    if settings.token_data:
+        try:
+            token_arrays = _token_arrays(cur.tensor, state, knn_ids if knn_cos is not None else None, knn_cos,
+                                         token_drift)
+        except Exception as exc:  # costs the explorer's data of this iteration, never the record
+            token_error = f"token data failed: {first_line(exc)}"
+            log.error("run %s iter %d: %s", job.run, cur.iter, token_error)
 
     record = {
         "run": job.run,
@@ -238,16 +262,26 @@ def analyse_snapshot(job: Job, settings: AnalysisSettings, progress: Callable[[f
     for alert in record["alerts"]:
         if alert.get("notified"):
             log.warning("run %s ALERT %s: %s", job.run, alert["kind"], alert["message"])
-    tokens = None
-    if per_token:
-        try:
-            tokens = token_values(job.run, cur.iter, cur.tensor, record, vocab, drift_cosines,
-                                  getattr(cur, "token_counts", None))
-        except Exception as exc:  # costs the projector's table, never the record
-            log.error("run %s iter %d: per-token values failed: %s", job.run, cur.iter, first_line(exc))
+    if token_error:
+        record["token_data_error"] = token_error
     record["seconds"] = round(time.monotonic() - started, 6)
     record["finished_at"] = time.time()
-    return record, tokens
+    if token_arrays is not None:
+        record[TOKEN_ARRAYS] = token_arrays
+    return record
+
+
+def _token_arrays(weights: torch.Tensor, state: RunInsight, knn_ids: Any, knn_cos: Any,
+                  drift: Any) -> TokenArrays:
+    """The per-token arrays of this snapshot; the map is aligned with (and becomes) the run's previous one."""
+    from .metrics.token_map import token_coordinates
+
+    xy = token_coordinates(weights, state.token_xy)
+    state.token_xy = xy
+    norm = torch.linalg.vector_norm(weights.detach().float(), dim=1)
+    return TokenArrays(knn_ids=knn_ids.to(torch.int32) if knn_ids is not None else None,
+                       knn_cos=knn_cos.float() if knn_cos is not None else None,
+                       drift=drift, norm=norm, xy=xy, weights=weights)
 
 
 def _insight(job: Job, settings: AnalysisSettings, state: RunInsight, knn_ids: Any,

@@ -2,12 +2,11 @@
 
 Run:  .venv/bin/python benchmarks/bench_tensorboard.py [--vocab 50304 --dim 768 --keep 5]
 
-One `pipeline.analyse_snapshot(per_token=True)` of a snapshot pair (drift, exact geometry, insight, galaxy
-map, as the daemon runs it with default settings), then, measured side by side in this process: the
-per-token values alone (`token_values`: row norms, galaxy clusters, flags; the drift cosines come free
-from the drift pass), the TensorBoard sink's scalars and histograms (`handle`), and its projector
-snapshot (`handle_tokens`: the float32 matrix, the metadata TSV, the config; fsynced) into a temporary
-directory, and the bytes each projector snapshot costs on disk.
+One `pipeline.analyse()` of a snapshot pair (drift, exact geometry, insight, galaxy map and the per-token
+arrays, as the daemon runs it with default settings), then, measured side by side in this process: the
+TensorBoard sink's scalars and histograms (`handle`) and its projector snapshot (`handle_arrays`: the
+float32 matrix, the metadata TSV, the config, each fsynced) into a temporary directory, and the bytes
+each projector snapshot costs on disk. (The per-token arrays are the explorer's: bench_explore.py.)
 """
 from __future__ import annotations
 
@@ -23,10 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from analysis_daemon.pipeline import AnalysisSettings, analyse_snapshot  # noqa: E402
+from analysis_daemon.pipeline import TOKEN_ARRAYS, AnalysisSettings, analyse  # noqa: E402
 from analysis_daemon.service.state import HelloInfo, Job, RunInsight, SnapshotData  # noqa: E402
 from analysis_daemon.sinks.tensorboard_sink import TensorBoardSink  # noqa: E402
-from analysis_daemon.token_values import token_values  # noqa: E402
 from benchmarks.bench_analysis import make_embeddings  # noqa: E402
 
 
@@ -51,23 +49,21 @@ def main() -> None:
     vocab = [f"tok{i}" for i in range(args.vocab)]
     job = Job("bench", SnapshotData(2, 2, "wte", cur), SnapshotData(1, 1, "wte", prev), [], HelloInfo(vocab=vocab))
     t0 = time.perf_counter()
-    record, tokens = analyse_snapshot(job, AnalysisSettings(), insight_state=RunInsight(), per_token=True)
+    record = analyse(job, AnalysisSettings(), insight_state=RunInsight())
     whole = time.perf_counter() - t0
+    arrays = record.pop(TOKEN_ARRAYS)
     record.update(counters={"analysed": 1}, daemon_counters={"rejected": 0})
-    per_token, per_token_all = best_of(args.repeats, lambda: token_values(
-        "bench", 2, cur, record, vocab, tokens.drift_cosine))
     with tempfile.TemporaryDirectory() as tmp:
         sink = TensorBoardSink(tmp, projector_keep=args.keep)
+        sink.run_hello("bench", HelloInfo(vocab=vocab))
         scalars, scalars_all = best_of(args.repeats, lambda: sink.handle(record))
-        projector, projector_all = best_of(args.repeats, lambda: sink.handle_tokens(record, tokens))
+        projector, projector_all = best_of(args.repeats, lambda: sink.handle_arrays(record, arrays))
         folder = next((Path(tmp) / "bench" / "projector~").iterdir())
         disk = sum(f.stat().st_size for f in folder.iterdir())
         sink.close()
     fmt = lambda ts: ", ".join(f"{t:.3f}" for t in ts)  # noqa: E731
     print(f"matrix {args.vocab} x {args.dim}, threads {torch.get_num_threads()}")
-    print(f"whole analyse_snapshot(per_token=True): {whole:.2f} s (geometry {record['geometry_seconds']:.2f} s)")
-    print(f"per-token values alone: best {per_token:.3f} s of {args.repeats} ({fmt(per_token_all)}), "
-          f"{100 * per_token / whole:.2f}% of the analysis")
+    print(f"whole analyse(): {whole:.2f} s (geometry {record['geometry_seconds']:.2f} s)")
     print(f"sink scalars + histograms: best {scalars:.4f} s ({fmt(scalars_all)})")
     print(f"sink projector snapshot: best {projector:.3f} s ({fmt(projector_all)}), "
           f"{100 * projector / whole:.2f}% of the analysis; {disk / 2**20:.1f} MiB on disk per snapshot "

@@ -61,7 +61,7 @@ def test_rotation_plus_translation_is_no_drift_at_all() -> None:
 
 
 def test_both_inputs_are_snapshots_not_a_live_model() -> None:
-    assert list(inspect.signature(measure_semantic_drift).parameters) == ["prev", "curr", "top_k", "token_cosines"]
+    assert list(inspect.signature(measure_semantic_drift).parameters) == ["prev", "curr", "top_k", "per_token"]
     x = embeddings(50, 8, seed=2)
     y = x.clone()
     y[7] += 3.0 * torch.randn(8, generator=torch.Generator().manual_seed(3))
@@ -238,14 +238,14 @@ def test_a_finite_row_whose_sum_overflows_is_still_finite() -> None:
     assert result["average_cosine_similarity"] == pytest.approx(1.0, abs=1e-6)
 
 
-def test_token_cosines_are_every_rows_cosine_and_agree_with_the_lists() -> None:
+def test_per_token_cosines_are_every_rows_cosine_and_agree_with_the_lists() -> None:
     x = embeddings(60, 6, seed=4)
     y = x + 0.5 * torch.randn(60, 6, generator=torch.Generator().manual_seed(5))
     x[3, 2] = float("nan")  # left out: NaN in the per-row values too
-    result = measure_semantic_drift(x, y, top_k=60, token_cosines=True)
-    cos = result["token_cosines"]
+    result = measure_semantic_drift(x, y, top_k=60, per_token=True)
+    cos = result["per_token_cosine"]
     assert cos.shape == (60,) and cos.dtype == torch.float32 and torch.isnan(cos[3]) and int(torch.isnan(cos).sum()) == 1
     listed = dict(result["most_drifted_tokens"])
     assert set(listed) == set(range(60)) - {3}
     assert all(abs(float(cos[t]) - c) <= 1e-7 for t, c in listed.items())  # the same values, as float32
-    assert "token_cosines" not in measure_semantic_drift(x, y)  # only when asked: it is not JSON
+    assert "per_token_cosine" not in measure_semantic_drift(x, y)  # only when asked: it is not JSON

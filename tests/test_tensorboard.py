@@ -23,7 +23,7 @@ from google.protobuf import text_format  # noqa: E402  (tensorboard brings proto
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from tensorboard.plugins.projector import projector_config_pb2  # noqa: E402
 
-from analysis_daemon.pipeline import AnalysisSettings, analyse_snapshot  # noqa: E402
+from analysis_daemon.pipeline import TOKEN_ARRAYS, AnalysisSettings, TokenArrays, analyse  # noqa: E402
 from analysis_daemon.service.state import HelloInfo, Job, RunInsight, SnapshotData  # noqa: E402
 from analysis_daemon.sinks import SinkSet  # noqa: E402
 from analysis_daemon.sinks.scalars import histograms, scalar_metrics  # noqa: E402
@@ -148,17 +148,17 @@ def test_daemon_writes_scalars_histograms_and_projector_at_the_training_iteratio
         assert col["galaxy_cluster"] == [clusters.get(t, "") for t in range(500)]
 
 
-def sink_results(n: int, shape: tuple[int, int] = (300, 16), tensor: str | None = None) -> list[tuple[dict, Any]]:
-    """`n` (record, per-token values) pairs of the real pipeline on a random walk, as the daemon makes them."""
+def sink_results(n: int, shape: tuple[int, int] = (300, 16), tensor: str | None = None) -> list[dict[str, Any]]:
+    """`n` records of the real pipeline on a random walk, as the daemon makes them (the per-token arrays
+    under TOKEN_ARRAYS, which SinkSet hands to handle_arrays)."""
     state, prev, out = RunInsight(), None, []
     for k, w in enumerate(matrices(n, shape=shape)):
         snap = SnapshotData(iter=k + 1, seq=k, name="wte", tensor=w, metrics={"train/loss": 5.0 - k})
-        rec, tokens = analyse_snapshot(Job("disk", snap, prev, [], HelloInfo(vocab=None)), AnalysisSettings(),
-                                       None, state, per_token=True)
+        rec = analyse(Job("disk", snap, prev, [], HelloInfo(vocab=None)), AnalysisSettings(), None, state)
+        assert rec[TOKEN_ARRAYS].weights is w  # the snapshot itself, not a copy
         rec.update(counters={"analysed": k + 1}, daemon_counters={"rejected": 0})
         rec["tensor"], rec["default_tensor"] = tensor or "wte", tensor is None  # as the tensor-names records say
-        tokens.tensor = tensor
-        out.append((rec, tokens))
+        out.append(rec)
         prev = snap
     return out
 
@@ -170,13 +170,13 @@ def test_full_disk_counts_lost_and_never_leaves_a_half_written_projector(
     with small_fs(tmp_path / "fs", "1m") as fs:
         sinks = SinkSet([TensorBoardSink(fs / "tb", projector_keep=2)])
         run_dir = fs / "tb" / "disk"
-        for rec, tokens in results[:2]:
-            sinks.handle(rec, tokens)
+        for rec in results[:2]:
+            sinks.handle(rec)
         assert sinks.counters()["lost"] == 0
         before = (run_dir / CONFIG_NAME).read_bytes()
 
         filler = fill(fs)
-        sinks.handle(*results[2])
+        sinks.handle(results[2])
         assert sinks.counters() == {"lost": 1, "lost_by_sink": {"tensorboard": 1}}  # once, not per file
         assert (run_dir / CONFIG_NAME).read_bytes() == before  # the old config, whole
         assert list(run_dir.rglob("*.tmp")) == [] and not (run_dir / "projector~" / "iter_000000003").exists()
@@ -186,7 +186,7 @@ def test_full_disk_counts_lost_and_never_leaves_a_half_written_projector(
         assert "tensorboard: cannot write run disk iter 3" in caplog.text
 
         filler.unlink()
-        sinks.handle(*results[3])
+        sinks.handle(results[3])
         sinks.close()
         assert sinks.counters()["lost"] == 1
         assert "tensorboard: writable again; 1 result(s) lost meanwhile" in caplog.text
@@ -198,8 +198,8 @@ def test_full_disk_counts_lost_and_never_leaves_a_half_written_projector(
 
 def test_a_named_tensor_gets_its_own_subfolder_and_projector(tmp_path: Path) -> None:
     sinks = SinkSet([TensorBoardSink(tmp_path / "tb", projector_keep=1)])
-    for rec, tokens in sink_results(2, shape=(40, 8)) + sink_results(2, shape=(40, 8), tensor="lm_head"):
-        sinks.handle(rec, tokens)
+    for rec in sink_results(2, shape=(40, 8)) + sink_results(2, shape=(40, 8), tensor="lm_head"):
+        sinks.handle(rec)
     sinks.close()
     default, named = tmp_path / "tb" / "disk", tmp_path / "tb" / "disk" / "lm_head"
     assert [e.tensor_name for e in read_config(default).embeddings] == ["wte @ iter 2"]
@@ -276,21 +276,21 @@ def test_negative_projector_keep_is_refused_before_any_sink_starts() -> None:
         make_sinks(args, AnalysisSettings(), 1, None)  # main() prints it as one `Error:` line, as above
 
 
-def test_undertrained_flags_and_frequencies_become_columns_where_known() -> None:
+def test_undertrained_flags_and_clusters_become_columns_where_known() -> None:
     from analysis_daemon.sinks.projector import metadata_tsv
-    from analysis_daemon.token_values import token_values
 
     w = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))
+    arrays = TokenArrays(knn_ids=None, knn_cos=None, drift=None, norm=torch.linalg.vector_norm(w, dim=1),
+                         xy=torch.zeros(10, 2), weights=w)
     # the insight's list as a record carries it, hostile entries included (out of range, not an id)
-    record = {"insight": {"undertrained_tokens": [[3, 0.9], [7, 0.8], [999, 1.0], ["x", 1], True]},
-              "galaxy": {"points": [[2, 0.1, 0.2, 5], [4, 0.0, 0.0, -1], [99, 0, 0, 1]]}}
-    tokens = token_values("r", 5, w, record, ["a", "b"], None, counts=list(range(100, 110)))
-    rows = [line.split("\t") for line in metadata_tsv(tokens).decode().splitlines()]
-    assert rows[0] == ["token", "id", "row_norm", "galaxy_cluster", "undertrained", "frequency"]
+    record = {"iter": 5, "insight": {"undertrained_tokens": [[3, 0.9], [7, 0.8], [999, 1.0], ["x", 1], True]},
+              "galaxy": {"points": [[2, 0.1, 0.2, 5], [4, 0.0, 0.0, -1], [99, 0, 0, 1], [6, 0, 0, True]]}}
+    rows = [line.split("\t") for line in metadata_tsv(record, arrays, ["a", "b"]).decode().splitlines()]
+    assert rows[0] == ["token", "id", "row_norm", "galaxy_cluster", "undertrained"]  # no drift: first snapshot
     col = {name: [row[k] for row in rows[1:]] for k, name in enumerate(rows[0])}
     assert col["token"] == ["a", "b"] + [f"#{i}" for i in range(2, 10)]  # beyond the vocabulary: the id
     assert col["undertrained"] == ["1" if i in (3, 7) else "0" for i in range(10)]
-    assert col["frequency"] == [str(100 + i) for i in range(10)]
     assert col["galaxy_cluster"] == ["", "", "5", "", "-1", "", "", "", "", ""]
-    # counts of another vocabulary size are not this matrix's: no column rather than a wrong one
-    assert token_values("r", 5, w, {}, None, None, counts=[1, 2, 3]).frequency is None
+    # a record without the sections (--no-extras): only what the arrays know
+    header = metadata_tsv({"iter": 5}, arrays, None).decode().splitlines()[0]
+    assert header.split("\t") == ["token", "id", "row_norm"]

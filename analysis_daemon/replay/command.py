@@ -174,7 +174,7 @@ def _replay(run: str, checkpoints: list[Any], tensor_name: str | None, settings:
     from .checkpoints import CheckpointError, read_embedding
     from .vocab_files import load_vocab
     from ..service.state import Counters, HelloInfo, Job, RunInsight, SnapshotData
-    from ..pipeline import analyse_snapshot
+    from ..pipeline import analyse
     from ..service.cost import plan as plan_cost
 
     counters = Counters()
@@ -229,7 +229,7 @@ def _replay(run: str, checkpoints: list[Any], tensor_name: str | None, settings:
                             sample_rows=sample)
         del emb
         job = Job(run=run, current=snap, previous=previous, skipped_iters=[], hello=hello)
-        result, tokens = analyse_snapshot(job, settings, bar.update, insight, per_token=sinks.wants_tokens)
+        result = analyse(job, settings, bar.update, insight)
         counters.analysed += 1
         result["counters"] = counters.as_dict()
         result["daemon_counters"] = counters.as_dict()
@@ -237,8 +237,7 @@ def _replay(run: str, checkpoints: list[Any], tensor_name: str | None, settings:
         result["memory_held_bytes"] = snap.tensor.numel() * snap.tensor.element_size()
         result["checkpoint"] = str(ckpt.path)
         result["iter_source"] = ckpt.iter_source
-        sinks.handle(result, tokens)
-        del tokens
+        sinks.handle(result)
         previous = snap  # the next drift is measured against the last checkpoint that could be read
         del job
     bar.finish()

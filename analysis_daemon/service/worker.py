@@ -10,7 +10,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..pipeline import AnalysisAbandoned, AnalysisSettings, analyse_snapshot
+from ..pipeline import AnalysisAbandoned, AnalysisSettings, analyse
 from .state import Job, RunInsight
 
 if TYPE_CHECKING:
@@ -110,9 +110,8 @@ class AnalysisWorker(threading.Thread):
         log.info("run %s iter %d: analysing %s %s (drift vs iter %s)", job.run, job.current.iter,
                  "x".join(map(str, job.current.shape)), job.current.dtype, prev_iter)
         try:
-            result, tokens = analyse_snapshot(job, self.settings, self._progress_callback(job),
-                                              self._insight.setdefault(job.run, RunInsight()),
-                                              per_token=d.sinks.wants_tokens)
+            result = analyse(job, self.settings, self._progress_callback(job),
+                             self._insight.setdefault(job.run, RunInsight()))
         except AnalysisAbandoned as exc:
             log.warning("run %s iter %d: analysis abandoned on shutdown (%s)", job.run,
                         job.current.iter, exc)
@@ -128,8 +127,7 @@ class AnalysisWorker(threading.Thread):
         log.info("run %s iter %d: analysed in %.2f s", job.run, job.current.iter, result["seconds"])
         # The job is finished (by _run_job) only after this: --exit-on-end must not exit between the
         # analysis and the sinks.
-        d.sinks.handle(result, tokens)
-        del tokens  # the snapshot's matrix: not held past its sinks
+        d.sinks.handle(result)
         if d.store is not None:
             try:
                 d.store.commit_analysis(job.run, job.current)

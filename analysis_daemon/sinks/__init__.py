@@ -1,8 +1,6 @@
 """Where results go: one small interface, one module per destination.
 
-A sink gets every result dict (`handle`), and, when it sets `wants_tokens`, the snapshot's per-token
-values beside it (`handle_tokens`, a token_values.TokenValues: the matrix and one value per token, for the
-TensorBoard projector; the pipeline computes them only when some sink wants them). It hears a run's hello info (`run_hello`), hears when a run has ended (`run_ended`) and is closed once
+A sink gets every result dict (`handle`), hears a run's hello info (`run_hello`), hears when a run has ended (`run_ended`) and is closed once
 at shutdown (`close`). `SinkSet` fans out to all of them (all calls come from the worker thread); a sink that raises is logged once and
 dropped, and the others go on. Adding a destination means adding one module here.
 
@@ -24,14 +22,13 @@ class Sink:
 
     name = "sink"
     on_lost: Callable[[str, int], None] | None = None  # set by SinkSet
-    wants_tokens = False  # True: handle_tokens gets each result's per-token values too
 
     def handle(self, result: dict[str, Any]) -> None:
         """Take one analysis result (the JSONL record's dict)."""
         raise NotImplementedError
 
-    def handle_tokens(self, result: dict[str, Any], tokens: Any) -> None:
-        """Take the per-token values (`TokenValues`) of `result`, right after `handle(result)`."""
+    def handle_arrays(self, result: dict[str, Any], arrays: Any) -> None:
+        """Take the per-token arrays (a pipeline.TokenArrays) of `result`; default: not stored."""
 
     def run_hello(self, run: str, hello: Any) -> None:
         """The trainer of `run` introduced itself (a `HelloInfo`); default: nothing to do."""
@@ -84,30 +81,20 @@ class SinkSet:
                 except Exception:
                     pass
 
-    @property
-    def wants_tokens(self) -> bool:
-        """Whether any sink wants the per-token values (else the pipeline need not compute them)."""
-        return any(sink.wants_tokens for sink in self.sinks)
+    def handle(self, result: dict[str, Any]) -> None:
+        """Give `result` to every sink still working (a disabled sink counts it as lost).
 
-    def handle(self, result: dict[str, Any], tokens: Any = None) -> None:
-        """Give `result` to every sink still working (a disabled sink counts it as lost), and `tokens`
-        (its per-token values, when computed) to those that want them."""
+        The per-token arrays (pipeline.TOKEN_ARRAYS) are taken out first: the record every sink sees is
+        plain JSON; the sinks that store arrays get them through `handle_arrays` afterwards.
+        """
+        from ..pipeline import TOKEN_ARRAYS
+
+        arrays = result.pop(TOKEN_ARRAYS, None)
         for name in self.disabled:
             self._count_lost(name, 1)
         self._call("handle", result)
-        if tokens is not None:
-            for sink in [s for s in self.sinks if s.wants_tokens]:
-                try:
-                    sink.handle_tokens(result, tokens)
-                except Exception as exc:  # like _call, but the result itself was delivered: not counted twice
-                    log.error("sink %s failed in handle_tokens, disabled from now on: %s: %s",
-                              sink.name, type(exc).__name__, exc)
-                    self.sinks.remove(sink)
-                    self.disabled.append(sink.name)
-                    try:
-                        sink.close()
-                    except Exception:
-                        pass
+        if arrays is not None:
+            self._call("handle_arrays", result, arrays)
 
     def run_hello(self, run: str, hello: Any) -> None:
         """Tell every sink what the trainer of `run` said about itself."""

@@ -60,26 +60,51 @@ def _fmt(value: float) -> str:
     return f"{value:.6g}" if math.isfinite(value) else ""
 
 
-def metadata_tsv(tokens: Any) -> bytes:
-    """The projector's metadata: a header, then one row per token (`tokens` is a TokenValues)."""
-    from ..token_values import NOT_IN_MAP
+def _ids(pairs: Any, rows: int) -> list[int]:
+    """The in-range integer ids of a record's [[id, ...], ...] list (a record is untrusted input)."""
+    out = []
+    for pair in pairs if isinstance(pairs, list) else []:
+        tid = pair[0] if isinstance(pair, list) and pair else pair
+        if isinstance(tid, int) and not isinstance(tid, bool) and 0 <= tid < rows:
+            out.append(tid)
+    return out
 
-    rows = tokens.rows
-    vocab = tokens.vocab or []
+
+def metadata_columns(result: dict[str, Any], arrays: Any, vocab: list[str] | None) -> list[tuple[str, list[str]]]:
+    """The TSV's columns, each (name, one cell per token), from the analysis: the per-token arrays (drift
+    cosine, row norm, frequency when counted), the record (galaxy clusters, under-trained tokens) and
+    the trainer's vocabulary. A column with nothing known for this snapshot is left out."""
+    rows = int(arrays.norm.shape[0])
+    vocab = vocab or []
     columns: list[tuple[str, list[str]]] = [
         ("token", [tsv_cell(vocab[i]) if i < len(vocab) and isinstance(vocab[i], str) else f"#{i}"
                    for i in range(rows)]),
         ("id", [str(i) for i in range(rows)]),
     ]
-    if tokens.drift_cosine is not None:
-        columns.append(("drift_cosine", [_fmt(v) for v in tokens.drift_cosine.tolist()]))
-    columns.append(("row_norm", [_fmt(v) for v in tokens.row_norm.tolist()]))
-    if tokens.cluster is not None:
-        columns.append(("galaxy_cluster", ["" if c == NOT_IN_MAP else str(c) for c in tokens.cluster.tolist()]))
-    if tokens.undertrained is not None:
-        columns.append(("undertrained", ["1" if u else "0" for u in tokens.undertrained.tolist()]))
-    if tokens.frequency is not None:
-        columns.append(("frequency", [str(f) for f in tokens.frequency.tolist()]))
+    if arrays.drift is not None:
+        columns.append(("drift_cosine", [_fmt(v) for v in arrays.drift.tolist()]))
+    columns.append(("row_norm", [_fmt(v) for v in arrays.norm.tolist()]))
+    galaxy = result.get("galaxy")
+    if isinstance(galaxy, dict) and isinstance(galaxy.get("points"), list):
+        cluster = [""] * rows  # outside the map's subset of rows: unknown
+        for point in galaxy["points"]:
+            if isinstance(point, list) and len(point) == 4 and _ids([point], rows) and isinstance(point[3], int) \
+                    and not isinstance(point[3], bool):
+                cluster[point[0]] = str(point[3])
+        columns.append(("galaxy_cluster", cluster))
+    insight = result.get("insight")
+    if isinstance(insight, dict) and isinstance(insight.get("undertrained_tokens"), list):
+        flagged = set(_ids(insight["undertrained_tokens"], rows))
+        columns.append(("undertrained", ["1" if i in flagged else "0" for i in range(rows)]))
+    counts = getattr(arrays, "frequency", None)  # per-token counts of the trainer's batches, when sent
+    if counts is not None and int(counts.numel()) == rows:
+        columns.append(("frequency", [str(int(c)) for c in counts.flatten().tolist()]))
+    return columns
+
+
+def metadata_tsv(result: dict[str, Any], arrays: Any, vocab: list[str] | None) -> bytes:
+    """The projector's metadata: a header, then one row per token."""
+    columns = metadata_columns(result, arrays, vocab)
     lines = ["\t".join(name for name, _ in columns)]
     lines += ["\t".join(cells) for cells in zip(*(values for _, values in columns))]
     return ("\n".join(lines) + "\n").encode("utf-8")
@@ -103,29 +128,30 @@ class Projector:
                         first_line(exc))
             self.config.Clear()
 
-    def add(self, tokens: Any, label: str = "embedding") -> None:
-        """Write one snapshot's matrix and metadata, then the config naming the latest `keep` of them
-        (`label`: the tensor's name in the projector's menu when it has no name of its own)."""
+    def add(self, result: dict[str, Any], arrays: Any, vocab: list[str] | None, label: str) -> None:
+        """Write one snapshot's matrix (`arrays.weights`) and metadata, then the config naming the latest
+        `keep` of them; `label` names the snapshot in the projector's menu (`<label> @ iter <N>`)."""
         from google.protobuf import text_format
 
-        name = f"iter_{tokens.iter:09d}"
+        iteration = int(result["iter"])
+        name = f"iter_{iteration:09d}"
         folder = self.directory / PROJECTOR_DIR / name
         tensor_path = f"{PROJECTOR_DIR}/{name}/tensor.bytes"
-        matrix = tokens.embedding.detach().to("cpu").float().contiguous()
+        matrix = arrays.weights.detach().to("cpu").float().contiguous()
         try:
             folder.mkdir(parents=True, exist_ok=True)
             write_atomic(folder / "tensor.bytes", memoryview(matrix.numpy()).cast("B"))
-            write_atomic(folder / "metadata.tsv", metadata_tsv(tokens))
+            write_atomic(folder / "metadata.tsv", metadata_tsv(result, arrays, vocab))
         except OSError:
             if all(e.tensor_path != tensor_path for e in self.config.embeddings):
                 self._remove(tensor_path)  # a folder no config names: nothing of it left behind
             raise
-        entries = [e for e in self.config.embeddings if e.tensor_name != self._tensor_name(tokens, label)]
+        entries = [e for e in self.config.embeddings if e.tensor_name != f"{label} @ iter {iteration}"]
         new = self.config.__class__()
         for e in entries:
             new.embeddings.add().CopyFrom(e)
         e = new.embeddings.add()
-        e.tensor_name = self._tensor_name(tokens, label)
+        e.tensor_name = f"{label} @ iter {iteration}"
         e.tensor_path = tensor_path
         e.metadata_path = f"{PROJECTOR_DIR}/{name}/metadata.tsv"
         e.tensor_shape.extend([int(s) for s in matrix.shape])
@@ -137,10 +163,6 @@ class Projector:
         self.config = new
         for tensor_path in dropped:  # only now: the config no longer names them
             self._remove(tensor_path)
-
-    @staticmethod
-    def _tensor_name(tokens: Any, label: str) -> str:
-        return f"{tokens.tensor or label} @ iter {tokens.iter}"
 
     def _remove(self, tensor_path: str) -> None:
         parts = Path(tensor_path).parts

@@ -53,6 +53,14 @@ def missing_package() -> str | None:
     return None
 
 
+def named_tensor(result: dict[str, Any]) -> str | None:
+    """The record's tensor when it is not its run's default one (which keeps the run's own folder), else None."""
+    tensor = result.get("tensor")
+    if result.get("default_tensor", True) is not False or not isinstance(tensor, str) or not tensor:
+        return None
+    return tensor
+
+
 class _EventFile:
     """One TensorBoard event file, appended one whole result at a time.
 
@@ -111,14 +119,13 @@ class TensorBoardSink(Sink):
     """Writes each result's scalars and histograms (and its projector snapshot) to TensorBoard files."""
 
     name = "tensorboard"
-    wants_tokens = True
 
     def __init__(self, logdir: str | Path, projector_keep: int = DEFAULT_PROJECTOR_KEEP) -> None:
         if projector_keep < 0:
             raise ValueError(f"--tensorboard-projector-keep must be >= 0 (0: no projector), got {projector_keep}")
         self.logdir = Path(logdir)
         self.projector_keep = projector_keep
-        self.wants_tokens = projector_keep > 0
+        self._vocab: dict[str, list[str] | None] = {}  # each run's token strings, from its hello
         self._files: OrderedDict[tuple[str, str | None], _EventFile] = OrderedDict()  # open, least recent first
         self._projectors: dict[tuple[str, str | None], Projector] = {}
         self._failing: str | None = None
@@ -132,8 +139,6 @@ class TensorBoardSink(Sink):
 
     @staticmethod
     def _key(result: dict[str, Any]) -> tuple[str, str | None]:
-        from ..token_values import named_tensor  # (torch: loaded by the daemon already)
-
         return str(result["run"]), named_tensor(result)
 
     def _events(self, key: tuple[str, str | None]) -> "_EventFile":
@@ -176,9 +181,15 @@ class TensorBoardSink(Sink):
             return
         self._recovered()
 
-    def handle_tokens(self, result: dict[str, Any], tokens: Any) -> None:
-        """Add the snapshot to its run's projector (the latest `projector_keep` are kept)."""
-        if self.projector_keep <= 0:
+    def run_hello(self, run: str, hello: Any) -> None:
+        """Keep the run's token strings for the projector's `token` column."""
+        vocab = getattr(hello, "vocab", None)
+        self._vocab[run] = list(vocab) if vocab else None
+
+    def handle_arrays(self, result: dict[str, Any], arrays: Any) -> None:
+        """Add the snapshot (`arrays.weights`, with its per-token values) to its run's projector; the
+        latest `projector_keep` are kept."""
+        if self.projector_keep <= 0 or getattr(arrays, "weights", None) is None:
             return
         key = self._key(result)
         try:
@@ -187,8 +198,9 @@ class TensorBoardSink(Sink):
                 directory = self.directory(*key)
                 directory.mkdir(parents=True, exist_ok=True)
                 projector = self._projectors[key] = Projector(directory, self.projector_keep)
-            label = result.get("name")
-            projector.add(tokens, label if isinstance(label, str) and label else "embedding")
+            name = result.get("name")
+            label = key[1] or (name if isinstance(name, str) and name else "embedding")
+            projector.add(result, arrays, self._vocab.get(key[0]), label)
         except OSError as exc:
             self._lose(result, exc)
             return
@@ -217,9 +229,11 @@ class TensorBoardSink(Sink):
             self._close_file(key)
         for key in [k for k in self._projectors if k[0] == run]:
             del self._projectors[key]
+        self._vocab.pop(run, None)
 
     def close(self) -> None:
         """Close every event file (each result was made durable when it was written)."""
         for key in list(self._files):
             self._close_file(key)
         self._projectors.clear()
+        self._vocab.clear()
