@@ -294,3 +294,18 @@ def test_undertrained_flags_and_clusters_become_columns_where_known() -> None:
     # a record without the sections (--no-extras): only what the arrays know
     header = metadata_tsv({"iter": 5}, arrays, None).decode().splitlines()[0]
     assert header.split("\t") == ["token", "id", "row_norm"]
+
+
+def test_a_repeated_iteration_replaces_its_projector_snapshot_whole(tmp_path: Path) -> None:
+    first, again = sink_results(1, shape=(30, 4)), sink_results(2, shape=(30, 4))[1:]
+    again[0]["iter"] = 1  # a resumed trainer analyses iteration 1 again, with other weights
+    weights = again[0][TOKEN_ARRAYS].weights.clone()
+    sinks = SinkSet([TensorBoardSink(tmp_path / "tb", projector_keep=3)])
+    for rec in first + again:
+        sinks.handle(rec)
+    sinks.close()
+    run_dir = tmp_path / "tb" / "disk"
+    (entry,) = read_config(run_dir).embeddings
+    assert entry.tensor_name == "wte @ iter 1" and entry.tensor_path == "projector~/iter_000000001~1/tensor.bytes"
+    assert np.array_equal(np.fromfile(run_dir / entry.tensor_path, dtype=np.float32).reshape(30, 4), weights.numpy())
+    assert [p.name for p in (run_dir / "projector~").iterdir()] == ["iter_000000001~1"]  # the old one removed

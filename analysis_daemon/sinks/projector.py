@@ -3,6 +3,7 @@ metadata, and `projector_config.pbtxt` naming the latest K of them.
 
     DIR/<run>/projector_config.pbtxt                 tensorboard's ProjectorConfig, as text
     DIR/<run>/projector~/iter_<N>/tensor.bytes       the (V, d) matrix, raw float32 (tensor_shape in the config)
+                                                     (iter_<N>~<k>: the same iteration analysed again)
     DIR/<run>/projector~/iter_<N>/metadata.tsv       a header, then one row per token
 
 Every file is written whole or not at all (temporary file, fsync, rename); the config is rewritten only
@@ -110,6 +111,12 @@ def metadata_tsv(result: dict[str, Any], arrays: Any, vocab: list[str] | None) -
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
+def _folder(tensor_path: str) -> str:
+    """The snapshot folder a config entry names ("iter_<N>" or "iter_<N>~<k>"), "" when not one of ours."""
+    parts = Path(tensor_path).parts
+    return parts[1] if len(parts) == 3 and parts[0] == PROJECTOR_DIR and parts[1].startswith("iter_") else ""
+
+
 class Projector:
     """The projector of one TensorBoard run directory: its config entries, newest last."""
 
@@ -134,41 +141,47 @@ class Projector:
         from google.protobuf import text_format
 
         iteration = int(result["iter"])
-        name = f"iter_{iteration:09d}"
+        base = f"iter_{iteration:09d}"
+        same = [e for e in self.config.embeddings if _folder(e.tensor_path).split("~", 1)[0] == base]
+        name = base
+        for n in range(1, len(same) + 2):  # a repeated iteration (a resumed trainer): a new folder, the
+            if all(_folder(e.tensor_path) != name for e in same):  # old one is removed once unnamed
+                break
+            name = f"{base}~{n}"
         folder = self.directory / PROJECTOR_DIR / name
         tensor_path = f"{PROJECTOR_DIR}/{name}/tensor.bytes"
         matrix = arrays.weights.detach().to("cpu").float().contiguous()
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            write_atomic(folder / "tensor.bytes", memoryview(matrix.numpy()).cast("B"))
-            write_atomic(folder / "metadata.tsv", metadata_tsv(result, arrays, vocab))
-        except OSError:
-            if all(e.tensor_path != tensor_path for e in self.config.embeddings):
-                self._remove(tensor_path)  # a folder no config names: nothing of it left behind
-            raise
-        entries = [e for e in self.config.embeddings if e.tensor_name != f"{label} @ iter {iteration}"]
         new = self.config.__class__()
-        for e in entries:
-            new.embeddings.add().CopyFrom(e)
+        for e in self.config.embeddings:
+            if e not in same:
+                new.embeddings.add().CopyFrom(e)
         e = new.embeddings.add()
         e.tensor_name = f"{label} @ iter {iteration}"
         e.tensor_path = tensor_path
         e.metadata_path = f"{PROJECTOR_DIR}/{name}/metadata.tsv"
         e.tensor_shape.extend([int(s) for s in matrix.shape])
-        dropped = []
+        dropped = [e.tensor_path for e in same]
         while len(new.embeddings) > self.keep:
             dropped.append(new.embeddings[0].tensor_path)
             del new.embeddings[0]
-        write_atomic(self.directory / CONFIG_NAME, text_format.MessageToString(new).encode("utf-8"))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(folder / "tensor.bytes", memoryview(matrix.numpy()).cast("B"))
+            write_atomic(folder / "metadata.tsv", metadata_tsv(result, arrays, vocab))
+            write_atomic(self.directory / CONFIG_NAME, text_format.MessageToString(new).encode("utf-8"))
+        except OSError:
+            self._remove(tensor_path)  # a new folder no config names: nothing of it left behind
+            raise
         self.config = new
         for tensor_path in dropped:  # only now: the config no longer names them
             self._remove(tensor_path)
 
     def _remove(self, tensor_path: str) -> None:
-        parts = Path(tensor_path).parts
-        if len(parts) != 3 or parts[0] != PROJECTOR_DIR or not parts[1].startswith("iter_"):
+        """Delete a snapshot's folder, if it is one of ours (a config read back may name anything)."""
+        name = _folder(tensor_path)
+        if not name:
             return  # not one of ours: never delete what a config we did not write names
-        folder = self.directory / PROJECTOR_DIR / parts[1]
+        folder = self.directory / PROJECTOR_DIR / name
         for f in ("tensor.bytes", "metadata.tsv"):
             try:
                 (folder / f).unlink()
