@@ -436,7 +436,7 @@ class Daemon:
         if warning:
             log.warning("%s", warning)
         if msg.is_part:  # one rank's shard: analysed once the iteration's parts are all in
-            snap = self._assemble(run, msg, tensor, src)
+            snap = self._assemble(run, msg, tensor, pub.rank, src)
             if snap is None:
                 return
             snap.sample_rows = sample  # judged by the whole matrix's shape, like every part of it
@@ -502,7 +502,7 @@ class Daemon:
             del held[victim]
         return None
 
-    def _assemble(self, run: str, msg: Snapshot, part: Any, src: Source = _LOCAL) -> SnapshotData | None:
+    def _assemble(self, run: str, msg: Snapshot, part: Any, rank: int, src: Source = _LOCAL) -> SnapshotData | None:
         drops: list[str] = []
         room: list[tuple[str, str]] = []
         refused = self._room_for_assembly(run, msg, src, room)
@@ -512,7 +512,7 @@ class Daemon:
             self._reject(refused, run, src)
             return None
         try:
-            done = self.assembler.add(run, msg, part, drops)
+            done = self.assembler.add(run, msg, part, drops, rank=rank)
         except PartRejected as exc:
             done = None
             self._reject(str(exc), run, src)
