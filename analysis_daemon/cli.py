@@ -196,8 +196,15 @@ def add_output_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     out = p.add_argument_group("output")
     out.add_argument("--results-dir", type=Path, default=Path("runs"),
                      help="results go to RESULTS_DIR/<run>/analysis.jsonl (default: %(default)s)")
+    from .service.files import parse_mode
+    out.add_argument("--results-mode", type=parse_mode, default=0o600, metavar="MODE",
+                     help="file mode of the results files (analysis.jsonl) and the log file; their new "
+                          "directories follow it (0600 -> 0700, 0644 -> 0755). Results hold token strings "
+                          "and metrics: they are private by default; 0644 shares them with every user of "
+                          "the host (default: 0600)")
     out.add_argument("--log-file", type=Path,
-                     help="also write the log, and each result's summary block, to this file")
+                     help="also write the log, and each result's summary block, to this file (created "
+                          "with --results-mode)")
     out.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                      help="log level (default: %(default)s)")
     out.add_argument("--no-console", action="store_true",
@@ -219,8 +226,8 @@ def add_output_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     return out
 
 
-def setup_logging(level: str, log_file: Path | None) -> logging.Logger:
-    """stderr (and optionally a file) handlers on the daemon's logger."""
+def setup_logging(level: str, log_file: Path | None, mode: int = 0o600) -> logging.Logger:
+    """stderr (and optionally a file, created with `mode`) handlers on the daemon's logger."""
     logger = logging.getLogger(LOGGER)
     logger.setLevel(level)
     from .service.logsafe import SafeFormatter  # peer-supplied text never reaches the log raw
@@ -228,7 +235,9 @@ def setup_logging(level: str, log_file: Path | None) -> logging.Logger:
     fmt = SafeFormatter("%(asctime)s analysis-daemon %(levelname)s %(message)s")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
+        from .service.files import dir_mode_for, make_dirs, open_for_append
+        make_dirs(log_file.parent, dir_mode_for(mode))
+        os.close(open_for_append(log_file, mode))  # created with its mode before logging opens it
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
     for h in handlers:
         h.setFormatter(fmt)
@@ -323,7 +332,7 @@ def make_sinks(args: argparse.Namespace, settings: Any, threads: int, close_time
 
     if args.wandb_init_timeout <= 0 or args.wandb_finish_timeout <= 0:
         raise ValueError("--wandb-init-timeout and --wandb-finish-timeout must be > 0 seconds")
-    sinks: list[Sink] = [JsonlSink(args.results_dir)]
+    sinks: list[Sink] = [JsonlSink(args.results_dir, mode=args.results_mode)]
     if not args.no_console or args.log_file is not None:
         # The summary blocks also go to the log file, so following the log (`./launch.sh tail`) shows
         # the metrics; the terminal still gets them once, on stdout.
@@ -364,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         return replay_main(replay_args)
     args = build_parser().parse_args(argv)
     _ensure_passive_omp(argv)
-    log = setup_logging(args.log_level, args.log_file)
+    log = setup_logging(args.log_level, args.log_file, args.results_mode)
 
     import torch  # noqa: F401  only now: see the module docstring
 

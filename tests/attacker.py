@@ -95,9 +95,9 @@ def send(s: socket.socket, frames: list[bytes]) -> None:
     s.sendall(b"".join(frame(f, i < len(frames) - 1) for i, f in enumerate(frames)))
 
 
-def hello(run: str, publisher: str, host: str = "h", vocab=None) -> bytes:
+def hello(run: str, publisher: str, host: str = "h", vocab=None, wandb=None, meta=None) -> bytes:
     return pack({"v": 1, "kind": "hello", "run": run, "seq": 0, "publisher": publisher, "pid": os.getpid(),
-                 "host": host, "vocab": vocab, "wandb": None, "meta": {}})
+                 "host": host, "vocab": vocab, "wandb": wandb, "meta": meta or {}})
 
 
 def snapshot(run: str, publisher: str, it: int, shape, dtype="float32", shm=None) -> bytes:
@@ -244,6 +244,24 @@ def flood(port: int, count: int) -> dict:
     return {"sent": count + 1}
 
 
+def fat_hellos(port: int, count: int) -> dict:
+    """`count` hellos under fresh run names, each ~12 MB of nested `meta` and `wandb` maps (no vocabulary)."""
+    s = connect(port)
+    text = "x" * 3000
+    wide = {f"k{i}": text for i in range(4000)}  # 12 MB of strings in one map
+    shapes = [("meta", {"a": {"b": wide}}), ("wandb", {"project": {"nested": wide}}),
+              ("meta", {"l": [[[[[[[[1]]]]]]]] * 1000, "s": text * 20}), ("wandb", {f"k{i}": text for i in range(4000)})]
+    wire = 0
+    for i in range(count):
+        field, value = shapes[i % len(shapes)]
+        body = hello(f"fat-{i}", f"h/{i}/x", **{field: value})
+        send(s, [body])
+        wire += len(body)
+    time.sleep(1.0)
+    s.close()
+    return {"hellos": count, "wire_bytes": wire}
+
+
 def read_secrets(port: int, directory: str, seconds: float) -> dict:
     """Try, for `seconds`, to read every *.key_secret file appearing in `directory` (the keygen race)."""
     tried = stolen = 0
@@ -266,7 +284,7 @@ def read_secrets(port: int, directory: str, seconds: float) -> dict:
 
 COMMANDS = {"read-secrets": (read_secrets, [str, float]), "shm-truncate": (shm_truncate, [int]), "shm-theft": (shm_theft, [str, int]),
             "starve": (starve, [int, int]), "big-vocab": (big_vocab, [int]), "idle-peers": (idle_peers, [int, float]),
-            "oversized": (oversized, [int]), "flood": (flood, [int])}
+            "oversized": (oversized, [int]), "flood": (flood, [int]), "fat-hellos": (fat_hellos, [int])}
 
 
 def main() -> int:

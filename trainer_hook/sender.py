@@ -85,6 +85,7 @@ class Sender(threading.Thread):
         # from then on "not connected" means gone or refused, not "still connecting".
         self.settled = False
         self.shm_enabled = writer is not None
+        self._shm_lock = threading.Lock()  # disable_shm may run on the training thread and on this one
         self._need_hello = True
         # Why nothing can be sent, for the drop message: a daemon that refused our CURVE key is not "absent".
         self.refused = False
@@ -163,6 +164,27 @@ class Sender(threading.Thread):
         if self.writer is not None:
             self.writer.note_released()
 
+    def shm_slot(self, nbytes: int) -> object | None:
+        """A shared-memory slot for `nbytes`, or None: all held by the daemon (`shm_enabled` still True: drop),
+        or /dev/shm failed (full, gone; `shm_enabled` now False: send this snapshot over the socket).
+
+        The one fallback of both paths: the training thread (CPU tensors) and this thread (CUDA copies).
+        """
+        assert self.writer is not None
+        try:
+            return self.writer.acquire(nbytes)
+        except OSError as exc:
+            self.disable_shm(f"shared memory failed ({exc.strerror or exc}); sending payloads over the socket")
+            return None
+
+    def disable_shm(self, why: str) -> None:
+        """Send payloads inline over the socket from now on; says so in one line, once."""
+        with self._shm_lock:
+            if not self.shm_enabled:
+                return
+            self.shm_enabled = False
+        log.warning("embedding publisher: %s", why)
+
     def _send(self, frames: list, *, track: bool = False) -> zmq.MessageTracker | bool:
         for attempt in (0, 1):
             try:
@@ -193,15 +215,17 @@ class Sender(threading.Thread):
         if job.event is not None:
             job.event.synchronize()  # the device-to-host copy has landed in the staging buffer
         if job.staged is not None and self.shm_enabled and self.writer is not None:
-            job.slot = self.writer.acquire(job.staged.nbytes)
-            if job.slot is None:
+            job.slot = self.shm_slot(job.staged.nbytes)
+            if job.slot is None and self.shm_enabled:
                 self.pool.release(job.staged)
                 self.on_drop("every shared-memory slot is still held by the daemon")
                 return
-            np.copyto(np.frombuffer(job.slot.payload(), dtype=np.uint8), job.staged.data.numpy())
-            job.ref = self.writer.commit(job.slot)
-            self.pool.release(job.staged)
-            job.staged = None
+            if job.slot is not None:
+                np.copyto(np.frombuffer(job.slot.payload(), dtype=np.uint8), job.staged.data.numpy())
+                job.ref = self.writer.commit(job.slot)
+                self.pool.release(job.staged)
+                job.staged = None
+            # else /dev/shm failed: the staged copy goes inline below, like every later one
         if job.connect_deadline is not None:
             self._await_first_connection(job.connect_deadline)
         if self._need_hello and not self._send_hello():
@@ -248,9 +272,13 @@ class Sender(threading.Thread):
     def _prepare(self, job: PrepareJob) -> None:
         started = time.monotonic()
         try:
+            made = 0
             if self.writer is not None and self.shm_enabled and not job.pin:
-                made = self.writer.prepare(job.nbytes)
-            else:
+                try:
+                    made = self.writer.prepare(job.nbytes)
+                except OSError as exc:  # /dev/shm full: the same fallback as a publish's (socket from now on)
+                    self.disable_shm(f"shared memory failed ({exc.strerror or exc}); sending payloads over the socket")
+            if not self.shm_enabled or self.writer is None or job.pin:
                 made = self.pool.prepare(job.nbytes, pin=job.pin)
         except (OSError, RuntimeError) as exc:  # e.g. /dev/shm or pinned memory short: publish copes later
             log.warning("embedding publisher: could not prepare snapshot buffers ahead (%s)", exc)

@@ -104,7 +104,8 @@ class Daemon:
         self.stop_requested = False  # set by SIGTERM/SIGINT: stop receiving, then shut down
         self.stopping = False  # the worker takes no new job once this is set
         self.abandon = threading.Event()  # the running analysis gives up at its next progress call
-        self.seen_runs: set[str] = set()  # runs that said hello/snapshot to this process
+        self.seen_runs: set[str] = set()  # runs that said hello/snapshot to this process (released ones leave)
+        self._seen_any = False  # --exit-on-end waits for a first run, even once every run was released
         self._ended_order: list[str] = []  # closed runs still in memory, oldest first
         self.publishers = Publishers(config.run_timeout)
         self._served = 0  # jobs handed out; each run remembers when it was served last (round-robin)
@@ -237,9 +238,20 @@ class Daemon:
                     del self.runs[old]
                     self.publishers.forget_run(old)
                     self._hello_publishers.pop(old, None)
+                    self._seen_any = self._seen_any or old in self.seen_runs
+                    self.seen_runs.discard(old)
                     log.info("run %s: state released from memory (%d newer ended runs kept)", old,
                              _KEEP_ENDED_RUNS)
             self.cond.notify_all()
+
+    def held_runs(self) -> dict[str, int]:
+        """How many runs each per-run map holds now: bounded by the open runs plus _KEEP_ENDED_RUNS ended ones."""
+        with self.lock:
+            held = {"runs": len(self.runs), "seen": len(self.seen_runs),
+                    "publishers": len({p.run for p in self.publishers.of_all()}),
+                    "hello_publishers": len(self._hello_publishers), "assemblies": len(self.assembler.runs())}
+        held["worker"] = self.worker.held_runs()
+        return held
 
     def _run_summary(self, state: RunState) -> dict[str, Any]:
         summary: dict[str, Any] = dict(state.counters.as_dict())
@@ -440,7 +452,7 @@ class Daemon:
 
     def _all_ended(self) -> bool:
         with self.lock:
-            if not self.seen_runs:
+            if not self.seen_runs and not self._seen_any:
                 return False
             return all(r not in self.runs or (self.runs[r].closed and self.runs[r].idle())
                        for r in self.seen_runs)
@@ -560,7 +572,12 @@ class Daemon:
                     self.store.note_not_analysed(run, iters)
                 except OSError as exc:
                     log.error("state dir: could not note the unanalysed iterations of run %s: %s", run, exc)
+        sinks = list(self.sinks.sinks)
         self.sinks.close()
+        # Per-run state still held (the open runs and the last few ended ones; the sinks: none once closed):
+        # flat however many runs were served.
+        held = {**self.held_runs(), **{f"sink_{s.name}": len(s.held_runs()) for s in sinks}}
+        log.info("per-run state at exit: %s", " ".join(f"{k}={v}" for k, v in held.items()))
         self.reject_log.flush()
         with self.lock:
             totals = self.totals.as_dict()
