@@ -1,6 +1,6 @@
 """Command line of the analysis daemon.
 
-    analysis-daemon --listen tcp://127.0.0.1:5555 --results-dir runs      (same as python -m analysis_daemon)
+    analysis-daemon --results-dir runs                                      (same as python -m analysis_daemon)
     analysis-daemon keygen DIR --name daemon                                (CurveZMQ keypair, via protocol)
     analysis-daemon report runs/my-run -o report.html                       (HTML report of a run's results)
     analysis-daemon report runs/lr-3e-4 runs/lr-1e-3                         (several runs compared on one page)
@@ -46,8 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
                "WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_DIR, WANDB_API_KEY; a trainer's hello message, "
                "when it names a project and group, takes precedence.")
     net = p.add_argument_group("network")
-    net.add_argument("--listen", default="tcp://127.0.0.1:5555", metavar="ENDPOINT",
-                     help="ZeroMQ endpoint to bind (tcp://HOST:PORT or ipc:///path; default: %(default)s)")
+    net.add_argument("--listen", default=None, metavar="ENDPOINT",
+                     help="ZeroMQ endpoint to bind: tcp://HOST:PORT or ipc:///path (default: an ipc socket only this "
+                          "user can reach, $XDG_RUNTIME_DIR/embedding-monitor/daemon.sock, else "
+                          "/tmp/embedding-monitor-UID/daemon.sock, in a directory created with mode 0700 and checked; "
+                          "trainers use the same default). A tcp port is open to every user of the host: use "
+                          "CurveZMQ keys for tcp beyond loopback, and see docs/privacy-and-transport.md")
     net.add_argument("--curve-secret", type=Path, metavar="FILE",
                      help="the daemon's CurveZMQ secret key file (NAME.key_secret from `analysis-daemon "
                           "keygen`); enables authentication and encryption")
@@ -415,6 +419,14 @@ def main(argv: list[str] | None = None) -> int:
         from dataclasses import replace
         limits = replace(DEFAULT_LIMITS, **overrides)
 
+    from protocol.endpoints import UnsafeEndpoint, default_endpoint, ensure_private_dir, ipc_path, private_dir
+    try:
+        if args.listen is None:
+            args.listen = default_endpoint()  # its directory created 0700 and checked (owner, mode, no symlink)
+        elif ipc_path(args.listen) is not None and ipc_path(args.listen).parent == private_dir():
+            ensure_private_dir()
+    except UnsafeEndpoint as exc:
+        return fail(str(exc))
     curve = None
     if args.curve_secret or args.curve_authorized_dir:
         if not (args.curve_secret and args.curve_authorized_dir):

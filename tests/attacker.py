@@ -262,6 +262,50 @@ def fat_hellos(port: int, count: int) -> dict:
     return {"hellos": count, "wire_bytes": wire}
 
 
+def squat(port: int, seconds: float, marker: str) -> dict:
+    """Listen on the daemon's port while it is down, complete the ZMTP handshake as a PULL peer with every
+    trainer that connects, and count what each sends after it (a hello would carry `marker`, its run name)."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", port))
+    srv.listen(16)
+    srv.settimeout(0.2)
+    print(json.dumps({"listening": port}), flush=True)
+    handshakes = after = 0
+    seen_marker = False
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            conn, _ = srv.accept()
+        except socket.timeout:
+            continue
+        conn.settimeout(0.5)
+        try:
+            conn.sendall(GREETING + _command(b"READY", b"\x0bSocket-Type" + struct.pack(">I", 4) + b"PULL"))
+            _recv_exact(conn, 64)  # its greeting
+            head = _recv_exact(conn, 2)
+            size = head[1] if head[0] == 0x04 else struct.unpack(">Q", head[1:] + _recv_exact(conn, 7))[0]
+            _recv_exact(conn, size)  # its READY: the handshake is complete on both sides now
+            handshakes += 1
+            data = b""
+            while time.monotonic() < deadline:
+                try:
+                    chunk = conn.recv(65536)
+                except socket.timeout:
+                    continue
+                if not chunk:
+                    break
+                data += chunk
+            after += len(data)
+            seen_marker = seen_marker or marker.encode() in data
+        except (OSError, ConnectionError) as exc:
+            print("squat:", repr(exc), file=sys.stderr, flush=True)
+        finally:
+            conn.close()
+    srv.close()
+    return {"handshakes": handshakes, "bytes_after_handshake": after, "saw_run_name": seen_marker}
+
+
 def read_secrets(port: int, directory: str, seconds: float) -> dict:
     """Try, for `seconds`, to read every *.key_secret file appearing in `directory` (the keygen race)."""
     tried = stolen = 0
@@ -284,7 +328,8 @@ def read_secrets(port: int, directory: str, seconds: float) -> dict:
 
 COMMANDS = {"read-secrets": (read_secrets, [str, float]), "shm-truncate": (shm_truncate, [int]), "shm-theft": (shm_theft, [str, int]),
             "starve": (starve, [int, int]), "big-vocab": (big_vocab, [int]), "idle-peers": (idle_peers, [int, float]),
-            "oversized": (oversized, [int]), "flood": (flood, [int]), "fat-hellos": (fat_hellos, [int])}
+            "oversized": (oversized, [int]), "flood": (flood, [int]), "fat-hellos": (fat_hellos, [int]),
+            "squat": (squat, [float, str])}
 
 
 def main() -> int:

@@ -145,7 +145,7 @@ def scalar_metrics(values: dict[str, Any], *, read_device: bool) -> dict[str, fl
 class StepPublisher:
     """One EmbeddingPublisher per training: publishes the chosen steps, each step once."""
 
-    def __init__(self, endpoint: str, every_n_steps: int | None, publisher_options: dict[str, Any]) -> None:
+    def __init__(self, endpoint: str | None, every_n_steps: int | None, publisher_options: dict[str, Any]) -> None:
         self.endpoint = endpoint
         self.every_n_steps = check_every_n_steps(every_n_steps)
         self.options = dict(publisher_options)
@@ -169,7 +169,7 @@ class StepPublisher:
         self.publisher = EmbeddingPublisher(self.endpoint, run=safe_run_name(run), **options)
         self._last_step = None
         log.info("embedding monitor: run %s publishing to %s (every_n_steps=%s)", self.publisher.run,
-                 self.endpoint, self.every_n_steps)
+                 self.publisher.endpoint, self.every_n_steps)
         return self.publisher
 
     def due(self, step: int) -> bool:

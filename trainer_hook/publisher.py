@@ -1,6 +1,6 @@
 """EmbeddingPublisher: hand embedding snapshots to the analysis daemon without ever blocking training.
 
-    publisher = EmbeddingPublisher("tcp://127.0.0.1:5555", run="my-run")
+    publisher = EmbeddingPublisher(run="my-run")   # the daemon's default endpoint: a private ipc socket
     publisher.publish(raw_model.transformer.wte.weight, iter_num)  # True: handed off, False: dropped
     publisher.publish(wte, iter_num, metrics={"train/loss": 2.31, "val/loss": 2.40})  # optional scalars
     publisher.close()                                               # also runs at interpreter exit
@@ -28,6 +28,7 @@ import zmq
 
 from protocol import (DEFAULT_LIMITS, CurveClient, ProtocolError, ShmWriter, check_endpoint, check_meta, check_metrics,
                       check_run_name, check_wandb_info, connect_publisher, encode_hello, is_local_endpoint, shm_available, wire_dtype)
+from protocol.endpoints import default_endpoint
 from protocol.shm import publisher_id as make_publisher_id
 
 from . import signals
@@ -99,7 +100,7 @@ def clean_metrics(metrics: Any) -> tuple[dict[str, float | int] | None, list[str
 class EmbeddingPublisher:
     """Sends embedding snapshots to an analysis daemon; never blocks, drops and counts instead."""
 
-    def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", run: str | None = None, *,
+    def __init__(self, endpoint: str | None = None, run: str | None = None, *,
                  vocab: Sequence[str] | None = None, wandb_info: dict | None = None,
                  send_dtype: torch.dtype | None = None, max_in_flight: int = 2,
                  shared_memory: bool | None = None, curve_client_secret: str | os.PathLike | None = None,
@@ -107,7 +108,9 @@ class EmbeddingPublisher:
                  enabled: bool | None = None, name: str = "wte", meta: dict | None = None,
                  shm_reclaim_s: float = 120.0, connect_grace_s: float = 2.0, heartbeat_s: float = 5.0,
                  _event_factory: EventFactory | None = None) -> None:
-        self.endpoint = endpoint
+        # Default: the private same-host socket (protocol.endpoints), the daemon's default --listen too.
+        self.endpoint = endpoint or default_endpoint()
+        endpoint = self.endpoint
         self.run = check_run_name(run or (wandb_info or {}).get("run_name") or (wandb_info or {}).get("name")
                                   or f"{socket.gethostname()}-{os.getpid()}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.name = name
@@ -193,6 +196,8 @@ class EmbeddingPublisher:
                             counters=lambda: (self._published, self._dropped, self._last_iter),
                             heartbeat_s=heartbeat_s)
             sender.endpoint = endpoint  # for its reconnect after a refused handshake
+            # Same host without a CurveZMQ key to prove the daemon: the listener's owner must be us (or root).
+            sender.verify_listener = curve is None and not allow_insecure and is_local_endpoint(endpoint)
             sock.connect(endpoint)  # only now: the sender's monitor is attached and sees the handshake
         except zmq.ZMQError as exc:  # e.g. "tcp://host:port" with a bad port or an unknown transport
             ctx.destroy(linger=0)

@@ -19,6 +19,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from protocol import ShmRef, ShmWriter, encode_end, encode_heartbeat, encode_snapshot
+from protocol.endpoints import UnsafeEndpoint, check_listener
 
 from .staging import CopyEvent, StagingBuffer, StagingPool
 
@@ -93,6 +94,10 @@ class Sender(threading.Thread):
         # libzmq does not reconnect after a ZAP refusal; we do, slowly, so a key authorised later (the
         # daemon reloads its keys on SIGHUP) or a free connection place is picked up without a restart.
         self.endpoint: str | None = None  # set by the publisher
+        # Set by the publisher when no CurveZMQ key proves the daemon: every handshake is followed by a look
+        # at who owns the listener (protocol.endpoints.check_listener); another user's gets nothing.
+        self.verify_listener = False
+        self.untrusted: str | None = None  # why the listener reached last was refused (None: not refused)
         self.retry_after_refusal_s = 2.0
         self._retry_at: float | None = None
         self._seq = 0
@@ -116,6 +121,8 @@ class Sender(threading.Thread):
             except zmq.ZMQError:
                 return
             if event & _UP_EVENTS:
+                if self._refuse_untrusted_listener():
+                    continue
                 self.connected = self.settled = True
                 self.refused = self.full = False
                 self._need_hello = True  # a (re)started daemon has not seen our hello
@@ -139,6 +146,31 @@ class Sender(threading.Thread):
                     # headers queued at a daemon that is gone are lost with it: its slots are free to reuse
                     self.writer.expire()
                 self.connected = False
+
+    def _refuse_untrusted_listener(self) -> bool:
+        # Before the first byte (hello, secret, payload) goes out: is the listener ours? A port squatted by
+        # another user while the daemon was down is dropped at once and tried again later.
+        if not self.verify_listener or self.endpoint is None:
+            return False
+        try:
+            check_listener(self.endpoint)
+        except UnsafeEndpoint as exc:
+            why = str(exc)
+        else:
+            if self.untrusted is not None:
+                log.warning("embedding publisher: the listener on %s is ours again; sending", self.endpoint)
+            self.untrusted = None
+            return False
+        try:
+            self.sock.disconnect(self.endpoint)  # drops the pipe: nothing can be sent to it
+        except zmq.ZMQError:
+            pass
+        if self.untrusted is None:  # one line per episode, not one per retry
+            log.warning("embedding publisher: refusing %s", why)
+        self.untrusted = why
+        self.connected, self.settled = False, True
+        self._retry_at = time.monotonic() + self.retry_after_refusal_s
+        return True
 
     def _retry_connect(self) -> None:
         if self._retry_at is None or time.monotonic() < self._retry_at or self.endpoint is None:
@@ -228,6 +260,9 @@ class Sender(threading.Thread):
             # else /dev/shm failed: the staged copy goes inline below, like every later one
         if job.connect_deadline is not None:
             self._await_first_connection(job.connect_deadline)
+        self._poll_monitor()
+        if not self.connected:  # a pipe whose handshake we have not judged yet (listener owner) gets nothing
+            return self._fail(job, self.absent_reason())
         if self._need_hello and not self._send_hello():
             return self._fail(job, self.absent_reason())
         common = dict(run=self.run_name, iter=job.iter, seq=self._seq, name=job.name, dtype=job.dtype,
@@ -256,6 +291,8 @@ class Sender(threading.Thread):
 
     def absent_reason(self) -> str:
         """Why a snapshot cannot go out now (for the drop warning)."""
+        if self.untrusted is not None:
+            return "the listener on the daemon's address belongs to another user (refused, retrying)"
         if self.refused:
             return "the daemon refused our key (add our NAME.key to its --curve-authorized-dir, then SIGHUP it)"
         if self.full:

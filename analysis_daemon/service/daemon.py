@@ -7,7 +7,7 @@ order, late but at their own iteration, skipped only past the budget. It also wa
 (liveness.py): a run whose publishers all went silent or died is closed as if it had sent `end`.
 The worker (worker.py) takes one job at a time, runs round-robin, and feeds the sinks.
 
-Run it with: python -m analysis_daemon --listen tcp://127.0.0.1:5555 --results-dir runs
+Run it with: python -m analysis_daemon --results-dir runs   (listens on the private ipc socket, protocol/endpoints.py)
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import zmq
 from protocol import (DEFAULT_LIMITS, DEFAULT_PEER_LIMITS, End, Gate, Heartbeat, Hello, Limits, PeerLimits,
                       ProtocolError, ShmReader, Snapshot, bind_receiver, decode, remove_segments_of,
                       remove_stale_segments, snapshot_tensor)
+from protocol.endpoints import default_endpoint
 from protocol.shm import segment_belongs_to
 
 from . import backlog, recovery
@@ -59,7 +60,7 @@ _MAX_PUBLISHERS_PER_RUN = 256
 class DaemonConfig:
     """Everything the daemon needs from the command line."""
 
-    listen: str = "tcp://127.0.0.1:5555"
+    listen: str = field(default_factory=lambda: default_endpoint(create=False))  # cli.py creates its directory
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
     limits: Limits = DEFAULT_LIMITS
     exit_on_end: bool = False
