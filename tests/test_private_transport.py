@@ -152,7 +152,7 @@ def test_a_squatted_tcp_port_gets_nothing_and_the_daemon_is_served_after(attacke
     assert result["bytes_after_handshake"] == 0 and not result["saw_run_name"], result
     # Handed off or not (the first ones during the connect grace), none was sent: all three dropped.
     assert len(sent) == 3 and pub.published == 0 and pub.dropped == 3
-    refusals = [r.getMessage() for r in caplog.records if "refusing the listener" in r.getMessage()]
+    refusals = [r.getMessage() for r in caplog.records if "refused: the listener on" in r.getMessage()]
     assert len(refusals) == 1 and f"belongs to uid {ATTACKER_UID}" in refusals[0], refusals
     # The real daemon comes back on that port: the same publisher, untouched, is served again.
     d = DaemonProc(tmp_path, env, endpoint, "--no-wandb", "--no-console")

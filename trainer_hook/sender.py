@@ -166,7 +166,7 @@ class Sender(threading.Thread):
         except zmq.ZMQError:
             pass
         if self.untrusted is None:  # one line per episode, not one per retry
-            log.warning("embedding publisher: refusing %s", why)
+            log.warning("embedding publisher: refused: %s", why)
         self.untrusted = why
         self.connected, self.settled = False, True
         self._retry_at = time.monotonic() + self.retry_after_refusal_s
