@@ -90,7 +90,7 @@ JSONISH = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1
                        max_leaves=60)
 
 
-@settings(max_examples=200, derandomize=True, deadline=None)
+@settings(max_examples=100, derandomize=True, deadline=None)
 @given(st.dictionaries(st.text(max_size=10), JSONISH, max_size=8))
 def test_check_meta_accepts_exactly_the_bounded_trees(meta: dict) -> None:
     # An independent measure of the tree: depth, keys + values, UTF-8 bytes of keys and strings.
