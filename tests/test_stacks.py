@@ -1,0 +1,99 @@
+"""FSDP1, DeepSpeed ZeRO and Megatron-core tensor parallel end to end: 2 torchrun CPU ranks (gloo) train and publish.
+
+Every rank publishes the object a user holds; a real daemon assembles the parts. Its records must
+equal the analysis of the full matrix, gathered in tests/stack_ranks.py with the stack's own
+collectives and analysed here by the function the daemon's worker runs. One torchrun launch per
+stack (each is slow to start); DeepSpeed's JIT-built op is cached between launches.
+"""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_sharded import close, daemons, reference  # noqa: F401 - daemons is a fixture
+
+pytestmark = pytest.mark.timeout(400)
+
+ROOT = Path(__file__).resolve().parent.parent
+RANKS_SCRIPT = ROOT / "tests" / "stack_ranks.py"
+ITERS = [0, 1, 2]
+
+
+def torchrun(daemon, out: Path, env: dict, *scenarios: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(RANKS_SCRIPT), daemon.endpoint, str(out), str(daemon.results_dir), *scenarios]
+    extra = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    return subprocess.run(cmd, env={**env, **extra}, capture_output=True, text=True, timeout=360)
+
+
+def check_runs(daemon, out: Path, runs: list[str], proc: subprocess.CompletedProcess) -> None:
+    """Each run's records equal the reference analysis of the gathered full matrix, nothing rejected."""
+    threads = torch.get_num_threads()
+    try:
+        for run in runs:
+            got = daemon.wait_results(run, len(ITERS))
+            assert [r["iter"] for r in got] == ITERS, run
+            for mine, theirs in zip(reference(out, run, ITERS), got):
+                assert theirs["shape"] == list(torch.load(out / f"{run}-{mine['iter']}.pt").shape)
+                for key in ("drift", "geometry", "insight", "non_finite"):
+                    close(mine.get(key), theirs.get(key), f"{run}:{mine['iter']}:{key}")
+            assert got[-1]["counters"]["incomplete"] == 0 and got[-1]["counters"]["rejected"] == 0, got[-1]
+            assert [r["metrics"] for r in got] == [{"train/loss": 1.0 / (it + 1)} for it in ITERS]  # rank 0's
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_stack(daemons, subprocess_env, tmp_path: Path, *scenarios: str):
+    daemon = daemons()
+    out = tmp_path / "full"
+    out.mkdir()
+    proc = torchrun(daemon, out, subprocess_env, *scenarios)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return daemon, out, proc
+
+
+needs_megatron = pytest.mark.skipif(importlib.util.find_spec("megatron") is None,
+                                    reason="megatron-core is not installed (pip install -e '.[test]')")
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="deepspeed is not installed (pip install -e '.[test]')")
+
+
+@needs_megatron
+def test_megatron_vocab_parallel_embedding_and_head_every_tp_rank_sends_its_rows(daemons, subprocess_env, tmp_path):
+    daemon, out, proc = run_stack(daemons, subprocess_env, tmp_path, "mg-tp", "mg-dp")
+    check_runs(daemon, out, ["mg-tp", "mg-head", "mg-dp"], proc)
+    for rank in (0, 1):  # TP: both ranks send their half; DP x TP=1: only dp rank 0
+        assert f"rank {rank} mg-tp: sent 3 parts" in proc.stdout and f"rank {rank} mg-head: sent 3 parts" in proc.stdout
+    assert "rank 0 mg-dp: sent 3 parts" in proc.stdout and "rank 1 mg-dp: sent 0 parts" in proc.stdout
+
+
+def test_fsdp1_root_unit_own_unit_and_a_rank_holding_nothing(daemons, subprocess_env, tmp_path):
+    daemon, out, proc = run_stack(daemons, subprocess_env, tmp_path, "fsdp1-root", "fsdp1-own", "fsdp1-none",
+                                  "fsdp1-bare")
+    check_runs(daemon, out, ["fsdp1-root", "fsdp1-own", "fsdp1-none"], proc)
+    for rank in (0, 1):
+        assert f"rank {rank} fsdp1-root: sent 3 parts" in proc.stdout
+        assert (f"rank {rank} bare: UnpublishableWeight: the embedding weight is a 1-D view of this rank's FSDP1 "
+                "(FullyShardedDataParallel) shard, which does not say where it lies: pass the FSDP model and the "
+                "embedding's path instead: publish(fsdp_model, it, embedding=\"transformer.wte\")") in proc.stdout
+    assert "rank 0 fsdp1-none: sent 3 parts" in proc.stdout and "rank 1 fsdp1-none: sent 0 parts" in proc.stdout
+
+
+@needs_deepspeed
+def test_deepspeed_zero3_partitions_bf16_zero_init_and_zero2(daemons, subprocess_env, tmp_path):
+    daemon, out, proc = run_stack(daemons, subprocess_env, tmp_path, "z3", "z3-bf16", "z3-init", "z2")
+    check_runs(daemon, out, ["z3", "z3-init", "z2"], proc)
+    for rank in (0, 1):
+        assert f"rank {rank} z3: sent 3 parts" in proc.stdout and f"rank {rank} z3-bf16: sent 3 parts" in proc.stdout
+    assert "rank 0 z2: sent 3 parts" in proc.stdout and "rank 1 z2: sent 0 parts" in proc.stdout
+    # bf16 partitions travel as bf16: the daemon's numbers match the bf16 matrix's within bf16 rounding
+    got = daemon.wait_results("z3-bf16", len(ITERS))
+    assert [r["iter"] for r in got] == ITERS and got[-1]["counters"]["rejected"] == 0
+    mine = reference(out, "z3-bf16", ITERS)
+    for a, b in zip(mine, got):
+        assert abs(a["geometry"]["mean_cosine"] - b["geometry"]["mean_cosine"]) < 1e-3
