@@ -12,7 +12,8 @@ Scenarios (each its own run name):
   fsdp1-none  FSDP1 root unit where rank 0's shard holds all of the embedding and rank 1's none of it;
   fsdp1-bare  the bare embedding module of fsdp1-root: the one-line error, training goes on;
   z3 / z3-bf16 / z3-init / z2
-              DeepSpeed ZeRO-3 (fp32, bf16, parameters created under zero.Init) and ZeRO-2.
+              DeepSpeed ZeRO-3 (fp32, bf16, parameters created under zero.Init) and ZeRO-2, on a
+              1001 x 15 embedding: partitions of 7508 elements, split mid-row, the last one padded.
 Each iteration every rank trains one step and publishes; the reference full matrix is gathered here
 with the stack's own collectives (for the test only) and saved by rank 0 to OUT_DIR/<run>-<iter>.pt;
 rank 0 waits for the daemon's result before the next iteration so every iteration can be compared.
@@ -68,7 +69,7 @@ def loop(runs: dict, step, publish_args) -> None:
                 wait_analysed(run, n + 1)
             dist.barrier()
     for run, pub in pubs.items():
-        print(f"rank {RANK} {run}: sent {sent[run]} parts", flush=True)
+        print(f"rank {RANK} {run}: sent {sent[run]} parts", flush=True)  # the test checks who sent
         pub.close()
     dist.barrier()
 
@@ -122,11 +123,11 @@ def megatron(tp: int) -> None:
 # ------------------------------------------------------------------------------------- FSDP1
 
 class Inner(torch.nn.Module):
-    def __init__(self, big_after: bool) -> None:
+    def __init__(self, big_after: bool, dim: int = D) -> None:
         super().__init__()
-        self.wte = torch.nn.Embedding(V, D)
+        self.wte = torch.nn.Embedding(V, dim)
         # fsdp1-none: a large parameter after the embedding moves the shard boundary past its end
-        self.head = torch.nn.Linear(D, 2000 if big_after else 7)
+        self.head = torch.nn.Linear(dim, 2000 if big_after else 7)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.head(self.wte(ids))
@@ -189,16 +190,19 @@ def zero(scenario: str) -> None:
     stage = 2 if scenario == "z2" else 3
     bf16 = scenario == "z3-bf16"
     config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
-              "optimizer": {"type": "SGD", "params": {"lr": 0.5}},
+              "optimizer": {"type": "SGD", "params": {"lr": 0.5}}, "zero_allow_untested_optimizer": True,
               "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
               "bf16": {"enabled": bf16}}
     torch.manual_seed(0)
     if scenario == "z3-init":
         with deepspeed.zero.Init(config_dict_or_path=config):
-            model = Inner(big_after=False)
-    else:
-        model = Inner(big_after=False)
+            model = Inner(big_after=False, dim=15)
+    else:  # 1001 x 15 = 15015 elements: partitions of 7508, rank 1's padded by one, split mid-row
+        model = Inner(big_after=False, dim=15)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    weight = engine.module.wte.weight
+    print(f"rank {RANK} {scenario}: weight {tuple(weight.shape)} partition "
+          f"{getattr(getattr(weight, 'ds_tensor', None), 'dtype', None)}", flush=True)
     gen = torch.Generator().manual_seed(1)
 
     def step() -> None:

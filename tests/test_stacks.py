@@ -87,13 +87,13 @@ def test_fsdp1_root_unit_own_unit_and_a_rank_holding_nothing(daemons, subprocess
 @needs_deepspeed
 def test_deepspeed_zero3_partitions_bf16_zero_init_and_zero2(daemons, subprocess_env, tmp_path):
     daemon, out, proc = run_stack(daemons, subprocess_env, tmp_path, "z3", "z3-bf16", "z3-init", "z2")
-    check_runs(daemon, out, ["z3", "z3-init", "z2"], proc)
+    # bf16 partitions travel as bf16; the reference is the same bf16 values, so the numbers match as for fp32
+    check_runs(daemon, out, ["z3", "z3-bf16", "z3-init", "z2"], proc)
     for rank in (0, 1):
         assert f"rank {rank} z3: sent 3 parts" in proc.stdout and f"rank {rank} z3-bf16: sent 3 parts" in proc.stdout
+        assert f"rank {rank} z3-init: sent 3 parts" in proc.stdout
     assert "rank 0 z2: sent 3 parts" in proc.stdout and "rank 1 z2: sent 0 parts" in proc.stdout
-    # bf16 partitions travel as bf16: the daemon's numbers match the bf16 matrix's within bf16 rounding
-    got = daemon.wait_results("z3-bf16", len(ITERS))
-    assert [r["iter"] for r in got] == ITERS and got[-1]["counters"]["rejected"] == 0
-    mine = reference(out, "z3-bf16", ITERS)
-    for a, b in zip(mine, got):
-        assert abs(a["geometry"]["mean_cosine"] - b["geometry"]["mean_cosine"]) < 1e-3
+    # ZeRO-3 leaves an empty placeholder where the weight was; ZeRO-2 the full weight
+    assert "rank 1 z3-bf16: weight (0,) partition torch.bfloat16" in proc.stdout
+    assert "rank 1 z3-init: weight (0,) partition torch.float32" in proc.stdout
+    assert "rank 1 z2: weight (1001, 15) partition None" in proc.stdout
