@@ -97,3 +97,27 @@ def test_deepspeed_zero3_partitions_bf16_zero_init_and_zero2(daemons, subprocess
     assert "rank 1 z3-bf16: weight (0,) partition torch.bfloat16" in proc.stdout
     assert "rank 1 z3-init: weight (0,) partition torch.float32" in proc.stdout
     assert "rank 1 z2: weight (1001, 15) partition None" in proc.stdout
+
+
+@needs_deepspeed
+def test_hf_trainer_deepspeed_zero3_callback_every_rank_publishes(daemons, subprocess_env, tmp_path):
+    daemon = daemons()
+    out = tmp_path / "full"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "hf_zero3_trainer.py"), daemon.endpoint, str(out), str(daemon.results_dir)]
+    proc = subprocess.run(cmd, env={**subprocess_env, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"},
+                          capture_output=True, text=True, timeout=360, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    for rank in (0, 1):  # both ranks sent their partition at steps 0, 2 and 4; nothing failed
+        assert f"RANK {rank} published=3 dropped=0 failures=0" in proc.stdout, proc.stdout
+    steps = [0, 2, 4]
+    got = daemon.wait_results("hf-z3", len(steps))
+    assert [r["iter"] for r in got] == steps and got[-1]["counters"]["rejected"] == 0
+    threads = torch.get_num_threads()
+    try:
+        for mine, theirs in zip(reference(out, "hf-z3", steps), got):
+            for key in ("drift", "geometry"):
+                close(mine.get(key), theirs.get(key), f"hf-z3:{mine['iter']}:{key}")
+    finally:
+        torch.set_num_threads(threads)

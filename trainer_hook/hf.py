@@ -16,6 +16,7 @@ import transformers
 from transformers import TrainerCallback
 
 from .publisher import embedding_weight
+from .sharding import vocab_rows
 from .callbacks import StepPublisher, active_wandb_info, first_given, generated_run_name, scalar_metrics, vocab_of
 
 __all__ = ["EmbeddingMonitorCallback"]
@@ -105,7 +106,7 @@ class EmbeddingMonitorCallback(TrainerCallback):
         wandb_info = active_wandb_info() if "wandb" in (args.report_to or []) else None
         run = self.run or args.run_name or None
         run, wandb_info = _shared_across_ranks((run or generated_run_name("hf"), wandb_info))
-        rows = int(embedding_weight(embedding).shape[0])  # a DTensor's shape is the global one
+        rows = vocab_rows(embedding_weight(embedding))  # the global rows (DTensor, ZeRO-3)
         vocab = vocab_of(first_given(self.tokenizer, processing_class, tokenizer), rows)
         self._history_seen = len(getattr(state, "log_history", None) or [])  # a resumed run's old logs stay
         self.monitor.start(run, vocab, wandb_info, meta={"framework": "transformers",

@@ -22,6 +22,7 @@ except ImportError:  # the standalone package of older releases
 from .callbacks import (StepPublisher, active_wandb_info, first_given, generated_run_name, scalar_metrics, vocab_of,
                         wandb_info_of)
 from .publisher import embedding_weight
+from .sharding import vocab_rows
 
 __all__ = ["EmbeddingMonitorCallback"]
 
@@ -103,7 +104,7 @@ class EmbeddingMonitorCallback(pl.Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Open the publisher: find the embedding, agree on the run name across ranks, vocabulary, W&B run."""
         self._module, self._sent = pl_module, {}
-        rows = int(embedding_weight(find_embedding(pl_module, self.embedding)).shape[0])  # fail before training
+        rows = vocab_rows(embedding_weight(find_embedding(pl_module, self.embedding)))  # fail before training
         name, wandb_info = (None, None)
         if trainer.is_global_zero:
             name, wandb_info = _logger_run(trainer)

@@ -87,6 +87,13 @@ def _wraps_weight(unit: Any) -> bool:
     return handle is not None and "weight" in handle.flat_param._fqns
 
 
+def vocab_rows(weight: torch.Tensor) -> int:
+    """Rows of the full (V, d) matrix of a weight from find_weight (a ZeRO-3 weight's own shape is a placeholder)."""
+    if stacks.is_zero3(weight):
+        return int(weight.ds_shape[0])
+    return int(weight.shape[0])  # a DTensor's shape is the global one
+
+
 def find_weight(obj: Any) -> torch.Tensor:
     """The (V, d) weight of a tensor, an nn.Embedding / module with .weight, or a module with main_weight.weight.
 
