@@ -11,6 +11,8 @@ Scenarios (each its own run name):
   fsdp1-own   FSDP1, use_orig_params=False, embedding in its own unit: publish(model.transformer.wte, it);
   fsdp1-none  FSDP1 root unit where rank 0's shard holds all of the embedding and rank 1's none of it;
   fsdp1-bare  the bare embedding module of fsdp1-root: the one-line error, training goes on;
+  fsdp1-callback  fsdp1-root published as the framework callbacks do (trainer_hook.callbacks.StepPublisher
+              given the bare embedding and the FSDP model);
   z3 / z3-bf16 / z3-init / z2
               DeepSpeed ZeRO-3 (fp32, bf16, parameters created under zero.Init) and ZeRO-2, on a
               1001 x 15 embedding: partitions of 7508 elements, split mid-row, the last one padded.
@@ -48,9 +50,12 @@ def wait_analysed(run: str, n: int) -> None:
     raise SystemExit(f"rank 0: the daemon wrote no result {n} of run {run} in 120 s")
 
 
-def loop(runs: dict, step, publish_args) -> None:
-    """For each iteration: `step()` trains; then for each run, save the gathered reference and publish on every rank."""
-    pubs = {run: EmbeddingPublisher(ENDPOINT, run=run) for run in runs}
+def loop(runs: dict, step, publish_args, pubs: dict | None = None) -> None:
+    """For each iteration: `step()` trains; then for each run, save the gathered reference and publish on every rank.
+
+    `pubs` (optional): run -> an object with publish(obj, it, metrics=..., **kwargs), published, dropped, close().
+    """
+    pubs = pubs or {run: EmbeddingPublisher(ENDPOINT, run=run) for run in runs}
     sent = {run: 0 for run in runs}
     for n, it in enumerate(ITERS):
         step()
@@ -176,7 +181,25 @@ def fsdp1(scenario: str) -> None:
         step()  # training goes on
         pub.close()
         return
-    if own:
+    if scenario == "fsdp1-callback":
+        from trainer_hook.callbacks import StepPublisher, embedding_rows
+
+        steps = StepPublisher(ENDPOINT, None, {})
+        pub = steps.start(scenario, None, None, meta={})
+        print(f"rank {RANK} {scenario}: rows {embedding_rows(fsdp.module.transformer.wte, fsdp)}", flush=True)
+
+        class ViaSteps:  # the callbacks' path: StepPublisher.publish(embedding, step, metrics, model=)
+            published = property(lambda self: pub.published)
+            dropped = property(lambda self: pub.dropped)
+
+            def publish(self, obj, it, metrics=None):
+                return steps.publish(lambda: fsdp.module.transformer.wte, it, lambda: metrics, model=lambda: fsdp)
+
+            def close(self):
+                steps.close()
+
+        loop({scenario: gather}, step, lambda run: (None, {}), pubs={scenario: ViaSteps()})
+    elif own:
         loop({scenario: gather}, step, lambda run: (fsdp.transformer.wte, {}))
     else:
         loop({scenario: gather}, step, lambda run: (fsdp, {"embedding": "transformer.wte"}))

@@ -74,8 +74,11 @@ def test_megatron_vocab_parallel_embedding_and_head_every_tp_rank_sends_its_rows
 
 def test_fsdp1_root_unit_own_unit_and_a_rank_holding_nothing(daemons, subprocess_env, tmp_path):
     daemon, out, proc = run_stack(daemons, subprocess_env, tmp_path, "fsdp1-root", "fsdp1-own", "fsdp1-none",
-                                  "fsdp1-bare")
-    check_runs(daemon, out, ["fsdp1-root", "fsdp1-own", "fsdp1-none"], proc)
+                                  "fsdp1-bare", "fsdp1-callback")
+    check_runs(daemon, out, ["fsdp1-root", "fsdp1-own", "fsdp1-none", "fsdp1-callback"], proc)
+    # the callbacks' StepPublisher, handed the bare embedding and the FSDP model, sends each rank's slice
+    assert "rank 0 fsdp1-callback: sent 3 parts" in proc.stdout and "rank 1 fsdp1-callback: sent 3 parts" in proc.stdout
+    assert "rank 1 fsdp1-callback: rows 1001" in proc.stdout
     for rank in (0, 1):
         assert f"rank {rank} fsdp1-root: sent 3 parts" in proc.stdout
         assert (f"rank {rank} bare: UnpublishableWeight: the embedding weight is a 1-D view of this rank's FSDP1 "
@@ -121,3 +124,4 @@ def test_hf_trainer_deepspeed_zero3_callback_every_rank_publishes(daemons, subpr
                 close(mine.get(key), theirs.get(key), f"hf-z3:{mine['iter']}:{key}")
     finally:
         torch.set_num_threads(threads)
+

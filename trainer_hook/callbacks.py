@@ -19,6 +19,8 @@ from typing import Any, Callable
 import torch
 
 from .publisher import EmbeddingPublisher, embedding_weight
+from .sharding import vocab_rows
+from .stacks import fsdp1_path
 
 log = logging.getLogger("embedding_monitor.hook")
 
@@ -119,6 +121,13 @@ def effective_weight(module: Any) -> torch.Tensor:
     return weight
 
 
+def embedding_rows(module: Any, model: Any = None) -> int:
+    """Rows of the full embedding matrix (the vocabulary size) under any supported stack; `model` is the wrapped model."""
+    if fsdp1_path(model, module) is not None and hasattr(module, "num_embeddings"):
+        return int(module.num_embeddings)  # its weight is this rank's flat view
+    return vocab_rows(embedding_weight(module))
+
+
 def scalar_metrics(values: dict[str, Any], *, read_device: bool) -> dict[str, float | int]:
     """The one-number entries of a framework's metrics dict as Python numbers.
 
@@ -177,16 +186,23 @@ class StepPublisher:
         return self.every_n_steps is not None and step % self.every_n_steps == 0
 
     def publish(self, embedding: Callable[[], Any], step: int,
-                metrics: Callable[[], dict[str, Any] | None] | None = None) -> bool:
+                metrics: Callable[[], dict[str, Any] | None] | None = None,
+                model: Callable[[], Any] | None = None) -> bool:
         """Publish the embedding at `step` unless this step was already published; True if handed off.
 
         `metrics()` (called only when publishing) gives the trainer's scalars to send with the snapshot.
+        `model()` (optional) is the wrapped model: under FSDP1 the embedding is published through it.
         """
         if self.publisher is None or step == self._last_step:
             return False
         self._last_step = step  # also on a drop: the same weights are not worth a second try
         try:
-            return self.publisher.publish(effective_weight(embedding()), step,
+            module = embedding()
+            root = model() if model else None
+            path = fsdp1_path(root, module)  # FSDP1: its weight is a flat view; the model knows where it lies
+            if path is not None:
+                return self.publisher.publish(root, step, metrics=metrics() if metrics else None, embedding=path)
+            return self.publisher.publish(effective_weight(module), step,
                                           metrics=metrics() if metrics else None)
         except Exception:  # noqa: BLE001 - monitoring must never end a training run
             self.failures += 1

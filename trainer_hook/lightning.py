@@ -19,10 +19,8 @@ try:
 except ImportError:  # the standalone package of older releases
     import pytorch_lightning as pl
 
-from .callbacks import (StepPublisher, active_wandb_info, first_given, generated_run_name, scalar_metrics, vocab_of,
-                        wandb_info_of)
-from .publisher import embedding_weight
-from .sharding import vocab_rows
+from .callbacks import (StepPublisher, active_wandb_info, embedding_rows, first_given, generated_run_name,
+                        scalar_metrics, vocab_of, wandb_info_of)
 
 __all__ = ["EmbeddingMonitorCallback"]
 
@@ -89,7 +87,8 @@ class EmbeddingMonitorCallback(pl.Callback):
         # trainer.callback_metrics: what the module logged with self.log (train_loss, val_loss, ...). Values
         # on the GPU are read only where Lightning has synchronised already (after validation, at the end).
         return self.monitor.publish(lambda: find_embedding(module, self.embedding), int(trainer.global_step),
-                                    lambda: self._new_metrics(trainer, read_device))
+                                    lambda: self._new_metrics(trainer, read_device),
+                                    model=lambda: trainer.strategy.model)  # FSDPStrategy: the FSDP1 root
 
     def _new_metrics(self, trainer: Any, read_device: bool) -> dict[str, Any]:
         # callback_metrics keeps each value until it is logged again: send a value only when it changed
@@ -104,7 +103,7 @@ class EmbeddingMonitorCallback(pl.Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Open the publisher: find the embedding, agree on the run name across ranks, vocabulary, W&B run."""
         self._module, self._sent = pl_module, {}
-        rows = vocab_rows(embedding_weight(find_embedding(pl_module, self.embedding)))  # fail before training
+        rows = embedding_rows(find_embedding(pl_module, self.embedding), trainer.strategy.model)  # fail before training
         name, wandb_info = (None, None)
         if trainer.is_global_zero:
             name, wandb_info = _logger_run(trainer)

@@ -93,6 +93,19 @@ def fsdp1_piece(model: Any, path: str | None, sends_plain: bool) -> tuple[torch.
     return local, (shape[0], shape[1]), int(info.intra_param_start_idx)
 
 
+def fsdp1_path(root: Any, module: Any) -> str | None:
+    """`module`'s path inside the FSDP1 model `root` when its weight is an FSDP1 view (what publish(root, embedding=) needs), else None."""
+    if root is None or not is_fsdp1_module(root) or not isinstance(module, torch.nn.Module):
+        return None
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or fsdp1_view_hint(weight) is None:
+        return None
+    for name, sub in root.named_modules():
+        if sub is module:
+            return _clean(name)
+    return None
+
+
 def fsdp1_view_hint(weight: torch.Tensor) -> str | None:
     """The one-line error for a bare FSDP1-managed weight (a 1-D view, or freed storage), else None."""
     if not fsdp1_loaded():
