@@ -134,3 +134,50 @@ def test_any_partition_into_ranges_assembles_exactly_and_any_overlap_is_refused(
                 with pytest.raises(PartRejected):
                     asm.add("r", *rng(1, s, min(total, s + data.draw(st.integers(1, 3))), full), drops)
     assert done is not None and torch.equal(done.tensor, full) and drops == []
+
+
+# --- a real daemon: hostile range parts are refused and counted, the right ones still assemble -------
+
+from tests.test_daemon import env, push, snapshot, start_daemon  # noqa: E402,F401 - fixtures and helpers
+
+
+def test_daemon_refuses_hostile_ranges_counts_them_and_assembles_the_rest(start_daemon, push):
+    from protocol import encode_end, encode_hello
+    from tests.test_sharded import close
+
+    d = start_daemon("--exit-on-end", "--no-wandb")
+    full = torch.randn(64, 8, generator=torch.Generator().manual_seed(5))
+    flat = full.reshape(-1)
+
+    def send_range(run: str, start: int, end: int, header: dict | None = None) -> None:
+        frames = encode_snapshot(run=run, iter=3, seq=start, name="wte", dtype="float32", shape=(end - start,),
+                                 payload=flat[start:end].numpy().tobytes(), global_shape=(64, 8), start=start)
+        push.send_multipart(frames if not header else [_with(frames[0], **header), frames[1]])  # hand-edited
+
+    for run in ("parts", "whole"):
+        push.send_multipart(encode_hello(run=run, seq=0, pid=1, host="h"))
+    snapshot(push, "whole", 3, full)  # the same matrix sent whole: what the assembled one must equal
+    send_range("parts", 0, 203)  # rank 0: up to the middle of row 25
+    send_range("parts", 100, 300)  # overlaps rank 0's elements: refused at assembly
+    send_range("parts", 203, 512, {"start": 400})  # claims elements past the end: refused at decode
+    send_range("parts", 203, 512, {"global_shape": [2**22, 2**16]})  # a huge claim: refused before allocation
+    send_range("parts", 203, 512)  # rank 1: the rest
+    parts, whole = d.wait_results("parts", 1), d.wait_results("whole", 1)
+    for run in ("parts", "whole"):
+        push.send_multipart(encode_end(run=run, seq=9, final_iter=3, published=1, dropped=0))
+    assert d.wait_exit() == 0
+    close(whole[0]["geometry"], parts[0]["geometry"])
+    assert parts[0]["shape"] == [64, 8] and parts[0]["counters"]["incomplete"] == 0
+    log = d.log()
+    assert "elements [100, 300) of iter 3 overlaps the elements [0, 203) already received" in log
+    assert "element range [400, 709) does not lie within global_shape [64, 8] (512 elements)" in log
+    assert "global_shape [4194304, 65536] x float32 = 1099511627776 bytes exceeds max_payload_bytes" in log
+    assert "rejected=3" in log
+
+
+def _with(header_frame: bytes, **changes) -> bytes:
+    import msgpack
+
+    header = msgpack.unpackb(header_frame)
+    header.update(changes)
+    return msgpack.packb(header)
