@@ -114,7 +114,7 @@ def find_weight(obj: Any) -> torch.Tensor:
         raise UnpublishableWeight(_FSDP1_HINT)
     if stacks.is_zero3(weight):  # its own data is an empty placeholder outside forward
         return weight
-    hint = None if is_dtensor(weight) else stacks.fsdp1_view_hint(weight)
+    hint = None if is_dtensor(weight) else stacks.fsdp1_view_hint(weight, None if obj is weight else obj)
     if hint is not None:
         raise UnpublishableWeight(hint)
     if weight.is_meta or (is_dtensor(weight) and weight.to_local().is_meta):
@@ -122,7 +122,9 @@ def find_weight(obj: Any) -> torch.Tensor:
                                   "after model.to_empty(device=...) and weight initialisation or loading")
     if weight.dim() != 2 or not weight.is_floating_point():
         raise UnpublishableWeight(f"embedding weight must be a 2-D floating tensor (V, d), got shape "
-                                  f"{tuple(weight.shape)} {weight.dtype}: pass the embedding's weight itself")
+                                  f"{tuple(weight.shape)} {weight.dtype}: pass the embedding's weight itself"
+                                  + ("; if it is an FSDP1 parameter (a flat view), " + stacks.FSDP1_PATH_HINT
+                                     if weight.dim() == 1 and stacks.fsdp1_loaded() else ""))
     return weight if stacks.is_megatron_tp(weight) else weight.detach()
 
 

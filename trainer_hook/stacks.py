@@ -98,7 +98,7 @@ def fsdp1_path(root: Any, module: Any) -> str | None:
     if root is None or not is_fsdp1_module(root) or not isinstance(module, torch.nn.Module):
         return None
     weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or fsdp1_view_hint(weight) is None:
+    if not isinstance(weight, torch.Tensor) or fsdp1_view_hint(weight, module) is None:
         return None
     for name, sub in root.named_modules():
         if sub is module:
@@ -106,16 +106,24 @@ def fsdp1_path(root: Any, module: Any) -> str | None:
     return None
 
 
-def fsdp1_view_hint(weight: torch.Tensor) -> str | None:
-    """The one-line error for a bare FSDP1-managed weight (a 1-D view, or freed storage), else None."""
-    if not fsdp1_loaded():
+def fsdp1_view_hint(weight: torch.Tensor, module: Any = None) -> str | None:
+    """The one-line error for a bare FSDP1-managed weight, else None.
+
+    Outside forward FSDP1 leaves an embedding module either a 1-D view of the rank's shard
+    (use_orig_params=True) or a (V, d) tensor whose storage is freed (False). A bare 1-D tensor without
+    its module is not claimed here: it gets the plain 2-D error, which names this case too.
+    """
+    if not fsdp1_loaded() or weight.is_meta:
         return None
     freed = weight.numel() > 0 and weight.untyped_storage().nbytes() == 0
-    if weight.dim() == 1 or freed:
-        return ("the embedding weight is " + ("a 1-D view of this rank's FSDP1 (FullyShardedDataParallel) shard"
-                                              if weight.dim() == 1 else "an FSDP1 parameter whose storage is freed "
-                                              "outside forward") + ", which does not say where it lies: " + FSDP1_PATH_HINT)
-    return None
+    flat_view = weight.dim() == 1 and hasattr(module, "num_embeddings") and hasattr(module, "embedding_dim")
+    if flat_view:
+        what = "a 1-D view of this rank's FSDP1 (FullyShardedDataParallel) shard"
+    elif freed:
+        what = "an FSDP1 (FullyShardedDataParallel) parameter whose storage is freed outside forward"
+    else:
+        return None
+    return f"the embedding weight is {what}, which does not say where it lies: {FSDP1_PATH_HINT}"
 
 
 # ------------------------------------------------------------------------------------- ZeRO-3
