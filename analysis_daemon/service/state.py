@@ -122,3 +122,4 @@ class RunInsight:
     probes_logged: bool = False  # unknown probe tokens are logged once per run
     galaxy_prev: dict[str, Any] | None = None  # {"iter", "points"} of the last map: the next one aligns to it
     followed: list[int] = field(default_factory=list)  # token_stats' tokens so far (bounded): each keeps its line
+    token_xy: torch.Tensor | None = None  # (V, 2) explorer map coordinates of the last analysed snapshot
