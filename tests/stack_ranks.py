@@ -10,6 +10,9 @@ Scenarios (each its own run name):
               boundary falls mid-row; published as publish(model, it, embedding="transformer.wte");
   fsdp1-own   FSDP1, use_orig_params=False, embedding in its own unit: publish(model.transformer.wte, it);
   fsdp1-none  FSDP1 root unit where rank 0's shard holds all of the embedding and rank 1's none of it;
+  fsdp1-noshard / fsdp1-hybrid
+              FSDP1 NO_SHARD and HYBRID_SHARD (2 replicas of a 1-rank shard group): every rank holds all
+              of it, rank 0 (the first replica) sends;
   fsdp1-bare  the bare embedding module of fsdp1-root: the one-line error, training goes on;
   fsdp1-callback  fsdp1-root published as the framework callbacks do (trainer_hook.callbacks.StepPublisher
               given the bare embedding and the FSDP model);
@@ -150,12 +153,19 @@ class Model(torch.nn.Module):
 
 def fsdp1(scenario: str) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     torch.manual_seed(0)
     model = Model(big_after=scenario == "fsdp1-none")
     own = scenario == "fsdp1-own"
     kwargs = dict(auto_wrap_policy=ModuleWrapPolicy({torch.nn.Embedding})) if own else {}
+    if scenario == "fsdp1-noshard":
+        kwargs["sharding_strategy"] = ShardingStrategy.NO_SHARD
+    elif scenario == "fsdp1-hybrid":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        kwargs.update(sharding_strategy=ShardingStrategy.HYBRID_SHARD, device_mesh=init_device_mesh("cpu", (2, 1)))
     fsdp = FSDP(model, use_orig_params=scenario != "fsdp1-own", device_id=torch.device("cpu"), **kwargs)
     opt = torch.optim.SGD(fsdp.parameters(), lr=0.5)
     gen = torch.Generator().manual_seed(1)

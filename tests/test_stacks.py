@@ -72,10 +72,13 @@ def test_megatron_vocab_parallel_embedding_and_head_every_tp_rank_sends_its_rows
     assert "rank 0 mg-dp: sent 2 parts" in proc.stdout and "rank 1 mg-dp: sent 0 parts" in proc.stdout
 
 
-def test_fsdp1_root_unit_own_unit_and_a_rank_holding_nothing(daemons, subprocess_env, tmp_path):
+def test_fsdp1_root_unit_own_unit_a_rank_holding_nothing_and_replicas(daemons, subprocess_env, tmp_path):
     daemon, out, proc = run_stack(daemons, subprocess_env, tmp_path, "fsdp1-root", "fsdp1-own", "fsdp1-none",
-                                  "fsdp1-bare", "fsdp1-callback")
-    check_runs(daemon, out, ["fsdp1-root", "fsdp1-own", "fsdp1-none", "fsdp1-callback"], proc)
+                                  "fsdp1-bare", "fsdp1-callback", "fsdp1-noshard", "fsdp1-hybrid")
+    check_runs(daemon, out, ["fsdp1-root", "fsdp1-own", "fsdp1-none", "fsdp1-callback", "fsdp1-noshard",
+                             "fsdp1-hybrid"], proc)
+    for run in ("fsdp1-noshard", "fsdp1-hybrid"):  # every rank holds all of it: the first replica sends
+        assert f"rank 0 {run}: sent 2 parts" in proc.stdout and f"rank 1 {run}: sent 0 parts" in proc.stdout
     # the callbacks' StepPublisher, handed the bare embedding and the FSDP model, sends each rank's slice
     assert "rank 0 fsdp1-callback: sent 2 parts" in proc.stdout and "rank 1 fsdp1-callback: sent 2 parts" in proc.stdout
     assert "rank 1 fsdp1-callback: rows 1001" in proc.stdout
