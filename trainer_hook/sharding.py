@@ -75,7 +75,7 @@ def locate(obj: Any, sends_plain: bool, embedding: str | None = None) -> Part | 
             if not isinstance(obj, torch.nn.Module):
                 raise UnpublishableWeight(f"embedding={embedding!r} names a submodule, but {type(obj).__name__} "
                                           "is not a module: pass the model")
-            obj = obj.get_submodule(stacks._clean(embedding))
+            obj = obj.get_submodule(stacks.clean_name(embedding))
         return local_part(find_weight(obj), sends_plain, module=obj)
     except (stacks.StackError, AttributeError) as exc:
         raise UnpublishableWeight(str(exc)) from None

@@ -26,7 +26,8 @@ class StackError(ValueError):
     """This rank's piece cannot be located; the message says what to pass instead."""
 
 
-def _clean(name: str) -> str:
+def clean_name(name: str) -> str:
+    """A module or parameter name without the wrappers' own path segments (FSDP, activation checkpointing, compile)."""
     for prefix in _FSDP_PREFIXES:
         name = name.replace(prefix, "")
     return name
@@ -57,8 +58,8 @@ def fsdp1_piece(model: Any, path: str | None, sends_plain: bool) -> tuple[torch.
     """
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    target = "weight" if path is None else _clean(path).strip(".") + ".weight"
-    names = {id(m): _clean(n) for n, m in model.named_modules()}
+    target = "weight" if path is None else clean_name(path).strip(".") + ".weight"
+    names = {id(m): clean_name(n) for n, m in model.named_modules()}
     found = []
     for unit in FSDP.fsdp_modules(model):
         handle = getattr(unit, "_handle", None)
@@ -102,7 +103,7 @@ def fsdp1_path(root: Any, module: Any) -> str | None:
         return None
     for name, sub in root.named_modules():
         if sub is module:
-            return _clean(name)
+            return clean_name(name)
     return None
 
 
