@@ -15,9 +15,8 @@ import torch
 import transformers
 from transformers import TrainerCallback
 
-from .publisher import embedding_weight
-from .sharding import vocab_rows
-from .callbacks import StepPublisher, active_wandb_info, first_given, generated_run_name, scalar_metrics, vocab_of
+from .callbacks import (StepPublisher, active_wandb_info, embedding_rows, first_given, generated_run_name,
+                        scalar_metrics, vocab_of)
 
 __all__ = ["EmbeddingMonitorCallback"]
 
@@ -74,7 +73,7 @@ class EmbeddingMonitorCallback(TrainerCallback):
     def _publish(self, state: Any) -> bool:
         model = self._model
         return self.monitor.publish(lambda: input_embeddings(model), int(state.global_step),
-                                    lambda: self._new_metrics(state))
+                                    lambda: self._new_metrics(state), model=lambda: model)  # FSDP1: the root
 
     def _new_metrics(self, state: Any) -> dict[str, Any]:
         """The losses logged since the last publish, named as the Trainer's W&B integration names them:
@@ -106,7 +105,7 @@ class EmbeddingMonitorCallback(TrainerCallback):
         wandb_info = active_wandb_info() if "wandb" in (args.report_to or []) else None
         run = self.run or args.run_name or None
         run, wandb_info = _shared_across_ranks((run or generated_run_name("hf"), wandb_info))
-        rows = vocab_rows(embedding_weight(embedding))  # the global rows (DTensor, ZeRO-3)
+        rows = embedding_rows(embedding, model)  # the global rows (DTensor, ZeRO-3, FSDP1)
         vocab = vocab_of(first_given(self.tokenizer, processing_class, tokenizer), rows)
         self._history_seen = len(getattr(state, "log_history", None) or [])  # a resumed run's old logs stay
         self.monitor.start(run, vocab, wandb_info, meta={"framework": "transformers",
