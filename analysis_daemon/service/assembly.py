@@ -62,7 +62,8 @@ class _Assembly:
     ranges: list[tuple[int, int, str, str]] = field(default_factory=list)
     blocks: list[tuple[int, int, int, int, str]] = field(default_factory=list)  # r0, c0, rows, cols, publisher
     covered: int = 0  # elements filled so far
-    metrics: dict | None = None  # the trainer metrics any part carried (normally rank 0's)
+    metrics: dict | None = None  # the trainer metrics of the lowest-ranked part that carried any (rank 0's)
+    metrics_rank: int | None = None
 
     @property
     def parts(self) -> int:
@@ -115,8 +116,13 @@ class Assembler:
         self.dropped = 0  # iterations discarded incomplete, daemon-wide
 
     # --- parts ---------------------------------------------------------------------------------
-    def add(self, run: str, msg: Snapshot, part: torch.Tensor, counted_drop: list[str]) -> Complete | None:
-        """Place one part of `run`; the full iteration when this completed it. Reasons for dropped iterations go to `counted_drop`."""
+    def add(self, run: str, msg: Snapshot, part: torch.Tensor, counted_drop: list[str],
+            rank: int = 0) -> Complete | None:
+        """Place one part of `run` from the publisher of `rank`; the full iteration when this completed it.
+
+        Reasons for dropped iterations go to `counted_drop`. The iteration's trainer metrics are rank 0's
+        (the lowest rank that sent any), as every logger keeps them, whatever order the parts arrive in.
+        """
         assert msg.global_shape is not None and (msg.offset is not None or msg.start is not None)
         now = time.monotonic()
         current = self._current.get(run)
@@ -157,8 +163,8 @@ class Assembler:
             current.blocks.append((*block, msg.publisher))
         current.covered += msg.numel
         current.sent_at = max(current.sent_at, msg.sent_at)
-        if msg.metrics:
-            current.metrics = {**(current.metrics or {}), **msg.metrics}
+        if msg.metrics and (current.metrics_rank is None or rank < current.metrics_rank):
+            current.metrics, current.metrics_rank = dict(msg.metrics), rank
         # No part overlaps another, so once the parts' elements add up to the matrix's, each element is
         # covered exactly once: no gap is left.
         if current.covered < current.global_shape[0] * current.global_shape[1]:
