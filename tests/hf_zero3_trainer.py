@@ -3,8 +3,8 @@
     DS_ACCELERATOR=cpu python -m torch.distributed.run --standalone --nproc_per_node=2 tests/hf_zero3_trainer.py ENDPOINT OUT RESULTS_DIR
 
 At each published step every rank gathers the embedding with DeepSpeed's own GatheredParameters (a
-collective, for the test's reference only) and rank 0 saves it to OUT/hf-z3-<step>.pt; rank 0 then
-waits until the daemon has written that result. Prints `RANK r published=P dropped=D` per rank.
+collective, for the test's reference only) and rank 0 saves it to OUT/hf-z3-<step>.pt; once the callback
+has sent that step (at the next on_step_begin), rank 0 waits until the daemon has written its result. Prints `RANK r published=P dropped=D` per rank.
 """
 import sys
 import time
@@ -29,25 +29,35 @@ ZERO3 = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps"
 
 
 class Reference(TrainerCallback):
-    def _save_and_wait(self, model, step: int, n: int) -> None:
+    """After ours: keep each published step's full matrix; before the next step, wait for its result."""
+
+    saved = 0
+
+    def _save(self, model, step: int) -> None:
         weight = model.get_input_embeddings().weight
         with deepspeed.zero.GatheredParameters([weight]):
             full = weight.detach().clone()
         seen["publisher"] = cb.publisher
-        if torch.distributed.get_rank() != 0:
-            return
-        torch.save(full, out / f"hf-z3-{step}.pt")
-        path = results_dir / "hf-z3" / "analysis.jsonl"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (path.exists() and path.read_text().count("\n") >= n):
-            time.sleep(0.02)
+        if torch.distributed.get_rank() == 0:
+            torch.save(full, out / f"hf-z3-{step}.pt")
+        self.saved += 1
 
     def on_train_begin(self, args, state, control, model=None, **kw):
-        self._save_and_wait(model, 0, 1)
+        self._save(model, 0)
 
     def on_step_end(self, args, state, control, model=None, **kw):
         if state.global_step % 2 == 0:
-            self._save_and_wait(model, state.global_step, state.global_step // 2 + 1)
+            self._save(model, state.global_step)
+
+    def on_step_begin(self, args, state, control, **kw):
+        # the callback sent the marked step at this on_step_begin: rank 0 waits for the daemon's result,
+        # so newest-wins skipping cannot hide a step (rank 1 waits in the next collective)
+        if torch.distributed.get_rank() != 0:
+            return
+        path = results_dir / "hf-z3" / "analysis.jsonl"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (path.exists() and path.read_text().count("\n") >= self.saved):
+            time.sleep(0.02)
 
 
 args = TrainingArguments(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, report_to=[],
