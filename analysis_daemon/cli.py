@@ -1,6 +1,6 @@
 """Command line of the analysis daemon.
 
-    analysis-daemon --listen tcp://127.0.0.1:5555 --results-dir runs      (same as python -m analysis_daemon)
+    analysis-daemon --results-dir runs                                      (same as python -m analysis_daemon)
     analysis-daemon keygen DIR --name daemon                                (CurveZMQ keypair, via protocol)
     analysis-daemon report runs/my-run -o report.html                       (HTML report of a run's results)
     analysis-daemon report runs/lr-3e-4 runs/lr-1e-3                         (several runs compared on one page)
@@ -69,8 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
                "WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_DIR, WANDB_API_KEY; a trainer's hello message, "
                "when it names a project and group, takes precedence.")
     net = p.add_argument_group("network")
-    net.add_argument("--listen", default="tcp://127.0.0.1:5555", metavar="ENDPOINT",
-                     help="ZeroMQ endpoint to bind (tcp://HOST:PORT or ipc:///path; default: %(default)s)")
+    net.add_argument("--listen", default=None, metavar="ENDPOINT",
+                     help="ZeroMQ endpoint to bind: tcp://HOST:PORT or ipc:///path (default: an ipc socket only this "
+                          "user can reach, $XDG_RUNTIME_DIR/embedding-monitor/daemon.sock, else "
+                          "/tmp/embedding-monitor-UID/daemon.sock, in a directory created with mode 0700 and checked; "
+                          "trainers use the same default). A tcp port is open to every user of the host: use "
+                          "CurveZMQ keys for tcp beyond loopback, and see docs/privacy-and-transport.md")
     net.add_argument("--curve-secret", type=Path, metavar="FILE",
                      help="the daemon's CurveZMQ secret key file (NAME.key_secret from `analysis-daemon "
                           "keygen`); enables authentication and encryption")
@@ -82,7 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     shared = p.add_argument_group("shared host (limits per peer and per snapshot; see docs/security.md)")
     shared.add_argument("--max-connections", type=int, default=256, metavar="N",
-                        help="connections open at once; more are refused at the handshake (default: %(default)s)")
+                        help="connections of other users (not the daemon's own uid or an --allow-uid) open at "
+                             "once, all together; more are closed as soon as they are accepted. The daemon's "
+                             "own user is never refused (default: %(default)s)")
+    shared.add_argument("--max-connections-per-source", type=int, default=32, metavar="N",
+                        help="connections one other local user (by uid) or one remote address may hold at "
+                             "once, so one cannot take every place (default: %(default)s)")
     shared.add_argument("--heartbeat-interval", type=float, default=10.0, metavar="SECONDS",
                         help="ping every connection this often (default: %(default)s)")
     shared.add_argument("--peer-timeout", type=float, default=30.0, metavar="SECONDS",
@@ -95,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     shared.add_argument("--max-vocab-bytes", type=int, metavar="N",
                         help="reject a hello whose token strings total more UTF-8 bytes (default: 16 MiB)")
     shared.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
-                        help="also read shared-memory segments owned by this uid (default: only the "
-                             "daemon's own uid); repeatable")
+                        help="also read shared-memory segments owned by this uid, and treat its connections "
+                             "and runs like the daemon's own user's (default: only the daemon's own uid); repeatable")
     shared.add_argument("--reject-log-interval", type=float, default=10.0, metavar="SECONDS",
                         help="log at most one line per kind of rejected message or refused connection this "
                              "often, with the count suppressed meanwhile (default: %(default)s)")
@@ -110,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     life = p.add_argument_group("lifecycle")
     life.add_argument("--exit-on-end", action="store_true",
-                      help="exit 0 once every run that connected has sent `end` and its work is done")
+                      help="exit 0 once every run that connected has sent `end` and its work is done (runs of "
+                           "other local users, not the daemon's uid or an --allow-uid, are not waited for)")
     life.add_argument("--run-timeout", type=float, default=60.0, metavar="SECONDS",
                       help="close a run (like `end`: its waiting snapshots analysed, state saved, memory "
                            "released) whose publishers have been silent this long; publishers heartbeat "
@@ -254,8 +264,15 @@ def add_output_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     out = p.add_argument_group("output")
     out.add_argument("--results-dir", type=Path, default=Path("runs"),
                      help="results go to RESULTS_DIR/<run>/analysis.jsonl (default: %(default)s)")
+    from .service.files import parse_mode
+    out.add_argument("--results-mode", type=parse_mode, default=0o600, metavar="MODE",
+                     help="file mode of the results files (analysis.jsonl) and the log file; their new "
+                          "directories follow it (0600 -> 0700, 0644 -> 0755). Results hold token strings "
+                          "and metrics: they are private by default; 0644 shares them with every user of "
+                          "the host (default: 0600)")
     out.add_argument("--log-file", type=Path,
-                     help="also write the log, and each result's summary block, to this file")
+                     help="also write the log, and each result's summary block, to this file (created "
+                          "with --results-mode)")
     out.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                      help="log level (default: %(default)s)")
     out.add_argument("--no-console", action="store_true",
@@ -299,8 +316,8 @@ def add_tensorboard_options(p: argparse.ArgumentParser) -> None:
                          "matrix's size on disk, V x d x 4 bytes); 0: no projector (default: %(default)s)")
 
 
-def setup_logging(level: str, log_file: Path | None) -> logging.Logger:
-    """stderr (and optionally a file) handlers on the daemon's logger."""
+def setup_logging(level: str, log_file: Path | None, mode: int = 0o600) -> logging.Logger:
+    """stderr (and optionally a file, created with `mode`) handlers on the daemon's logger."""
     logger = logging.getLogger(LOGGER)
     logger.setLevel(level)
     from .service.logsafe import SafeFormatter  # peer-supplied text never reaches the log raw
@@ -308,7 +325,9 @@ def setup_logging(level: str, log_file: Path | None) -> logging.Logger:
     fmt = SafeFormatter("%(asctime)s analysis-daemon %(levelname)s %(message)s")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
+        from .service.files import dir_mode_for, make_dirs, open_for_append
+        make_dirs(log_file.parent, dir_mode_for(mode))
+        os.close(open_for_append(log_file, mode))  # created with its mode before logging opens it
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
     for h in handlers:
         h.setFormatter(fmt)
@@ -416,10 +435,10 @@ def make_sinks(args: argparse.Namespace, settings: Any, threads: int, close_time
         if problem is not None:
             raise ValueError(problem)
         tensorboard = TensorBoardSink(args.tensorboard, projector_keep=args.tensorboard_projector_keep)
-    sinks: list[Sink] = [JsonlSink(args.results_dir)]
+    sinks: list[Sink] = [JsonlSink(args.results_dir, mode=args.results_mode)]
     if args.token_data:
         from .sinks.token_data import TokenDataSink
-        sinks.append(TokenDataSink(args.results_dir, keep=args.token_data_keep))
+        sinks.append(TokenDataSink(args.results_dir, keep=args.token_data_keep, mode=args.results_mode))
     if not args.no_console or args.log_file is not None:
         # The summary blocks also go to the log file, so following the log (`./launch.sh tail`) shows
         # the metrics; the terminal still gets them once, on stdout.
@@ -462,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
     _ensure_passive_omp(argv)
-    log = setup_logging(args.log_level, args.log_file)
+    log = setup_logging(args.log_level, args.log_file, args.results_mode)
 
     import torch  # noqa: F401  only now: see the module docstring
 
@@ -470,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .service.daemon import Daemon, DaemonConfig
 
-    for name in ("max_connections", "max_vocab_tokens", "max_vocab_bytes"):
+    for name in ("max_connections", "max_connections_per_source", "max_vocab_tokens", "max_vocab_bytes"):
         value = getattr(args, name)
         if value is not None and value < 1:
             return fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -502,6 +521,14 @@ def main(argv: list[str] | None = None) -> int:
         from dataclasses import replace
         limits = replace(limits, **vocab_overrides)
 
+    from protocol.endpoints import UnsafeEndpoint, default_endpoint, ensure_private_dir, ipc_path, private_dir
+    try:
+        if args.listen is None:
+            args.listen = default_endpoint()  # its directory created 0700 and checked (owner, mode, no symlink)
+        elif ipc_path(args.listen) is not None and ipc_path(args.listen).parent == private_dir():
+            ensure_private_dir()
+    except UnsafeEndpoint as exc:
+        return fail(str(exc))
     curve = None
     if args.curve_secret or args.curve_authorized_dir:
         if not (args.curve_secret and args.curve_authorized_dir):
@@ -520,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     peers = PeerLimits(heartbeat_interval=args.heartbeat_interval, peer_timeout=args.peer_timeout,
                        handshake_timeout=args.handshake_timeout)
     config = DaemonConfig(
-        cost=cost, peers=peers, max_connections=args.max_connections, allow_uids=tuple(args.allow_uid),
+        cost=cost, peers=peers, max_connections=args.max_connections,
+        max_per_source=args.max_connections_per_source, allow_uids=tuple(args.allow_uid),
         reject_log_interval=args.reject_log_interval,
         listen=args.listen, limits=limits, exit_on_end=args.exit_on_end, state_dir=args.state_dir,
         shutdown_grace=args.shutdown_grace, curve=curve, allow_insecure=args.allow_insecure,
