@@ -120,17 +120,26 @@ class Snapshot:
     seq: int
     name: str
     dtype: str
-    shape: tuple[int, int]
+    shape: tuple[int, ...]  # (V, d); a block part's (rows, cols); an element-range part's (numel,)
     nbytes: int
     sent_at: float
     payload: memoryview | None = field(default=None, repr=False, compare=False)
     shm: ShmRef | None = None
     publisher: str = ""
-    # A part of a sharded matrix: `shape` is the part's, `global_shape` the full matrix's and `offset`
-    # the part's [row, col] in it. Both None for a whole (unsharded) snapshot.
+    # A part of a sharded matrix, in one of two forms (both None for a whole, unsharded snapshot):
+    # - a block: `shape` [rows, cols] is the part's, `offset` its [row, col] in `global_shape`;
+    # - an element range: `shape` is [numel] and the part is the flat elements [start, start + numel)
+    #   of the C-order `global_shape` matrix (an FSDP1 / ZeRO-3 shard; may begin or end mid-row).
+    # A part is never empty: a rank that holds nothing of the matrix sends nothing.
     global_shape: tuple[int, int] | None = None
     offset: tuple[int, int] | None = None
     metrics: dict[str, float | int] | None = None  # the trainer's scalars at this iteration (loss, ...)
+    start: int | None = None  # first flat element of an element-range part
+
+    @property
+    def numel(self) -> int:
+        """Elements in this snapshot (or part)."""
+        return math.prod(self.shape)
 
     @property
     def is_part(self) -> bool:
@@ -208,26 +217,35 @@ def encode_hello(*, run: str, seq: int, pid: int, host: str, vocab: Sequence[str
 def encode_snapshot(*, run: str, iter: int, seq: int, name: str, dtype: str, shape: Sequence[int],
                     payload: Any = None, shm: ShmRef | None = None, sent_at: float | None = None,
                     publisher: str = "", global_shape: Sequence[int] | None = None,
-                    offset: Sequence[int] | None = None, metrics: dict[str, float | int] | None = None) -> list[Any]:
+                    offset: Sequence[int] | None = None, metrics: dict[str, float | int] | None = None,
+                    start: int | None = None) -> list[Any]:
     """Frames of a `snapshot`: [header, payload] inline, or [header] when `shm` names the payload.
 
-    For one rank's part of a sharded matrix pass `global_shape` and `offset` ([row, col] of the part).
+    For one rank's part of a sharded matrix pass `global_shape` and either `offset` ([row, col] of a
+    2-D block of `shape`) or `start` (the first flat element of a 1-D range, `shape` = [numel]).
     `metrics` (optional) must pass `check_metrics`; it raises ProtocolError otherwise.
     """
     if (payload is None) == (shm is None):
         raise ValueError("encode_snapshot needs exactly one of payload= or shm=")
     if dtype not in DTYPE_ITEMSIZE:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPE_ITEMSIZE)}")
-    rows, cols = (int(n) for n in shape)
-    nbytes = rows * cols * DTYPE_ITEMSIZE[dtype]
+    dims = [int(n) for n in shape]
+    if len(dims) != (1 if start is not None else 2):
+        raise ValueError(f"shape {list(shape)} must be [numel] for an element range (start=), else [rows, cols]")
+    nbytes = math.prod(dims) * DTYPE_ITEMSIZE[dtype]
     if payload is not None and memoryview(payload).nbytes != nbytes:
         raise ValueError(f"payload has {memoryview(payload).nbytes} bytes, shape {shape} {dtype} needs {nbytes}")
-    if (global_shape is None) != (offset is None):
-        raise ValueError("encode_snapshot needs both global_shape= and offset= for a part, or neither")
-    part = {} if global_shape is None else {"global_shape": [int(n) for n in global_shape],
-                                            "offset": [int(n) for n in offset]}  # type: ignore[union-attr]
+    if (global_shape is None) != (offset is None and start is None) or (offset is not None and start is not None):
+        raise ValueError("encode_snapshot needs both global_shape= and offset= (or start=) for a part, or neither")
+    part: dict[str, Any] = {}
+    if global_shape is not None:
+        part["global_shape"] = [int(n) for n in global_shape]
+        if start is not None:
+            part["start"] = int(start)
+        else:
+            part["offset"] = [int(n) for n in offset]  # type: ignore[union-attr]
     header = {"v": PROTOCOL_VERSION, "kind": KIND_SNAPSHOT, "run": run, "seq": seq, "publisher": publisher,
-              "iter": iter, "name": name, "dtype": dtype, "shape": [rows, cols], "nbytes": nbytes,
+              "iter": iter, "name": name, "dtype": dtype, "shape": dims, "nbytes": nbytes,
               "sent_at": float(time.time() if sent_at is None else sent_at),
               "shm": None if shm is None else {"segment": shm.segment, "offset": shm.offset,
                                                  "slot_seq": shm.slot_seq}, **part}
@@ -483,10 +501,7 @@ def _pair(header: _Header, key: str) -> tuple[int, int]:
     return value[0], value[1]
 
 
-def _part_geometry(header: _Header, dtype: str, rows: int, cols: int) -> tuple[tuple[int, int], tuple[int, int]] | None:
-    """(global_shape, offset) of a sharded part, validated against the limits and the part's shape; None if whole."""
-    if "global_shape" not in header.data and "offset" not in header.data:
-        return None
+def _global_shape(header: _Header, dtype: str) -> tuple[int, int]:
     limits = header.limits
     g_rows, g_cols = _pair(header, "global_shape")
     if not 1 <= g_rows <= limits.max_rows:
@@ -497,11 +512,34 @@ def _part_geometry(header: _Header, dtype: str, rows: int, cols: int) -> tuple[t
     if g_bytes > limits.max_payload_bytes:
         raise ProtocolError(f"header: global_shape {[g_rows, g_cols]} x {dtype} = {g_bytes} bytes exceeds "
                             f"max_payload_bytes={limits.max_payload_bytes}")
+    return g_rows, g_cols
+
+
+def _part_geometry(header: _Header, dtype: str, shape: list[int]) -> tuple[tuple[int, int], tuple[int, int] | None,
+                                                                            int | None] | None:
+    """(global_shape, offset, start) of a sharded part, validated against the limits and the part's shape; None if whole."""
+    data = header.data
+    if "start" in data:
+        if "offset" in data:
+            raise ProtocolError("header: a part has either offset (a block) or start (an element range), not both")
+        g_rows, g_cols = _global_shape(header, dtype)
+        total = g_rows * g_cols
+        start = header.int_("start", maximum=total - 1)
+        if start + shape[0] > total:
+            raise ProtocolError(f"header: element range [{start}, {start + shape[0]}) does not lie within "
+                                f"global_shape {[g_rows, g_cols]} ({total} elements)")
+        return (g_rows, g_cols), None, start
+    if "global_shape" not in data and "offset" not in data:
+        return None
+    if len(shape) != 2:
+        raise ProtocolError(f"header: shape {shape} of a block part must be [rows, cols]")
+    rows, cols = shape
+    g_rows, g_cols = _global_shape(header, dtype)
     r0, c0 = _pair(header, "offset")
     if r0 < 0 or c0 < 0 or r0 + rows > g_rows or c0 + cols > g_cols:
         raise ProtocolError(f"header: part {[rows, cols]} at offset {[r0, c0]} does not lie within "
                             f"global_shape {[g_rows, g_cols]}")
-    return (g_rows, g_cols), (r0, c0)
+    return (g_rows, g_cols), (r0, c0), None
 
 
 def _decode_snapshot(frames: Sequence[Any], header: _Header, run: str, seq: int, publisher: str) -> Snapshot:
@@ -510,15 +548,21 @@ def _decode_snapshot(frames: Sequence[Any], header: _Header, run: str, seq: int,
     if dtype not in DTYPE_ITEMSIZE:
         raise ProtocolError(f"header: dtype={_short(dtype)} is not one of {sorted(DTYPE_ITEMSIZE)}")
     shape = header._get("shape")
-    if type(shape) is not list or len(shape) != 2 or any(type(n) is not int for n in shape):
-        raise ProtocolError(f"header: shape must be [rows, cols] (2-D, integers), got {_short(shape)}")
-    rows, cols = shape
-    if not 1 <= rows <= limits.max_rows:
-        raise ProtocolError(f"header: shape rows={rows} is outside [1, max_rows={limits.max_rows}]")
-    if not 1 <= cols <= limits.max_cols:
-        raise ProtocolError(f"header: shape cols={cols} is outside [1, max_cols={limits.max_cols}]")
+    if "start" in header.data:  # an element-range part: [numel], checked against global_shape below
+        if type(shape) is not list or len(shape) != 1 or type(shape[0]) is not int:
+            raise ProtocolError(f"header: shape of an element-range part must be [numel] (1 integer), got {_short(shape)}")
+        if not 1 <= shape[0] <= limits.max_rows * limits.max_cols:
+            raise ProtocolError(f"header: shape numel={shape[0]} is outside [1, {limits.max_rows * limits.max_cols}]")
+    else:
+        if type(shape) is not list or len(shape) != 2 or any(type(n) is not int for n in shape):
+            raise ProtocolError(f"header: shape must be [rows, cols] (2-D, integers), got {_short(shape)}")
+        rows, cols = shape
+        if not 1 <= rows <= limits.max_rows:
+            raise ProtocolError(f"header: shape rows={rows} is outside [1, max_rows={limits.max_rows}]")
+        if not 1 <= cols <= limits.max_cols:
+            raise ProtocolError(f"header: shape cols={cols} is outside [1, max_cols={limits.max_cols}]")
     nbytes = header.int_("nbytes")
-    expected = rows * cols * DTYPE_ITEMSIZE[dtype]
+    expected = math.prod(shape) * DTYPE_ITEMSIZE[dtype]
     if nbytes != expected:
         raise ProtocolError(f"header: nbytes={nbytes} does not match shape {shape} x {dtype} = {expected}")
     if nbytes > limits.max_payload_bytes:
@@ -542,10 +586,11 @@ def _decode_snapshot(frames: Sequence[Any], header: _Header, run: str, seq: int,
         shm = ShmRef(segment=segment, offset=sub.int_("offset", maximum=4096), slot_seq=sub.int_("slot_seq"))
         if shm.slot_seq % 2:
             raise ProtocolError(f"header: shm.slot_seq={shm.slot_seq} is odd (slot was mid-write)")
-    part = _part_geometry(header, dtype, rows, cols)
+    part = _part_geometry(header, dtype, shape)
     # Optional: absent from older publishers' headers.
     metrics = check_metrics(header.data.get("metrics"), limits)
-    return Snapshot(run=run, iter=header.int_("iter"), seq=seq, name=header.str_("name", max_chars=limits.max_tensor_name_chars), dtype=dtype,
-                    shape=(rows, cols), nbytes=nbytes, sent_at=header.float_("sent_at"), payload=payload,
+    return Snapshot(run=run, iter=header.int_("iter"), seq=seq,
+                    name=header.str_("name", max_chars=limits.max_tensor_name_chars), dtype=dtype,
+                    shape=tuple(shape), nbytes=nbytes, sent_at=header.float_("sent_at"), payload=payload,
                     shm=shm, publisher=publisher, global_shape=part[0] if part else None,
-                    offset=part[1] if part else None, metrics=metrics)
+                    offset=part[1] if part else None, metrics=metrics, start=part[2] if part else None)

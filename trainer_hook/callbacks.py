@@ -19,6 +19,8 @@ from typing import Any, Callable
 import torch
 
 from .publisher import EmbeddingPublisher, embedding_weight
+from .sharding import vocab_rows
+from .stacks import fsdp1_path
 
 log = logging.getLogger("embedding_monitor.hook")
 
@@ -119,6 +121,13 @@ def effective_weight(module: Any) -> torch.Tensor:
     return weight
 
 
+def embedding_rows(module: Any, model: Any = None) -> int:
+    """Rows of the full embedding matrix (the vocabulary size) under any supported stack; `model` is the wrapped model."""
+    if fsdp1_path(model, module) is not None and hasattr(module, "num_embeddings"):
+        return int(module.num_embeddings)  # its weight is this rank's flat view
+    return vocab_rows(embedding_weight(module))
+
+
 def scalar_metrics(values: dict[str, Any], *, read_device: bool) -> dict[str, float | int]:
     """The one-number entries of a framework's metrics dict as Python numbers.
 
@@ -160,6 +169,7 @@ class StepPublisher:
         self.failures = 0  # publishes that raised (logged once, then counted)
         self._last_step: int | None = None
         self._embedding: Callable[[], Any] | None = None
+        self._model: Callable[[], Any] | None = None  # the wrapped model (FSDP1: publish through it)
         self.pending: int | None = None  # the step marked for publishing, not sent yet
         self._metrics_step: int | None = None
         self._metrics: dict[str, Any] = {}  # what was measured at _metrics_step
@@ -170,8 +180,12 @@ class StepPublisher:
         return self.publisher is not None
 
     def start(self, run: str, vocab: list[str] | None, wandb_info: dict[str, Any] | None,
-              meta: dict[str, Any], embedding: Callable[[], Any] | None = None) -> EmbeddingPublisher:
-        """Create the publisher for a new training (closing a previous one); `embedding()` gives the weight."""
+              meta: dict[str, Any], embedding: Callable[[], Any] | None = None,
+              model: Callable[[], Any] | None = None) -> EmbeddingPublisher:
+        """Create the publisher for a new training (closing a previous one); `embedding()` gives the weight.
+
+        `model()` (optional) gives the wrapped model: under FSDP1 the embedding is published through it.
+        """
         self.close()
         options = dict(self.options)
         options.setdefault("vocab", vocab)
@@ -181,6 +195,7 @@ class StepPublisher:
         self._last_step = self.pending = self._metrics_step = None
         self._metrics = {}
         self._embedding = embedding
+        self._model = model
         log.info("embedding monitor: run %s publishing to %s (every_n_steps=%s)", self.publisher.run,
                  self.publisher.endpoint, self.every_n_steps)
         return self.publisher
@@ -222,17 +237,24 @@ class StepPublisher:
         self.pending = None
 
     def publish(self, embedding: Callable[[], Any], step: int,
-                metrics: Callable[[], dict[str, Any] | None] | None = None) -> bool:
+                metrics: Callable[[], dict[str, Any] | None] | None = None,
+                model: Callable[[], Any] | None = None) -> bool:
         """Publish the embedding at `step` now unless this step was already published; True if handed off.
 
         `metrics()` (called only when publishing) gives the trainer's scalars to send with the snapshot.
+        `model()` (optional) is the wrapped model: under FSDP1 the embedding is published through it.
         """
         if self.publisher is None or step == self._last_step:
             return False
         self._last_step = step  # also on a drop: the same weights are not worth a second try
         try:
-            return self.publisher.publish(effective_weight(embedding()), step,
-                                          metrics=(metrics() or None) if metrics else None)
+            module = embedding()
+            values = (metrics() or None) if metrics else None
+            root = (model or self._model or (lambda: None))()
+            path = fsdp1_path(root, module)  # FSDP1: its weight is a flat view; the model knows where it lies
+            if path is not None:
+                return self.publisher.publish(root, step, metrics=values, embedding=path)
+            return self.publisher.publish(effective_weight(module), step, metrics=values)
         except Exception:  # noqa: BLE001 - monitoring must never end a training run
             self.failures += 1
             if self.failures == 1:
@@ -245,6 +267,6 @@ class StepPublisher:
         if self.pending is not None:
             self.flush()
         publisher, self.publisher = self.publisher, None
-        self._embedding = None
+        self._embedding = self._model = None
         if publisher is not None:
             publisher.close()

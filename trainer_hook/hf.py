@@ -19,8 +19,8 @@ from transformers import TrainerCallback
 
 from protocol.metric_names import hf_log_metrics
 
-from .callbacks import StepPublisher, active_wandb_info, first_given, generated_run_name, log, vocab_of
-from .publisher import embedding_weight
+from .callbacks import (StepPublisher, active_wandb_info, embedding_rows, first_given, generated_run_name, log,
+                        vocab_of)
 
 __all__ = ["EmbeddingMonitorCallback"]
 
@@ -87,12 +87,12 @@ class EmbeddingMonitorCallback(TrainerCallback):
         wandb_info = active_wandb_info() if "wandb" in (args.report_to or []) else None
         run = self.run or args.run_name or None
         run, wandb_info = _shared_across_ranks((run or generated_run_name("hf"), wandb_info))
-        rows = int(embedding_weight(embedding).shape[0])  # a DTensor's shape is the global one
+        rows = embedding_rows(embedding, model)  # the global rows (DTensor, ZeRO-3, FSDP1)
         vocab = vocab_of(first_given(self.tokenizer, processing_class, tokenizer), rows)
         self.monitor.start(run, vocab, wandb_info, meta={"framework": "transformers",
                                                          "framework_version": transformers.__version__,
                                                          "model": type(model).__name__},
-                           embedding=lambda: input_embeddings(model))
+                           embedding=lambda: input_embeddings(model), model=lambda: model)  # FSDP1: the root
         if self.monitor.every_n_steps is None and args.eval_strategy == "no":
             log.info("embedding monitor: no evaluation and no every_n_steps: publishing the first and the last "
                      "step only")

@@ -21,9 +21,8 @@ try:
 except ImportError:  # the standalone package of older releases
     import pytorch_lightning as pl
 
-from .callbacks import (StepPublisher, active_wandb_info, first_given, generated_run_name, scalar_metrics, vocab_of,
-                        wandb_info_of)
-from .publisher import embedding_weight
+from .callbacks import (StepPublisher, active_wandb_info, embedding_rows, first_given, generated_run_name,
+                        scalar_metrics, vocab_of, wandb_info_of)
 
 __all__ = ["EmbeddingMonitorCallback"]
 
@@ -107,7 +106,7 @@ class EmbeddingMonitorCallback(pl.Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Open the publisher: find the embedding, agree on the run name across ranks, vocabulary, W&B run."""
         self._module, self._seen = pl_module, {}
-        rows = int(embedding_weight(find_embedding(pl_module, self.embedding)).shape[0])  # fail before training
+        rows = embedding_rows(find_embedding(pl_module, self.embedding), trainer.strategy.model)  # fail before training
         name, wandb_info = (None, None)
         if trainer.is_global_zero:
             name, wandb_info = _logger_run(trainer)
@@ -119,7 +118,8 @@ class EmbeddingMonitorCallback(pl.Callback):
         self.monitor.start(run, vocab_of(tokenizer, rows), wandb_info,
                            meta={"framework": "lightning", "framework_version": pl.__version__,
                                  "model": type(pl_module).__name__},
-                           embedding=lambda: find_embedding(pl_module, self.embedding))
+                           embedding=lambda: find_embedding(pl_module, self.embedding),
+                           model=lambda: trainer.strategy.model)  # FSDPStrategy: the FSDP1 root
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """The starting weights, at the step training starts from (0, or the restored step on resume)."""

@@ -34,7 +34,7 @@ from protocol.shm import publisher_id as make_publisher_id
 
 from . import signals
 from .sender import EndJob, PrepareJob, Sender, SnapshotJob
-from .sharding import Part, dist_rank_and_world, find_weight, local_part
+from .sharding import Part, dist_rank_and_world, find_weight, locate
 from .staging import EventFactory, StagingPool, cuda_event
 
 log = logging.getLogger("embedding_monitor.hook")
@@ -272,32 +272,32 @@ class EmbeddingPublisher:
 
     # ------------------------------------------------------------ publishing
 
-    def prepare(self, weight_or_module: Any, timeout: float = 60.0) -> bool:
+    def prepare(self, weight_or_module: Any, timeout: float = 60.0, *, embedding: str | None = None) -> bool:
         """Before the training loop: connect, and allocate and fault in every buffer the weight's snapshots need.
 
         The work runs on the sender thread; this waits up to `timeout` s for it (0: do not wait) and
         returns whether it finished. From then on every publish costs one copy, the first included.
         Raises the same one-line error publish() would for a weight that cannot be sent.
         """
-        part = self._part(weight_or_module)
+        part = self._part(weight_or_module, embedding)
         if part is None:
             return True  # nothing to send from this rank
         job = self._prepare_for(part, *self._wire_shape(part.local))
         return job is None or job.done.wait(max(0.0, timeout))
 
-    def _part(self, weight_or_module: Any) -> Part | None:
+    def _part(self, weight_or_module: Any, embedding: str | None = None) -> Part | None:
         if not self._shards_allowed or self._closed:
             return None
-        part = local_part(find_weight(weight_or_module), sends_plain=self.enabled)
+        part = locate(weight_or_module, self.enabled, embedding)
         if part is not None and self._sender is None and not self._closed:
             self._start(**self._start_args)  # a rank other than 0 holding a shard: connect now
         return part
 
-    def _wire_shape(self, weight: torch.Tensor) -> tuple[torch.dtype, tuple[int, int], int]:
+    def _wire_shape(self, weight: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...], int]:
         dtype = self.send_dtype or (weight.dtype if weight.dtype in (torch.float32, torch.float16, torch.bfloat16)
                                     else torch.float32)
-        shape = (int(weight.shape[0]), int(weight.shape[1]))
-        return dtype, shape, shape[0] * shape[1] * dtype.itemsize
+        shape = tuple(int(n) for n in weight.shape)  # (V, d), a block's (rows, cols), an element range's (numel,)
+        return dtype, shape, weight.numel() * dtype.itemsize
 
     def _prepare_for(self, part: Part, dtype: torch.dtype, shape: tuple[int, int], nbytes: int) -> PrepareJob | None:
         # Once per size: the sender thread creates and faults in the shm slots / staging buffers, so
@@ -309,14 +309,19 @@ class EmbeddingPublisher:
         self._sender.jobs.put(job)
         return job
 
-    def publish(self, weight_or_module: Any, iter_num: int, metrics: dict[str, Any] | None = None) -> bool:
-        """Copy the embedding weight (this rank's shard of a DTensor) and hand it off; True if handed off. Never blocks.
+    def publish(self, weight_or_module: Any, iter_num: int, metrics: dict[str, Any] | None = None, *,
+                embedding: str | None = None) -> bool:
+        """Copy the embedding weight (this rank's shard of it) and hand it off; True if handed off. Never blocks.
+
+        Sharded stacks (FSDP2/DTensor, FSDP1, DeepSpeed ZeRO-3, Megatron tensor parallel): call it on every
+        rank; each sends its own piece. FSDP1 with the embedding inside a larger unit: pass the FSDP model
+        and `embedding=` the embedding's path ("transformer.wte"), since its bare weight is a flat view.
 
         `metrics`: optional trainer scalars at this iteration (e.g. {"train/loss": 2.31}); the daemon
         keeps them in the result and logs them on the same iteration axis. Invalid entries are left
         out, counted in `metrics_rejected` and logged once per distinct problem; the snapshot still goes.
         """
-        part = self._part(weight_or_module)
+        part = self._part(weight_or_module, embedding)
         if part is None or self._sender is None:
             return False  # disabled, closed, or another rank sends this matrix (or this part of it)
         weight = part.local
@@ -333,7 +338,7 @@ class EmbeddingPublisher:
         self._shm_fallback_check()
         job = SnapshotJob(iter=int(iter_num), name=self.name, dtype=wire_dtype(dtype), shape=shape,
                           connect_deadline=connect_deadline, metrics=clean, global_shape=part.global_shape,
-                          offset=part.offset)
+                          offset=part.offset, start=part.start)
         try:
             # A large snapshot uses the slots/buffers the sender thread prepared (prepare(), or queued by the
             # first publish): fresh pages here would stall this thread (shm slot: ~10 copies), and faulting

@@ -37,7 +37,7 @@ class SnapshotJob:
     iter: int
     name: str
     dtype: str
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     staged: StagingBuffer | None = None
     event: CopyEvent | None = None
     slot: object | None = None
@@ -48,6 +48,7 @@ class SnapshotJob:
     metrics: dict[str, float | int] | None = None  # already checked by the publisher (clean_metrics)
     global_shape: tuple[int, int] | None = None  # set for one rank's part of a sharded (DTensor) matrix
     offset: tuple[int, int] | None = None
+    start: int | None = None  # or the first flat element of an element-range part (1-D shape)
 
 
 @dataclass
@@ -275,7 +276,7 @@ class Sender(threading.Thread):
             return self._fail(job, self.absent_reason())
         common = dict(run=self.run_name, iter=job.iter, seq=self._seq, name=job.name, dtype=job.dtype,
                       shape=job.shape, publisher=self.publisher_id, global_shape=job.global_shape,
-                      offset=job.offset, metrics=job.metrics)
+                      offset=job.offset, metrics=job.metrics, start=job.start)
         if job.ref is not None:
             ok = self._send(encode_snapshot(shm=job.ref, **common)) is not False
         else:
