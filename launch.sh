@@ -66,7 +66,9 @@ undo_failed_start() {
 
 # Start the daemon in the background and wait (bounded) for its ready line; sets DAEMON_PID.
 # The daemon and its tee ignore SIGHUP: when the terminal closes, launch.sh stops the trainer first and
-# then the daemon with SIGTERM, so the daemon flushes its sinks and logs its "stopped" line.
+# then the daemon with SIGTERM, so the daemon flushes its sinks and logs its "stopped" line. The tee also
+# ignores SIGINT (Ctrl-C reaches the whole process group): it must keep draining the daemon's stdout until
+# the daemon exits, or the summary block of the analysis it finishes hits a closed pipe (a lost result).
 start_daemon() {
     local logfile=$1; shift
     # This start's part of daemon.log begins after what an earlier daemon of the run wrote.
@@ -77,7 +79,7 @@ start_daemon() {
     # log lines and a copy of every block go to daemon.log (./launch.sh tail follows it).
     # shellcheck disable=SC2086
     ( trap '' HUP; exec $DAEMON_PREFIX "$PY" -m analysis_daemon --results-dir "$RESULTS_DIR" \
-        --log-file "$logfile" "$@" ) > >(trap '' HUP; exec tee -a "$logfile.stdout") 2>> "$logfile.stderr" &
+        --log-file "$logfile" "$@" ) > >(trap '' HUP INT; exec tee -a "$logfile.stdout") 2>> "$logfile.stderr" &
     DAEMON_PID=$!
     local waited=0
     until grep -q "ready" "$logfile.stdout" 2>/dev/null; do
