@@ -208,6 +208,10 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
                           "V^2/2; mean/std stay exact; N >= V is the exact pass (default: exact)")
     ana.add_argument("--sample-seed", type=int, default=0, metavar="S",
                      help="seed of the sampled rows (the same rows for every snapshot; default: %(default)s)")
+    ana.add_argument("--device", default="cpu", metavar="cpu|cuda|auto",
+                     help="where the math runs: cpu, cuda (or cuda:N; a GPU's blocks are sized to a quarter of "
+                          "its free memory) or auto (cuda when there is one, else cpu); each record names the "
+                          "device and chunk size used (default: %(default)s)")
 
     ins = p.add_argument_group("insight and alerts")
     ins.add_argument("--extras", action=argparse.BooleanOptionalAction, default=True,
@@ -329,7 +333,10 @@ def analysis_settings(args: argparse.Namespace) -> Any:
     if args.galaxy_rows < 0:
         raise ValueError(f"--galaxy-rows must be >= 0 (0: no map), got {args.galaxy_rows}")
     probes = tuple(t.strip() for spec in args.probe for t in spec.split(",") if t.strip())
+    from .metrics.device import resolve_device
+    device = resolve_device(args.device, logging.getLogger(LOGGER))  # DeviceUnavailable is a ValueError
     return AnalysisSettings(
+        device=str(device),
         threshold=args.threshold, chunk_size=args.chunk_size, top_k=args.top_k,
         progress_interval=args.progress_interval, extras=args.extras, knn_k=args.knn_k, probes=probes,
         probe_k=args.probe_k, sample_rows=args.sample_rows, sample_seed=args.sample_seed,
