@@ -75,6 +75,7 @@ class DaemonConfig:
     max_connections: int = 256  # connections open at once; more are refused by the gate (ZAP)
     cost: CostLimits = field(default_factory=CostLimits)  # one snapshot's analysis cost and memory
     allow_uids: tuple[int, ...] = ()  # besides our own uid, owners whose shared-memory segments we read
+    executor: Any = None  # service.executor.Executor that runs the analyses (None: in this process, one at a time)
 
 
 def _held_bytes(state: RunState) -> int:
@@ -115,7 +116,7 @@ class Daemon:
         self.gate.max_connections = config.max_connections
         self.gate.log_interval = config.reject_log_interval
         self.reject_log = RateLimiter(log, config.reject_log_interval)
-        self.worker = AnalysisWorker(self, config.analysis)
+        self.worker = AnalysisWorker(self, config.analysis, config.executor)
         self.assembler = Assembler(config.assembly_timeout)  # sharded runs: parts -> full matrices
         if self.store is not None:
             self._restore()
