@@ -152,3 +152,20 @@ def test_cuda_records_equal_the_cpu_within_float32(sample_rows: int | None) -> N
             assert b["drift"]["average_cosine_similarity"] == pytest.approx(
                 a["drift"]["average_cosine_similarity"], abs=1e-6)
         assert b["insight"]["effective_rank"] == pytest.approx(a["insight"]["effective_rank"], rel=1e-5)
+
+
+def test_executor_ray_without_ray_is_one_error_line(tmp_path) -> None:
+    # A `ray` module that cannot be imported, first on the path: what a host without the [ray] extra sees.
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "ray.py").write_text("raise ImportError('No module named ray')\n")
+    import os
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")]),
+               OMP_WAIT_POLICY="PASSIVE")
+    proc = subprocess.run([sys.executable, "-m", "analysis_daemon", "--executor", "ray", "--listen",
+                           "tcp://127.0.0.1:0", "--no-wandb"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == \
+        "Error: --executor ray needs Ray: pip install 'embedding-monitor[ray]' (or pip install ray)"
+    assert "Traceback" not in proc.stderr

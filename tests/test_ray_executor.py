@@ -84,8 +84,10 @@ def _crash_first_time(marker: str):
     return task
 
 
-def _always_fails(*args):
-    raise RuntimeError("out of device memory (test)")
+def _always_fails():
+    def task(*args):  # a closure: Ray ships it by value, the workers need not import this test module
+        raise RuntimeError("out of device memory (test)")
+    return task
 
 
 def test_a_failed_task_is_retried_once(cluster, tmp_path: Path, caplog) -> None:
@@ -100,11 +102,52 @@ def test_a_failed_task_is_retried_once(cluster, tmp_path: Path, caplog) -> None:
 
 
 def test_a_task_failing_twice_is_lost_with_its_reason(cluster) -> None:
-    ex = RayExecutor(threads=1, task=_always_fails)
+    ex = RayExecutor(threads=1, task=_always_fails())
     job = jobs(v=50, d=8, iters=1)[0]
     with pytest.raises(TaskLost, match="failed twice: .*out of device memory \\(test\\)"):
         ex.analyse(job, settings_for("cpu"), None, RunInsight(), lambda: False)
     assert ex.lost_tasks == 1
+
+
+def test_daemon_with_ray_executor_writes_the_in_process_records(cluster, tmp_path: Path, subprocess_env) -> None:
+    # Real daemons, real publishers: two runs publishing at once, analysed in process and as Ray tasks
+    # (the daemon joins this module's instance through RAY_ADDRESS); the records are the same.
+    from tests.conftest import free_tcp_port
+    from tests.test_daemon import DaemonProc, matrices
+    from trainer_hook import EmbeddingPublisher
+
+    env = dict(subprocess_env, OMP_WAIT_POLICY="PASSIVE")
+    runs = ("run-a", "run-b")
+    out: dict[str, dict[str, list[dict]]] = {}
+    for executor in ("inprocess", "ray"):
+        endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
+        (tmp_path / executor).mkdir()
+        d = DaemonProc(tmp_path / executor, dict(env, RAY_ADDRESS=cluster) if executor == "ray" else env, endpoint,
+                       "--exit-on-end", "--no-wandb", "--no-console", "--executor", executor,
+                       "--max-concurrent", "2", "--galaxy-rows", "100", tag=executor)
+        try:
+            pubs = [EmbeddingPublisher(endpoint, run=run) for run in runs]
+            series = [matrices(3, shape=(200, 16), seed=i) for i in range(len(runs))]
+            for it in range(3):
+                for pub, mats in zip(pubs, series):
+                    assert pub.publish(mats[it], 100 * it)
+                for run in runs:
+                    d.wait_results(run, it + 1)
+            for pub in pubs:
+                pub.close()
+            assert d.wait_exit() == 0, d.log()
+        finally:
+            d.kill()
+        out[executor] = {run: d.results(run) for run in runs}
+        if executor == "ray":
+            assert "executor: Ray at" in d.log() and "up to 2 analyses at once" in d.log()
+    skip = {"counters", "daemon_counters", "memory_held_bytes", "seq"}  # seq: the publisher's message count
+    for run in runs:
+        local, remote = out["inprocess"][run], out["ray"][run]
+        assert [r["iter"] for r in remote] == [0, 100, 200]  # the run's order kept
+        assert [{k: v for k, v in strip(r).items() if k not in skip} for r in local] == \
+            [{k: v for k, v in strip(r).items() if k not in skip} for r in remote]
+    assert ray.is_initialized()  # the daemon disconnected from the module's instance, did not stop it
 
 
 def test_a_lost_cluster_falls_back_to_this_process_with_one_line(cluster, caplog) -> None:
