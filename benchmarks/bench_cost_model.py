@@ -54,6 +54,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every row count by this")
+    ap.add_argument("--shapes", nargs="*", metavar="VxD[:SAMPLE]",
+                    help="shapes to measure instead of the built-in list, e.g. 60000x2 8000x768 120000x2:3000")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     settings = AnalysisSettings()
@@ -61,7 +63,14 @@ def main() -> None:
     print(f"{'shape':>16} {'sample':>7} {'seconds':>9} {'estimate':>10} {'s per 1e12':>11} {'est. MiB':>9}")
     ratios = []
     run_one(500, 16, None, settings)  # warm-up: LAPACK, thread pool
-    for rows, cols, sample in SHAPES:
+    shapes = SHAPES
+    if args.shapes:
+        shapes = []
+        for spec in args.shapes:
+            dims, _, sample = spec.partition(":")
+            rows, cols = (int(x) for x in dims.split("x"))
+            shapes.append((rows, cols, int(sample) if sample else None))
+    for rows, cols, sample in shapes:
         rows = max(1000, int(rows * args.scale))
         seconds = run_one(rows, cols, sample, settings)
         est = estimate_cost(rows, cols, sample)
