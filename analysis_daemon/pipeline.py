@@ -296,7 +296,7 @@ def _insight(job: Job, settings: AnalysisSettings, state: RunInsight, knn_ids: A
              vocab: list[str] | None, cur_t: torch.Tensor, prev_t: torch.Tensor | None) -> dict[str, Any]:
     from .metrics.insight import compute_insight, resolve_probes
 
-    cur, prev = job.current, job.previous
+    cur = job.current
     probe_ids, unknown = resolve_probes(settings.probes, vocab, cur.tensor.shape[0])
     if unknown and not state.probes_logged:
         log.warning("run %s: probe token(s) not found (%s): %s", job.run,

@@ -14,8 +14,6 @@ from typing import Any, Callable, Protocol
 from ..pipeline import AnalysisSettings, analyse
 from .state import Job, RunInsight
 
-EXECUTORS = ("inprocess", "ray")
-
 
 class TaskLost(Exception):
     """An analysis could not be run (its task failed twice); the message says why."""

@@ -122,8 +122,8 @@ class RayExecutor:
     def forget(self, runs: set[str]) -> None:
         """Drop the object references of runs no longer in the daemon (their bytes leave the store)."""
         for table in (self._refs, self._vocab_refs):
-            for run in [r for r in table if r not in runs]:
-                del table[run]
+            for run in [r for r in list(table) if r not in runs]:  # list(): lanes may add runs meanwhile
+                table.pop(run, None)
 
     def _alive(self) -> bool:
         if not self.ray.is_initialized():  # checked first: other calls would start a new local instance

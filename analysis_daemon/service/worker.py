@@ -108,7 +108,7 @@ class AnalysisWorker(threading.Thread):
         # The daemon releases ended runs from memory; drop this thread's per-run state with them.
         live = set(self.daemon_ref.runs)
         for per_run in (self._insight, self._hello_sent):
-            for run in [r for r in per_run if r not in live]:
+            for run in [r for r in list(per_run) if r not in live]:  # list(): lanes may add runs meanwhile
                 per_run.pop(run, None)
         forget = getattr(self.executor, "forget", None)
         if forget is not None:  # the Ray executor's object references of released runs
