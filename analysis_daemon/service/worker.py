@@ -181,6 +181,7 @@ class AnalysisWorker(threading.Thread):
         if job.current.recovered:
             result["recovered"] = True  # analysed again after a restart (it was interrupted)
         d.add_counters(job, result)
+        result.setdefault("daemon_counters", {})["analyses_lost"] = self.lost_tasks  # tasks failed twice so far
         log.info("run %s iter %d: analysed in %.2f s", job.run, job.current.iter, result["seconds"])
         # The job is finished (by _run_job) only after this: --exit-on-end must not exit between the
         # analysis and the sinks.
