@@ -66,6 +66,8 @@ undo_failed_start() {
 # then the daemon with SIGTERM, so the daemon flushes its sinks and logs its "stopped" line.
 start_daemon() {
     local logfile=$1; shift
+    # This start's part of daemon.log begins after what an earlier daemon of the run wrote.
+    DAEMON_LOG_FROM=$(( $(wc -l < "$logfile" 2>/dev/null || echo 0) + 1 ))
     : > "$logfile.stdout"
     : > "$logfile.stderr"
     # The daemon's summary blocks (stdout) show in this terminal and are kept in daemon.log.stdout; its
@@ -110,6 +112,36 @@ stop_daemon() {
     kill -TERM "$DAEMON_PID" 2>/dev/null || true
     wait_pid "$DAEMON_PID"
     DAEMON_RC=$WAIT_RC
+}
+
+# The daemon's own account of its stop: the last "analysis-daemon stopped: received=... lost=N ..." line of
+# this start's part of its log; empty when it died before it could write one (kill -9, a crash).
+daemon_stopped_line() {
+    tail -n +"${DAEMON_LOG_FROM:-1}" "$1" 2>/dev/null | grep "analysis-daemon stopped:" | tail -n 1 || true
+}
+
+# Warn only when results were lost: the daemon's stopped line counts them (lost=N: analysed, not delivered
+# to a sink); without that line it stopped before it could say, and its exit status is all there is.
+warn_if_results_lost() {
+    local logfile=$1 stopped lost
+    stopped=$(daemon_stopped_line "$logfile")
+    if [ -z "$stopped" ]; then
+        if [ "$DAEMON_RC" -ne 0 ]; then
+            log "warning: the daemon (pid $DAEMON_PID) exited with status $DAEMON_RC (killed?); results may be incomplete, see $logfile"
+        fi
+        return 0
+    fi
+    lost=$(sed -n 's/.* lost=\([0-9][0-9]*\).*/\1/p' <<< "$stopped")
+    if [ "${lost:-0}" -gt 0 ]; then
+        log "warning: the daemon lost $lost analysed result(s) (not delivered to a sink); see $logfile"
+    fi
+}
+
+# The last line of a run: where the results are and the command that turns them into a report.
+report_hint() {
+    local results=$1 cmd="$PY -m analysis_daemon"
+    if command -v analysis-daemon >/dev/null 2>&1; then cmd="analysis-daemon"; fi
+    log "results: $results (report: $cmd report $results -o ${results%/*}/report.html)"
 }
 
 signal_number() { case $1 in HUP) echo 1 ;; INT) echo 2 ;; *) echo 15 ;; esac; }
@@ -204,15 +236,14 @@ cmd_local() {
         DAEMON_RC=$WAIT_RC
     fi
     trap - INT TERM HUP
-    if [ "$DAEMON_RC" -ne 0 ]; then
-        log "warning: the daemon (pid $DAEMON_PID) exited with status $DAEMON_RC (killed?); results may be incomplete, see $logfile"
-    fi
-    log "results: $RESULTS_DIR/$run/analysis.jsonl"
+    warn_if_results_lost "$logfile"
     if [ -n "$STOP_SIGNAL" ]; then
         local signo; signo=$(signal_number "$STOP_SIGNAL")
         log "interrupted by SIG$STOP_SIGNAL: trainer (status $rc) and daemon stopped; exit status $((128 + signo))"
+        report_hint "$RESULTS_DIR/$run/analysis.jsonl"
         exit $((128 + signo))
     fi
+    report_hint "$RESULTS_DIR/$run/analysis.jsonl"
     exit "$rc"
 }
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -294,7 +295,22 @@ def add_output_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     out.add_argument("--token-data-keep", type=int, default=50, metavar="N",
                      help="keep the token data of the newest N analysed iterations per run, removing older "
                           "ones (default: %(default)s)")
+    add_tensorboard_options(p)
     return out
+
+
+def add_tensorboard_options(p: argparse.ArgumentParser) -> None:
+    """The TensorBoard sink's options (shared by the daemon and `replay`)."""
+    tb = p.add_argument_group("TensorBoard (needs the tensorboard extra: pip install 'embedding-monitor[tensorboard]')")
+    tb.add_argument("--tensorboard", type=Path, metavar="DIR",
+                    help="also write TensorBoard files, one TensorBoard run per trainer run in DIR/<run>/ (a "
+                         "named tensor of a run with several in DIR/<run>/<tensor>/): the W&B scalars and the "
+                         "trainer's metrics at the training iteration, the similarity and row-norm histograms, "
+                         "and the embedding projector with per-token metadata; view with "
+                         "`tensorboard --logdir DIR`")
+    tb.add_argument("--tensorboard-projector-keep", type=int, default=5, metavar="K",
+                    help="keep the projector of the latest K analysed snapshots per run (each costs the "
+                         "matrix's size on disk, V x d x 4 bytes); 0: no projector (default: %(default)s)")
 
 
 def setup_logging(level: str, log_file: Path | None) -> logging.Logger:
@@ -359,7 +375,9 @@ def analysis_settings(args: argparse.Namespace, check_device: bool = True) -> An
         progress_interval=args.progress_interval, extras=args.extras, knn_k=args.knn_k, probes=probes,
         probe_k=args.probe_k, sample_rows=args.sample_rows, sample_seed=args.sample_seed,
         galaxy_rows=args.galaxy_rows, galaxy_seed=args.galaxy_seed,
-        token_data=bool(getattr(args, "token_data", False)),
+        # the per-token arrays: for the explorer's token data, and for the TensorBoard projector
+        token_data=bool(getattr(args, "token_data", False))
+        or (getattr(args, "tensorboard", None) is not None and getattr(args, "tensorboard_projector_keep", 0) > 0),
         alerts=AlertSettings(collapse_mean_sim=args.collapse_mean_sim,
                              collapse_min_rank_fraction=args.collapse_min_rank_fraction,
                              drift_window=args.drift_window, drift_spike_mads=args.drift_spike_mads,
@@ -402,10 +420,10 @@ def raise_fd_limit(max_connections: int, log: logging.Logger) -> None:
 
 
 def make_sinks(args: argparse.Namespace, settings: Any, threads: int, close_timeout: float | None) -> Any:
-    """The SinkSet of parsed output options: console (unless --no-console), results file, W&B.
+    """The SinkSet of parsed output options: console (unless --no-console), results file, W&B, TensorBoard.
 
     `close_timeout` None: the W&B sink derives it from --wandb-init-timeout and --wandb-finish-timeout.
-    Raises ValueError for a timeout that is not positive.
+    Raises ValueError for a timeout that is not positive, or --tensorboard without its package.
     """
     from .sinks import Sink, SinkSet
     from .sinks.console import ConsoleSink
@@ -413,6 +431,16 @@ def make_sinks(args: argparse.Namespace, settings: Any, threads: int, close_time
 
     if args.wandb_init_timeout <= 0 or args.wandb_finish_timeout <= 0:
         raise ValueError("--wandb-init-timeout and --wandb-finish-timeout must be > 0 seconds")
+    tensorboard = None
+    if args.tensorboard is not None:  # first: a missing package must stop us before any sink starts a thread
+        if args.tensorboard_projector_keep < 0:
+            raise ValueError("--tensorboard-projector-keep must be >= 0 (0: no projector), "
+                             f"got {args.tensorboard_projector_keep}")
+        from .sinks.tensorboard_sink import TensorBoardSink, missing_package
+        problem = missing_package()
+        if problem is not None:
+            raise ValueError(problem)
+        tensorboard = TensorBoardSink(args.tensorboard, projector_keep=args.tensorboard_projector_keep)
     sinks: list[Sink] = [JsonlSink(args.results_dir)]
     if args.token_data:
         from .sinks.token_data import TokenDataSink
@@ -432,6 +460,8 @@ def make_sinks(args: argparse.Namespace, settings: Any, threads: int, close_time
             config.update(sample_rows=settings.sample_rows, sample_seed=settings.sample_seed)
         sinks.append(WandbSink(default_project=args.wandb_project, close_timeout=close_timeout, config=config,
                                init_timeout=args.wandb_init_timeout, finish_timeout=args.wandb_finish_timeout))
+    if tensorboard is not None:
+        sinks.append(tensorboard)
     return SinkSet(sinks)
 
 
@@ -536,7 +566,13 @@ def main(argv: list[str] | None = None) -> int:
              max(args.nice, 0), os.environ.get("OMP_WAIT_POLICY"), ", ".join(s.name for s in sinks.sinks))
     try:
         daemon = Daemon(config, sinks)
-        return daemon.serve()
+        status = daemon.serve()
+        # Stopped, flushed and counted (the "stopped" line is out): a SIGTERM/SIGINT from now on (launch.sh
+        # stopping a daemon that Ctrl-C already stopped) must not turn a clean exit into status 143/130.
+        # SIG_IGN, not a Python handler: interpreter shutdown resets Python handlers to the default (death).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        return status
     except ValueError as exc:  # bad endpoint, insecure endpoint refused
         sinks.close()
         return fail(str(exc))

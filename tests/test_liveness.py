@@ -169,7 +169,9 @@ def test_two_publishers_one_run_name_are_kept_apart(start_daemon, push: zmq.Sock
 
 
 def test_resumed_trainer_repeats_iterations_and_both_records_are_kept(start_daemon, push: zmq.Socket) -> None:
-    d = start_daemon("--no-wandb", "--no-console", "--exit-on-end")
+    # No --exit-on-end: with it the daemon may exit between the first trainer's end and the second one's
+    # hello (every run it has seen has ended and its work is done), which is what --exit-on-end promises.
+    d = start_daemon("--no-wandb", "--no-console")
     w = matrices(6, (200, 16), seed=3)
     push.send_multipart(encode_hello(run="res", seq=0, pid=11, host="h", publisher="first"))
     for i, it in enumerate((0, 10, 20)):
@@ -181,8 +183,11 @@ def test_resumed_trainer_repeats_iterations_and_both_records_are_kept(start_daem
     for i, it in enumerate((10, 20, 30), 3):
         snapshot(push, "res", it, w[i], publisher="second")
     push.send_multipart(encode_end(run="res", seq=9, final_iter=30, published=3, dropped=0, publisher="second"))
+    results = d.wait_results("res", 6)
+    wait_for("the second trainer's end", lambda: d.log().count("run res: end") == 2, proc=d)
+    d.proc.send_signal(signal.SIGTERM)
     assert d.wait_exit() == 0
-    results = d.results("res")
+    assert d.results("res") == results  # nothing more came after the sixth record
     assert [r["iter"] for r in results] == [0, 10, 20, 10, 20, 30]
     assert [r.get("repeat", False) for r in results] == [False, False, False, True, True, False]
     assert results[3]["resumed_after_iter"] == 20 and results[3]["prev_iter"] == 20

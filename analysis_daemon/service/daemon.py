@@ -328,7 +328,7 @@ class Daemon:
             log.warning("%s", warning)
         run = pub.run
         if msg.is_part:  # one rank's shard: analysed once the iteration's parts are all in
-            snap = self._assemble(run, msg, tensor)
+            snap = self._assemble(run, msg, tensor, pub.rank)
             if snap is None:
                 return
             snap.sample_rows = sample  # judged by the whole matrix's shape, like every part of it
@@ -357,10 +357,10 @@ class Daemon:
                         backlog.human(budget), backlog.human(queued))
         log.debug("run %s: received iter %d", run, msg.iter)
 
-    def _assemble(self, run: str, msg: Snapshot, part: Any) -> SnapshotData | None:
+    def _assemble(self, run: str, msg: Snapshot, part: Any, rank: int) -> SnapshotData | None:
         drops: list[str] = []
         try:
-            done = self.assembler.add(run, msg, part, drops)
+            done = self.assembler.add(run, msg, part, drops, rank=rank)
         except PartRejected as exc:
             done = None
             self._reject(str(exc), run)
