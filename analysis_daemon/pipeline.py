@@ -229,7 +229,7 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     if settings.token_data:
         try:
             token_arrays = _token_arrays(cur_t, state, knn_ids if knn_cos is not None else None, knn_cos,
-                                         token_drift)
+                                         token_drift, snapshot=cur.tensor)
         except Exception as exc:  # costs the explorer's data of this iteration, never the record
             token_error = f"token data failed: {first_line(exc)}"
             log.error("run %s iter %d: %s", job.run, cur.iter, token_error)
@@ -282,7 +282,7 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
 
 
 def _token_arrays(weights: torch.Tensor, state: RunInsight, knn_ids: Any, knn_cos: Any,
-                  drift: Any) -> TokenArrays:
+                  drift: Any, snapshot: torch.Tensor | None = None) -> TokenArrays:
     """The per-token arrays of this snapshot; the map is aligned with (and becomes) the run's previous one."""
     from .metrics.token_map import token_coordinates
 
@@ -291,7 +291,8 @@ def _token_arrays(weights: torch.Tensor, state: RunInsight, knn_ids: Any, knn_co
     norm = torch.linalg.vector_norm(weights.detach().float(), dim=1).cpu()
     return TokenArrays(knn_ids=knn_ids.to(torch.int32) if knn_ids is not None else None,
                        knn_cos=knn_cos.float() if knn_cos is not None else None,
-                       drift=drift, norm=norm, xy=xy, weights=weights)
+                       drift=drift, norm=norm, xy=xy,
+                       weights=snapshot if snapshot is not None else weights)  # the received one, on the CPU
 
 
 def _insight(job: Job, settings: AnalysisSettings, state: RunInsight, knn_ids: Any,

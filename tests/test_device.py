@@ -91,6 +91,7 @@ def test_every_temporary_is_made_on_the_device_given(sample_rows: int | None) ->
             else:
                 torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
         assert b[TOKEN_ARRAYS].norm.device.type == "cpu"
+        assert b[TOKEN_ARRAYS].weights is job_list[a["iter"] // 100].current.tensor  # the received one, not a copy
         assert b["device"] == "cpu" and b["chunk_size"] == 64
     assert plain[-1]["drift"]["average_cosine_similarity"] is not None
     assert plain[-1]["insight"]["neighbourhood_drift"] is not None

@@ -52,7 +52,7 @@ def assert_same_records(a: list[dict], b: list[dict]) -> None:
     for x, y in zip(a, b):
         assert strip(x) == strip(y)
         assert [al["kind"] for al in x["alerts"]] == [al["kind"] for al in y["alerts"]]
-        for name in ("norm", "xy", "knn_ids", "knn_cos", "drift"):
+        for name in ("norm", "xy", "knn_ids", "knn_cos", "drift", "weights"):
             p, q = getattr(x[TOKEN_ARRAYS], name), getattr(y[TOKEN_ARRAYS], name)
             assert (p is None) == (q is None)
             if p is not None:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..pipeline import AnalysisAbandoned, AnalysisSettings, analyse
+from ..pipeline import TOKEN_ARRAYS, AnalysisAbandoned, AnalysisSettings, analyse
 from .executor import InProcessExecutor, TaskLost
 from .logsafe import first_line
 from .state import Job, RunInsight
@@ -41,6 +41,9 @@ def _analyse_task(job: Job, current: torch.Tensor, previous: torch.Tensor | None
     prev = replace(job.previous, tensor=previous) if job.previous is not None and previous is not None else None
     hello = replace(job.hello, vocab=vocab) if job.hello is not None else None
     record = analyse(replace(job, current=cur, previous=prev, hello=hello), settings, None, state)
+    arrays = record.get(TOKEN_ARRAYS)
+    if arrays is not None:  # the snapshot itself: the daemon has it already, it need not travel back
+        arrays.weights = None
     return record, state
 
 
@@ -162,7 +165,11 @@ class RayExecutor:
         for attempt in (1, 2):
             try:
                 ref = self._remote.remote(shell, cur, prev, vocab, settings, state, self.threads)
-                return self._wait(ref, should_stop)
+                record, new_state = self._wait(ref, should_stop)
+                arrays = record.get(TOKEN_ARRAYS)
+                if arrays is not None:
+                    arrays.weights = job.current.tensor  # as in-process: the received snapshot, not copied
+                return record, new_state
             except AnalysisAbandoned:
                 raise
             except Exception as exc:
@@ -186,8 +193,7 @@ class RayExecutor:
         while True:
             done, _ = self.ray.wait([ref], timeout=_WAIT_S)
             if done:
-                record, state = self.ray.get(ref)
-                return record, state
+                return self.ray.get(ref)
             if should_stop():
                 self.ray.cancel(ref, force=True)
                 raise AnalysisAbandoned("the Ray task was cancelled at shutdown")
