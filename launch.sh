@@ -24,7 +24,9 @@ embedding-monitor launcher: trainer + analysis daemon, together or on two hosts.
 Exit status: the trainer's (the daemon's in daemon mode); 130 on Ctrl-C, 143 on SIGTERM, 129 when the
 terminal closes (SIGHUP): trainer and daemon are stopped cleanly first.
 Environment: RUN (run name), RESULTS_DIR (default runs), PORT (default 5555), DAEMON_THREADS,
-WANDB_MODE (offline unless you configured wandb), EM_PYTHON (use this interpreter instead of .venv).
+WANDB_MODE (offline unless you configured wandb), EM_PYTHON (use this interpreter instead of .venv),
+DRAIN_S (default 600: how long the daemon may go on analysing after the trainer finished; then it is
+stopped, and what it had not analysed is named in its log).
 USAGE
 }
 
@@ -231,9 +233,19 @@ cmd_local() {
         log "trainer exited with status $rc; stopping the daemon"
         stop_daemon
     else
-        log "trainer finished; waiting for the daemon to analyse the last snapshot"
-        wait_pid "$DAEMON_PID"
-        DAEMON_RC=$WAIT_RC
+        log "trainer finished; waiting (at most ${DRAIN_S:-600} s) for the daemon to analyse the last snapshot"
+        # Bounded: a daemon held open (a long backlog, or a peer keeping a run alive) is stopped cleanly.
+        local ticks=0
+        while kill -0 "$DAEMON_PID" 2>/dev/null && [ -z "$STOP_SIGNAL" ] && [ "$ticks" -lt $(( ${DRAIN_S:-600} * 10 )) ]; do
+            sleep 0.1; ticks=$((ticks + 1))
+        done
+        if kill -0 "$DAEMON_PID" 2>/dev/null && [ -z "$STOP_SIGNAL" ]; then
+            log "the daemon is still running ${DRAIN_S:-600} s after the trainer finished (DRAIN_S): stopping it"
+            stop_daemon
+        else
+            wait_pid "$DAEMON_PID"
+            DAEMON_RC=$WAIT_RC
+        fi
     fi
     trap - INT TERM HUP
     warn_if_results_lost "$logfile"

@@ -82,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     shared = p.add_argument_group("shared host (limits per peer and per snapshot; see docs/security.md)")
     shared.add_argument("--max-connections", type=int, default=256, metavar="N",
-                        help="connections open at once; more are refused at the handshake (default: %(default)s)")
+                        help="connections of other users (not the daemon's own uid or an --allow-uid) open at "
+                             "once, all together; more are closed as soon as they are accepted. The daemon's "
+                             "own user is never refused (default: %(default)s)")
+    shared.add_argument("--max-connections-per-source", type=int, default=32, metavar="N",
+                        help="connections one other local user (by uid) or one remote address may hold at "
+                             "once, so one cannot take every place (default: %(default)s)")
     shared.add_argument("--heartbeat-interval", type=float, default=10.0, metavar="SECONDS",
                         help="ping every connection this often (default: %(default)s)")
     shared.add_argument("--peer-timeout", type=float, default=30.0, metavar="SECONDS",
@@ -95,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     shared.add_argument("--max-vocab-bytes", type=int, metavar="N",
                         help="reject a hello whose token strings total more UTF-8 bytes (default: 16 MiB)")
     shared.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
-                        help="also read shared-memory segments owned by this uid (default: only the "
-                             "daemon's own uid); repeatable")
+                        help="also read shared-memory segments owned by this uid, and treat its connections "
+                             "and runs like the daemon's own user's (default: only the daemon's own uid); repeatable")
     shared.add_argument("--reject-log-interval", type=float, default=10.0, metavar="SECONDS",
                         help="log at most one line per kind of rejected message or refused connection this "
                              "often, with the count suppressed meanwhile (default: %(default)s)")
@@ -120,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     life = p.add_argument_group("lifecycle")
     life.add_argument("--exit-on-end", action="store_true",
-                      help="exit 0 once every run that connected has sent `end` and its work is done")
+                      help="exit 0 once every run that connected has sent `end` and its work is done (runs of "
+                           "other local users, not the daemon's uid or an --allow-uid, are not waited for)")
     life.add_argument("--run-timeout", type=float, default=60.0, metavar="SECONDS",
                       help="close a run (like `end`: its waiting snapshots analysed, state saved, memory "
                            "released) whose publishers have been silent this long; publishers heartbeat "
@@ -495,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .service.daemon import Daemon, DaemonConfig
 
-    for name in ("max_connections", "max_vocab_tokens", "max_vocab_bytes"):
+    for name in ("max_connections", "max_connections_per_source", "max_vocab_tokens", "max_vocab_bytes"):
         value = getattr(args, name)
         if value is not None and value < 1:
             return fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -556,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     peers = PeerLimits(heartbeat_interval=args.heartbeat_interval, peer_timeout=args.peer_timeout,
                        handshake_timeout=args.handshake_timeout)
     config = DaemonConfig(
-        cost=cost, peers=peers, max_connections=args.max_connections, allow_uids=tuple(args.allow_uid),
+        cost=cost, peers=peers, max_connections=args.max_connections,
+        max_per_source=args.max_connections_per_source, allow_uids=tuple(args.allow_uid),
         reject_log_interval=args.reject_log_interval,
         listen=args.listen, limits=limits, exit_on_end=args.exit_on_end, state_dir=args.state_dir,
         shutdown_grace=args.shutdown_grace, curve=curve, allow_insecure=args.allow_insecure,

@@ -115,7 +115,7 @@ def test_silent_publishers_are_closed_like_end_and_released(start_daemon, push: 
     assert "run gone-0: its publisher heartbeats every 5 s but --run-timeout is 1 s" in log
 
 
-def test_dead_local_publisher_segments_removed_and_open_run_limit_evicts(
+def test_dead_local_publisher_segments_removed_and_open_run_limit_refuses_newcomers(
         start_daemon, push: zmq.Socket, tmp_path: Path) -> None:
     d = start_daemon("--no-wandb", "--no-console", "--no-extras", "--run-timeout", "600")
     # A publisher process on this host that died without a word: its pid is gone, its segment stays.
@@ -129,18 +129,24 @@ def test_dead_local_publisher_segments_removed_and_open_run_limit_evicts(
     wait_for("the dead publisher's run to close", lambda: "run local: closed" in d.log(), proc=d)
     assert f"publisher process {dead.pid} is gone" in d.log()
     assert not seg.exists()
-    # 64 runs open (the limit), each idle after one snapshot; a 65th is served by closing the idlest.
+    # 64 runs open (the limit), each with a live publisher: a 65th is refused and counted; no run with
+    # live publishers is ever closed for a newcomer (issue 21: eviction of a live run).
     for n in range(64):
         push.send_multipart(encode_hello(run=f"r{n}", seq=0, pid=1, host="elsewhere", publisher=f"q{n}"))
         snapshot(push, f"r{n}", 1, torch.randn(20, 4), publisher=f"q{n}")
     d.wait_results("r63", 1)
-    snapshot(push, "r0", 2, torch.randn(20, 4), publisher="q0")  # r0 active again: r1 is now the idlest
-    d.wait_results("r0", 2)
+    snapshot(push, "new-run", 1, torch.randn(20, 4), publisher="new")
+    wait_for("the newcomer's refusal", lambda: "new run 'new-run' refused: 64 runs are open (limit 64), all "
+             "with live publishers" in d.log(), proc=d)
+    # Once one of them ends, its place is free and the newcomer is served.
+    push.send_multipart(encode_end(run="r1", seq=9, final_iter=1, published=1, dropped=0, publisher="q1"))
+    wait_for("r1 to close", lambda: "run r1: closed" in d.log(), proc=d)
     snapshot(push, "new-run", 1, torch.randn(20, 4), publisher="new")
     d.wait_results("new-run", 1)
     log = d.log()
-    assert "run r1: closing: evicted to serve new run 'new-run': 64 runs open (limit 64)" in log
-    assert log.count("evicted to serve") == 1 and "refused" not in log
+    assert "evicted" not in log and "closed to serve" not in log
+    snapshot(push, "r0", 2, torch.randn(20, 4), publisher="q0")  # the other runs go on as before
+    d.wait_results("r0", 2)
 
 
 def test_two_publishers_one_run_name_are_kept_apart(start_daemon, push: zmq.Socket) -> None:

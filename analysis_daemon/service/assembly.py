@@ -148,6 +148,10 @@ class Assembler:
         """Runs with an assembly in progress."""
         return list(self._current)
 
+    def held(self) -> dict[str, tuple[int, int, float]]:
+        """Per run being assembled: (its iteration, bytes of its buffer, when it started): for the pending-bytes budget."""
+        return {run: (a.iter, a.buffer.numel() * a.buffer.element_size(), a.started) for run, a in self._current.items()}
+
     def in_progress(self) -> int:
         """Assemblies holding a buffer now (at most one per run)."""
         return len(self._current)

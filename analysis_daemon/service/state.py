@@ -103,6 +103,11 @@ class RunState:
     last_active: float = field(default_factory=time.monotonic)  # last message of the run (eviction order)
     max_iter: int | None = None  # highest iteration taken for analysis (a lower one is a repeat: resume)
     counters: Counters = field(default_factory=Counters)
+    # Who the run belongs to (issue 21): the source (protocol/peers.py) and run token of the publisher that
+    # opened it. Other ranks must show the same token; other sources are refused while it is in memory.
+    owner_source: str | None = None
+    owner_label: str = ""
+    owner_token: str | None = None
     ended: bool = False  # `end` received; closed once no work is left
     closed: bool = False  # run's sinks told it ended
     end_info: dict[str, Any] | None = None
