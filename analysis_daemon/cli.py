@@ -117,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep each run's last analysed snapshot here so drift continues across a restart "
                           "(read back only when that run reappears)")
 
+    scale = p.add_argument_group("scale (see docs/scale.md)")
+    scale.add_argument("--executor", choices=["inprocess", "ray"], default="inprocess",
+                       help="where each analysis runs: inprocess (this process, one at a time) or ray (a Ray "
+                            "task on the cluster at RAY_ADDRESS, or on a local Ray instance when it is unset; "
+                            "GPU tasks with --device cuda; needs the [ray] extra). Receiving, run state and "
+                            "sinks stay in this daemon (default: %(default)s)")
+    scale.add_argument("--max-concurrent", type=int, metavar="N",
+                       help="--executor ray: at most N analyses at once, one per run at a time (default: what "
+                            "the cluster fits: its CPUs / --threads, or its GPUs with --device cuda)")
+
     life = p.add_argument_group("lifecycle")
     life.add_argument("--exit-on-end", action="store_true",
                       help="exit 0 once every run that connected has sent `end` and its work is done (runs of "
@@ -219,6 +229,10 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
                           "V^2/2; mean/std stay exact; N >= V is the exact pass (default: exact)")
     ana.add_argument("--sample-seed", type=int, default=0, metavar="S",
                      help="seed of the sampled rows (the same rows for every snapshot; default: %(default)s)")
+    ana.add_argument("--device", default="cpu", metavar="cpu|cuda|auto",
+                     help="where the math runs: cpu, cuda (or cuda:N; a GPU's blocks are sized to a quarter of "
+                          "its free memory) or auto (cuda when there is one, else cpu); each record names the "
+                          "device and chunk size used (default: %(default)s)")
 
     ins = p.add_argument_group("insight and alerts")
     ins.add_argument("--extras", action=argparse.BooleanOptionalAction, default=True,
@@ -346,8 +360,11 @@ def _ensure_passive_omp(argv: list[str]) -> None:
         os.execv(sys.executable, [sys.executable, "-m", "analysis_daemon", *argv])
 
 
-def analysis_settings(args: argparse.Namespace) -> Any:
-    """The AnalysisSettings of parsed options (from `add_analysis_options`); ValueError names a bad one."""
+def analysis_settings(args: argparse.Namespace, check_device: bool = True) -> Any:
+    """The AnalysisSettings of parsed options (from `add_analysis_options`); ValueError names a bad one.
+
+    `check_device` False (--executor ray): --device names the cluster's device, not this host's.
+    """
     from .metrics.alerts import AlertSettings
     from .pipeline import AnalysisSettings
 
@@ -364,7 +381,15 @@ def analysis_settings(args: argparse.Namespace) -> Any:
     if args.galaxy_rows < 0:
         raise ValueError(f"--galaxy-rows must be >= 0 (0: no map), got {args.galaxy_rows}")
     probes = tuple(t.strip() for spec in args.probe for t in spec.split(",") if t.strip())
+    from .metrics.device import DEVICE_CHOICES, resolve_device
+    if check_device:
+        device = resolve_device(args.device, logging.getLogger(LOGGER))  # DeviceUnavailable is a ValueError
+    elif args.device.split(":")[0] not in DEVICE_CHOICES:
+        raise ValueError(f"--device must be cpu, cuda, cuda:N or auto, got {args.device!r}")
+    else:  # the cluster's: auto is decided here, where the daemon runs
+        device = resolve_device(args.device, logging.getLogger(LOGGER)) if args.device == "auto" else args.device
     return AnalysisSettings(
+        device=str(device),
         threshold=args.threshold, chunk_size=args.chunk_size, top_k=args.top_k,
         progress_interval=args.progress_interval, extras=args.extras, knn_k=args.knn_k, probes=probes,
         probe_k=args.probe_k, sample_rows=args.sample_rows, sample_seed=args.sample_seed,
@@ -494,8 +519,10 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < 1:
             return fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     try:
-        settings = analysis_settings(args)
+        settings = analysis_settings(args, check_device=args.executor != "ray")
         limits, cost = snapshot_limits(args)
+        if args.max_concurrent is not None and args.max_concurrent < 1:
+            raise ValueError(f"--max-concurrent must be at least 1, got {args.max_concurrent}")
     except ValueError as exc:
         return fail(str(exc))
     if not args.run_timeout > 0:
@@ -538,9 +565,18 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             return fail(str(exc))
 
+    executor = None
+    if args.executor == "ray":
+        from .service.ray_executor import RayExecutor
+        try:
+            executor = RayExecutor(device=settings.device, threads=threads, max_concurrent=args.max_concurrent)
+        except ValueError as exc:
+            return fail(str(exc))
     try:
         sinks = make_sinks(args, settings, threads, close_timeout=None)
     except ValueError as exc:
+        if executor is not None:
+            executor.close()
         return fail(str(exc))
     from protocol import PeerLimits
 
@@ -552,7 +588,8 @@ def main(argv: list[str] | None = None) -> int:
         reject_log_interval=args.reject_log_interval,
         listen=args.listen, limits=limits, exit_on_end=args.exit_on_end, state_dir=args.state_dir,
         shutdown_grace=args.shutdown_grace, curve=curve, allow_insecure=args.allow_insecure,
-        run_timeout=args.run_timeout, assembly_timeout=args.assembly_timeout, max_pending_bytes=max_pending, analysis=settings)
+        run_timeout=args.run_timeout, assembly_timeout=args.assembly_timeout, max_pending_bytes=max_pending, analysis=settings,
+        executor=executor)
     log.info("starting: %d analysis thread(s), nice +%d, OMP_WAIT_POLICY=%s, sinks: %s", threads,
              max(args.nice, 0), os.environ.get("OMP_WAIT_POLICY"), ", ".join(s.name for s in sinks.sinks))
     try:

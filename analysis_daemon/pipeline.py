@@ -69,6 +69,7 @@ class AnalysisSettings:
     sample_rows: int | None = None  # sampled geometry from this many rows (None: the exact pass)
     sample_seed: int = 0  # the sample's seed: the same rows for every snapshot of the same size
     token_data: bool = True  # per-token arrays for the explorer (TOKEN_ARRAYS): neighbours, drift, norm, map
+    device: str = "cpu"  # where the math runs: "cpu", "cuda" or "cuda:N" (resolved from --device by the CLI)
 
 
 def jsonable(value: Any) -> Any:
@@ -134,6 +135,7 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     `insight_state` is the run's state between results (previous neighbour lists, alert history); a
     fresh one (no neighbourhood drift, no drift history) when None.
     """
+    from .metrics.device import chunk_rows
     from .metrics.drift import measure_semantic_drift
     from .metrics.geometry import geometry_and_neighbours
 
@@ -141,6 +143,11 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     cur: SnapshotData = job.current
     prev = job.previous
     started = time.monotonic()
+    device = torch.device(settings.device)
+    # Moved to the device once; every metric below reads these (no copy on the CPU).
+    cur_t = cur.tensor.to(device)
+    prev_t = prev.tensor.to(device) if prev is not None and prev.shape == cur.shape else None
+    chunk = chunk_rows(device, int(cur.shape[0]), settings.chunk_size)
     # Rows with non-finite values are left out by the math itself (and counted there); the daemon
     # reports the totals so a diverging run is visible in every result.
     non_finite = _non_finite(cur.tensor)
@@ -156,8 +163,8 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     else:
         t0 = time.monotonic()
         try:
-            drift = measure_semantic_drift(prev.tensor, cur.tensor, top_k=settings.top_k,
-                                           per_token=settings.token_data)
+            drift = measure_semantic_drift(prev_t, cur_t, top_k=settings.top_k,
+                                           per_token=settings.token_data, device=device)
         except Exception as exc:  # a math failure costs this drift, never the daemon
             reason = f"drift failed: {first_line(exc)}"
             log.error("run %s iter %d: %s", job.run, cur.iter, reason)
@@ -176,9 +183,10 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     t0 = time.monotonic()
     try:
         geom, neighbours = geometry_and_neighbours(
-            cur.tensor, threshold=settings.threshold, chunk_size=settings.chunk_size,
+            cur_t, threshold=settings.threshold, chunk_size=chunk,
             knn_k=settings.knn_k if settings.extras else 0, progress=progress,
-            sample_rows=_sample_rows(settings.sample_rows, cur.sample_rows), seed=settings.sample_seed)
+            sample_rows=_sample_rows(settings.sample_rows, cur.sample_rows), seed=settings.sample_seed,
+            device=device)
         geometry = jsonable(geom)
         knn_ids = neighbours[0] if neighbours is not None else None
         if neighbours is not None and not geom.get("sampled_rows"):  # sampled: lists for a sample only
@@ -198,12 +206,12 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     if settings.extras:
         t0 = time.monotonic()
         try:
-            insight = _insight(job, settings, state, knn_ids, vocab)
+            insight = _insight(job, settings, state, knn_ids, vocab, cur_t, prev_t)
         except Exception as exc:  # like geometry: costs this section, never the daemon
             insight_error = f"insight failed: {first_line(exc)}"
             log.error("run %s iter %d: %s", job.run, cur.iter, insight_error)
         try:
-            token_stats = _token_stats(job, settings, state, drift, insight)
+            token_stats = _token_stats(job, settings, state, drift, insight, cur_t)
         except Exception as exc:  # costs the per-token figures, never the record
             error = f"token stats failed: {first_line(exc)}"
             insight_error = f"{insight_error}; {error}" if insight_error else error
@@ -214,14 +222,14 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     galaxy, clump, galaxy_error, galaxy_seconds = None, None, None, 0.0
     if settings.extras:
         t0 = time.monotonic()
-        galaxy, clump, galaxy_error = _galaxy_and_clump(job, settings, state, knn_kth, vocab)
+        galaxy, clump, galaxy_error = _galaxy_and_clump(job, settings, state, knn_kth, vocab, cur_t)
         galaxy_seconds = time.monotonic() - t0
 
     token_arrays, token_error = None, None
     if settings.token_data:
         try:
-            token_arrays = _token_arrays(cur.tensor, state, knn_ids if knn_cos is not None else None, knn_cos,
-                                         token_drift)
+            token_arrays = _token_arrays(cur_t, state, knn_ids if knn_cos is not None else None, knn_cos,
+                                         token_drift, snapshot=cur.tensor)
         except Exception as exc:  # costs the explorer's data of this iteration, never the record
             token_error = f"token data failed: {first_line(exc)}"
             log.error("run %s iter %d: %s", job.run, cur.iter, token_error)
@@ -252,6 +260,8 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
         "clump": clump,  # the partial-collapse clump (clump.py), null when there is none
         "galaxy_error": galaxy_error,
         "galaxy_seconds": round(galaxy_seconds, 6),
+        "device": str(device),  # where the math ran (--device)
+        "chunk_size": chunk,  # rows per block of the pairwise pass there (a GPU's fits its free memory)
         "waited_seconds": round(started - cur.received_mono, 6),
         "sent_at": cur.sent_at,
         "received_at": cur.received_at,
@@ -272,23 +282,24 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
 
 
 def _token_arrays(weights: torch.Tensor, state: RunInsight, knn_ids: Any, knn_cos: Any,
-                  drift: Any) -> TokenArrays:
+                  drift: Any, snapshot: torch.Tensor | None = None) -> TokenArrays:
     """The per-token arrays of this snapshot; the map is aligned with (and becomes) the run's previous one."""
     from .metrics.token_map import token_coordinates
 
-    xy = token_coordinates(weights, state.token_xy)
+    xy = token_coordinates(weights, state.token_xy, device=weights.device)
     state.token_xy = xy
-    norm = torch.linalg.vector_norm(weights.detach().float(), dim=1)
+    norm = torch.linalg.vector_norm(weights.detach().float(), dim=1).cpu()
     return TokenArrays(knn_ids=knn_ids.to(torch.int32) if knn_ids is not None else None,
                        knn_cos=knn_cos.float() if knn_cos is not None else None,
-                       drift=drift, norm=norm, xy=xy, weights=weights)
+                       drift=drift, norm=norm, xy=xy,
+                       weights=snapshot if snapshot is not None else weights)  # the received one, on the CPU
 
 
 def _insight(job: Job, settings: AnalysisSettings, state: RunInsight, knn_ids: Any,
-             vocab: list[str] | None) -> dict[str, Any]:
+             vocab: list[str] | None, cur_t: torch.Tensor, prev_t: torch.Tensor | None) -> dict[str, Any]:
     from .metrics.insight import compute_insight, resolve_probes
 
-    cur, prev = job.current, job.previous
+    cur = job.current
     probe_ids, unknown = resolve_probes(settings.probes, vocab, cur.tensor.shape[0])
     if unknown and not state.probes_logged:
         log.warning("run %s: probe token(s) not found (%s): %s", job.run,
@@ -299,8 +310,8 @@ def _insight(job: Job, settings: AnalysisSettings, state: RunInsight, knn_ids: A
     if prev_knn is not None and knn_ids is not None and prev_knn.shape != knn_ids.shape:
         prev_knn = None
     insight = jsonable(compute_insight(
-        cur.tensor, prev=prev.tensor if prev is not None else None, knn_ids=knn_ids, prev_knn_ids=prev_knn,
-        probe_ids=probe_ids, vocab=vocab, top_k=settings.top_k, probe_k=settings.probe_k))
+        cur_t, prev=prev_t, knn_ids=knn_ids, prev_knn_ids=prev_knn,
+        probe_ids=probe_ids, vocab=vocab, top_k=settings.top_k, probe_k=settings.probe_k, device=cur_t.device))
     if insight.get("neighbourhood_drift") is not None:
         insight["neighbourhood_drift"]["prev_iter"] = state.knn_iter  # last analysed, not job.previous
     return insight
@@ -320,7 +331,7 @@ def followed_tokens(previous: list[int], probes: list[int], drifted: list[int], 
 
 
 def _token_stats(job: Job, settings: AnalysisSettings, state: RunInsight, drift: dict[str, Any] | None,
-                 insight: dict[str, Any] | None) -> dict[str, Any]:
+                 insight: dict[str, Any] | None, cur: torch.Tensor) -> dict[str, Any]:
     """The record's "token_stats" for the run's followed tokens; updates the run's followed set."""
     from .metrics.insight import token_stats
 
@@ -328,13 +339,12 @@ def _token_stats(job: Job, settings: AnalysisSettings, state: RunInsight, drift:
     for kind in ("most", "least"):
         drifted += [int(p[0]) for p in ((drift or {}).get(f"{kind}_drifted_tokens") or [])[: settings.top_k]]
     probes = [int(p["token_id"]) for p in ((insight or {}).get("probes") or [])]
-    cur = job.current.tensor
     state.followed = followed_tokens(state.followed, probes, drifted, int(cur.shape[0]))
-    return token_stats(cur, state.followed, settings.threshold)
+    return token_stats(cur, state.followed, settings.threshold, device=cur.device)
 
 
 def _galaxy_and_clump(job: Job, settings: AnalysisSettings, state: RunInsight, knn_kth: Any,
-                      vocab: list[str] | None) -> tuple[dict | None, dict | None, str | None]:
+                      vocab: list[str] | None, cur_t: torch.Tensor) -> tuple[dict | None, dict | None, str | None]:
     """The galaxy map (aligned to the run's previous one) and the partial-collapse clump; errors as text."""
     from .metrics.clump import find_clump
     from .metrics.galaxy import galaxy_map
@@ -343,16 +353,18 @@ def _galaxy_and_clump(job: Job, settings: AnalysisSettings, state: RunInsight, k
     galaxy = clump = None
     if settings.galaxy_rows > 0:
         try:
-            galaxy = jsonable(galaxy_map(cur.tensor, rows=settings.galaxy_rows, seed=settings.galaxy_seed,
-                                         threshold=settings.threshold, previous=state.galaxy_prev, vocab=vocab))
+            galaxy = jsonable(galaxy_map(cur_t, rows=settings.galaxy_rows, seed=settings.galaxy_seed,
+                                         threshold=settings.threshold, previous=state.galaxy_prev, vocab=vocab,
+                                         device=cur_t.device))
             state.galaxy_prev = {"iter": cur.iter, "points": galaxy["points"]}
         except Exception as exc:  # costs the map, never the record
             errors.append(f"galaxy failed: {first_line(exc)}")
     if settings.alerts.partial_collapse_share > 0:
         try:
-            clump = find_clump(cur.tensor, threshold=settings.threshold,
+            clump = find_clump(cur_t, threshold=settings.threshold,
                                share=settings.alerts.partial_collapse_share, kth_cosine=knn_kth,
-                               knn_k=settings.knn_k if knn_kth is not None else 0, vocab=vocab)
+                               knn_k=settings.knn_k if knn_kth is not None else 0, vocab=vocab,
+                               device=cur_t.device)
         except Exception as exc:
             errors.append(f"clump search failed: {first_line(exc)}")
     for error in errors:

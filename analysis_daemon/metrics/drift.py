@@ -26,7 +26,7 @@ class DriftShapeMismatch(ValueError):
 
 def _finite_rows(x: torch.Tensor) -> torch.Tensor:
     """Which rows of `x` are all finite: one summing pass, the exact check only where a row sum is not finite."""
-    finite = torch.ones(x.shape[0], dtype=torch.bool)
+    finite = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     suspect = ~torch.isfinite(x.sum(dim=1))  # a non-finite entry always spoils the sum; overflow may too
     if suspect.any():
         finite[suspect] = torch.isfinite(x[suspect]).all(dim=1)
@@ -53,7 +53,7 @@ class _Centred:
     def __init__(self, x: torch.Tensor) -> None:
         self.x = x
         self.scale = _power_of_two_scale(x)
-        acc = torch.zeros(x.shape[1], dtype=torch.float64)  # float64 sums, no float64 copy of x
+        acc = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)  # float64 sums, no float64 copy of x
         for a in range(0, x.shape[0], _ROWS):
             acc += x[a : a + _ROWS].sum(dim=0, dtype=torch.float64)
         self.mean = acc / (x.shape[0] * self.scale)  # in scaled units
@@ -73,7 +73,8 @@ def _token_list(ids: torch.Tensor, cos: torch.Tensor) -> list[list]:
 
 
 @torch.no_grad()
-def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 50, *, per_token: bool = False) -> dict:
+def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 50, *, per_token: bool = False,
+                           device: torch.device | str = "cpu") -> dict:
     """Per-token drift from snapshot `prev` (X) to snapshot `curr` (Y), both (V, d), after Procrustes alignment.
 
     Contract:
@@ -91,6 +92,7 @@ def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 
     beyond float32's range count as non-finite).
     With `per_token`, the result also holds "per_token_cosine": a (V,) float32 tensor of every token's
     cosine, NaN where a token has none (non-finite or degenerate rows); not JSON, for the caller to store.
+    The math runs on `device` (metrics/device.py); every value returned is on the CPU.
     """
     if prev.dim() != 2 or curr.dim() != 2 or prev.shape != curr.shape:
         raise DriftShapeMismatch(
@@ -99,8 +101,8 @@ def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be a non-negative integer, got {top_k!r}")
     v, d = prev.shape
-    x = prev.detach().to("cpu", torch.float32)  # no copy when it already is a float32 CPU tensor
-    y = curr.detach().to("cpu", torch.float32)
+    x = prev.detach().to(device, torch.float32)  # no copy when it already is float32 on `device`
+    y = curr.detach().to(device, torch.float32)
     finite = _finite_rows(x) & _finite_rows(y)
     n = int(finite.sum())
     result: dict = {
@@ -113,7 +115,7 @@ def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 
         "least_drifted_tokens": [],
     }
     if per_token:
-        result["per_token_cosine"] = torch.full((v,), float("nan"), dtype=torch.float32)
+        result["per_token_cosine"] = torch.full((v,), float("nan"), dtype=torch.float32, device="cpu")
     if n == 0:
         return result
     ids = None
@@ -123,16 +125,16 @@ def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 
     cx, cy = _Centred(x), _Centred(y)
 
     # X_c^T Y_c is d x d: float32 chunk products summed in float64; its SVD in float64 is cheap.
-    m = torch.zeros(d, d, dtype=torch.float64)
+    m = torch.zeros(d, d, dtype=torch.float64, device=x.device)
     for a in range(0, n, _ROWS):
         m += (cx.chunk(a).T @ cy.chunk(a)).double()
     u, _, vh = torch.linalg.svd(m)
     rot = (u @ vh).float()
 
-    dot = torch.empty(n, dtype=torch.float64)
-    norm_x = torch.empty(n, dtype=torch.float64)
-    norm_y = torch.empty(n, dtype=torch.float64)
-    dist = torch.empty(n, dtype=torch.float64)
+    dot = torch.empty(n, dtype=torch.float64, device=x.device)
+    norm_x = torch.empty(n, dtype=torch.float64, device=x.device)
+    norm_y = torch.empty(n, dtype=torch.float64, device=x.device)
+    dist = torch.empty(n, dtype=torch.float64, device=x.device)
     for a in range(0, n, _ROWS):
         xr = cx.chunk(a) @ rot
         yc = cy.chunk(a)
@@ -158,7 +160,7 @@ def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 
     token_ids = keep if ids is None else ids[keep]
     result["average_cosine_similarity"] = float(cos.mean())
     if per_token:
-        result["per_token_cosine"][token_ids] = cos.float()
+        result["per_token_cosine"][token_ids.cpu()] = cos.float().cpu()
     k = min(top_k, cos.numel())
     order = torch.sort(cos, stable=True).indices
     result["most_drifted_tokens"] = _token_list(token_ids[order[:k]], cos[order[:k]])

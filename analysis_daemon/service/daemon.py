@@ -88,6 +88,7 @@ class DaemonConfig:
     max_per_source: int = 32  # connections one other user (uid) or remote address may hold
     cost: CostLimits = field(default_factory=CostLimits)  # one snapshot's analysis cost and memory
     allow_uids: tuple[int, ...] = ()  # besides our own uid, owners whose shared-memory segments we read
+    executor: Any = None  # service.executor.Executor that runs the analyses (None: in this process, one at a time)
 
 
 def _held_bytes(state: RunState) -> int:
@@ -136,7 +137,7 @@ class Daemon:
         self._source_served: dict[str, int] = {}  # source -> when the worker last took one of its jobs
         self.gate.log_interval = config.reject_log_interval
         self.reject_log = RateLimiter(log, config.reject_log_interval)
-        self.worker = AnalysisWorker(self, config.analysis)
+        self.worker = AnalysisWorker(self, config.analysis, config.executor)
         self.assembler = Assembler(config.assembly_timeout)  # sharded runs: parts -> full matrices
         if self.store is not None:
             self._restore()
