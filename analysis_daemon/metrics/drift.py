@@ -67,13 +67,53 @@ class _Centred:
         return rows - self.mean32
 
 
+def linear_cka_from_grams(cross: torch.Tensor, gram_x: torch.Tensor, gram_y: torch.Tensor) -> float | None:
+    """Linear CKA = ||Y_c^T X_c||_F^2 / (||X_c^T X_c||_F ||Y_c^T Y_c||_F) from the three d x d products.
+
+    Kornblith et al. 2019, eq. for linear CKA in the feature (d x d) form: O(V d^2), never V x V. 1 for
+    Y = s X Q + b (Q orthogonal, s != 0); None when either centred matrix is zero (no direction at all).
+    """
+    den = float(torch.linalg.matrix_norm(gram_x)) * float(torch.linalg.matrix_norm(gram_y))
+    if not den > 0 or not math.isfinite(den):
+        return None
+    return min(1.0, max(0.0, float(cross.square().sum()) / den))  # in [0, 1]; rounding may step past 1
+
+
+def common_mode_shift(cx: "_Centred", cy: "_Centred") -> dict[str, float | None]:
+    """The mean row's change and size (Bis et al. 2021, "Too Much in Common"), apart from the Procrustes drift.
+
+    `mean_shift`: ||mean(Y) - mean(X)||; `mean_shift_relative`: that / the average row norm of Y;
+    `mean_norm_ratio` / `prev_mean_norm_ratio`: ||mean row|| / average row norm of Y / of X (0: no common
+    direction; 1: every row is the same vector). Procrustes drift centres both snapshots, so a shift of
+    every row by one vector is invisible to it and shows here.
+    """
+    mx, my = cx.mean * cx.scale, cy.mean * cy.scale
+    avg_x, avg_y = _average_row_norm(cx), _average_row_norm(cy)
+    shift = float(torch.linalg.vector_norm(my - mx))
+    return {"mean_shift": shift,
+            "mean_shift_relative": shift / avg_y if avg_y > 0 else None,
+            "mean_norm_ratio": float(torch.linalg.vector_norm(my)) / avg_y if avg_y > 0 else None,
+            "prev_mean_norm_ratio": float(torch.linalg.vector_norm(mx)) / avg_x if avg_x > 0 else None}
+
+
+def _average_row_norm(c: "_Centred") -> float:
+    total = 0.0
+    for a in range(0, c.x.shape[0], _ROWS):
+        rows = c.x[a : a + _ROWS]
+        if c.scale != 1.0:
+            rows = rows * (1.0 / c.scale)
+        total += float(torch.linalg.vector_norm(rows, dim=1).double().sum())
+    return total * c.scale / max(c.x.shape[0], 1)
+
+
 def _token_list(ids: torch.Tensor, cos: torch.Tensor) -> list[list]:
     """[[token_id, cosine], ...] as plain Python numbers (JSON-ready)."""
     return [[int(i), float(c)] for i, c in zip(ids.tolist(), cos.tolist())]
 
 
 @torch.no_grad()
-def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 50) -> dict:
+def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 50, *, cka: bool = True,
+                           common_mode: bool = True) -> dict:
     """Per-token drift from snapshot `prev` (X) to snapshot `curr` (Y), both (V, d), after Procrustes alignment.
 
     Contract:
@@ -87,6 +127,8 @@ def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 
     - `most_drifted_tokens`: the top_k lowest cosines, ascending; `least_drifted_tokens`: the top_k
       highest, descending; each a list of [token_id, cosine] with token_id the row index in the input;
       ties keep token order. Averages are None (and lists empty) when no row qualifies.
+    - `linear_cka` (with `cka`): linear CKA of the centred finite rows (`linear_cka_from_grams`); the
+      `common_mode` figures (with `common_mode`): see `common_mode_shift`.
     Inputs may be float16/bfloat16/float32/float64; the work is float32 with float64 sums (float64 values
     beyond float32's range count as non-finite).
     """
@@ -110,6 +152,10 @@ def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 
         "most_drifted_tokens": [],
         "least_drifted_tokens": [],
     }
+    if cka:
+        result["linear_cka"] = None
+    if common_mode:
+        result["common_mode"] = None
     if n == 0:
         return result
     ids = None
@@ -117,11 +163,22 @@ def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 
         ids = finite.nonzero().squeeze(1)
         x, y = x[ids], y[ids]
     cx, cy = _Centred(x), _Centred(y)
+    if common_mode:
+        result["common_mode"] = common_mode_shift(cx, cy)
 
     # X_c^T Y_c is d x d: float32 chunk products summed in float64; its SVD in float64 is cheap.
+    # The Gram matrices X_c^T X_c and Y_c^T Y_c of the same chunks give linear CKA (when asked for).
     m = torch.zeros(d, d, dtype=torch.float64)
+    gx = torch.zeros(d, d, dtype=torch.float64) if cka else None
+    gy = torch.zeros(d, d, dtype=torch.float64) if cka else None
     for a in range(0, n, _ROWS):
-        m += (cx.chunk(a).T @ cy.chunk(a)).double()
+        xa, ya = cx.chunk(a), cy.chunk(a)
+        m += (xa.T @ ya).double()
+        if gx is not None and gy is not None:
+            gx += (xa.T @ xa).double()
+            gy += (ya.T @ ya).double()
+    if gx is not None and gy is not None:
+        result["linear_cka"] = linear_cka_from_grams(m, gx, gy)
     u, _, vh = torch.linalg.svd(m)
     rot = (u @ vh).float()
 

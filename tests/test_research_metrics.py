@@ -1,0 +1,135 @@
+"""Linear CKA, the common-mode shift and the under-trained token indicator (metrics/drift.py, undertrained.py)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from analysis_daemon import measure_semantic_drift
+from analysis_daemon.metrics.undertrained import find_undertrained, precision_recall
+from benchmarks.validate_undertrained import constructed_run, evaluate
+from tests.test_drift import embeddings, random_orthogonal
+
+
+def cka_reference(prev: torch.Tensor, curr: torch.Tensor) -> float:
+    """Linear CKA by its definition in float64 numpy, on the rows finite in both (HSIC form via Gram products)."""
+    x, y = prev.double().numpy(), curr.double().numpy()
+    keep = np.isfinite(x).all(axis=1) & np.isfinite(y).all(axis=1)
+    xc, yc = x[keep] - x[keep].mean(axis=0), y[keep] - y[keep].mean(axis=0)
+    # The V x V form (Kornblith et al. eq. 5 with linear kernels): independent of the d x d shortcut.
+    kx, ky = xc @ xc.T, yc @ yc.T
+    return float((kx * ky).sum() / (np.linalg.norm(kx) * np.linalg.norm(ky)))
+
+
+@pytest.mark.parametrize("v,d,noise", [(300, 16, 0.5), (2500, 24, 2.0), (40, 64, 1.0)])
+def test_linear_cka_equals_the_float64_reference(v: int, d: int, noise: float) -> None:
+    x = embeddings(v, d, seed=v)
+    y = x @ torch.randn(d, d, generator=torch.Generator().manual_seed(1)) + noise * torch.randn(
+        v, d, generator=torch.Generator().manual_seed(2))
+    result = measure_semantic_drift(x, y)
+    # float32 chunk products summed in float64: relative error ~ sqrt(chunk) x 2^-24 per Gram entry
+    assert result["linear_cka"] == pytest.approx(cka_reference(x, y), rel=1e-5)
+    assert 0.0 < result["linear_cka"] < 1.0
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(v=st.integers(3, 80), d=st.integers(1, 12), seed=st.integers(0, 2**16),
+       scale=st.sampled_from([1e-3, 0.5, 1.0, 7.0, 1e4]), shift=st.floats(-50, 50))
+def test_linear_cka_is_one_for_rotation_translation_and_isotropic_scaling(v: int, d: int, seed: int, scale: float,
+                                                                        shift: float) -> None:
+    x = embeddings(v, d, seed)
+    b = shift * torch.randn(1, d, generator=torch.Generator().manual_seed(seed + 3), dtype=torch.float64)
+    y = (scale * (x.double() @ random_orthogonal(d, seed + 1)) + b).float()
+    assert measure_semantic_drift(x, y)["linear_cka"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_linear_cka_leaves_nonfinite_rows_out_and_is_none_without_any_direction() -> None:
+    x = embeddings(200, 8, seed=5)
+    y = x + torch.randn(200, 8, generator=torch.Generator().manual_seed(6))
+    y[[3, 50]] = float("nan")
+    assert measure_semantic_drift(x, y)["linear_cka"] == pytest.approx(cka_reference(x, y), rel=1e-5)
+    same = torch.ones(10, 4)  # every row equal: nothing left after centring
+    assert measure_semantic_drift(same, same)["linear_cka"] is None
+    assert "linear_cka" not in measure_semantic_drift(x, y, cka=False)
+
+
+def test_common_mode_shift_is_seen_where_procrustes_drift_is_blind() -> None:
+    x = embeddings(400, 16, seed=7)
+    b = torch.full((1, 16), 0.75)
+    result = measure_semantic_drift(x, x + b)
+    assert result["average_cosine_similarity"] == pytest.approx(1.0, abs=1e-6)  # centring removes the shift
+    common = result["common_mode"]
+    assert common["mean_shift"] == pytest.approx(float(b.norm()), rel=1e-5)
+    x64, y64 = x.double(), (x + b).double()
+    avg_y = float(y64.norm(dim=1).mean())
+    assert common["mean_shift_relative"] == pytest.approx(float(b.norm()) / avg_y, rel=1e-5)
+    assert common["mean_norm_ratio"] == pytest.approx(float(y64.mean(0).norm()) / avg_y, rel=1e-5)
+    assert common["prev_mean_norm_ratio"] == pytest.approx(float(x64.mean(0).norm() / x64.norm(dim=1).mean()),
+                                                           rel=1e-5)
+    identical = torch.ones(6, 3)
+    assert measure_semantic_drift(identical, identical)["common_mode"]["mean_norm_ratio"] == pytest.approx(1.0)
+
+
+def group_plus_trained(v: int, d: int, members: list[int], seed: int) -> torch.Tensor:
+    """Trained-looking rows (shared structure, norm ~3) with `members` at one common vector + init noise (norm ~0.2)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(v, 4, generator=g) @ torch.randn(4, d, generator=g) + torch.randn(v, d, generator=g)
+    w[members] = torch.randn(1, d, generator=g) + 0.2 / math.sqrt(d) * torch.randn(len(members), d, generator=g)
+    return w
+
+
+def test_undertrained_group_found_from_the_weights_alone() -> None:
+    members = list(range(7, 500, 23))
+    w = group_plus_trained(500, 32, members, seed=1)
+    w[0] = float("inf")  # a non-finite row is never flagged
+    found = find_undertrained(w)
+    assert found["method"] == "weights" and found["count"] == len(members)
+    assert sorted(t for t, _ in found["tokens"]) == members
+    scores = [s for _, s in found["tokens"]]
+    assert scores == sorted(scores, reverse=True) and 0.0 <= scores[-1] <= scores[0] <= 1.0
+    assert len(find_undertrained(w, limit=5)["tokens"]) == 5  # the list is bounded, the count is not
+    assert find_undertrained(w, limit=5)["count"] == len(members)
+
+
+def test_no_group_no_flags_and_bad_shapes_fail_clearly() -> None:
+    g = torch.Generator().manual_seed(2)
+    assert find_undertrained(torch.randn(400, 32, generator=g))["count"] == 0  # all rows alike: no group
+    assert find_undertrained(torch.zeros(4, 3))["count"] == 0  # too few rows to call any group
+    with pytest.raises(ValueError, match="2-D"):
+        find_undertrained(torch.zeros(3))
+
+
+def test_since_init_uses_the_change_and_finds_rows_only_decayed() -> None:
+    g = torch.Generator().manual_seed(3)
+    first = 0.02 * torch.randn(300, 16, generator=g)
+    last = 0.9 * first + 0.3 * torch.randn(300, 16, generator=g)  # everyone trained and decayed...
+    never = [5, 17, 99, 200, 250]
+    last[never] = 0.9 * first[never]  # ...but these only decayed
+    found = find_undertrained(last, initial=first)
+    assert found["method"] == "since_init" and sorted(t for t, _ in found["tokens"]) == never
+
+
+def test_precision_recall_counts() -> None:
+    assert precision_recall([1, 2, 3, 4], [2, 3, 4, 5, 6]) == (0.75, 0.6)
+    assert precision_recall([], []) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_undertrained_tokens_of_a_trained_tiny_model(tied: bool, weight_decay: float) -> None:
+    torch.set_num_threads(1)
+    run = constructed_run(tied=tied, weight_decay=weight_decay, steps=200, seed=11)
+    results = evaluate(run, tied)
+    assert len(results) == (2 if tied else 4)  # input embedding (and untied head), weights and since-init
+    for matrix, method, count, precision, recall in results:
+        assert precision >= 0.9 and recall >= 0.9, (matrix, method, count, precision, recall)
+
+
+def test_a_tiny_model_that_sees_every_token_has_none_flagged() -> None:
+    torch.set_num_threads(1)
+    run = constructed_run(tied=False, weight_decay=0.1, unused=0, steps=200, seed=12)
+    assert [count for _, _, count, _, _ in evaluate(run, tied=False)] == [0, 0, 0, 0]
