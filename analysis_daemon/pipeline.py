@@ -44,6 +44,8 @@ class AnalysisSettings:
     alerts: AlertSettings = AlertSettings()
     sample_rows: int | None = None  # sampled geometry from this many rows (None: the exact pass)
     sample_seed: int = 0  # the sample's seed: the same rows for every snapshot of the same size
+    since_init: bool = True  # keep each run's first snapshot: drift since it, and a sharper under-trained search
+    undertrained: bool = True  # the under-trained token search (metrics/undertrained.py; part of the extras)
 
 
 def jsonable(value: Any) -> Any:
@@ -138,10 +140,10 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
         drift_seconds = time.monotonic() - t0
     if drift is not None:
         drift = jsonable(drift)
-        for kind in ("most", "least"):
-            strings = _token_strings(drift.get(f"{kind}_drifted_tokens") or [], vocab)
-            if strings is not None:
-                drift[f"{kind}_drifted_token_strings"] = strings
+        _add_token_strings(drift, vocab)
+    t0 = time.monotonic()
+    since_init, since_init_reason = _drift_since_init(job, settings, drift, vocab)
+    drift_seconds += time.monotonic() - t0
 
     geometry: dict[str, Any] | None = None
     geometry_error: str | None = None
@@ -197,6 +199,8 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
         "drift": drift,
         "geometry": geometry,
         "drift_skipped_reason": reason,
+        "drift_since_init": since_init,  # drift from the run's first snapshot (iter `first_iter`) to this one
+        "drift_since_init_skipped_reason": since_init_reason,
         "geometry_error": geometry_error,
         "skipped_iters": list(job.skipped_iters),
         "name": cur.name,
@@ -229,6 +233,62 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     return record
 
 
+def _add_token_strings(drift: dict[str, Any], vocab: list[str] | None) -> None:
+    for kind in ("most", "least"):
+        strings = _token_strings(drift.get(f"{kind}_drifted_tokens") or [], vocab)
+        if strings is not None:
+            drift[f"{kind}_drifted_token_strings"] = strings
+
+
+def _initial(job: Job) -> SnapshotData | None:
+    """The run's first snapshot when it is an earlier one of the same shape (the since-init baseline)."""
+    first = job.first
+    if first is None or first is job.current or first.shape != job.current.shape:
+        return None
+    return first
+
+
+def _drift_since_init(job: Job, settings: AnalysisSettings, drift: dict[str, Any] | None,
+                      vocab: list[str] | None) -> tuple[dict[str, Any] | None, str | None]:
+    """The record's "drift_since_init" (the drift section's form plus `first_iter`) and why it is null."""
+    if not settings.since_init:
+        return None, "off (--no-since-init)"
+    first = job.first
+    if first is None:
+        return None, "the run's first snapshot is not known (the daemon restarted after it)"
+    if first is job.current:
+        return None, "first snapshot of this run"
+    if first.shape != job.current.shape:
+        return None, f"shape changed from {first.shape} (iter {first.iter}) to {job.current.shape}"
+    if first is job.previous and drift is not None:
+        out = dict(drift)  # the previous snapshot is the first one: the same numbers, not computed twice
+    else:
+        from .metrics.drift import measure_semantic_drift
+        try:
+            out = jsonable(measure_semantic_drift(first.tensor, job.current.tensor, top_k=settings.top_k))
+        except Exception as exc:  # costs this section, never the record
+            reason = f"drift since init failed: {first_line(exc)}"
+            log.error("run %s iter %d: %s", job.run, job.current.iter, reason)
+            return None, reason
+        _add_token_strings(out, vocab)
+    out["first_iter"] = first.iter
+    return out, None
+
+
+def _undertrained(job: Job, vocab: list[str] | None) -> dict[str, Any]:
+    """The insight section's under-trained entries: {"undertrained": {...}, "undertrained_tokens": [[id, score]]}."""
+    from .metrics.undertrained import find_undertrained
+
+    first = _initial(job)
+    found = find_undertrained(job.current.tensor, initial=first.tensor if first is not None else None)
+    tokens = found.pop("tokens")
+    if first is not None:
+        found["first_iter"] = first.iter
+    if vocab:
+        found["token_strings"] = _token_strings(tokens, vocab)
+    return {"undertrained": found, "undertrained_tokens": tokens}
+
+
 def _insight(job: Job, settings: AnalysisSettings, state: RunInsight, knn_ids: Any,
              vocab: list[str] | None) -> dict[str, Any]:
     from .metrics.insight import compute_insight, resolve_probes
@@ -248,6 +308,13 @@ def _insight(job: Job, settings: AnalysisSettings, state: RunInsight, knn_ids: A
         probe_ids=probe_ids, vocab=vocab, top_k=settings.top_k, probe_k=settings.probe_k))
     if insight.get("neighbourhood_drift") is not None:
         insight["neighbourhood_drift"]["prev_iter"] = state.knn_iter  # last analysed, not job.previous
+    if settings.undertrained:
+        try:
+            insight.update(jsonable(_undertrained(job, vocab)))
+        except Exception as exc:  # costs these entries, never the rest of the section
+            insight["undertrained"], insight["undertrained_tokens"] = None, None
+            insight["undertrained_error"] = f"under-trained search failed: {first_line(exc)}"
+            log.error("run %s iter %d: %s", job.run, job.current.iter, insight["undertrained_error"])
     return insight
 
 

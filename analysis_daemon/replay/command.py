@@ -171,6 +171,7 @@ def _replay(run: str, checkpoints: list[Any], tensor_name: str | None, settings:
     counters = Counters()
     insight = RunInsight()
     previous: SnapshotData | None = None
+    first: SnapshotData | None = None  # drift since initialisation is measured against it
     hello_sent = False
     vocabs: dict[Path, Any] = {}  # per directory: checkpoint-500/ and checkpoint-1000/ share one
     sources: set[Path] = set()
@@ -210,13 +211,15 @@ def _replay(run: str, checkpoints: list[Any], tensor_name: str | None, settings:
             hello_sent = True
         snap = SnapshotData(iter=int(ckpt.iter), seq=k, name=emb.name, tensor=emb.tensor, metrics=emb.metrics)
         del emb
-        job = Job(run=run, current=snap, previous=previous, skipped_iters=[], hello=hello)
+        if first is None and settings.since_init:
+            first = snap
+        job = Job(run=run, current=snap, previous=previous, skipped_iters=[], hello=hello, first=first)
         result = analyse(job, settings, bar.update, insight)
         counters.analysed += 1
         result["counters"] = counters.as_dict()
         result["daemon_counters"] = counters.as_dict()
         # as the daemon reports it: what is held until the next result (this snapshot, the next baseline)
-        result["memory_held_bytes"] = snap.tensor.numel() * snap.tensor.element_size()
+        result["memory_held_bytes"] = snap.nbytes + (first.nbytes if first is not None and first is not snap else 0)
         result["checkpoint"] = str(ckpt.path)
         result["iter_source"] = ckpt.iter_source
         sinks.handle(result)

@@ -82,6 +82,8 @@ def _held_bytes(state: RunState) -> int:
     total = state.queued_bytes
     if state.previous is not None:
         total += state.previous.tensor.numel() * state.previous.tensor.element_size()
+    if state.first is not None and state.first is not state.previous:  # drift since init's baseline
+        total += state.first.nbytes
     vocab = state.hello.vocab if state.hello is not None else None
     return total + (vocab.nbytes() if isinstance(vocab, CompactVocab) else 0)
 
@@ -195,8 +197,11 @@ class Daemon:
                     snap = state.queue.popleft()
                     state.queued_bytes -= snap.nbytes
                     repeat = state.max_iter if state.max_iter is not None and snap.iter <= state.max_iter else None
+                    if state.first is None and self.config.analysis.since_init:
+                        state.first = snap  # held for the run's life: one more V x d, counted in memory_held_bytes
                     job = Job(run=state.run, current=snap, previous=state.previous,
-                              skipped_iters=snap.skipped_before, hello=state.hello, repeat_of=repeat)
+                              skipped_iters=snap.skipped_before, hello=state.hello, repeat_of=repeat,
+                              first=state.first)
                     state.previous = snap
                     state.max_iter = snap.iter if repeat is None else state.max_iter
                     self._served += 1

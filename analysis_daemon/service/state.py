@@ -82,6 +82,7 @@ class Job:
     skipped_iters: list[int]  # iterations of this run skipped since the last job was taken
     hello: HelloInfo | None
     repeat_of: int | None = None  # the run's highest iteration analysed before, when current.iter is not past it
+    first: SnapshotData | None = None  # the run's first snapshot taken (drift since initialisation); None: off
 
 
 @dataclass
@@ -95,6 +96,7 @@ class RunState:
     run: str
     hello: HelloInfo | None = None
     previous: SnapshotData | None = None
+    first: SnapshotData | None = None  # the first snapshot taken for analysis: drift_since_init's baseline
     queue: deque[SnapshotData] = field(default_factory=deque)  # received, waiting for the worker, oldest first
     queued_bytes: int = 0  # bytes held by `queue` (the backlog budget counts these)
     busy: bool = False  # the worker is analysing a snapshot of this run right now

@@ -59,6 +59,13 @@ def metrics_for(result: dict[str, Any], wandb: Any, vocab: list[str] | None = No
                           ("average_euclidean_distance", "drift_euclidean")):
             if drift.get(key) is not None:  # None when no row was usable (all non-finite)
                 data[f"analysis/{name}"] = drift[key]
+        common = drift.get("common_mode") or {}
+        for name, value in (("drift_linear_cka", drift.get("linear_cka")),
+                            ("mean_shift", common.get("mean_shift")),
+                            ("mean_shift_relative", common.get("mean_shift_relative")),
+                            ("mean_norm_ratio", common.get("mean_norm_ratio"))):
+            if value is not None:
+                data[f"analysis/{name}"] = value
         for kind in ("most", "least"):
             pairs = drift.get(f"{kind}_drifted_tokens") or []
             strings = drift.get(f"{kind}_drifted_token_strings")
@@ -66,6 +73,12 @@ def metrics_for(result: dict[str, Any], wandb: Any, vocab: list[str] | None = No
                     for rank, (tid, cos) in enumerate(pairs)]
             data[f"analysis/drift_{kind}_drifted_tokens"] = wandb.Table(
                 columns=["rank", "token_id", "token", "cosine_similarity"], data=rows)
+    since = result.get("drift_since_init") or {}
+    for key, name in (("average_cosine_similarity", "drift_since_init_cosine_sim"),
+                      ("average_euclidean_distance", "drift_since_init_euclidean"),
+                      ("linear_cka", "drift_since_init_linear_cka")):
+        if since.get(key) is not None:
+            data[f"analysis/{name}"] = since[key]
     geom = result.get("geometry")
     if geom:
         density, sparsity = geom["local_density"], geom["global_sparsity"]
@@ -118,6 +131,14 @@ def insight_metrics(result: dict[str, Any], wandb: Any) -> dict[str, Any]:
         data["analysis/row_norm_hist"] = wandb.Histogram(
             np_histogram=(np.asarray(norms["histogram_counts"]), np.asarray(norms["histogram_bins"])))
     data.update({f"analysis/{k}": v for k, v in scalars.items() if v is not None})
+    under = ins.get("undertrained")
+    if under:
+        data["analysis/undertrained_count"] = under["count"]
+        strings = under.get("token_strings")
+        data["analysis/undertrained_tokens"] = wandb.Table(
+            columns=["rank", "token_id", "token", "score"],
+            data=[[rank, int(tid), strings[rank] if strings and rank < len(strings) else None, score]
+                  for rank, (tid, score) in enumerate(ins.get("undertrained_tokens") or [])])
     rows = [[p["token_id"], p["token"], rank, n[0], n[1], n[2]]
             for p in ins.get("probes") or [] for rank, n in enumerate(p["neighbours"])]
     if rows:

@@ -1,0 +1,91 @@
+"""The research metrics through a real daemon: records, memory accounting, console, W&B offline history, report."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from analysis_daemon import measure_semantic_drift
+from analysis_daemon.metrics.undertrained import precision_recall
+from analysis_daemon.report.page import build_report, load_results
+from benchmarks.validate_undertrained import constructed_run
+from tests import wandb_history
+from tests.test_daemon import env, publisher_for, start_daemon  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_cka_since_init_and_undertrained_tokens_reach_every_sink(start_daemon, tmp_path: Path,  # noqa: F811
+                                                                 tcp_endpoint: str) -> None:
+    torch.set_num_threads(1)
+    early = constructed_run(tied=False, weight_decay=0.1, steps=60, seed=3)
+    late = constructed_run(tied=False, weight_decay=0.1, steps=200, seed=3)  # the same run, trained longer
+    snaps = [(0, early.head_first), (60, early.head_last), (200, late.head_last)]
+    d = start_daemon("--exit-on-end", "--galaxy-rows", "0")
+    vocab = [f"t{i}" for i in range(256)]
+    pub = publisher_for(tcp_endpoint, "research", vocab=vocab, wandb_info={"project": "emb-test"})
+    for n, (it, w) in enumerate(snaps, 1):
+        assert pub.publish(w, it)
+        d.wait_results("research", n)
+    pub.close()
+    assert d.wait_exit() == 0
+    results = d.results("research")
+
+    first, second, third = results
+    assert first["drift_since_init"] is None and first["drift_since_init_skipped_reason"] == "first snapshot of this run"
+    assert first["insight"]["undertrained"]["method"] == "weights"  # no earlier snapshot yet
+    # the previous snapshot is the first: the since-init numbers are the drift's own
+    assert second["drift_since_init"]["first_iter"] == 0
+    assert second["drift_since_init"]["linear_cka"] == second["drift"]["linear_cka"]
+    ref = measure_semantic_drift(snaps[0][1], snaps[2][1])
+    since = third["drift_since_init"]
+    assert since["first_iter"] == 0 and third["prev_iter"] == 60
+    assert since["average_cosine_similarity"] == pytest.approx(ref["average_cosine_similarity"], rel=1e-9)
+    assert since["linear_cka"] == pytest.approx(ref["linear_cka"], rel=1e-9)
+    assert third["drift"]["linear_cka"] == pytest.approx(
+        measure_semantic_drift(snaps[1][1], snaps[2][1])["linear_cka"], rel=1e-9)
+    # the first snapshot is held for the run's life and counted
+    assert third["memory_held_bytes"] >= 2 * 256 * 32 * 4
+
+    under = third["insight"]["undertrained"]
+    flagged = [t for t, _ in third["insight"]["undertrained_tokens"]]
+    assert under["method"] == "since_init" and under["first_iter"] == 0
+    precision, recall = precision_recall(flagged, late.unused)
+    assert precision >= 0.9 and recall >= 0.9
+    assert under["token_strings"] == [vocab[t] for t in flagged]
+    jumps = [a for r in results for a in r["alerts"] if a["kind"] == "undertrained_jump"]
+    assert jumps and jumps[0]["metric"] == "insight.undertrained.count"
+
+    out = d.out_path.read_text()
+    assert "[Drift] Linear CKA" in out and "[Drift] since iter 0 (the run's first snapshot)" in out
+    assert f"[Insight] Under-trained tokens {under['count']} " in out
+
+    (run_file,) = wandb_history.find_run_files(tmp_path)
+    rows = {row["analysis/iter"]: row for row in wandb_history.history(run_file)}
+    assert rows[200]["analysis/drift_linear_cka"] == pytest.approx(third["drift"]["linear_cka"])
+    assert rows[200]["analysis/drift_since_init_linear_cka"] == pytest.approx(since["linear_cka"])
+    assert rows[200]["analysis/mean_shift"] == pytest.approx(third["drift"]["common_mode"]["mean_shift"])
+    assert rows[200]["analysis/undertrained_count"] == under["count"]
+    table = wandb_history.table(run_file, rows[200]["analysis/undertrained_tokens.path"])
+    assert [row[1] for row in table["data"]] == flagged
+
+    html = build_report(load_results(d.results_dir / "research" / "analysis.jsonl"))
+    assert 'id="research"' in html and f"Under-trained tokens at iter 200: {under['count']}" in html
+
+
+def test_no_since_init_keeps_no_first_snapshot(start_daemon, tcp_endpoint: str) -> None:  # noqa: F811
+    g = torch.Generator().manual_seed(0)
+    mats = [torch.randn(300, 16, generator=g) for _ in range(3)]
+    d = start_daemon("--exit-on-end", "--no-console", "--no-since-init", "--no-undertrained")
+    pub = publisher_for(tcp_endpoint, "plain")
+    for n, w in enumerate(mats, 1):
+        assert pub.publish(w, n)
+        d.wait_results("plain", n)
+    pub.close()
+    assert d.wait_exit() == 0
+    last = d.results("plain")[-1]
+    assert last["drift_since_init"] is None and last["drift_since_init_skipped_reason"] == "off (--no-since-init)"
+    assert "undertrained" not in last["insight"]
+    assert last["memory_held_bytes"] < 2 * 300 * 16 * 4  # the baseline only (nothing queued at the end)
+    assert last["drift"]["linear_cka"] is not None
