@@ -192,6 +192,8 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
 
     record = {
         "run": job.run,
+        "tensor": cur.name,  # which of the run's tensors (state, drift and insight are per tensor)
+        "default_tensor": job.default_tensor,  # the run's main tensor: its W&B keys have no tensor prefix
         "iter": cur.iter,
         "prev_iter": prev.iter if prev is not None else None,
         "seconds": None,  # set last, once the alerts are in

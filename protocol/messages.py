@@ -302,6 +302,18 @@ class _Header:
         return value
 
 
+MAX_TENSOR_NAME_CHARS: Final = 64
+_TENSOR_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def check_tensor_name(name: Any) -> str:
+    """Return `name` if it is a usable tensor name (it becomes part of W&B keys: analysis/<name>/...), else raise."""
+    if type(name) is not str or not 0 < len(name) <= MAX_TENSOR_NAME_CHARS or not _TENSOR_NAME.fullmatch(name):
+        raise ProtocolError(f"header: tensor name must be 1-{MAX_TENSOR_NAME_CHARS} characters of A-Z a-z 0-9 _ . -, "
+                            f"got {_short(name)}")
+    return name
+
+
 def check_run_name(run: Any, limits: Limits = DEFAULT_LIMITS) -> str:
     """Return `run` if it is a usable run name (it becomes a directory on the daemon side), else raise."""
     if type(run) is not str or not run:
@@ -452,7 +464,7 @@ def _decode_snapshot(frames: Sequence[Any], header: _Header, run: str, seq: int,
     part = _part_geometry(header, dtype, rows, cols)
     # Optional: absent from older publishers' headers.
     metrics = check_metrics(header.data.get("metrics"), limits)
-    return Snapshot(run=run, iter=header.int_("iter"), seq=seq, name=header.str_("name"), dtype=dtype,
+    return Snapshot(run=run, iter=header.int_("iter"), seq=seq, name=check_tensor_name(header.str_("name")), dtype=dtype,
                     shape=(rows, cols), nbytes=nbytes, sent_at=header.float_("sent_at"), payload=payload,
                     shm=shm, publisher=publisher, global_shape=part[0] if part else None,
                     offset=part[1] if part else None, metrics=metrics)

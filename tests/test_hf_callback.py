@@ -73,8 +73,10 @@ def reference(model: Any) -> torch.Tensor:
 class Pacer(TrainerCallback):
     """After ours: at each expected step, keep a reference and wait until the daemon analysed that snapshot."""
 
-    def __init__(self, daemon: DaemonProc | None, run: str, expected: list[int], every_n: int | None = None) -> None:
+    def __init__(self, daemon: DaemonProc | None, run: str, expected: list[int], every_n: int | None = None,
+                 tensors: int = 1) -> None:
         self.daemon, self.run, self.expected, self.every_n = daemon, run, expected, every_n
+        self.tensors = tensors  # records per step (2: an untied output embedding is published too)
         self.refs: dict[int, torch.Tensor] = {}
 
     def _at(self, state: Any, model: Any) -> None:
@@ -82,7 +84,7 @@ class Pacer(TrainerCallback):
         if step in self.expected and step not in self.refs:
             self.refs[step] = reference(model)
             if self.daemon is not None:
-                self.daemon.wait_results(self.run, len(self.refs))
+                self.daemon.wait_results(self.run, self.tensors * len(self.refs))
 
     def on_train_begin(self, args, state, control, model=None, **kw):
         self._at(state, model)
@@ -148,6 +150,7 @@ def test_gpt2_tied_every_n_eval_and_end_once_each_with_vocab_and_wandb(
     assert d.wait_exit() == 0
     results = d.results("hf-gpt2")
     check_results(results, pacer.refs, expected, exact=True)
+    assert {r["tensor"] for r in results} == {"wte"}  # tied: the head is the input embedding, sent once
     drifted = results[-1]["drift"]
     assert drifted["most_drifted_token_strings"] == [f"w{t}" for t, _ in drifted["most_drifted_tokens"]]
     assert "run hf-gpt2: end" in d.log()
@@ -174,10 +177,10 @@ def test_gpt2_tied_every_n_eval_and_end_once_each_with_vocab_and_wandb(
     assert rows[2]["eval/loss"] == pytest.approx(evals[3]["eval_loss"])  # loss beside drift, in our W&B run
 
 
-def test_llama_untied_publishes_the_input_embedding_not_the_head(start_daemon, tmp_path: Path) -> None:
+def test_llama_untied_publishes_the_input_embedding_and_the_head_apart(start_daemon, tmp_path: Path) -> None:
     d = start_daemon("--exit-on-end", "--no-wandb")
     expected = [0, 2, 4]  # start, evals at 2 and 4; the end (4) is not sent twice
-    pacer = Pacer(d, "llama-untied", expected)
+    pacer = Pacer(d, "llama-untied", expected, tensors=2)
     model = llama()
     head0 = model.get_output_embeddings().weight.detach().clone()
     trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2),
@@ -186,10 +189,19 @@ def test_llama_untied_publishes_the_input_embedding_not_the_head(start_daemon, t
                                  pacer])
     trainer.train()
     assert d.wait_exit() == 0
-    results = d.results("llama-untied")
+    records = d.results("llama-untied")
+    results = [r for r in records if r["tensor"] != "lm_head"]
     check_results(results, pacer.refs, expected, exact=True)
+    assert all(r["default_tensor"] for r in results)
     assert not torch.equal(model.get_output_embeddings().weight, head0)  # the head trained too, separately
     assert results[-1]["drift"]["least_drifted_token_strings"][0].startswith("w")
+    # the untied head, as its own tensor: its own drift chain, never compared with the input embedding
+    head = [r for r in records if r["tensor"] == "lm_head"]
+    assert [r["iter"] for r in head] == expected and [r["prev_iter"] for r in head] == [None, *expected[:-1]]
+    assert not any(r["default_tensor"] for r in head) and head[-1]["shape"] == [V, 32]
+    final = model.get_output_embeddings().weight.detach().float()
+    assert head[-1]["drift_since_init"]["average_cosine_similarity"] == pytest.approx(
+        measure_semantic_drift(head0, final)["average_cosine_similarity"], rel=1e-6)
 
 
 def test_lora_wrapped_model_publishes_the_adapted_embedding(start_daemon, tmp_path: Path) -> None:

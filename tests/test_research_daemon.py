@@ -89,3 +89,44 @@ def test_no_since_init_keeps_no_first_snapshot(start_daemon, tcp_endpoint: str) 
     assert "undertrained" not in last["insight"]
     assert last["memory_held_bytes"] < 2 * 300 * 16 * 4  # the baseline only (nothing queued at the end)
     assert last["drift"]["linear_cka"] is not None
+
+
+def test_named_tensors_keep_their_own_state_and_keys(start_daemon, tmp_path: Path, tcp_endpoint: str) -> None:  # noqa: F811
+    g = torch.Generator().manual_seed(4)
+    wte = [torch.randn(300, 16, generator=g) for _ in range(3)]
+    head = [torch.randn(300, 16, generator=g) for _ in range(3)]
+    d = start_daemon("--exit-on-end", "--galaxy-rows", "0")
+    pub = publisher_for(tcp_endpoint, "two", wandb_info={"project": "emb-test"})
+    assert not pub.publish(head[0], 1, name="lm head/../x")  # refused on the trainer side: a W&B key part
+    for n, it in enumerate((10, 20, 30)):
+        assert pub.publish(wte[n], it, metrics={"train/loss": 1.0 / it})
+        assert pub.publish(head[n], it, name="lm_head")
+        d.wait_results("two", 2 * (n + 1))
+    pub.close()
+    assert d.wait_exit() == 0
+    records = d.results("two")
+    by = {name: [r for r in records if r["tensor"] == name] for name in ("wte", "lm_head")}
+    assert len(records) == 6 and all(len(v) == 3 for v in by.values())
+    assert [r["default_tensor"] for r in by["wte"]] == [True] * 3 and not any(r["default_tensor"] for r in by["lm_head"])
+    for name, mats in (("wte", wte), ("lm_head", head)):
+        rs = by[name]
+        assert [r["prev_iter"] for r in rs] == [None, 10, 20]  # its own previous, not the other tensor's
+        assert rs[2]["drift"]["average_cosine_similarity"] == pytest.approx(
+            measure_semantic_drift(mats[1], mats[2])["average_cosine_similarity"], rel=1e-9)
+        assert rs[2]["drift_since_init"]["first_iter"] == 10
+        assert not any(r.get("repeat") for r in rs)  # the other tensor at the same iteration is no repeat
+    # both tensors' previous and first snapshots are held and counted
+    assert records[-1]["memory_held_bytes"] >= 4 * 300 * 16 * 4
+    assert "(run two, tensor lm_head) ---" in d.out_path.read_text()
+
+    (run_file,) = wandb_history.find_run_files(tmp_path)
+    rows = wandb_history.history(run_file)
+    plain = [row for row in rows if "analysis/drift_cosine_sim" in row]
+    named = [row for row in rows if "analysis/lm_head/drift_cosine_sim" in row]
+    assert [row["analysis/iter"] for row in plain] == [20, 30] and [row["analysis/iter"] for row in named] == [20, 30]
+    assert named[-1]["analysis/lm_head/drift_cosine_sim"] == pytest.approx(by["lm_head"][2]["drift"]["average_cosine_similarity"])
+    assert not any("train/loss" in row for row in rows if "analysis/lm_head/seconds" in row)  # the loss once
+
+    path = d.results_dir / "two" / "analysis.jsonl"
+    assert {r["tensor"] for r in load_results(path).records} == {"wte"}
+    assert {r["tensor"] for r in load_results(path, tensor="lm_head").records} == {"lm_head"}

@@ -142,6 +142,33 @@ def scalar_metrics(values: dict[str, Any], *, read_device: bool) -> dict[str, fl
     return out
 
 
+OUTPUT_TENSOR = "lm_head"  # the tensor name the callbacks give an untied output embedding (W&B: analysis/lm_head/...)
+
+
+def untied_output_embedding(owners: Any, input_embedding: Any) -> Any | None:
+    """The first `get_output_embeddings()` among `owners` when its weight is not the input embedding's; else None.
+
+    Tied weights (one parameter, or one storage) are sent once, as the input embedding.
+    """
+    for owner in owners:
+        getter = getattr(owner, "get_output_embeddings", None)
+        if getter is None:
+            continue
+        try:
+            out = getter()
+        except NotImplementedError:
+            out = None
+        if out is None:
+            continue
+        try:
+            w_out, w_in = effective_weight(out), effective_weight(input_embedding)
+            tied = w_out is w_in or (w_out.data_ptr() == w_in.data_ptr() and w_out.shape == w_in.shape)
+        except Exception:  # noqa: BLE001 - cannot tell (an exotic wrapper): send the input embedding only
+            tied = True
+        return None if tied or w_out.dim() != 2 else out
+    return None
+
+
 class StepPublisher:
     """One EmbeddingPublisher per training: publishes the chosen steps, each step once."""
 
@@ -177,17 +204,22 @@ class StepPublisher:
         return self.every_n_steps is not None and step % self.every_n_steps == 0
 
     def publish(self, embedding: Callable[[], Any], step: int,
-                metrics: Callable[[], dict[str, Any] | None] | None = None) -> bool:
+                metrics: Callable[[], dict[str, Any] | None] | None = None,
+                output: Callable[[], Any] | None = None) -> bool:
         """Publish the embedding at `step` unless this step was already published; True if handed off.
 
         `metrics()` (called only when publishing) gives the trainer's scalars to send with the snapshot.
+        `output()`: the untied output embedding or None, sent as tensor OUTPUT_TENSOR at the same step.
         """
         if self.publisher is None or step == self._last_step:
             return False
         self._last_step = step  # also on a drop: the same weights are not worth a second try
         try:
-            return self.publisher.publish(effective_weight(embedding()), step,
-                                          metrics=metrics() if metrics else None)
+            sent = self.publisher.publish(effective_weight(embedding()), step, metrics=metrics() if metrics else None)
+            head = output() if output is not None else None
+            if head is not None:
+                self.publisher.publish(effective_weight(head), step, name=OUTPUT_TENSOR)
+            return sent
         except Exception:  # noqa: BLE001 - monitoring must never end a training run
             self.failures += 1
             if self.failures == 1:

@@ -16,7 +16,8 @@ import transformers
 from transformers import TrainerCallback
 
 from .publisher import embedding_weight
-from .callbacks import StepPublisher, active_wandb_info, first_given, generated_run_name, scalar_metrics, vocab_of
+from .callbacks import (StepPublisher, active_wandb_info, first_given, generated_run_name, scalar_metrics,
+                        untied_output_embedding, vocab_of)
 
 __all__ = ["EmbeddingMonitorCallback"]
 
@@ -56,8 +57,10 @@ class EmbeddingMonitorCallback(TrainerCallback):
     """A transformers TrainerCallback that publishes the input embedding to an analysis daemon."""
 
     def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", run: str | None = None,
-                 every_n_steps: int | None = None, *, tokenizer: Any = None, **publisher_options: Any) -> None:
+                 every_n_steps: int | None = None, *, tokenizer: Any = None, output_embeddings: bool = True,
+                 **publisher_options: Any) -> None:
         self.run = run
+        self.output_embeddings = output_embeddings  # also publish an untied get_output_embeddings() as "lm_head"
         self.tokenizer = tokenizer
         self.monitor = StepPublisher(endpoint, every_n_steps, publisher_options)
         self._model: Any = None
@@ -73,7 +76,13 @@ class EmbeddingMonitorCallback(TrainerCallback):
     def _publish(self, state: Any) -> bool:
         model = self._model
         return self.monitor.publish(lambda: input_embeddings(model), int(state.global_step),
-                                    lambda: self._new_metrics(state))
+                                    lambda: self._new_metrics(state), self._output if self.output_embeddings else None)
+
+    def _output(self) -> Any:
+        model = self._model
+        while not hasattr(model, "get_output_embeddings") and hasattr(model, "module"):
+            model = model.module
+        return untied_output_embedding([model], input_embeddings(self._model))
 
     def _new_metrics(self, state: Any) -> dict[str, Any]:
         """The losses logged since the last publish, named as the Trainer's W&B integration names them:

@@ -19,8 +19,8 @@ try:
 except ImportError:  # the standalone package of older releases
     import pytorch_lightning as pl
 
-from .callbacks import (StepPublisher, active_wandb_info, first_given, generated_run_name, scalar_metrics, vocab_of,
-                        wandb_info_of)
+from .callbacks import (StepPublisher, active_wandb_info, first_given, generated_run_name, scalar_metrics,
+                        untied_output_embedding, vocab_of, wandb_info_of)
 from .publisher import embedding_weight
 
 __all__ = ["EmbeddingMonitorCallback"]
@@ -68,8 +68,9 @@ class EmbeddingMonitorCallback(pl.Callback):
 
     def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", run: str | None = None,
                  every_n_steps: int | None = None, *, embedding: Any = None, tokenizer: Any = None,
-                 **publisher_options: Any) -> None:
+                 output_embeddings: bool = True, **publisher_options: Any) -> None:
         self.run = run
+        self.output_embeddings = output_embeddings  # also publish an untied get_output_embeddings() as "lm_head"
         self.embedding = embedding
         self.tokenizer = tokenizer
         self.monitor = StepPublisher(endpoint, every_n_steps, publisher_options)
@@ -88,7 +89,13 @@ class EmbeddingMonitorCallback(pl.Callback):
         # trainer.callback_metrics: what the module logged with self.log (train_loss, val_loss, ...). Values
         # on the GPU are read only where Lightning has synchronised already (after validation, at the end).
         return self.monitor.publish(lambda: find_embedding(module, self.embedding), int(trainer.global_step),
-                                    lambda: self._new_metrics(trainer, read_device))
+                                    lambda: self._new_metrics(trainer, read_device),
+                                    self._output if self.output_embeddings else None)
+
+    def _output(self) -> Any:
+        module = self._module
+        return untied_output_embedding([module, *(child for _, child in module.named_children())],
+                                       find_embedding(module, self.embedding))
 
     def _new_metrics(self, trainer: Any, read_device: bool) -> dict[str, Any]:
         # callback_metrics keeps each value until it is logged again: send a value only when it changed

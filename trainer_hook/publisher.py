@@ -27,7 +27,7 @@ import torch
 import zmq
 
 from protocol import (DEFAULT_LIMITS, CurveClient, ProtocolError, ShmWriter, check_endpoint, check_metrics,
-                      check_run_name, connect_publisher, encode_hello, is_local_endpoint, shm_available, wire_dtype)
+                      check_run_name, check_tensor_name, connect_publisher, encode_hello, is_local_endpoint, shm_available, wire_dtype)
 from protocol.shm import publisher_id as make_publisher_id
 
 from . import signals
@@ -110,7 +110,7 @@ class EmbeddingPublisher:
         self.endpoint = endpoint
         self.run = check_run_name(run or (wandb_info or {}).get("run_name") or (wandb_info or {}).get("name")
                                   or f"{socket.gethostname()}-{os.getpid()}-{time.strftime('%Y%m%d-%H%M%S')}")
-        self.name = name
+        self.name = check_tensor_name(name)
         self.send_dtype = send_dtype
         if send_dtype is not None:
             wire_dtype(send_dtype)  # fail now, not at the first publish
@@ -283,13 +283,21 @@ class EmbeddingPublisher:
         self._sender.jobs.put(job)
         return job
 
-    def publish(self, weight_or_module: Any, iter_num: int, metrics: dict[str, Any] | None = None) -> bool:
+    def publish(self, weight_or_module: Any, iter_num: int, metrics: dict[str, Any] | None = None, *,
+                name: str | None = None) -> bool:
         """Copy the embedding weight (this rank's shard of a DTensor) and hand it off; True if handed off. Never blocks.
 
         `metrics`: optional trainer scalars at this iteration (e.g. {"train/loss": 2.31}); the daemon
         keeps them in the result and logs them on the same iteration axis. Invalid entries are left
         out, counted in `metrics_rejected` and logged once per distinct problem; the snapshot still goes.
+        `name`: which of the run's tensors this is (e.g. "lm_head"; None: the publisher's own `name`); the
+        daemon keeps a baseline per tensor, so each drifts against its own previous snapshot.
         """
+        if name is not None:
+            try:
+                check_tensor_name(name)
+            except ProtocolError as exc:
+                return self._drop(f"tensor name refused: {exc}")
         part = self._part(weight_or_module)
         if part is None or self._sender is None:
             return False  # disabled, closed, or another rank sends this matrix (or this part of it)
@@ -305,7 +313,7 @@ class EmbeddingPublisher:
             connect_deadline = self._connect_deadline
         dtype, shape, nbytes = self._wire_shape(weight)
         self._shm_fallback_check()
-        job = SnapshotJob(iter=int(iter_num), name=self.name, dtype=wire_dtype(dtype), shape=shape,
+        job = SnapshotJob(iter=int(iter_num), name=self.name if name is None else name, dtype=wire_dtype(dtype), shape=shape,
                           connect_deadline=connect_deadline, metrics=clean, global_shape=part.global_shape,
                           offset=part.offset)
         try:

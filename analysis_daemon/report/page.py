@@ -57,8 +57,11 @@ def resolve_results_path(arg: Path) -> Path:
     return arg
 
 
-def load_results(path: Path, run: str | None = None) -> Results:
-    """Read a results file, skipping (and counting) lines that are not usable records."""
+def load_results(path: Path, run: str | None = None, tensor: str | None = None) -> Results:
+    """Read a results file, skipping (and counting) lines that are not usable records.
+
+    `tensor`: report that tensor of the run (records carry "tensor"); None: the run's default tensor.
+    """
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
@@ -87,6 +90,8 @@ def load_results(path: Path, run: str | None = None) -> Results:
         if _int(rec, "iter") is None:
             skip(lineno, "no integer 'iter'")
             continue
+        if (rec.get("tensor") != tensor) if tensor is not None else rec.get("default_tensor") is False:
+            continue  # another tensor of the run: a report shows one tensor (--tensor NAME picks it)
         name = rec.get("run") if isinstance(rec.get("run"), str) else ""
         runs[name] = runs.get(name, 0) + 1
         parsed.append((lineno, rec))
@@ -602,6 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"where to write the page (default: {REPORT_NAME} next to the results file; with several "
                         f"runs {COMPARE_NAME} in their common parent directory)")
     p.add_argument("--run", metavar="NAME", help="the run to report when a file holds several")
+    p.add_argument("--tensor", metavar="NAME",
+                   help="the tensor to report when the run sent several (e.g. lm_head); default: the run's "
+                        "main tensor (the first it sent)")
     return p
 
 
@@ -633,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = [resolve_results_path(r) for r in args.results]
         if len({p.resolve() for p in paths}) < len(paths):
             raise ReportError("the same results file is given twice: pass each run once")
-        results = [load_results(path, args.run) for path in paths]
+        results = [load_results(path, args.run, args.tensor) for path in paths]
         out = args.output or _default_output(paths)
         write_atomic(out, build_report(results))
     except ReportError as exc:

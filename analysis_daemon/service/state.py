@@ -83,6 +83,10 @@ class Job:
     hello: HelloInfo | None
     repeat_of: int | None = None  # the run's highest iteration analysed before, when current.iter is not past it
     first: SnapshotData | None = None  # the run's first snapshot taken (drift since initialisation); None: off
+    default_tensor: bool = True  # current is the run's main tensor (its W&B keys keep their plain names)
+
+
+MAX_TENSORS_PER_RUN = 8  # named tensors one run may send (each holds up to two V x d baselines)
 
 
 @dataclass
@@ -104,6 +108,8 @@ class RunState:
     served: int = 0  # when the worker last took a job of this run (a daemon-wide counter; round-robin)
     last_active: float = field(default_factory=time.monotonic)  # last message of the run (eviction order)
     max_iter: int | None = None  # highest iteration taken for analysis (a lower one is a repeat: resume)
+    main_tensor: str | None = None  # the first tensor name the run sent: `previous`/`first`/`max_iter` are its
+    others: dict[str, "TensorBaseline"] = field(default_factory=dict)  # every other tensor's, by name (bounded)
     counters: Counters = field(default_factory=Counters)
     ended: bool = False  # `end` received; closed once no work is left
     closed: bool = False  # run's sinks told it ended
@@ -112,6 +118,43 @@ class RunState:
     def idle(self) -> bool:
         """True when nothing of this run is waiting or being analysed."""
         return not self.queue and not self.busy
+
+    def knows_tensor(self, name: str) -> bool:
+        """True when `name` is the run's main tensor or one of its others (or the run has none yet)."""
+        return self.main_tensor is None or name == self.main_tensor or name in self.others
+
+    def take(self, snap: SnapshotData, since_init: bool) -> tuple[SnapshotData | None, SnapshotData | None,
+                                                                  int | None, bool]:
+        """(previous, first, repeat_of, is main tensor) for analysing `snap`; `snap` becomes its tensor's baseline."""
+        if self.main_tensor is None:  # a baseline read back from --state-dir names the main tensor
+            self.main_tensor = self.previous.name if self.previous is not None else snap.name
+        if snap.name == self.main_tensor:
+            base = TensorBaseline(self.previous, self.first, self.max_iter)
+        else:
+            base = self.others.setdefault(snap.name, TensorBaseline())
+        previous, max_iter = base.previous, base.max_iter
+        repeat = max_iter if max_iter is not None and snap.iter <= max_iter else None
+        if base.first is None and since_init:
+            base.first = snap  # held for the run's life: one more V x d, counted in memory_held_bytes
+        base.previous, base.max_iter = snap, snap.iter if repeat is None else max_iter
+        if snap.name == self.main_tensor:
+            self.previous, self.first, self.max_iter = base.previous, base.first, base.max_iter
+        return previous, base.first, repeat, snap.name == self.main_tensor
+
+    def baseline_bytes(self) -> int:
+        """Bytes of every tensor's previous and first snapshots (each counted once)."""
+        held = {id(s): s.nbytes for b in (TensorBaseline(self.previous, self.first), *self.others.values())
+                for s in (b.previous, b.first) if s is not None}
+        return sum(held.values())
+
+
+@dataclass
+class TensorBaseline:
+    """What the daemon keeps per tensor of a run besides the main one: its previous and first snapshots."""
+
+    previous: SnapshotData | None = None
+    first: SnapshotData | None = None
+    max_iter: int | None = None
 
 
 @dataclass

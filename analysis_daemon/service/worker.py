@@ -29,7 +29,7 @@ class AnalysisWorker(threading.Thread):
         self.current: Job | None = None  # read by the main thread at shutdown (for its log line)
         self.fraction_done = 0.0
         self._hello_sent: dict[str, Any] = {}
-        self._insight: dict[str, RunInsight] = {}  # per run; only this thread touches it
+        self._insight: dict[tuple[str, str], RunInsight] = {}  # per (run, tensor); only this thread touches it
 
     def _progress_callback(self, job: Job) -> Callable[[float], None]:
         started = time.monotonic()
@@ -69,9 +69,10 @@ class AnalysisWorker(threading.Thread):
     def _forget_released_runs(self) -> None:
         # The daemon releases ended runs from memory; drop this thread's per-run state with them.
         live = set(self.daemon_ref.runs)
-        for per_run in (self._insight, self._hello_sent):
-            for run in [r for r in per_run if r not in live]:
-                del per_run[run]
+        for run in [r for r in self._hello_sent if r not in live]:
+            del self._hello_sent[run]
+        for key in [k for k in self._insight if k[0] not in live]:
+            del self._insight[key]
 
     def _run_job(self, job: Job) -> None:
         d = self.daemon_ref
@@ -94,7 +95,7 @@ class AnalysisWorker(threading.Thread):
                     d.store.save_hello(job.run, job.hello)
                 except OSError as exc:
                     log.error("state dir: could not save hello of run %s: %s", job.run, exc)
-        if d.store is not None and not job.current.recovered:
+        if d.store is not None and not job.current.recovered and job.default_tensor:  # the main tensor's only
             # On disk before the analysis, promoted to baseline only once its result is delivered:
             # a crash in between leaves the old baseline (which has a record) and this snapshot,
             # analysed again at the next start-up.
@@ -111,7 +112,7 @@ class AnalysisWorker(threading.Thread):
                  "x".join(map(str, job.current.shape)), job.current.dtype, prev_iter)
         try:
             result = analyse(job, self.settings, self._progress_callback(job),
-                             self._insight.setdefault(job.run, RunInsight()))
+                             self._insight.setdefault((job.run, job.current.name), RunInsight()))
         except AnalysisAbandoned as exc:
             log.warning("run %s iter %d: analysis abandoned on shutdown (%s)", job.run,
                         job.current.iter, exc)
@@ -128,7 +129,7 @@ class AnalysisWorker(threading.Thread):
         # The job is finished (by _run_job) only after this: --exit-on-end must not exit between the
         # analysis and the sinks.
         d.sinks.handle(result)
-        if d.store is not None:
+        if d.store is not None and job.default_tensor:
             try:
                 d.store.commit_analysis(job.run, job.current)
             except OSError as exc:

@@ -110,7 +110,8 @@ def galaxy_lines(result: dict[str, Any]) -> list[str]:
 
 def format_result(result: dict[str, Any]) -> str:
     """The summary block for one result: the spec's names, each with what it measures beside it."""
-    lines = [f"--- ASYNC ANALYSIS RESULTS FOR ITERATION {result['iter']} (run {safe(result['run'])}) ---"]
+    tensor = "" if result.get("default_tensor", True) else f", tensor {safe(str(result.get('tensor')))}"
+    lines = [f"--- ASYNC ANALYSIS RESULTS FOR ITERATION {result['iter']} (run {safe(result['run'])}{tensor}) ---"]
     if result.get("metrics"):  # what the trainer sent with the snapshot: loss beside the drift
         lines.append("  [Trainer] " + ", ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}"
                                                 for k, v in result["metrics"].items()))

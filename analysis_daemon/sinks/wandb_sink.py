@@ -109,7 +109,16 @@ def metrics_for(result: dict[str, Any], wandb: Any, vocab: list[str] | None = No
     data["analysis/skipped_since_last"] = len(result.get("skipped_iters") or [])
     if result.get("non_finite") is not None:
         data["analysis/non_finite_values"] = result["non_finite"]["values"]
-    return data
+    return tensor_keys(data, result)
+
+
+def tensor_keys(data: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """A non-default tensor's entries under analysis/<tensor>/...; the trainer's scalars only once (default tensor)."""
+    if result.get("default_tensor", True) or not result.get("tensor"):
+        return data
+    prefix = f"analysis/{result['tensor']}/"
+    return {(key if key == STEP_METRIC else prefix + key.removeprefix("analysis/")): value
+            for key, value in data.items() if key.startswith("analysis/")}
 
 
 def insight_metrics(result: dict[str, Any], wandb: Any) -> dict[str, Any]:
@@ -317,7 +326,7 @@ class WandbSink(Sink):
 
             data = metrics_for(result, wandb, self._vocab.get(run))
             defined = self._defined.setdefault(run, set())
-            for key in result.get("metrics") or {}:
+            for key in (result.get("metrics") or {}) if result.get("default_tensor", True) else ():
                 if key not in defined and not key.startswith("analysis/"):
                     wb_run.define_metric(key, step_metric=STEP_METRIC)  # trainer metrics: iteration axis too
                     defined.add(key)
