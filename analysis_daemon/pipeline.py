@@ -133,7 +133,11 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     else:
         t0 = time.monotonic()
         try:
-            drift = measure_semantic_drift(prev.tensor, cur.tensor, top_k=settings.top_k)
+            grams = {"x": state.grams.get(_gram_key(prev))}
+            drift = measure_semantic_drift(prev.tensor, cur.tensor, top_k=settings.top_k, grams=grams)
+            for snap, key in ((prev, "x"), (cur, "y")):  # kept only while in use (pruned below)
+                if grams.get(key) is not None:
+                    state.grams[_gram_key(snap)] = grams[key]
         except Exception as exc:  # a math failure costs this drift, never the daemon
             reason = f"drift failed: {first_line(exc)}"
             log.error("run %s iter %d: %s", job.run, cur.iter, reason)
@@ -142,8 +146,10 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
         drift = jsonable(drift)
         _add_token_strings(drift, vocab)
     t0 = time.monotonic()
-    since_init, since_init_reason = _drift_since_init(job, settings, drift, vocab)
+    since_init, since_init_reason = _drift_since_init(job, settings, drift, vocab, state.grams)
     drift_seconds += time.monotonic() - t0
+    keep = {_gram_key(s) for s in (cur, job.first) if s is not None}  # the next drift's previous, the first
+    state.grams = {k: g for k, g in state.grams.items() if k in keep}
 
     geometry: dict[str, Any] | None = None
     geometry_error: str | None = None
@@ -235,6 +241,11 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     return record
 
 
+def _gram_key(snap: SnapshotData) -> tuple[int, int, int]:
+    # The object's identity: the cache only holds snapshots still alive (the run's previous and first).
+    return id(snap), snap.iter, snap.seq
+
+
 def _add_token_strings(drift: dict[str, Any], vocab: list[str] | None) -> None:
     for kind in ("most", "least"):
         strings = _token_strings(drift.get(f"{kind}_drifted_tokens") or [], vocab)
@@ -251,7 +262,8 @@ def _initial(job: Job) -> SnapshotData | None:
 
 
 def _drift_since_init(job: Job, settings: AnalysisSettings, drift: dict[str, Any] | None,
-                      vocab: list[str] | None) -> tuple[dict[str, Any] | None, str | None]:
+                      vocab: list[str] | None, cache: dict[tuple[int, int, int], torch.Tensor]
+                      ) -> tuple[dict[str, Any] | None, str | None]:
     """The record's "drift_since_init" (the drift section's form plus `first_iter`) and why it is null."""
     if not settings.since_init:
         return None, "off (--no-since-init)"
@@ -266,8 +278,13 @@ def _drift_since_init(job: Job, settings: AnalysisSettings, drift: dict[str, Any
         out = dict(drift)  # the previous snapshot is the first one: the same numbers, not computed twice
     else:
         from .metrics.drift import measure_semantic_drift
+        cur = job.current
+        grams = {"x": cache.get(_gram_key(first)), "y": cache.get(_gram_key(cur))}
         try:
-            out = jsonable(measure_semantic_drift(first.tensor, job.current.tensor, top_k=settings.top_k))
+            out = jsonable(measure_semantic_drift(first.tensor, cur.tensor, top_k=settings.top_k, grams=grams))
+            for snap, key in ((first, "x"), (cur, "y")):
+                if grams.get(key) is not None:
+                    cache[_gram_key(snap)] = grams[key]
         except Exception as exc:  # costs this section, never the record
             reason = f"drift since init failed: {first_line(exc)}"
             log.error("run %s iter %d: %s", job.run, job.current.iter, reason)

@@ -133,3 +133,24 @@ def test_a_tiny_model_that_sees_every_token_has_none_flagged() -> None:
     torch.set_num_threads(1)
     run = constructed_run(tied=False, weight_decay=0.1, unused=0, steps=200, seed=12)
     assert [count for _, _, count, _, _ in evaluate(run, tied=False)] == [0, 0, 0, 0]
+
+
+def test_cached_grams_give_the_same_cka_and_are_not_used_with_nonfinite_rows() -> None:
+    g = torch.Generator().manual_seed(8)
+    first, prev = embeddings(3000, 12, seed=8), embeddings(3000, 12, seed=9)
+    cur = prev + torch.randn(3000, 12, generator=g)
+    grams: dict[str, torch.Tensor] = {}
+    fresh = measure_semantic_drift(prev, cur, grams=grams)["linear_cka"]
+    assert set(grams) == {"x", "y"} and grams["y"].shape == (12, 12)
+    # the current snapshot's Gram serves the drift since init (where it is "y" again) and the next drift ("x")
+    since = measure_semantic_drift(first, cur)["linear_cka"]
+    assert measure_semantic_drift(first, cur, grams={"y": grams["y"]})["linear_cka"] == pytest.approx(since, rel=1e-12)
+    nxt = cur * 2.0**70 + 1.0  # a power-of-two scale inside: the cache is kept in real units
+    assert measure_semantic_drift(cur, nxt, grams={"x": grams["y"]})["linear_cka"] == pytest.approx(
+        measure_semantic_drift(cur, nxt)["linear_cka"], rel=1e-9)
+    assert fresh == pytest.approx(cka_reference(prev, cur), rel=1e-5)
+    bad = cur.clone()
+    bad[5] = float("nan")
+    wrong = {"x": torch.eye(12, dtype=torch.float64), "y": torch.eye(12, dtype=torch.float64)}
+    assert measure_semantic_drift(prev, bad, grams=wrong)["linear_cka"] == pytest.approx(cka_reference(prev, bad),
+                                                                                         rel=1e-5)

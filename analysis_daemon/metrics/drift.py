@@ -113,7 +113,7 @@ def _token_list(ids: torch.Tensor, cos: torch.Tensor) -> list[list]:
 
 @torch.no_grad()
 def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 50, *, cka: bool = True,
-                           common_mode: bool = True) -> dict:
+                           common_mode: bool = True, grams: dict[str, torch.Tensor] | None = None) -> dict:
     """Per-token drift from snapshot `prev` (X) to snapshot `curr` (Y), both (V, d), after Procrustes alignment.
 
     Contract:
@@ -129,6 +129,9 @@ def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 
       ties keep token order. Averages are None (and lists empty) when no row qualifies.
     - `linear_cka` (with `cka`): linear CKA of the centred finite rows (`linear_cka_from_grams`); the
       `common_mode` figures (with `common_mode`): see `common_mode_shift`.
+    - `grams`: an in/out cache of the centred Gram matrices X_c^T X_c ("x") and Y_c^T Y_c ("y"), float64
+      d x d: given ones are used instead of computed (a snapshot's Gram is the same in the next drift and
+      in the drift since init), computed ones are stored. Used only when every row is finite.
     Inputs may be float16/bfloat16/float32/float64; the work is float32 with float64 sums (float64 values
     beyond float32's range count as non-finite).
     """
@@ -169,16 +172,22 @@ def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 
     # X_c^T Y_c is d x d: float32 chunk products summed in float64; its SVD in float64 is cheap.
     # The Gram matrices X_c^T X_c and Y_c^T Y_c of the same chunks give linear CKA (when asked for).
     m = torch.zeros(d, d, dtype=torch.float64)
-    gx = torch.zeros(d, d, dtype=torch.float64) if cka else None
-    gy = torch.zeros(d, d, dtype=torch.float64) if cka else None
+    cache = grams if grams is not None and ids is None else None  # cached Grams cover every row
+    known = {k: cache[k] / scale**2 for k, scale in (("x", cx.scale), ("y", cy.scale))
+             if cache is not None and cache.get(k) is not None and tuple(cache[k].shape) == (d, d)}
+    gx = known.get("x", torch.zeros(d, d, dtype=torch.float64)) if cka else None
+    gy = known.get("y", torch.zeros(d, d, dtype=torch.float64)) if cka else None
     for a in range(0, n, _ROWS):
         xa, ya = cx.chunk(a), cy.chunk(a)
         m += (xa.T @ ya).double()
-        if gx is not None and gy is not None:
+        if gx is not None and "x" not in known:
             gx += (xa.T @ xa).double()
+        if gy is not None and "y" not in known:
             gy += (ya.T @ ya).double()
     if gx is not None and gy is not None:
         result["linear_cka"] = linear_cka_from_grams(m, gx, gy)
+        if cache is not None:
+            cache["x"], cache["y"] = gx * cx.scale**2, gy * cy.scale**2
     u, _, vh = torch.linalg.svd(m)
     rot = (u @ vh).float()
 

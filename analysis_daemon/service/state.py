@@ -167,3 +167,6 @@ class RunInsight:
     probes_logged: bool = False  # unknown probe tokens are logged once per run
     galaxy_prev: dict[str, Any] | None = None  # {"iter", "points"} of the last map: the next one aligns to it
     followed: list[int] = field(default_factory=list)  # token_stats' tokens so far (bounded): each keeps its line
+    # centred Gram matrices (d x d float64) of the snapshots still in use, by (id, iter, seq): the current one
+    # is the next drift's previous, the first one every since-init drift's (CKA needs both; computed once each)
+    grams: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)
