@@ -5,6 +5,7 @@
     analysis-daemon report runs/my-run -o report.html                       (HTML report of a run's results)
     analysis-daemon report runs/lr-3e-4 runs/lr-1e-3                         (several runs compared on one page)
     analysis-daemon replay out/checkpoints --run my-run                     (analyse saved checkpoints, replay.py)
+    analysis-daemon explore runs/my-run                                     (web app over per-token data)
 
 torch is imported only after the thread settings are in place: OMP_WAIT_POLICY=PASSIVE must be in the
 environment before libgomp loads (busy-waiting OpenMP threads in two processes on the same cores
@@ -20,6 +21,26 @@ from pathlib import Path
 from typing import Any
 
 LOGGER = "embedding_monitor.daemon"
+
+# Every subcommand: its name -> the module holding its `build_parser()` and `main(argv)`. main() dispatches
+# through this table and the CLI reference (docs/hooks/cli_reference.py) documents every entry, so a
+# subcommand added here appears in both, and one missing here is not reachable at all.
+SUBCOMMANDS: dict[str, str] = {
+    "keygen": "protocol.keygen",
+    "report": "analysis_daemon.report.page",
+    "replay": "analysis_daemon.replay.command",
+    "explore": "analysis_daemon.explore.command",
+}
+
+
+def subcommand_parser(name: str) -> argparse.ArgumentParser:
+    """The argument parser of subcommand `name`, its usage line as the user types it."""
+    import importlib
+
+    module = importlib.import_module(SUBCOMMANDS[name])
+    if name == "keygen":
+        return module.build_parser(prog="analysis-daemon keygen")
+    return module.build_parser()
 
 
 def default_threads() -> int:
@@ -41,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "`analysis-daemon report RUN_DIR [RUN_DIR ...] [-o OUT.html]` turns runs' results into one "
                     "HTML page (several runs on shared axes); "
                     "`analysis-daemon replay PATH...` analyses saved checkpoints the same way "
-                    "(`analysis-daemon replay --help`).",
+                    "(`analysis-daemon replay --help`); "
+                    "`analysis-daemon explore RESULTS` serves a local web app over a run's per-token data.",
         epilog="W&B follows wandb's own settings: WANDB_MODE (online/offline/disabled), WANDB_PROJECT, "
                "WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_DIR, WANDB_API_KEY; a trainer's hello message, "
                "when it names a project and group, takes precedence.")
@@ -56,14 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(required with --curve-secret)")
     net.add_argument("--allow-insecure", action="store_true",
                      help="allow binding a non-loopback tcp endpoint without CurveZMQ (trusted networks only)")
-    net.add_argument("--max-rows", type=int, metavar="V",
-                     help="reject snapshots with more rows (vocabulary size) than this")
-    net.add_argument("--max-cols", type=int, metavar="D",
-                     help="reject snapshots with more columns (embedding width) than this")
-    net.add_argument("--max-bytes", type=int, metavar="N",
-                     help="reject snapshots whose tensor has more bytes than this")
 
-    shared = p.add_argument_group("shared host (limits per peer and per snapshot; see README)")
+    shared = p.add_argument_group("shared host (limits per peer and per snapshot; see docs/security.md)")
     shared.add_argument("--max-connections", type=int, default=256, metavar="N",
                         help="connections open at once; more are refused at the handshake (default: %(default)s)")
     shared.add_argument("--heartbeat-interval", type=float, default=10.0, metavar="SECONDS",
@@ -77,15 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="reject a hello whose vocabulary has more tokens (default: 1048576)")
     shared.add_argument("--max-vocab-bytes", type=int, metavar="N",
                         help="reject a hello whose token strings total more UTF-8 bytes (default: 16 MiB)")
-    shared.add_argument("--max-cost", type=float, default=None, metavar="MULADDS",
-                        help="reject a snapshot whose estimated analysis cost (pairs x (d + 128) + 3 V d^2 + "
-                             "20 d^3 multiply-adds) is higher; bounds how long one job holds the worker "
-                             "(default: 2e12, about 1.6 GPT-2 snapshots)")
-    shared.add_argument("--max-analysis-memory", type=int, default=None, metavar="BYTES",
-                        help="reject a snapshot whose estimated analysis memory is higher (default: 4 GiB)")
-    shared.add_argument("--min-cols", type=int, default=2, metavar="D",
-                        help="reject snapshots narrower than this (default: %(default)s; a 1-wide embedding "
-                             "has only cosines of +-1 and costs V^2 pairs)")
     shared.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
                         help="also read shared-memory segments owned by this uid (default: only the "
                              "daemon's own uid); repeatable")
@@ -93,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log at most one line per kind of rejected message or refused connection this "
                              "often, with the count suppressed meanwhile (default: %(default)s)")
 
+    add_limit_options(p)
     add_analysis_options(p)
     out = add_output_options(p)
     out.add_argument("--state-dir", type=Path,
@@ -125,6 +133,55 @@ def build_parser() -> argparse.ArgumentParser:
 def _default_budget() -> str:
     from .service.backlog import default_max_pending_bytes, human
     return human(default_max_pending_bytes())
+
+
+def add_limit_options(p: argparse.ArgumentParser) -> None:
+    """Bounds on one snapshot (live) or checkpoint (replay), checked from its shape before any work."""
+    lim = p.add_argument_group("limits of one snapshot (checked from its shape before any work)")
+    lim.add_argument("--max-rows", type=int, metavar="V",
+                     help="refuse a snapshot with more rows (vocabulary size) than this (default: 4194304)")
+    lim.add_argument("--max-cols", type=int, metavar="D",
+                     help="refuse a snapshot with more columns (embedding width) than this (default: 65536)")
+    lim.add_argument("--max-bytes", type=int, metavar="N",
+                     help="refuse a snapshot whose tensor has more bytes than this (default: a quarter of "
+                          "--max-analysis-memory, since a float32 analysis needs about 4x its size)")
+    lim.add_argument("--max-cost", type=float, default=None, metavar="MULADDS",
+                     help="estimated analysis cost, in multiply-add equivalents, above which the geometry is "
+                          "sampled (at least 1000 rows) or, when even that does not fit, the snapshot is "
+                          "refused; bounds how long one job holds the worker (default: 2e12, about 1.25 "
+                          "GPT-2 snapshots; the model: benchmarks/bench_cost_model.py)")
+    lim.add_argument("--max-analysis-memory", type=int, default=None, metavar="BYTES",
+                     help="refuse a snapshot whose estimated analysis memory is higher (default: 4 GiB)")
+    lim.add_argument("--min-cols", type=int, default=2, metavar="D",
+                     help="refuse snapshots narrower than this (default: %(default)s; a 1-wide embedding "
+                          "has only cosines of +-1 and costs V^2 pairs)")
+
+
+def snapshot_limits(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(protocol Limits, cost.CostLimits) from the limit options; ValueError names a bad value.
+
+    The payload bound is at most a quarter of the analysis memory bound: a float32 payload needs about
+    4x its size to analyse (cost.estimate_memory), so a larger one could only be refused after arriving.
+    """
+    from dataclasses import replace
+
+    from protocol import DEFAULT_LIMITS
+
+    from .service.cost import DEFAULT_MAX_COST, DEFAULT_MAX_MEMORY, CostLimits
+    for name in ("max_rows", "max_cols", "max_bytes", "min_cols", "max_analysis_memory"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.max_cost is not None and not args.max_cost > 0:
+        raise ValueError(f"--max-cost must be positive, got {args.max_cost}")
+    cost = CostLimits(max_cost=args.max_cost or DEFAULT_MAX_COST, min_cols=args.min_cols,
+                      max_memory=args.max_analysis_memory or DEFAULT_MAX_MEMORY)
+    overrides = {k: v for k, v in (("max_rows", args.max_rows), ("max_cols", args.max_cols),
+                                   ("max_payload_bytes", args.max_bytes)) if v is not None}
+    limits = replace(DEFAULT_LIMITS, **overrides)
+    if limits.max_payload_bytes > cost.max_memory // 4:
+        limits = replace(limits, max_payload_bytes=cost.max_memory // 4)
+    return limits, cost
 
 
 def add_analysis_options(p: argparse.ArgumentParser) -> None:
@@ -226,6 +283,13 @@ def add_output_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                      help="at the end of a run (and at exit) wait at most this long for W&B to take the "
                           "data; what is left stays in the run's wandb folder, and the log names the "
                           "`wandb sync` command that uploads it (default: %(default)s)")
+    out.add_argument("--token-data", action=argparse.BooleanOptionalAction, default=True,
+                     help="keep every token's nearest neighbours, drift cosine, norm and map position per "
+                          "analysed iteration in RESULTS_DIR/<run>/tokens/ for `analysis-daemon explore` "
+                          "(about 4.8 MB per iteration at 50304 tokens; default: on)")
+    out.add_argument("--token-data-keep", type=int, default=50, metavar="N",
+                     help="keep the token data of the newest N analysed iterations per run, removing older "
+                          "ones (default: %(default)s)")
     return out
 
 
@@ -282,7 +346,7 @@ def analysis_settings(args: argparse.Namespace) -> Any:
         progress_interval=args.progress_interval, extras=args.extras, knn_k=args.knn_k, probes=probes,
         probe_k=args.probe_k, sample_rows=args.sample_rows, sample_seed=args.sample_seed,
         galaxy_rows=args.galaxy_rows, galaxy_seed=args.galaxy_seed, since_init=args.since_init,
-        undertrained=args.undertrained,
+        undertrained=args.undertrained, token_data=bool(getattr(args, "token_data", False)),
         alerts=AlertSettings(collapse_mean_sim=args.collapse_mean_sim,
                              collapse_min_rank_fraction=args.collapse_min_rank_fraction,
                              drift_window=args.drift_window, drift_spike_mads=args.drift_spike_mads,
@@ -338,6 +402,9 @@ def make_sinks(args: argparse.Namespace, settings: Any, threads: int, close_time
     if args.wandb_init_timeout <= 0 or args.wandb_finish_timeout <= 0:
         raise ValueError("--wandb-init-timeout and --wandb-finish-timeout must be > 0 seconds")
     sinks: list[Sink] = [JsonlSink(args.results_dir)]
+    if args.token_data:
+        from .sinks.token_data import TokenDataSink
+        sinks.append(TokenDataSink(args.results_dir, keep=args.token_data_keep))
     if not args.no_console or args.log_file is not None:
         # The summary blocks also go to the log file, so following the log (`./launch.sh tail`) shows
         # the metrics; the terminal still gets them once, on stdout.
@@ -365,34 +432,34 @@ def fail(message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `analysis-daemon` / `python -m analysis_daemon`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["keygen"]:
-        from protocol.keygen import main as keygen_main
-        return keygen_main(argv[1:])
-    if argv[:1] == ["report"]:
-        from .report.page import main as report_main
-        return report_main(argv[1:])
-    if argv[:1] == ["replay"]:
-        from .replay.command import build_parser as replay_parser, main as replay_main
-        replay_args = replay_parser().parse_args(argv[1:])
+    if argv[:1] == ["replay"]:  # parsed before OMP_WAIT_POLICY is set, which may re-execute us
+        from .replay.command import main as replay_main
+        replay_args = subcommand_parser("replay").parse_args(argv[1:])
         _ensure_passive_omp(argv)
         return replay_main(replay_args)
+    if argv[:1] == ["keygen"]:
+        from protocol.keygen import main as keygen_main
+        return keygen_main(argv[1:], prog="analysis-daemon keygen")
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        import importlib
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
     _ensure_passive_omp(argv)
     log = setup_logging(args.log_level, args.log_file)
 
     import torch  # noqa: F401  only now: see the module docstring
 
-    from protocol import DEFAULT_LIMITS, CurveServer
+    from protocol import CurveServer
 
     from .service.daemon import Daemon, DaemonConfig
 
-    for name in ("max_rows", "max_cols", "max_bytes", "max_connections", "max_vocab_tokens", "max_vocab_bytes",
-                 "min_cols", "max_analysis_memory"):
+    for name in ("max_connections", "max_vocab_tokens", "max_vocab_bytes"):
         value = getattr(args, name)
         if value is not None and value < 1:
             return fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     try:
         settings = analysis_settings(args)
+        limits, cost = snapshot_limits(args)
     except ValueError as exc:
         return fail(str(exc))
     if not args.run_timeout > 0:
@@ -405,20 +472,18 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--max-pending-bytes: {exc}")
     threads = set_threads_and_priority(args, log)
     raise_fd_limit(args.max_connections, log)
-    for name in ("heartbeat_interval", "peer_timeout", "handshake_timeout", "max_cost"):
+    for name in ("heartbeat_interval", "peer_timeout", "handshake_timeout"):
         value = getattr(args, name)
         if value is not None and not value > 0:
             return fail(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.reject_log_interval < 0:
         return fail(f"--reject-log-interval must be >= 0, got {args.reject_log_interval}")
 
-    limits = DEFAULT_LIMITS
-    overrides = {k: v for k, v in (("max_rows", args.max_rows), ("max_cols", args.max_cols),
-                                   ("max_payload_bytes", args.max_bytes), ("max_vocab_tokens", args.max_vocab_tokens),
-                                   ("max_vocab_bytes", args.max_vocab_bytes)) if v is not None}
-    if overrides:
+    vocab_overrides = {k: v for k, v in (("max_vocab_tokens", args.max_vocab_tokens),
+                                         ("max_vocab_bytes", args.max_vocab_bytes)) if v is not None}
+    if vocab_overrides:
         from dataclasses import replace
-        limits = replace(DEFAULT_LIMITS, **overrides)
+        limits = replace(limits, **vocab_overrides)
 
     curve = None
     if args.curve_secret or args.curve_authorized_dir:
@@ -435,14 +500,6 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc))
     from protocol import PeerLimits
 
-    from .service.cost import DEFAULT_MAX_COST, DEFAULT_MAX_MEMORY, CostLimits
-    cost = CostLimits(max_cost=args.max_cost or DEFAULT_MAX_COST, min_cols=args.min_cols,
-                      max_memory=args.max_analysis_memory or DEFAULT_MAX_MEMORY)
-    if limits.max_payload_bytes > cost.max_memory // 4:
-        # A float32 payload needs about 4x its size to analyse (see cost.estimate_memory), so a larger
-        # frame could only be refused after arriving: libzmq refuses it at its header instead.
-        from dataclasses import replace as _replace
-        limits = _replace(limits, max_payload_bytes=cost.max_memory // 4)
     peers = PeerLimits(heartbeat_interval=args.heartbeat_interval, peer_timeout=args.peer_timeout,
                        handshake_timeout=args.handshake_timeout)
     config = DaemonConfig(

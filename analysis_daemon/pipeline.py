@@ -23,6 +23,28 @@ from .service.state import Job, RunInsight, SnapshotData
 log = logging.getLogger("embedding_monitor.daemon")
 
 
+# The record key under which `analyse` hands the per-token arrays (a TokenArrays) to the sinks. SinkSet
+# takes it out of the record before any sink sees the record, so it never reaches JSON, and gives it to
+# the sinks that store arrays (sinks/token_data.py).
+TOKEN_ARRAYS = "_token_arrays"
+
+
+@dataclass
+class TokenArrays:
+    """Every token's figures at one analysed iteration (the explorer's data; V rows each)."""
+
+    knn_ids: torch.Tensor | None  # (V, k) int32 nearest rows by cosine, best first, -1 where none
+    knn_cos: torch.Tensor | None  # (V, k) float32 their cosines (of L2-normalised rows, as the geometry)
+    drift: torch.Tensor | None  # (V,) float32 drift cosine against the previous snapshot, NaN where none
+    norm: torch.Tensor  # (V,) float32 row norm
+    xy: torch.Tensor  # (V, 2) float32 map coordinates, aligned with the run's previous ones
+
+    def nbytes(self) -> int:
+        """Bytes the arrays hold (what one iteration costs on disk, give or take the file headers)."""
+        return sum(t.numel() * t.element_size() for t in (self.knn_ids, self.knn_cos, self.drift, self.norm, self.xy)
+                   if t is not None)
+
+
 class AnalysisAbandoned(Exception):
     """Raised from the progress callback to stop a running analysis at shutdown."""
 
@@ -46,6 +68,7 @@ class AnalysisSettings:
     sample_seed: int = 0  # the sample's seed: the same rows for every snapshot of the same size
     since_init: bool = True  # keep each run's first snapshot: drift since it, and a sharper under-trained search
     undertrained: bool = True  # the under-trained token search (metrics/undertrained.py; part of the extras)
+    token_data: bool = True  # per-token arrays for the explorer (TOKEN_ARRAYS): neighbours, drift, norm, map
 
 
 def jsonable(value: Any) -> Any:
@@ -134,7 +157,8 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
         t0 = time.monotonic()
         try:
             grams = {"x": state.grams.get(_gram_key(prev))}
-            drift = measure_semantic_drift(prev.tensor, cur.tensor, top_k=settings.top_k, grams=grams)
+            drift = measure_semantic_drift(prev.tensor, cur.tensor, top_k=settings.top_k,
+                                           per_token=settings.token_data, grams=grams)
             for snap, key in ((prev, "x"), (cur, "y")):  # kept only while in use (pruned below)
                 if grams.get(key) is not None:
                     state.grams[_gram_key(snap)] = grams[key]
@@ -142,6 +166,7 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
             reason = f"drift failed: {first_line(exc)}"
             log.error("run %s iter %d: %s", job.run, cur.iter, reason)
         drift_seconds = time.monotonic() - t0
+    token_drift = drift.pop("per_token_cosine", None) if drift is not None else None
     if drift is not None:
         drift = jsonable(drift)
         _add_token_strings(drift, vocab)
@@ -153,7 +178,7 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
 
     geometry: dict[str, Any] | None = None
     geometry_error: str | None = None
-    knn_ids = knn_kth = None
+    knn_ids = knn_kth = knn_cos = None
     t0 = time.monotonic()
     try:
         geom, neighbours = geometry_and_neighbours(
@@ -162,6 +187,8 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
             sample_rows=_sample_rows(settings.sample_rows, cur.sample_rows), seed=settings.sample_seed)
         geometry = jsonable(geom)
         knn_ids = neighbours[0] if neighbours is not None else None
+        if neighbours is not None and not geom.get("sampled_rows"):  # sampled: lists for a sample only
+            knn_cos = neighbours[1]
         # each row's k-th nearest cosine: the clump search's candidates (sampled geometry has lists for
         # the sampled rows only, which would hide a clump among the others: then every row is a candidate)
         if neighbours is not None and neighbours[1].shape[1] and not geom.get("sampled_rows"):
@@ -195,6 +222,15 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
         t0 = time.monotonic()
         galaxy, clump, galaxy_error = _galaxy_and_clump(job, settings, state, knn_kth, vocab)
         galaxy_seconds = time.monotonic() - t0
+
+    token_arrays, token_error = None, None
+    if settings.token_data:
+        try:
+            token_arrays = _token_arrays(cur.tensor, state, knn_ids if knn_cos is not None else None, knn_cos,
+                                         token_drift)
+        except Exception as exc:  # costs the explorer's data of this iteration, never the record
+            token_error = f"token data failed: {first_line(exc)}"
+            log.error("run %s iter %d: %s", job.run, cur.iter, token_error)
 
     record = {
         "run": job.run,
@@ -236,8 +272,12 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     for alert in record["alerts"]:
         if alert.get("notified"):
             log.warning("run %s ALERT %s: %s", job.run, alert["kind"], alert["message"])
+    if token_error:
+        record["token_data_error"] = token_error
     record["seconds"] = round(time.monotonic() - started, 6)
     record["finished_at"] = time.time()
+    if token_arrays is not None:
+        record[TOKEN_ARRAYS] = token_arrays
     return record
 
 
@@ -306,6 +346,19 @@ def _undertrained(job: Job, vocab: list[str] | None) -> dict[str, Any]:
     if vocab:
         found["token_strings"] = _token_strings(tokens, vocab)
     return {"undertrained": found, "undertrained_tokens": tokens}
+
+
+def _token_arrays(weights: torch.Tensor, state: RunInsight, knn_ids: Any, knn_cos: Any,
+                  drift: Any) -> TokenArrays:
+    """The per-token arrays of this snapshot; the map is aligned with (and becomes) the run's previous one."""
+    from .metrics.token_map import token_coordinates
+
+    xy = token_coordinates(weights, state.token_xy)
+    state.token_xy = xy
+    norm = torch.linalg.vector_norm(weights.detach().float(), dim=1)
+    return TokenArrays(knn_ids=knn_ids.to(torch.int32) if knn_ids is not None else None,
+                       knn_cos=knn_cos.float() if knn_cos is not None else None,
+                       drift=drift, norm=norm, xy=xy)
 
 
 def _insight(job: Job, settings: AnalysisSettings, state: RunInsight, knn_ids: Any,

@@ -13,12 +13,17 @@ import sys
 from .security import generate_keypair
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m protocol.keygen`."""
-    parser = argparse.ArgumentParser(prog="python -m protocol.keygen", description=__doc__.splitlines()[0])
+def build_parser(prog: str = "python -m protocol.keygen") -> argparse.ArgumentParser:
+    """The keygen argument parser (also `analysis-daemon keygen`; the CLI reference is generated from it)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("directory", help="where to write NAME.key and NAME.key_secret")
     parser.add_argument("--name", default="client", help="file name stem (default: client)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m protocol.keygen") -> int:
+    """Entry point of `python -m protocol.keygen` and `analysis-daemon keygen`."""
+    args = build_parser(prog).parse_args(argv)
     try:
         public, secret = generate_keypair(args.directory, args.name)
     except OSError as exc:

@@ -9,6 +9,7 @@ import pickletools
 import struct
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+
+from protocol import DEFAULT_LIMITS
 
 from analysis_daemon import measure_semantic_drift
 from analysis_daemon.replay.checkpoints import CheckpointError, expand, order, read_embedding
@@ -263,7 +266,7 @@ def test_corrupt_and_truncated_checkpoints_fail_alone(replay_here, tmp_path: Pat
     assert not any(v for k, v in counters.items() if k not in ("received", "analysed", "rejected"))
     summary = err[err.index("replay: 2 of 5 checkpoint(s) failed, 3 analysed:"):].splitlines()
     assert len(summary) == 3
-    assert "step200.safetensors" in summary[1] and "outside the data section" in summary[1] and "truncated" in summary[1]
+    assert "step200.safetensors" in summary[1] and "not fully covered" in summary[1] and "truncated" in summary[1]
     assert "step400.pt" in summary[2] and "truncated or corrupt" in summary[2]
 
 
@@ -304,22 +307,26 @@ def st_file(path: Path, header: dict[str, Any] | bytes, data: bytes, length: int
 
 
 @pytest.mark.parametrize("header, data, length, message", [
-    ({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}, b"\0" * 8, None, "outside the data section"),
-    ({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 16]}}, b"\0" * 16, None, "needs 24 bytes"),
-    ({"w": {"dtype": "X9", "shape": [2, 2], "data_offsets": [0, 16]}}, b"\0" * 16, None, "unknown dtype"),
-    ({"w": {"dtype": "F32", "shape": [-2, 2], "data_offsets": [0, 16]}}, b"\0" * 16, None, "non-negative"),
-    ({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [8, 4]}}, b"\0" * 16, None, "outside the data"),
-    ({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0]}}, b"\0" * 16, None, "two integers"),
-    (b"{not json", b"", None, "not valid JSON"),
-    (b"[1, 2]", b"", None, "not a JSON object"),
-    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, 1 << 40, "exceeds the"),
-    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"", 4096, "truncated"),
+    # the reference library's reasons, each in one line that names the file
+    ({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}, b"\0" * 8, None, "not fully covered"),
+    ({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 16]}}, b"\0" * 16, None, "invalid shape"),
+    ({"w": {"dtype": "X9", "shape": [2, 2], "data_offsets": [0, 16]}}, b"\0" * 16, None, "unknown variant"),
+    ({"w": {"dtype": "F32", "shape": [-2, 2], "data_offsets": [0, 16]}}, b"\0" * 16, None, "-2"),
+    ({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [8, 4]}}, b"\0" * 16, None, "invalid offset"),
+    ({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0]}}, b"\0" * 16, None, "tuple of size 2"),
+    (b"{not json", b"", None, "invalid JSON"),
+    (b"[1, 2]", b"", None, "invalid JSON"),
+    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, 1 << 40, "header too large"),
+    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"", 4096, "invalid header length"),
+    # nesting no real header has: refused by the parser's schema, not a RecursionError
+    (b'{"__metadata__": ' + b"[" * 100000 + b"]" * 100000 + b"}", b"", None, "invalid JSON"),
 ])
 def test_safetensors_headers_are_validated(tmp_path: Path, header: Any, data: bytes, length: int | None,
                                            message: str) -> None:
     path = st_file(tmp_path / "x.safetensors", header, data, length)
-    with pytest.raises(SafetensorsError, match=message):
+    with pytest.raises(SafetensorsError, match=message) as caught:
         read_header(path)
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_safetensors_reader_agrees_with_the_library_and_refuses_integer_tensors(tmp_path: Path) -> None:
@@ -416,3 +423,98 @@ def test_big_endian_and_half_npy_arrays(tmp_path: Path) -> None:
     np.save(tmp_path / "ints.npy", np.zeros((3, 3), dtype=np.int32))
     with pytest.raises(CheckpointError, match="not a 2-D float embedding"):
         read_embedding(tmp_path / "ints.npy")
+
+
+# --------------------------------------------------------------------------- replay's bounds (issue 21)
+
+def sparse_safetensors(path: Path, rows: int, cols: int) -> Path:
+    """A valid safetensors file whose one F32 tensor of rows x cols is a hole: a few KB on disk."""
+    raw = json.dumps({"wte.weight": {"dtype": "F32", "shape": [rows, cols],
+                                     "data_offsets": [0, rows * cols * 4]}}).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + rows * cols * 4)
+    return path
+
+
+def test_a_sparse_file_claiming_gigabytes_is_refused_before_a_byte_is_read(replay_here, tmp_path: Path) -> None:
+    ckpts = tmp_path / "sparse"
+    ckpts.mkdir()
+    path = sparse_safetensors(ckpts / "step2.safetensors", 1_200_000, 2000)  # 9.6 GB claimed
+    assert path.stat().st_blocks * 512 < 1024 * 1024 < path.stat().st_size
+    save_file({"wte.weight": random_embedding(40, 4, 1)}, ckpts / "step1.safetensors")
+    code, out, err = replay_here(str(ckpts), "--run", "sparse")
+    assert code == 1
+    line = next(ln for ln in err.splitlines() if "step2.safetensors" in ln and "--max-bytes" in ln)
+    assert "9600000000 bytes" in line and "not read" in line and "raise --max-bytes" in line
+    assert [r["iter"] for r in results(tmp_path / "runs" / "sparse" / "analysis.jsonl")] == [1]
+    # the same bound reads a legitimate file once it is raised, and --max-rows / --max-cols bound the shape
+    with pytest.raises(CheckpointError, match="over --max-rows 100"):
+        read_embedding(path, limits=replace(DEFAULT_LIMITS, max_rows=100))
+    with pytest.raises(CheckpointError, match="over --max-cols 1000"):
+        read_embedding(path, limits=replace(DEFAULT_LIMITS, max_cols=1000))
+    np.save(tmp_path / "w.npy", random_embedding(30, 4, 2).numpy())
+    with pytest.raises(CheckpointError, match="over --max-bytes 100"):
+        read_embedding(tmp_path / "w.npy", limits=replace(DEFAULT_LIMITS, max_payload_bytes=100))
+    assert read_embedding(tmp_path / "w.npy", limits=replace(DEFAULT_LIMITS, max_payload_bytes=480)).tensor.shape == (30, 4)
+
+
+def test_torch_files_are_bounded_before_the_embedding_is_copied(tmp_path: Path) -> None:
+    w = random_embedding(50, 8, 3)
+    torch.save({"model": {"transformer.wte.weight": w}, "iter_num": 5}, tmp_path / "zip.pt")
+    with pytest.raises(CheckpointError, match="over --max-bytes 1000"):
+        read_embedding(tmp_path / "zip.pt", limits=replace(DEFAULT_LIMITS, max_payload_bytes=1000))
+    # a legacy (pre-zip) file can only be read whole: the whole file is held to the bound
+    torch.save({"model": {"transformer.wte.weight": w}}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="legacy"):
+        read_embedding(tmp_path / "legacy.pt", limits=replace(DEFAULT_LIMITS, max_payload_bytes=1000))
+    assert torch.equal(read_embedding(tmp_path / "legacy.pt").tensor, w)
+
+
+def test_over_max_cost_a_checkpoint_is_sampled_or_refused_like_a_live_snapshot(replay_here, tmp_path: Path) -> None:
+    from analysis_daemon.service.cost import CostLimits, plan
+    d = tmp_path / "narrow"
+    d.mkdir()
+    for step in (1, 2):
+        np.save(d / f"step{step}.npy", random_embedding(3000, 2, step).numpy())
+    max_cost = 1.5e9  # the exact pass of 3000 x 2 is over it, a sample of >= 1000 rows fits
+    _, sample = plan(3000, 2, CostLimits(max_cost=max_cost))
+    assert sample is not None and 1000 <= sample < 3000
+    code, out, err = replay_here(str(d), "--max-cost", str(max_cost))
+    assert code == 0, err
+    recs = results(tmp_path / "runs" / "narrow" / "analysis.jsonl")
+    assert [r["geometry"]["sampled_rows"] for r in recs] == [sample, sample]
+    assert recs[1]["drift"] is not None  # drift stays exact
+    assert "analysing it sampled from" in err
+    # not even 1000 rows fit: refused with the reason, exit 1; a too-narrow matrix too
+    code, out, err = replay_here(str(d), "--run", "refused", "--max-cost", "1e8")
+    assert code == 1 and err.count("exceeds --max-cost") >= 2
+    code, out, err = replay_here(str(d), "--run", "thin", "--min-cols", "3")
+    assert code == 1 and "narrower than --min-cols 3" in err
+    code, out, err = replay_here(str(d), "--run", "bad", "--max-cost", "-1")
+    assert code == 2 and "--max-cost must be positive" in err
+
+
+def test_deeply_nested_json_costs_that_file_only(replay_here, tmp_path: Path) -> None:
+    ck = tmp_path / "run" / "checkpoint-10"
+    ck.mkdir(parents=True)
+    save_file({"model.embed_tokens.weight": random_embedding(20, 4, 0)}, ck / "model.safetensors")
+    deep = "[" * 200000 + "]" * 200000
+    (ck / "tokenizer.json").write_text('{"model": {"vocab": ' + deep + "}}")
+    (ck / "trainer_state.json").write_text(deep)
+    code, out, err = replay_here(str(tmp_path / "run"))
+    assert code == 1, err  # the iteration's metadata is unreadable: that checkpoint fails, in one line
+    assert "RecursionError" not in err and "Traceback" not in err
+    assert err.count("nested too deeply") >= 1
+    (ck / "trainer_state.json").write_text(json.dumps({"global_step": 10}))
+    code, out, err = replay_here(str(tmp_path / "run"))
+    assert code == 0, err  # the tokenizer file is skipped with its reason; the embedding is analysed
+    assert "no token strings" in err and "nested too deeply" in err
+    assert [r["iter"] for r in results(tmp_path / "runs" / "run" / "analysis.jsonl")] == [10]
+    # the report skips such a line of a results file instead of crashing
+    from analysis_daemon.report.page import load_results
+    results_file = tmp_path / "runs" / "run" / "analysis.jsonl"
+    with results_file.open("a") as f:
+        f.write(deep + "\n")
+    loaded = load_results(results_file)
+    assert loaded.skipped_lines == 1 and "nested too deeply" in loaded.skip_reasons[0]

@@ -112,8 +112,9 @@ def _token_list(ids: torch.Tensor, cos: torch.Tensor) -> list[list]:
 
 
 @torch.no_grad()
-def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 50, *, cka: bool = True,
-                           common_mode: bool = True, grams: dict[str, torch.Tensor] | None = None) -> dict:
+def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 50, *, per_token: bool = False,
+                           cka: bool = True, common_mode: bool = True,
+                           grams: dict[str, torch.Tensor] | None = None) -> dict:
     """Per-token drift from snapshot `prev` (X) to snapshot `curr` (Y), both (V, d), after Procrustes alignment.
 
     Contract:
@@ -134,6 +135,8 @@ def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 
       in the drift since init), computed ones are stored. Used only when every row is finite.
     Inputs may be float16/bfloat16/float32/float64; the work is float32 with float64 sums (float64 values
     beyond float32's range count as non-finite).
+    With `per_token`, the result also holds "per_token_cosine": a (V,) float32 tensor of every token's
+    cosine, NaN where a token has none (non-finite or degenerate rows); not JSON, for the caller to store.
     """
     if prev.dim() != 2 or curr.dim() != 2 or prev.shape != curr.shape:
         raise DriftShapeMismatch(
@@ -159,6 +162,8 @@ def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 
         result["linear_cka"] = None
     if common_mode:
         result["common_mode"] = None
+    if per_token:
+        result["per_token_cosine"] = torch.full((v,), float("nan"), dtype=torch.float32)
     if n == 0:
         return result
     ids = None
@@ -219,6 +224,8 @@ def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 
     cos = (dot[keep] / (norm_x[keep] * norm_y[keep])).clamp_(-1.0, 1.0)
     token_ids = keep if ids is None else ids[keep]
     result["average_cosine_similarity"] = float(cos.mean())
+    if per_token:
+        result["per_token_cosine"][token_ids] = cos.float()
     k = min(top_k, cos.numel())
     order = torch.sort(cos, stable=True).indices
     result["most_drifted_tokens"] = _token_list(token_ids[order[:k]], cos[order[:k]])

@@ -3,7 +3,8 @@
 Formats (one checkpoint = a file or a model directory):
 - Hugging Face model directories: model.safetensors, sharded safetensors (model.safetensors.index.json),
   pytorch_model.bin (and its sharded index); the iteration from trainer_state.json's global_step.
-- single .safetensors files (safetensors_file.py: our own bounded parser, only the embedding is read);
+- single .safetensors files (safetensors_file.py: the reference library's safe_open, only the embedding
+  is read);
 - torch files (.pt .pth .bin .ckpt): nanoGPT's ckpt.pt ({"model": state dict, "iter_num": ...}),
   Lightning ({"state_dict", "global_step"}), plain state dicts; loaded with weights_only=True (tensors
   and plain containers only: a pickle that names any other object is refused, nothing runs) and
@@ -12,6 +13,11 @@ Formats (one checkpoint = a file or a model directory):
 A directory that is not a model directory is expanded into the checkpoints it holds (files of those
 kinds, model subdirectories such as checkpoint-500/), and everything is ordered by iteration: from the
 checkpoint's metadata, else the last integer of its name, else the order given.
+
+Every file is hostile until checked: the embedding's shape is held to the live daemon's limits (rows,
+columns, bytes: `protocol.Limits`, raised with the same options) before any of its bytes are read, so
+a sparse file of 4 KB that claims 10 GB costs nothing; JSON files are capped in size and their nesting
+is bounded by the parser (one line per bad file, never a traceback).
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import json
 import logging
 import math
 import re
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +34,9 @@ from typing import Any, Final, Iterable
 import numpy as np
 import torch
 
-from .safetensors_file import SafetensorsError, TensorEntry, read_header, read_tensor
+from protocol import DEFAULT_LIMITS, Limits
+
+from .safetensors_file import FLOAT_DTYPES,  SafetensorsError, TensorEntry, read_header, read_tensor
 
 SAFETENSORS_INDEX: Final = "model.safetensors.index.json"
 TORCH_INDEX: Final = "pytorch_model.bin.index.json"
@@ -150,6 +159,9 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:  # the C parser bounds nesting by the interpreter's recursion limit
+        raise CheckpointError(f"{path}: JSON nested too deeply to be a real file (over "
+                              f"~{sys.getrecursionlimit()} levels), not read") from None
 
 
 def _as_iter(value: Any) -> int | None:
@@ -198,11 +210,18 @@ def _safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, s
         raise CheckpointError(f"{path}: cannot read: {exc}") from None
 
 
-def _torch_load(path: Path) -> Any:
-    # mmap needs the zip format torch.save has written since 1.6; older files are read whole.
+def _torch_load(path: Path, limits: Limits = DEFAULT_LIMITS) -> Any:
+    # mmap needs the zip format torch.save has written since 1.6; older files are read whole, so the whole
+    # file is held to the bound on what replay may read.
     try:
         use_mmap = zipfile.is_zipfile(path)
+        if not use_mmap and path.stat().st_size > limits.max_payload_bytes:
+            raise CheckpointError(f"{path}: a legacy (pre-zip) torch file of {path.stat().st_size} bytes, over "
+                                  f"--max-bytes {limits.max_payload_bytes}; such files are read whole (re-save "
+                                  "it with a current torch.save, or raise --max-bytes)")
         return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+    except CheckpointError:
+        raise
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
         text = " ".join(str(exc).split())
         if "weights_only" in text.lower() or "unpickl" in type(exc).__name__.lower():
@@ -259,6 +278,19 @@ def choose_tensor(shapes: dict[str, tuple[int, ...]], wanted: str | None, where:
     raise CheckpointError(f"{where}: no tensor with a usual embedding name; pass --tensor NAME ({hint})")
 
 
+def admit(shape: tuple[int, ...], itemsize: int, name: str, where: Path, limits: Limits) -> None:
+    """Refuse (CheckpointError) an embedding whose stated shape is beyond `limits`, before reading it."""
+    rows, cols = shape
+    nbytes = rows * cols * itemsize
+    for value, bound, option in ((rows, limits.max_rows, "--max-rows"), (cols, limits.max_cols, "--max-cols"),
+                                 (nbytes, limits.max_payload_bytes, "--max-bytes")):
+        if value > bound:
+            what = "bytes" if option == "--max-bytes" else option.removeprefix("--max-")
+            raise CheckpointError(f"{where}: tensor {name!r} [{rows} x {cols}] has {value} {what}, over {option} "
+                                  f"{bound} (not read; raise {option}"
+                                  f"{' or --max-analysis-memory' if option == '--max-bytes' else ''} to allow it)")
+
+
 def _check_float(tensor: torch.Tensor, name: str, where: Path) -> torch.Tensor:
     if not tensor.dtype.is_floating_point:
         raise CheckpointError(f"{where}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}, "
@@ -281,7 +313,8 @@ def _index_shards(index_path: Path) -> dict[str, Path]:
     return shards
 
 
-def _read_safetensors(files: list[Path], wanted: str | None, where: Path) -> tuple[str, torch.Tensor, int | None]:
+def _read_safetensors(files: list[Path], wanted: str | None, where: Path,
+                      limits: Limits) -> tuple[str, torch.Tensor, int | None]:
     entries: dict[str, tuple[Path, TensorEntry]] = {}
     it = None
     for f in files:
@@ -290,23 +323,28 @@ def _read_safetensors(files: list[Path], wanted: str | None, where: Path) -> tup
         entries.update({name: (f, e) for name, e in header.items()})
     name = choose_tensor({k: e.shape for k, (_, e) in entries.items()}, wanted, where)
     f, entry = entries[name]
+    dtype = FLOAT_DTYPES.get(entry.dtype)
+    if dtype is not None:  # other dtypes are refused by read_tensor, by name
+        admit(entry.shape, dtype.itemsize, name, where, limits)
     try:
         return name, read_tensor(f, entry), it
     except SafetensorsError as exc:
         raise CheckpointError(str(exc)) from None
 
 
-def _read_torch(path: Path, wanted: str | None) -> tuple[str, torch.Tensor, int | None, Any]:
-    obj = _torch_load(path)
+def _read_torch(path: Path, wanted: str | None, limits: Limits) -> tuple[str, torch.Tensor, int | None, Any]:
+    obj = _torch_load(path, limits)
     tensors = _state_dict(obj, path)
     name = choose_tensor({k: tuple(v.shape) for k, v in tensors.items()}, wanted, path)
+    tensor = _check_float(tensors[name], name, path)
+    admit(tuple(tensor.shape), tensor.element_size(), name, path, limits)
     # clone: a private copy in memory; the rest of the checkpoint stays unread on disk (mmap)
-    tensor = _check_float(tensors[name], name, path).detach().clone()
+    tensor = tensor.detach().clone()
     meta = obj if isinstance(obj, dict) else {}
     return name, tensor, _iter_from(meta), meta.get("itos")
 
 
-def _read_npy(path: Path) -> torch.Tensor:
+def _read_npy(path: Path, limits: Limits) -> torch.Tensor:
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as exc:
@@ -316,11 +354,12 @@ def _read_npy(path: Path) -> torch.Tensor:
     if arr.ndim != 2 or arr.dtype.kind != "f":
         raise CheckpointError(f"{path}: holds a {arr.dtype} array of shape {list(arr.shape)}, not a 2-D float "
                               "embedding")
+    admit(tuple(arr.shape), arr.dtype.itemsize, path.stem, path, limits)
     # a native-byte-order copy (torch takes no big-endian arrays), read once, no mmap left behind
     return torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=True))
 
 
-def _sharded(index: Path, wanted: str | None, where: Path) -> tuple[str, torch.Tensor, int | None]:
+def _sharded(index: Path, wanted: str | None, where: Path, limits: Limits) -> tuple[str, torch.Tensor, int | None]:
     """Read the embedding of a sharded model: the index names every tensor, so only its shard is opened."""
     shards = _index_shards(index)
     torch_shards = index.name == TORCH_INDEX
@@ -330,37 +369,42 @@ def _sharded(index: Path, wanted: str | None, where: Path) -> tuple[str, torch.T
     except CheckpointError:  # open every shard: finds it by shape-aware rules, or lists real shapes
         key, files = wanted, sorted(set(shards.values()))
     if not torch_shards:
-        return _read_safetensors(files, key, where)
+        return _read_safetensors(files, key, where, limits)
     loaded: dict[str, torch.Tensor] = {}
     for f in files:
-        loaded.update(_state_dict(_torch_load(f), f))
+        loaded.update(_state_dict(_torch_load(f, limits), f))
     shapes = {k: tuple(v.shape) for k, v in loaded.items()}
     name = choose_tensor(shapes, key, where)
-    return name, _check_float(loaded[name], name, where).detach().clone(), None
+    tensor = _check_float(loaded[name], name, where)
+    admit(tuple(tensor.shape), tensor.element_size(), name, where, limits)
+    return name, tensor.detach().clone(), None
 
 
-def read_embedding(path: Path, wanted: str | None = None) -> Embedding:
-    """The embedding tensor of the checkpoint at `path` (file or model directory), its name and metadata."""
+def read_embedding(path: Path, wanted: str | None = None, limits: Limits = DEFAULT_LIMITS) -> Embedding:
+    """The embedding tensor of the checkpoint at `path` (file or model directory), its name and metadata.
+
+    The embedding's shape is held to `limits` (rows, columns, bytes) before its bytes are read.
+    """
     vocab: Any = None
     metrics = None
     try:
         if path.is_dir():
             if (path / SAFETENSORS_INDEX).is_file():
-                name, tensor, it = _sharded(path / SAFETENSORS_INDEX, wanted, path)
+                name, tensor, it = _sharded(path / SAFETENSORS_INDEX, wanted, path, limits)
             elif (path / "model.safetensors").is_file():
-                name, tensor, it = _read_safetensors([path / "model.safetensors"], wanted, path)
+                name, tensor, it = _read_safetensors([path / "model.safetensors"], wanted, path, limits)
             elif (path / TORCH_INDEX).is_file():
-                name, tensor, it = _sharded(path / TORCH_INDEX, wanted, path)
+                name, tensor, it = _sharded(path / TORCH_INDEX, wanted, path, limits)
             else:
-                name, tensor, it, vocab = _read_torch(path / "pytorch_model.bin", wanted)
+                name, tensor, it, vocab = _read_torch(path / "pytorch_model.bin", wanted, limits)
             it = metadata_iter(path) if it is None else it
             metrics = trainer_metrics(path, it)
         elif path.suffix == ".safetensors":
-            name, tensor, it = _read_safetensors([path], wanted, path)
+            name, tensor, it = _read_safetensors([path], wanted, path, limits)
         elif path.suffix == ".npy":
-            name, tensor, it = path.stem, _read_npy(path), None
+            name, tensor, it = path.stem, _read_npy(path, limits), None
         else:
-            name, tensor, it, vocab = _read_torch(path, wanted)
+            name, tensor, it, vocab = _read_torch(path, wanted, limits)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read: {exc}") from None
     ok_vocab = vocab if isinstance(vocab, list) and all(isinstance(s, str) for s in vocab) else None

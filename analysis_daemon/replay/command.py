@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from ..cli import (add_analysis_options, add_output_options, analysis_settings, fail, make_sinks,
-                  set_threads_and_priority, setup_logging)
+from ..cli import (add_analysis_options, add_limit_options, add_output_options, analysis_settings, fail,
+                  make_sinks, set_threads_and_priority, setup_logging, snapshot_limits)
 
 log = logging.getLogger("embedding_monitor.daemon")
 
@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                "from the last number in its name, else from the order given. Token strings come from "
                "tokenizer.json, vocab.txt or meta.json beside the weights (or one directory up). Torch "
                "files are loaded weights-only: a pickle that would build any other object is refused. "
+               "Every checkpoint is held to the live daemon's limits (--max-rows, --max-cols, --max-bytes "
+               "before its embedding is read; --max-cost: sampled geometry or refused); raise them for a "
+               "larger model. "
                "Exit status: 0 all analysed, 1 some checkpoints failed (each named on stderr), 2 usage.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint files or directories")
     p.add_argument("--run", help="run name for the results directory and W&B (default: the name of the "
@@ -52,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(transformer.wte.weight, model.embed_tokens.weight, ...); repeatable: each tensor "
                         "drifts against its own previous checkpoint, the first is the run's default tensor "
                         "(e.g. --tensor model.embed_tokens.weight --tensor lm_head.weight)")
+    add_limit_options(p)
     add_analysis_options(p)
     add_output_options(p)
     return p
@@ -128,6 +132,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         settings = analysis_settings(args)
+        limits, cost = snapshot_limits(args)
         checkpoints = order(expand(args.paths))
     except (ValueError, CheckpointError) as exc:
         return fail(str(exc))
@@ -145,7 +150,7 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return fail(str(exc))
     try:
-        failures = _replay(run, checkpoints, args.tensor, settings, sinks)
+        failures = _replay(run, checkpoints, args.tensor, settings, sinks, limits, cost)
     except KeyboardInterrupt:
         log.warning("replay: interrupted; the results written so far are complete")
         return 130
@@ -163,16 +168,18 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _replay(run: str, checkpoints: list[Any], tensor_names: list[str] | None, settings: Any,
-            sinks: Any) -> list[tuple[Path, str]]:
+            sinks: Any, limits: Any, cost: Any) -> list[tuple[Path, str]]:
     """Analyse `checkpoints` in order into `sinks`; the (path, reason) of each one that failed.
 
     `tensor_names`: the tensors to read from each checkpoint (the first is the run's default tensor);
     None or empty: the embedding found by its usual names. Each tensor drifts against its own previous.
+    `limits` bound what is read of each checkpoint, `cost` what its analysis may cost (as in the daemon).
     """
     from .checkpoints import CheckpointError, read_embedding
     from .vocab_files import load_vocab
     from ..service.state import Counters, HelloInfo, Job, RunInsight, SnapshotData
     from ..pipeline import analyse
+    from ..service.cost import plan as plan_cost
 
     counters = Counters()
     wanted: list[str | None] = list(dict.fromkeys(tensor_names or [])) or [None]
@@ -189,7 +196,12 @@ def _replay(run: str, checkpoints: list[Any], tensor_names: list[str] | None, se
         try:
             if ckpt.error:
                 raise CheckpointError(ckpt.error)
-            emb = read_embedding(ckpt.path, tensor_name)
+            emb = read_embedding(ckpt.path, tensor_name, limits)
+            rows, cols = emb.tensor.shape
+            refused, sample = plan_cost(rows, cols, cost, settings.chunk_size,
+                                        settings.knn_k if settings.extras else 0, settings.sample_rows)
+            if refused is not None:
+                raise CheckpointError(f"{ckpt.path}: tensor {emb.name!r} {refused}")
         except CheckpointError as exc:
             counters.rejected += 1
             failures.append((ckpt.path, str(exc)))
@@ -216,7 +228,11 @@ def _replay(run: str, checkpoints: list[Any], tensor_names: list[str] | None, se
         if not hello_sent:
             sinks.run_hello(run, hello)
             hello_sent = True
-        snap = SnapshotData(iter=int(ckpt.iter), seq=k, name=emb.name, tensor=emb.tensor, metrics=emb.metrics)
+        if sample is not None:
+            log.info("replay: %s: the exact geometry of %dx%d is over --max-cost %.2g: analysing it sampled "
+                     "from %d rows", ckpt.path.name, rows, cols, cost.max_cost, sample)
+        snap = SnapshotData(iter=int(ckpt.iter), seq=k, name=emb.name, tensor=emb.tensor, metrics=emb.metrics,
+                            sample_rows=sample)
         del emb
         if tensor_name not in first and settings.since_init:
             first[tensor_name] = snap

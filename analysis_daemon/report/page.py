@@ -84,6 +84,9 @@ def load_results(path: Path, run: str | None = None, tensor: str | None = None) 
         except ValueError:
             skip(lineno, "not valid JSON (partial or corrupted line)")
             continue
+        except RecursionError:  # nesting no record of ours has; the parser stops at the recursion limit
+            skip(lineno, "JSON nested too deeply")
+            continue
         if not isinstance(rec, dict):
             skip(lineno, "not a JSON object")
             continue

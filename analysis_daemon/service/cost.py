@@ -1,10 +1,17 @@
 """What analysing one snapshot will cost, decided from its shape before any work is done.
 
-The analysis has three parts whose cost grows differently with V (rows) and d (columns):
+The analysis has four parts whose cost grows differently with V (rows) and d (columns):
 - geometry over all V(V-1)/2 pairs: a dot product of length d per pair plus a per-pair overhead
-  (threshold count, histogram, neighbour lists) measured on this project's 2-core machine at about
-  the cost of 128 multiply-adds (9 ns/pair vs 64 ps per multiply-add, one thread);
+  (threshold count, histogram, neighbour lists) that is memory-bound: each pair's similarity is
+  written to and read back from a chunk x V block several times. Measured on this project's 2-core
+  machine with the whole analysis: a 175000 x 2 snapshot (1.5e10 pairs) held the worker 95 s, 4.8x a
+  GPT-2 snapshot (50304 x 768, 1.3e9 pairs), so a pair costs about 400 multiply-adds besides its dot
+  product (the first model's 128, timed on small blocks that stay in cache, let such narrow matrices
+  through at 3x the intended bound). benchmarks/bench_cost_model.py prints the model against the
+  measured time over narrow and wide shapes;
 - drift and the insight spectrum: V x d^2 Gram products and d x d decompositions (d^3);
+- the insight extras that visit every row for a few hundred tokens (followed tokens' neighbourhood
+  sizes, the clump search's seeds, probes): about EXTRA_ROWS x V x d;
 - memory: the current and previous V x d matrices in float32 with working copies, a chunk x V block
   of similarities, neighbour lists, and d x d float64 matrices.
 A 131072 x 1 snapshot is 512 KiB on the wire but 8.6e9 pairs; a 16 x 65536 one is tiny in pairs
@@ -15,8 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-PAIR_OVERHEAD: Final[int] = 128  # per-pair cost beyond the dot product, in multiply-add equivalents
-DEFAULT_MAX_COST: Final[float] = 2e12  # ~1.6 GPT-2 snapshots (50304 x 768: 1.2e12); ~1 min on 2 cores here
+PAIR_OVERHEAD: Final[int] = 400  # per-pair cost beyond the dot product, in multiply-add equivalents
+EXTRA_ROWS: Final[int] = 320  # rows compared with the whole matrix by the extras (256 followed + 64 seeds)
+DEFAULT_MAX_COST: Final[float] = 2e12  # ~1.2 GPT-2 snapshots (50304 x 768: 1.6e12); ~25 s on 2 cores here
 DEFAULT_MAX_MEMORY: Final[int] = 4 * 1024**3
 
 
@@ -45,7 +53,8 @@ def estimate_cost(rows: int, cols: int, sample_rows: int | None = None) -> float
 
 
 def _fixed_cost(rows: int, cols: int) -> float:
-    return 3.0 * rows * cols * cols + 20.0 * cols**3
+    # Gram products and decompositions (drift, spectrum), plus the extras' passes over every row
+    return 3.0 * rows * cols * cols + 20.0 * cols**3 + float(EXTRA_ROWS) * rows * cols
 
 
 def plan(rows: int, cols: int, limits: CostLimits, chunk_size: int = 512, knn_k: int = 10,

@@ -170,3 +170,4 @@ class RunInsight:
     # centred Gram matrices (d x d float64) of the snapshots still in use, by (id, iter, seq): the current one
     # is the next drift's previous, the first one every since-init drift's (CKA needs both; computed once each)
     grams: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)
+    token_xy: torch.Tensor | None = None  # (V, 2) explorer map coordinates of the last analysed snapshot

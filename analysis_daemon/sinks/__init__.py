@@ -27,6 +27,9 @@ class Sink:
         """Take one analysis result (the JSONL record's dict)."""
         raise NotImplementedError
 
+    def handle_arrays(self, result: dict[str, Any], arrays: Any) -> None:
+        """Take the per-token arrays (a pipeline.TokenArrays) of `result`; default: not stored."""
+
     def run_hello(self, run: str, hello: Any) -> None:
         """The trainer of `run` introduced itself (a `HelloInfo`); default: nothing to do."""
 
@@ -79,10 +82,19 @@ class SinkSet:
                     pass
 
     def handle(self, result: dict[str, Any]) -> None:
-        """Give `result` to every sink still working (a disabled sink counts it as lost)."""
+        """Give `result` to every sink still working (a disabled sink counts it as lost).
+
+        The per-token arrays (pipeline.TOKEN_ARRAYS) are taken out first: the record every sink sees is
+        plain JSON; the sinks that store arrays get them through `handle_arrays` afterwards.
+        """
+        from ..pipeline import TOKEN_ARRAYS
+
+        arrays = result.pop(TOKEN_ARRAYS, None)
         for name in self.disabled:
             self._count_lost(name, 1)
         self._call("handle", result)
+        if arrays is not None:
+            self._call("handle_arrays", result, arrays)
 
     def run_hello(self, run: str, hello: Any) -> None:
         """Tell every sink what the trainer of `run` said about itself."""

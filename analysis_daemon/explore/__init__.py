@@ -1,0 +1,1 @@
+"""`analysis-daemon explore RESULTS`: a local web app over the per-token data the daemon and replay keep."""
