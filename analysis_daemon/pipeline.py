@@ -157,8 +157,8 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
         t0 = time.monotonic()
         try:
             grams = {"x": state.grams.get(_gram_key(prev))}
-            drift = measure_semantic_drift(prev.tensor, cur.tensor, top_k=settings.top_k,
-                                           per_token=settings.token_data, grams=grams)
+            drift = measure_semantic_drift(prev.tensor, cur.tensor, top_k=settings.top_k, grams=grams,
+                                           per_token=settings.token_data or cur.token_counts is not None)
             for snap, key in ((prev, "x"), (cur, "y")):  # kept only while in use (pruned below)
                 if grams.get(key) is not None:
                     state.grams[_gram_key(snap)] = grams[key]
@@ -167,6 +167,7 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
             log.error("run %s iter %d: %s", job.run, cur.iter, reason)
         drift_seconds = time.monotonic() - t0
     token_drift = drift.pop("per_token_cosine", None) if drift is not None else None
+    counts = cur.token_counts if cur.token_counts is not None and cur.token_counts.numel() == cur.shape[0] else None
     if drift is not None:
         drift = jsonable(drift)
         _add_token_strings(drift, vocab)
@@ -205,6 +206,8 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
         t0 = time.monotonic()
         try:
             insight = _insight(job, settings, state, knn_ids, vocab)
+            if counts is not None:
+                insight["drift_by_frequency"] = _by_frequency(token_drift, counts)
         except Exception as exc:  # like geometry: costs this section, never the daemon
             insight_error = f"insight failed: {first_line(exc)}"
             log.error("run %s iter %d: %s", job.run, cur.iter, insight_error)
@@ -243,6 +246,7 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
         "drift": drift,
         "geometry": geometry,
         "drift_skipped_reason": reason,
+        "tokens_seen": int(counts.sum()) if counts is not None else None,  # fed since the previous snapshot
         "drift_since_init": since_init,  # drift from the run's first snapshot (iter `first_iter`) to this one
         "drift_since_init_skipped_reason": since_init_reason,
         "geometry_error": geometry_error,
@@ -279,6 +283,15 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     if token_arrays is not None:
         record[TOKEN_ARRAYS] = token_arrays
     return record
+
+
+def _by_frequency(token_drift: Any, counts: torch.Tensor) -> dict[str, Any] | None:
+    """insight.drift_by_frequency (metrics/frequency.py); None without a per-token drift (first snapshot)."""
+    from .metrics.frequency import drift_by_frequency
+
+    if token_drift is None or token_drift.numel() != counts.numel():
+        return None
+    return jsonable(drift_by_frequency(token_drift, counts))
 
 
 def _gram_key(snap: SnapshotData) -> tuple[int, int, int]:

@@ -120,6 +120,9 @@ class Snapshot:
     global_shape: tuple[int, int] | None = None
     offset: tuple[int, int] | None = None
     metrics: dict[str, float | int] | None = None  # the trainer's scalars at this iteration (loss, ...)
+    # Tokens the trainer fed since its previous snapshot: little-endian uint32 per row of the (global)
+    # matrix, validated to exactly 4 x rows bytes (publisher.count_tokens); None when not counted.
+    token_counts: bytes | None = None
 
     @property
     def is_part(self) -> bool:
@@ -195,11 +198,13 @@ def encode_hello(*, run: str, seq: int, pid: int, host: str, vocab: Sequence[str
 def encode_snapshot(*, run: str, iter: int, seq: int, name: str, dtype: str, shape: Sequence[int],
                     payload: Any = None, shm: ShmRef | None = None, sent_at: float | None = None,
                     publisher: str = "", global_shape: Sequence[int] | None = None,
-                    offset: Sequence[int] | None = None, metrics: dict[str, float | int] | None = None) -> list[Any]:
+                    offset: Sequence[int] | None = None, metrics: dict[str, float | int] | None = None,
+                    token_counts: bytes | None = None) -> list[Any]:
     """Frames of a `snapshot`: [header, payload] inline, or [header] when `shm` names the payload.
 
     For one rank's part of a sharded matrix pass `global_shape` and `offset` ([row, col] of the part).
     `metrics` (optional) must pass `check_metrics`; it raises ProtocolError otherwise.
+    `token_counts` (optional): little-endian uint32 per row of the (global) matrix.
     """
     if (payload is None) == (shm is None):
         raise ValueError("encode_snapshot needs exactly one of payload= or shm=")
@@ -221,6 +226,11 @@ def encode_snapshot(*, run: str, iter: int, seq: int, name: str, dtype: str, sha
     metrics = check_metrics(metrics)
     if metrics is not None:  # absent when there are none: older daemons never see the key
         header["metrics"] = metrics
+    if token_counts is not None:
+        rows_counted = int(global_shape[0]) if global_shape is not None else rows
+        if len(token_counts) != 4 * rows_counted:
+            raise ValueError(f"token_counts has {len(token_counts)} bytes, {rows_counted} rows need {4 * rows_counted}")
+        header["token_counts"] = bytes(token_counts)
     return [_pack(header)] if payload is None else [_pack(header), payload]
 
 
@@ -331,7 +341,9 @@ def _unpack_header(frame: memoryview, limits: Limits) -> dict:
     try:
         data = msgpack.unpackb(
             frame, raw=False, strict_map_key=True, use_list=True,
-            max_str_len=limits.max_string_bytes, max_bin_len=0, max_ext_len=0,  # no bytes, no ext, no timestamps
+            # bytes only as a snapshot's token_counts (4 per row, checked after), no ext, no timestamps
+            max_str_len=limits.max_string_bytes, max_bin_len=min(4 * limits.max_rows, limits.max_header_bytes),
+            max_ext_len=0,
             # Arrays in a header are a shape (2) and a hello's vocabulary: refused before allocation.
             # (a vocabulary longer than max_rows could not match any snapshot we accept either)
             max_array_len=max(min(limits.max_vocab_tokens, limits.max_rows), 16), max_map_len=limits.max_map_len)
@@ -464,7 +476,13 @@ def _decode_snapshot(frames: Sequence[Any], header: _Header, run: str, seq: int,
     part = _part_geometry(header, dtype, rows, cols)
     # Optional: absent from older publishers' headers.
     metrics = check_metrics(header.data.get("metrics"), limits)
+    counts = header.data.get("token_counts")
+    if counts is not None:
+        counted_rows = part[0][0] if part else rows
+        if type(counts) is not bytes or len(counts) != 4 * counted_rows:
+            raise ProtocolError(f"header: token_counts must be {4 * counted_rows} bytes (uint32 per row), got "
+                                f"{type(counts).__name__} of {len(counts) if isinstance(counts, bytes) else '?'}")
     return Snapshot(run=run, iter=header.int_("iter"), seq=seq, name=check_tensor_name(header.str_("name")), dtype=dtype,
                     shape=(rows, cols), nbytes=nbytes, sent_at=header.float_("sent_at"), payload=payload,
                     shm=shm, publisher=publisher, global_shape=part[0] if part else None,
-                    offset=part[1] if part else None, metrics=metrics)
+                    offset=part[1] if part else None, metrics=metrics, token_counts=counts)

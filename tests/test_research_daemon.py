@@ -130,3 +130,44 @@ def test_named_tensors_keep_their_own_state_and_keys(start_daemon, tmp_path: Pat
     path = d.results_dir / "two" / "analysis.jsonl"
     assert {r["tensor"] for r in load_results(path).records} == {"wte"}
     assert {r["tensor"] for r in load_results(path, tensor="lm_head").records} == {"lm_head"}
+
+
+def test_token_counts_travel_with_the_next_snapshot_and_are_reset(start_daemon, tmp_path: Path,  # noqa: F811
+                                                                 tcp_endpoint: str) -> None:
+    from analysis_daemon.metrics.frequency import drift_by_frequency
+
+    g = torch.Generator().manual_seed(5)
+    mats = [torch.randn(200, 16, generator=g) for _ in range(3)]
+    d = start_daemon("--exit-on-end", "--galaxy-rows", "0")
+    pub = publisher_for(tcp_endpoint, "counts", wandb_info={"project": "emb-test"})
+    pub.count_tokens(torch.tensor([1, 2]))  # no rows known yet (no publish, no vocab): left out, logged once
+    assert pub.publish(mats[0], 0)
+    d.wait_results("counts", 1)
+    batches = [torch.randint(0, 60, (4, 8), generator=g) for _ in range(3)]
+    for b in batches:
+        pub.count_tokens(b)
+    pub.count_tokens(torch.tensor([[199, 200, -1]]))  # out of range ids: counted apart, never sent
+    assert pub.publish(mats[1], 10)
+    assert pub.publish(mats[1] * 0 + mats[1], 10, name="lm_head")  # counts belong to the main tensor only
+    d.wait_results("counts", 3)
+    assert pub.publish(mats[2], 20)  # nothing counted since: zeros
+    d.wait_results("counts", 4)
+    pub.close()
+    assert d.wait_exit() == 0
+    main = [r for r in d.results("counts") if r["tensor"] == "wte"]
+    head = [r for r in d.results("counts") if r["tensor"] == "lm_head"]
+    assert main[0]["tokens_seen"] is None and head[0]["tokens_seen"] is None
+    assert main[1]["tokens_seen"] == 3 * 32 + 1 and main[2]["tokens_seen"] == 0
+    counts = torch.bincount(torch.cat([b.reshape(-1) for b in batches] + [torch.tensor([199])]), minlength=200)
+    per_token = measure_semantic_drift(mats[0], mats[1], per_token=True)["per_token_cosine"]
+    ref = drift_by_frequency(per_token, counts)
+    got = main[1]["insight"]["drift_by_frequency"]
+    assert [(b["min_count"], b["tokens"]) for b in got["bins"]] == [(b["min_count"], b["tokens"]) for b in ref["bins"]]
+    assert [b["mean_drift_cosine"] for b in got["bins"]] == pytest.approx([b["mean_drift_cosine"] for b in ref["bins"]])
+    assert got["never_seen"] == int((counts == 0).sum())
+    assert got["spearman_count_vs_drift"] == pytest.approx(ref["spearman_count_vs_drift"], rel=1e-9)
+    assert "[Insight] Drift by frequency (97 tokens fed" in d.out_path.read_text()
+    (run_file,) = wandb_history.find_run_files(tmp_path)
+    rows = {row["analysis/iter"]: row for row in wandb_history.history(run_file) if "analysis/tokens_seen" in row}
+    assert rows[10]["analysis/tokens_seen"] == 97
+    assert rows[10]["analysis/drift_frequency_spearman"] == pytest.approx(got["spearman_count_vs_drift"])

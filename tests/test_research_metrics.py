@@ -154,3 +154,91 @@ def test_cached_grams_give_the_same_cka_and_are_not_used_with_nonfinite_rows() -
     wrong = {"x": torch.eye(12, dtype=torch.float64), "y": torch.eye(12, dtype=torch.float64)}
     assert measure_semantic_drift(prev, bad, grams=wrong)["linear_cka"] == pytest.approx(cka_reference(prev, bad),
                                                                                          rel=1e-5)
+
+
+def test_untied_output_embedding_only_when_it_is_a_separate_weight() -> None:
+    from trainer_hook.callbacks import untied_output_embedding
+
+    class LM(torch.nn.Module):
+        def __init__(self, tied: bool) -> None:
+            super().__init__()
+            self.wte, self.head = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False)
+            if tied:
+                self.head.weight = self.wte.weight
+
+        def get_output_embeddings(self) -> torch.nn.Module:
+            return self.head
+
+    untied, tied = LM(False), LM(True)
+    assert untied_output_embedding([untied], untied.wte) is untied.head
+    assert untied_output_embedding([tied], tied.wte) is None  # one parameter: sent once
+    shared = LM(False)
+    shared.head.weight = torch.nn.Parameter(shared.wte.weight.data)  # another Parameter, the same storage
+    assert untied_output_embedding([shared], shared.wte) is None
+    assert untied_output_embedding([torch.nn.Linear(2, 2)], untied.wte) is None  # no get_output_embeddings
+
+
+def spearman_reference(a: list[float], b: list[float]) -> float:
+    """Spearman's rho by the textbook: average ranks by hand, then Pearson in float64 numpy."""
+    def ranks(x: list[float]) -> np.ndarray:
+        order = sorted(range(len(x)), key=lambda i: x[i])
+        r = np.empty(len(x))
+        i = 0
+        while i < len(x):
+            j = i
+            while j + 1 < len(x) and x[order[j + 1]] == x[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2 + 1
+            i = j + 1
+        return r
+    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
+
+
+def test_drift_by_frequency_bins_and_rank_correlation() -> None:
+    from analysis_daemon.metrics.frequency import drift_by_frequency
+
+    g = torch.Generator().manual_seed(13)
+    counts = torch.tensor([0, 0, 1, 1, 2, 3, 4, 7, 8, 100, 5, 0])
+    cos = torch.rand(12, generator=g, dtype=torch.float32)
+    cos[3] = float("nan")  # no cosine: left out of the bins and of rho
+    out = drift_by_frequency(cos, counts)
+    assert [(b["min_count"], b["max_count"], b["tokens"]) for b in out["bins"]] == [
+        (0, 0, 3), (1, 1, 1), (2, 3, 2), (4, 7, 3), (8, 15, 1), (64, 127, 1)]
+    assert out["bins"][0]["mean_drift_cosine"] == pytest.approx(float(cos[[0, 1, 11]].double().mean()))
+    assert out["never_seen"] == 3 and out["tokens"] == 11
+    keep = [i for i in range(12) if i != 3]
+    ref = spearman_reference([float(counts[i]) for i in keep], [1.0 - float(cos[i]) for i in keep])
+    assert out["spearman_count_vs_drift"] == pytest.approx(ref, abs=1e-12)
+    # frequent tokens drift less (the law of conformity): rho -1
+    rising = torch.linspace(0.5, 0.99, 20)
+    assert drift_by_frequency(rising, torch.arange(20))["spearman_count_vs_drift"] == pytest.approx(-1.0)
+    assert drift_by_frequency(rising, torch.zeros(20, dtype=torch.int64))["spearman_count_vs_drift"] is None
+    with pytest.raises(ValueError, match="one length"):
+        drift_by_frequency(rising, torch.zeros(3))
+
+
+def test_token_counts_in_the_snapshot_header_are_bounded() -> None:
+    from protocol import ProtocolError, decode, encode_snapshot
+
+    payload = torch.zeros(5, 2).numpy().tobytes()
+    counts = np.arange(5, dtype="<u4").tobytes()
+    msg = decode(encode_snapshot(run="r", iter=1, seq=0, name="wte", dtype="float32", shape=[5, 2],
+                                 payload=payload, token_counts=counts))
+    assert np.frombuffer(msg.token_counts, dtype="<u4").tolist() == [0, 1, 2, 3, 4]
+    plain = decode(encode_snapshot(run="r", iter=1, seq=0, name="wte", dtype="float32", shape=[5, 2], payload=payload))
+    assert plain.token_counts is None
+    with pytest.raises(ValueError, match="token_counts has 16 bytes"):
+        encode_snapshot(run="r", iter=1, seq=0, name="wte", dtype="float32", shape=[5, 2], payload=payload,
+                        token_counts=counts[:16])
+    import msgpack
+    frames = encode_snapshot(run="r", iter=1, seq=0, name="wte", dtype="float32", shape=[5, 2], payload=payload)
+    header = msgpack.unpackb(frames[0])
+    for bad in (counts[:8], "text", [1, 2, 3, 4, 5]):
+        header["token_counts"] = bad
+        with pytest.raises(ProtocolError, match="token_counts must be 20 bytes"):
+            decode([msgpack.packb(header, use_bin_type=True), frames[1]])
+    header["token_counts"] = None
+    header["name"] = "a/b"
+    with pytest.raises(ProtocolError, match="tensor name"):
+        decode([msgpack.packb(header, use_bin_type=True), frames[1]])

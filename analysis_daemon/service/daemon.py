@@ -33,7 +33,7 @@ from .liveness import DEFAULT_RUN_TIMEOUT_S, Publishers
 from .assembly import DEFAULT_TIMEOUT_S, Assembler, PartRejected
 from .logsafe import RateLimiter, reason_key, safe
 from ..sinks import SinkSet
-from .state import MAX_TENSORS_PER_RUN, Counters, HelloInfo, Job, RunState, SnapshotData
+from .state import MAX_TENSORS_PER_RUN, Counters, HelloInfo, Job, RunState, SnapshotData, token_counts_of
 from .state_store import StateStore
 from .vocab import CompactVocab
 from ..pipeline import AnalysisSettings, warm_up
@@ -330,7 +330,7 @@ class Daemon:
             snap.sample_rows = sample  # judged by the whole matrix's shape, like every part of it
         else:
             snap = SnapshotData(iter=msg.iter, seq=msg.seq, name=msg.name, tensor=tensor, sent_at=msg.sent_at,
-                                metrics=msg.metrics, sample_rows=sample)
+                                metrics=msg.metrics, sample_rows=sample, token_counts=token_counts_of(msg))
         budget = self.config.max_pending_bytes
         with self.cond:
             state = self._state(run)

@@ -10,6 +10,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -44,6 +45,7 @@ class SnapshotData:
     skipped_before: list[int] = field(default_factory=list)  # iterations of the run skipped just before it
     sample_rows: int | None = None  # set when its exact geometry is over --max-cost: sample this many rows
     recovered: bool = False  # read back from --state-dir: it was being analysed when the daemon stopped
+    token_counts: torch.Tensor | None = None  # (V,) int64: tokens the trainer fed since its previous snapshot
 
     @property
     def nbytes(self) -> int:
@@ -59,6 +61,14 @@ class SnapshotData:
     def dtype(self) -> str:
         """The tensor's dtype name without the `torch.` prefix."""
         return str(self.tensor.dtype).removeprefix("torch.")
+
+
+def token_counts_of(msg: Any) -> torch.Tensor | None:
+    """A snapshot's token counts (validated to 4 bytes a row by the protocol) as an int64 tensor, or None."""
+    if msg.token_counts is None:
+        return None
+    return torch.from_numpy(np.frombuffer(msg.token_counts, dtype="<u4").astype(np.int64))
+
 
 
 @dataclass

@@ -55,6 +55,17 @@ def undertrained_line(ins: dict[str, Any]) -> list[str]:
     return [text + (")" if not under["count"] else "")]
 
 
+def frequency_line(result: dict[str, Any], by_freq: dict[str, Any] | None) -> list[str]:
+    """One [Insight] line: drift by token frequency (Spearman's rho and the bins' mean drift cosine)."""
+    if not by_freq:
+        return []
+    bins = ", ".join(("never seen" if b["min_count"] == 0 else f"{b['min_count']}+")
+                     + f" ({b['tokens']}) {_num(b['mean_drift_cosine'], '.3f')}" for b in by_freq["bins"][:6])
+    return [f"  [Insight] Drift by frequency ({result.get('tokens_seen')} tokens fed since the previous snapshot): "
+            f"Spearman count vs drift {_num(by_freq.get('spearman_count_vs_drift'), '+.3f')} (< 0: frequent "
+            f"tokens drift less); mean drift cosine by count: {bins}"]
+
+
 def insight_lines(result: dict[str, Any]) -> list[str]:
     """Up to three [Insight] lines (spectrum, neighbourhoods, probes) and one [Alert] line per alert."""
     lines: list[str] = []
@@ -84,6 +95,7 @@ def insight_lines(result: dict[str, Any]) -> list[str]:
         if probes:
             lines.append("  [Insight] Probes (nearest tokens by cosine): " + "; ".join(probes))
         lines.extend(undertrained_line(ins))
+        lines.extend(frequency_line(result, ins.get("drift_by_frequency")))
     elif result.get("insight_error"):
         lines.append(f"  [Insight] not measured: {result['insight_error']}")
     lines.extend(galaxy_lines(result))

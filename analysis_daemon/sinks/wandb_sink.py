@@ -73,6 +73,11 @@ def metrics_for(result: dict[str, Any], wandb: Any, vocab: list[str] | None = No
                     for rank, (tid, cos) in enumerate(pairs)]
             data[f"analysis/drift_{kind}_drifted_tokens"] = wandb.Table(
                 columns=["rank", "token_id", "token", "cosine_similarity"], data=rows)
+    if result.get("tokens_seen") is not None:
+        data["analysis/tokens_seen"] = result["tokens_seen"]
+    by_freq = (result.get("insight") or {}).get("drift_by_frequency") or {}
+    if by_freq.get("spearman_count_vs_drift") is not None:
+        data["analysis/drift_frequency_spearman"] = by_freq["spearman_count_vs_drift"]
     since = result.get("drift_since_init") or {}
     for key, name in (("average_cosine_similarity", "drift_since_init_cosine_sim"),
                       ("average_euclidean_distance", "drift_since_init_euclidean"),
