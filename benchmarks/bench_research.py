@@ -60,20 +60,27 @@ def main() -> None:
     print(f"whole analyse() with the additions: {whole:.2f} s (geometry {record['geometry_seconds']:.2f} s, "
           f"drift incl. since-init {record['drift_seconds']:.2f} s, insight incl. under-trained "
           f"{record['insight_seconds']:.2f} s, galaxy {record['galaxy_seconds']:.2f} s)")
-    plain = best_of(args.repeats, lambda: measure_semantic_drift(prev, cur, cka=False, common_mode=False))
     g_first, g_prev = {}, {}
     measure_semantic_drift(first, prev, grams=g_first)  # the Grams the daemon has cached by now
     measure_semantic_drift(prev, first, grams=g_prev)
-    full = best_of(args.repeats, lambda: measure_semantic_drift(prev, cur, grams={"x": g_prev["x"]}))
     g_cur: dict = {"x": g_prev["x"]}
     measure_semantic_drift(prev, cur, grams=g_cur)
-    since = best_of(args.repeats, lambda: measure_semantic_drift(first, cur, grams={"x": g_first["x"], "y": g_cur["y"]}))
-    uncached = best_of(args.repeats, lambda: measure_semantic_drift(first, cur))
-    under_w = best_of(args.repeats, lambda: find_undertrained(cur))
-    under_i = best_of(args.repeats, lambda: find_undertrained(cur, initial=first))
+    parts = {  # interleaved round by round, so every part sees the same load; the best round of each is kept
+        "plain": lambda: measure_semantic_drift(prev, cur, cka=False, common_mode=False),
+        "full": lambda: measure_semantic_drift(prev, cur, grams={"x": g_prev["x"]}),
+        "since": lambda: measure_semantic_drift(first, cur, grams={"x": g_first["x"], "y": g_cur["y"]}),
+        "uncached": lambda: measure_semantic_drift(first, cur),
+        "under_w": lambda: find_undertrained(cur),
+        "under_i": lambda: find_undertrained(cur, initial=first),
+    }
+    times: dict[str, list[float]] = {k: [] for k in parts}
+    for _ in range(args.repeats):
+        for key, fn in parts.items():
+            times[key].append(best_of(1, fn))
+    plain, full, since, uncached, under_w, under_i = (min(times[k]) for k in parts)
     added = (full - plain) + since + under_i
     print(f"drift as before (no CKA, no common mode) {plain:.3f} s; with CKA (previous Gram cached) and the common "
-          f"mode {full:.3f} s (+{full - plain:.3f} s)")
+          f"mode {full:.3f} s ({full - plain:+.3f} s)")
     print(f"drift since init with both Grams cached {since:.3f} s (uncached {uncached:.3f} s)")
     print(f"under-trained search: weights alone {under_w:.3f} s, since init {under_i:.3f} s")
     base = whole - added

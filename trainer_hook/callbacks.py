@@ -14,6 +14,7 @@ import re
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -226,6 +227,16 @@ class StepPublisher:
                 log.exception("embedding monitor: publishing step %d failed; training goes on, later failures "
                               "are only counted (callback.monitor.failures)", step)
             return False
+
+    def count(self, batch: Any) -> None:
+        """Count the batch's `input_ids` (a mapping's entry) for the next snapshot; never raises into training."""
+        ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+        if self.publisher is None or not isinstance(ids, torch.Tensor):
+            return
+        try:
+            self.publisher.count_tokens(ids)
+        except Exception:  # noqa: BLE001 - monitoring must never end a training run
+            self.failures += 1
 
     def close(self) -> None:
         """Close the publisher (sends `end`); safe to call when none is open."""

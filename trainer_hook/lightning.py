@@ -68,8 +68,9 @@ class EmbeddingMonitorCallback(pl.Callback):
 
     def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", run: str | None = None,
                  every_n_steps: int | None = None, *, embedding: Any = None, tokenizer: Any = None,
-                 output_embeddings: bool = True, **publisher_options: Any) -> None:
+                 output_embeddings: bool = True, count_tokens: bool = True, **publisher_options: Any) -> None:
         self.run = run
+        self.count_tokens = count_tokens  # count each batch's "input_ids" (drift by token frequency)
         self.output_embeddings = output_embeddings  # also publish an untied get_output_embeddings() as "lm_head"
         self.embedding = embedding
         self.tokenizer = tokenizer
@@ -129,6 +130,8 @@ class EmbeddingMonitorCallback(pl.Callback):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Every `every_n_steps` optimizer steps (with gradient accumulation: once, right after the step)."""
+        if self.count_tokens:
+            self.monitor.count(batch)
         if self.monitor.active and self.monitor.due(trainer.global_step):
             self._publish(trainer)
 

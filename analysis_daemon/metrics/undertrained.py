@@ -43,19 +43,22 @@ def _distances(z: torch.Tensor, centres: torch.Tensor, z_sq: torch.Tensor) -> to
     return out
 
 
-def _seeds(z: torch.Tensor, never_seen: torch.Tensor | None, per_end: int) -> torch.Tensor:
+def _seeds(z: torch.Tensor, z_sq: torch.Tensor, never_seen: torch.Tensor | None, per_end: int) -> torch.Tensor:
     """Row ids to start from: extremes of the distance to the mean and of the top principal directions."""
     v = z.shape[0]
     mean = z.mean(dim=0, dtype=torch.float64).float()
-    zc_norm = torch.linalg.vector_norm(z - mean, dim=1)
+    # ||z - mean||^2 and the projections without a V x d temporary (one product with [mean, 3 directions])
+    zc_norm = (z_sq - 2.0 * (z @ mean) + mean.square().sum()).clamp(min=0.0)
     k = min(per_end, v)
     picks = [zc_norm.topk(k).indices, (-zc_norm).topk(k).indices]
     # principal directions from an evenly spread sample of rows: seeds need directions, not exact ones
     # (O(sample x d^2) instead of O(V d^2))
     sample = z[torch.linspace(0, v - 1, min(v, _SEED_SAMPLE)).long()] - mean
     _, vecs = torch.linalg.eigh((sample.T @ sample).double())
-    for j in range(1, min(3, vecs.shape[1]) + 1):
-        proj = (z - mean) @ vecs[:, -j].float()
+    top = vecs[:, -min(3, vecs.shape[1]):].float()
+    projections = z @ top - mean @ top
+    for j in range(top.shape[1]):
+        proj = projections[:, j]
         picks += [proj.topk(k).indices, (-proj).topk(k).indices]
     if never_seen is not None and bool(never_seen.any()):
         picks.append(never_seen.nonzero().squeeze(1)[:per_end])
@@ -103,8 +106,8 @@ def find_undertrained(weights: torch.Tensor, *, initial: torch.Tensor | None = N
     if n < 2 * min_size or max_size < min_size:
         return empty
     seen = never_seen[ids] if never_seen is not None and never_seen.shape[0] == w.shape[0] else None
-    z_sq = z.square().sum(dim=1)
-    seeds = _seeds(z, seen, seeds_per_end)
+    z_sq = torch.linalg.vecdot(z, z)
+    seeds = _seeds(z, z_sq, seen, seeds_per_end)
     best: tuple[float, torch.Tensor, torch.Tensor, float] | None = None
     dists = _distances(z, z[seeds], z_sq)
     for col in range(dists.shape[1]):
