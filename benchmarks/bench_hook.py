@@ -4,6 +4,7 @@
     python benchmarks/bench_hook.py --stall --rows 128256 --cols 4096 --reps 4   # first vs steady only
     python benchmarks/bench_hook.py --faults                                    # what page faults cost
     python benchmarks/bench_hook.py --sharded 2                                 # per-rank publish, 2 ranks
+    python benchmarks/bench_hook.py --copy                                      # publish's copy, old vs new
 
 Prints medians for a V x d float32 CPU tensor: a plain numpy copy of the tensor (fresh array, and
 into a preallocated one: memcpy bandwidth), publish() with no daemon, publish() to a receiving
@@ -16,6 +17,9 @@ first, so a second slot/buffer is needed) against the steady-state median, with 
 `publisher.prepare(weight)` before the loop. --faults times writing 154 MB into fresh memory (page
 faults on the writing thread) against reused, MAP_POPULATE'd and huge-page memory. --sharded N runs N
 torchrun CPU ranks that each publish their Shard(0) block of a DTensor, and prints each rank's times.
+--copy times the training thread's copy alone, interleaved round by round: publish's copy (a memcpy
+between data pointers, never a numpy view of the weight) against the numpy-view copy it replaced
+(which left the weight's storage not resizable: FSDP's free crashed) and torch's copy_ (intra-op pool).
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from trainer_hook import EmbeddingPublisher  # noqa: E402
+from trainer_hook.publisher import _copy_into  # noqa: E402
 
 
 def free_endpoint() -> str:
@@ -149,6 +154,44 @@ def bench_stall(weight: torch.Tensor, reps: int, shared_memory: bool, prepare: b
     steady = statistics.median(times[2:])
     return {"first": times[0] * 1e3, "second": times[1] * 1e3, "steady": steady * 1e3,
             "worst": max(times) * 1e3, "ratio": max(times) / steady, "dropped": dropped}
+
+
+def bench_copy(rows: int, cols: int, reps: int) -> None:
+    """The copy publish() does on the training thread, against the numpy-view copy it replaced and torch's copy_."""
+    weight = torch.randn(rows, cols)  # one source for every method: the same pages, the same caches
+    shape, nbytes = (rows, cols), weight.numel() * 4
+    dst = torch.from_numpy(np.empty(nbytes, dtype=np.uint8))
+    dst.fill_(0)  # faulted in: only the copies are timed
+
+    def numpy_view() -> None:  # before: np.copyto(dst.numpy(), weight...numpy())
+        np.copyto(dst.numpy(), weight.view(torch.uint8).view(-1).numpy())
+
+    def torch_copy() -> None:
+        with torch.no_grad():
+            dst.view(torch.float32).view(shape).copy_(weight)
+
+    methods = {"publish's copy (memcpy of data pointers)": lambda: _copy_into(dst, weight, torch.float32, shape),
+               "before: np.copyto of a numpy view of w": numpy_view,
+               f"torch copy_ ({torch.get_num_threads()} intra-op threads)": torch_copy}
+    times: dict[str, list[float]] = {k: [] for k in methods}
+    for i in range(reps):
+        order = list(methods)[i % 3:] + list(methods)[:i % 3]  # rotate: none always runs first
+        for name in order:
+            t = time.perf_counter()
+            methods[name]()
+            times[name].append(time.perf_counter() - t)
+    fresh, old = torch.randn(1001, 64), torch.randn(1001, 64)  # what each copy leaves behind
+    version = fresh._version
+    _copy_into(torch.empty(fresh.numel() * 4, dtype=torch.uint8), fresh, torch.float32, (1001, 64))
+    untouched = fresh._version == version and fresh.untyped_storage().resizable()
+    np.copyto(np.empty(old.numel() * 4, dtype=np.uint8), old.view(torch.uint8).view(-1).numpy())
+    print(f"copy of {rows} x {cols} float32 ({nbytes / 1e6:.1f} MB) into a preallocated buffer, medians of {reps} "
+          f"interleaved rounds; cpus {os.cpu_count()}")
+    for name, samples in times.items():
+        ms = median_ms(samples)
+        print(f"  {name:44s} {ms:8.2f} ms   {nbytes / ms / 1e6:6.2f} GB/s")
+    print(f"  after publish's copy: version unchanged and storage resizable: {untouched}; after the numpy view: "
+          f"resizable {old.untyped_storage().resizable()}")
 
 
 def bench_faults(nbytes: int = 50304 * 768 * 4, reps: int = 5) -> None:
@@ -289,6 +332,7 @@ def main() -> None:
     parser.add_argument("--stall", action="store_true", help="only the first-vs-steady publish measurement")
     parser.add_argument("--faults", action="store_true", help="only the page-fault measurement")
     parser.add_argument("--sharded", type=int, default=0, metavar="N", help="only the sharded run with N ranks")
+    parser.add_argument("--copy", action="store_true", help="only publish's copy, against the numpy-view copy")
     parser.add_argument("--sharded-rank", metavar="ENDPOINT", help=argparse.SUPPRESS)  # torchrun's child
     args = parser.parse_args()
     if args.threads:
@@ -297,6 +341,8 @@ def main() -> None:
         return sharded_rank(args.rows, args.cols, args.sharded_rank, args.reps)
     if args.faults:
         return bench_faults()
+    if args.copy:
+        return bench_copy(args.rows, args.cols, max(args.reps, 3))
     if args.sharded:
         return bench_sharded(args.sharded, args.rows, args.cols, args.reps)
     weight = torch.randn(args.rows, args.cols)

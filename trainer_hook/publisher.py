@@ -12,6 +12,7 @@ event. Everything else (waiting for the event, sending, recycling buffers) is th
 from __future__ import annotations
 
 import atexit
+import ctypes
 import logging
 import os
 import secrets
@@ -22,7 +23,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import zmq
 
@@ -53,13 +53,26 @@ def embedding_weight(obj: Any) -> torch.Tensor:
 
 def _copy_into(dst: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, shape: tuple[int, int], *,
                non_blocking: bool = False) -> None:
-    """Copy `weight` into the uint8 buffer `dst` as a C-order (V, d) array of `dtype`."""
-    if not weight.is_cuda and weight.dtype == dtype and weight.is_contiguous():
-        # A plain memcpy on this thread: as fast as numpy's copy, and it leaves torch's
-        # intra-op thread pool (busy with training work) out of it.
-        np.copyto(dst.numpy(), weight.view(torch.uint8).view(-1).numpy())
-    else:  # conversion (e.g. to float16), strided weights, device-to-host DMA
-        dst.view(dtype).view(shape).copy_(weight, non_blocking=non_blocking)
+    """Copy `weight` into the uint8 buffer `dst` as a C-order (V, d) array of `dtype`; `weight` is only read.
+
+    Never a numpy view of `weight`: `Tensor.numpy()` marks the storage not resizable for good, and
+    FSDP (1 and 2) frees parameter storage with `untyped_storage().resize_(0)` right after. Nor any
+    in-place op, flag or autograd change on it: the version counter is what torch.compile's guards
+    and autograd's saved-tensor checks read.
+    """
+    nbytes = dst.numel()
+    if (weight.device.type == "cpu" and weight.layout == torch.strided and weight.dtype == dtype
+            and weight.is_contiguous()):
+        if nbytes:
+            # memcpy between the two addresses on this thread (ctypes drops the GIL while it runs): as
+            # fast as numpy's copy, and torch's intra-op thread pool (busy with training work) stays
+            # out of it. data_ptr() already includes the storage offset of a view or shard.
+            if weight.numel() * weight.element_size() != nbytes:  # never write past the buffer
+                raise RuntimeError(f"internal: {nbytes}-byte buffer for a {tuple(weight.shape)} {weight.dtype} copy")
+            ctypes.memmove(dst.data_ptr(), weight.data_ptr(), nbytes)
+    else:  # conversion (e.g. to float16), strided weights, device-to-host DMA: reads `weight`, writes `dst`
+        with torch.no_grad():
+            dst.view(dtype).view(shape).copy_(weight, non_blocking=non_blocking)
 
 
 def clean_metrics(metrics: Any) -> tuple[dict[str, float | int] | None, list[str]]:
