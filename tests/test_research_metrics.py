@@ -258,3 +258,12 @@ def test_callbacks_count_a_batch_input_ids_and_never_raise(tcp_endpoint: str) ->
         assert monitor.failures == 0
     finally:
         monitor.close()
+
+
+def test_a_bytes_field_longer_than_four_per_row_is_refused_before_allocation() -> None:
+    import msgpack
+    from protocol import Limits, ProtocolError, decode
+
+    limits = Limits(max_rows=100)
+    with pytest.raises(ProtocolError, match="not a valid msgpack map"):
+        decode([msgpack.packb({"v": 1, "kind": "snapshot", "token_counts": b"\0" * 401}, use_bin_type=True)], limits)
