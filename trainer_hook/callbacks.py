@@ -162,8 +162,14 @@ def untied_output_embedding(owners: Any, input_embedding: Any) -> Any | None:
         if out is None:
             continue
         try:
-            w_out, w_in = effective_weight(out), effective_weight(input_embedding)
-            tied = w_out is w_in or (w_out.data_ptr() == w_in.data_ptr() and w_out.shape == w_in.shape)
+            w_out = effective_weight(out)
+            # the input's published weight, its own parameter and a LoRA wrapper's base weight: a head sharing
+            # any of them is tied (an adapter's merged weight is a new tensor, its base is the shared one)
+            inputs = [effective_weight(input_embedding), getattr(input_embedding, "weight", None),
+                      getattr(getattr(input_embedding, "base_layer", None), "weight", None)]
+            tied = any(isinstance(w, torch.Tensor) and (w is w_out or (w.data_ptr() == w_out.data_ptr()
+                                                                       and w.shape == w_out.shape))
+                       for w in inputs)
         except Exception:  # noqa: BLE001 - cannot tell (an exotic wrapper): send the input embedding only
             tied = True
         return None if tied or w_out.dim() != 2 else out
