@@ -24,7 +24,9 @@ embedding-monitor launcher: trainer + analysis daemon, together or on two hosts.
 Exit status: the trainer's (the daemon's in daemon mode); 130 on Ctrl-C, 143 on SIGTERM, 129 when the
 terminal closes (SIGHUP): trainer and daemon are stopped cleanly first.
 Environment: RUN (run name), RESULTS_DIR (default runs), PORT (default 5555), DAEMON_THREADS,
-WANDB_MODE (offline unless you configured wandb), EM_PYTHON (use this interpreter instead of .venv).
+WANDB_MODE (offline unless you configured wandb), EM_PYTHON (use this interpreter instead of .venv),
+DRAIN_S (default 600: how long the daemon may go on analysing after the trainer finished; then it is
+stopped, and what it had not analysed is named in its log).
 USAGE
 }
 
@@ -66,6 +68,8 @@ undo_failed_start() {
 # then the daemon with SIGTERM, so the daemon flushes its sinks and logs its "stopped" line.
 start_daemon() {
     local logfile=$1; shift
+    # This start's part of daemon.log begins after what an earlier daemon of the run wrote.
+    DAEMON_LOG_FROM=$(( $(wc -l < "$logfile" 2>/dev/null || echo 0) + 1 ))
     : > "$logfile.stdout"
     : > "$logfile.stderr"
     # The daemon's summary blocks (stdout) show in this terminal and are kept in daemon.log.stdout; its
@@ -110,6 +114,36 @@ stop_daemon() {
     kill -TERM "$DAEMON_PID" 2>/dev/null || true
     wait_pid "$DAEMON_PID"
     DAEMON_RC=$WAIT_RC
+}
+
+# The daemon's own account of its stop: the last "analysis-daemon stopped: received=... lost=N ..." line of
+# this start's part of its log; empty when it died before it could write one (kill -9, a crash).
+daemon_stopped_line() {
+    tail -n +"${DAEMON_LOG_FROM:-1}" "$1" 2>/dev/null | grep "analysis-daemon stopped:" | tail -n 1 || true
+}
+
+# Warn only when results were lost: the daemon's stopped line counts them (lost=N: analysed, not delivered
+# to a sink); without that line it stopped before it could say, and its exit status is all there is.
+warn_if_results_lost() {
+    local logfile=$1 stopped lost
+    stopped=$(daemon_stopped_line "$logfile")
+    if [ -z "$stopped" ]; then
+        if [ "$DAEMON_RC" -ne 0 ]; then
+            log "warning: the daemon (pid $DAEMON_PID) exited with status $DAEMON_RC (killed?); results may be incomplete, see $logfile"
+        fi
+        return 0
+    fi
+    lost=$(sed -n 's/.* lost=\([0-9][0-9]*\).*/\1/p' <<< "$stopped")
+    if [ "${lost:-0}" -gt 0 ]; then
+        log "warning: the daemon lost $lost analysed result(s) (not delivered to a sink); see $logfile"
+    fi
+}
+
+# The last line of a run: where the results are and the command that turns them into a report.
+report_hint() {
+    local results=$1 cmd="$PY -m analysis_daemon"
+    if command -v analysis-daemon >/dev/null 2>&1; then cmd="analysis-daemon"; fi
+    log "results: $results (report: $cmd report $results -o ${results%/*}/report.html)"
 }
 
 signal_number() { case $1 in HUP) echo 1 ;; INT) echo 2 ;; *) echo 15 ;; esac; }
@@ -199,20 +233,29 @@ cmd_local() {
         log "trainer exited with status $rc; stopping the daemon"
         stop_daemon
     else
-        log "trainer finished; waiting for the daemon to analyse the last snapshot"
-        wait_pid "$DAEMON_PID"
-        DAEMON_RC=$WAIT_RC
+        log "trainer finished; waiting (at most ${DRAIN_S:-600} s) for the daemon to analyse the last snapshot"
+        # Bounded: a daemon held open (a long backlog, or a peer keeping a run alive) is stopped cleanly.
+        local ticks=0
+        while kill -0 "$DAEMON_PID" 2>/dev/null && [ -z "$STOP_SIGNAL" ] && [ "$ticks" -lt $(( ${DRAIN_S:-600} * 10 )) ]; do
+            sleep 0.1; ticks=$((ticks + 1))
+        done
+        if kill -0 "$DAEMON_PID" 2>/dev/null && [ -z "$STOP_SIGNAL" ]; then
+            log "the daemon is still running ${DRAIN_S:-600} s after the trainer finished (DRAIN_S): stopping it"
+            stop_daemon
+        else
+            wait_pid "$DAEMON_PID"
+            DAEMON_RC=$WAIT_RC
+        fi
     fi
     trap - INT TERM HUP
-    if [ "$DAEMON_RC" -ne 0 ]; then
-        log "warning: the daemon (pid $DAEMON_PID) exited with status $DAEMON_RC (killed?); results may be incomplete, see $logfile"
-    fi
-    log "results: $RESULTS_DIR/$run/analysis.jsonl"
+    warn_if_results_lost "$logfile"
     if [ -n "$STOP_SIGNAL" ]; then
         local signo; signo=$(signal_number "$STOP_SIGNAL")
         log "interrupted by SIG$STOP_SIGNAL: trainer (status $rc) and daemon stopped; exit status $((128 + signo))"
+        report_hint "$RESULTS_DIR/$run/analysis.jsonl"
         exit $((128 + signo))
     fi
+    report_hint "$RESULTS_DIR/$run/analysis.jsonl"
     exit "$rc"
 }
 

@@ -41,7 +41,7 @@ always_save_checkpoint = True # if False, only save when the val loss improved
 keep_checkpoints = False # also keep every checkpoint as out_dir/checkpoints/ckpt_{iter:06d}.pt (analysis-daemon replay reads them)
 init_from = 'scratch' # 'scratch' or 'resume' (from out_dir/ckpt.pt, iteration count included)
 # wandb logging
-wandb_log = True # log train/loss, val/loss, lr; offline unless set up (WANDB_MODE, WANDB_API_KEY, ~/.netrc)
+wandb_log = True # log train/loss, eval/loss, train/learning_rate; offline unless set up (WANDB_MODE, WANDB_API_KEY, ~/.netrc)
 wandb_project = 'embedding-monitor' # the daemon logs its analysis run into the same project and group
 wandb_run_name = '' # '' -> run_name
 # embedding analysis
@@ -312,8 +312,10 @@ while True:
     if (iter_num % eval_interval == 0 or last_iter) and master_process:
         losses = estimate_loss()
         print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        # one naming scheme for W&B, the daemon's records and replay (docs/training-metrics.md)
+        metrics = {"train/loss": losses['train'], "eval/loss": losses['val'], "train/learning_rate": lr}
         if wandb_log:
-            wandb.log({"train/loss": losses['train'], "val/loss": losses['val'], "lr": lr}, step=iter_num)
+            wandb.log(metrics, step=iter_num)
         if iter_num > 0 and (losses['val'] < best_val_loss or always_save_checkpoint):
             best_val_loss = min(best_val_loss, losses['val'])
             checkpoint = {
@@ -322,6 +324,7 @@ while True:
                 'model_args': model_args,
                 'iter_num': iter_num,
                 'best_val_loss': best_val_loss,
+                'metrics': metrics, # replay carries them, as the live daemon does
                 'run_name': run_name,
                 'itos': itos,
                 'config': config,
@@ -338,8 +341,7 @@ while True:
             checkpoint = None
         if publisher is not None:
             # hands the snapshot off, returns at once; the losses travel with it (loss beside drift in W&B)
-            publisher.publish(raw_model.transformer.wte, iter_num,
-                              metrics={"train/loss": losses['train'], "val/loss": losses['val'], "lr": lr})
+            publisher.publish(raw_model.transformer.wte, iter_num, metrics=metrics)
     if last_iter or eval_only:
         if stop_requested and master_process:
             print(f"stopped by signal at iteration {iter_num}")

@@ -1,6 +1,7 @@
 """Analysis daemon for embedding-monitor: the pure analysis functions are importable on their own.
 
     from analysis_daemon import measure_semantic_drift, analyze_embedding_geometry
+    from analysis_daemon import load_results   # results files as a pandas DataFrame
 
 The functions are imported lazily (PEP 562): `python -m analysis_daemon` must set OMP_WAIT_POLICY
 before torch (and its OpenMP runtime) loads, and importing this package must not load torch first.
@@ -14,6 +15,7 @@ _EXPORTS = {
     "measure_semantic_drift": "analysis_daemon.metrics.drift",
     "analyze_embedding_geometry": "analysis_daemon.metrics.geometry",
     "pairwise_moments": "analysis_daemon.metrics.geometry",
+    "load_results": "analysis_daemon.results_frame",  # results as a pandas DataFrame (the pandas extra)
 }
 
 __all__ = sorted(_EXPORTS)

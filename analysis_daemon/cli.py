@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     shared = p.add_argument_group("shared host (limits per peer and per snapshot; see docs/security.md)")
     shared.add_argument("--max-connections", type=int, default=256, metavar="N",
-                        help="connections open at once; more are refused at the handshake (default: %(default)s)")
+                        help="connections of other users (not the daemon's own uid or an --allow-uid) open at "
+                             "once, all together; more are closed as soon as they are accepted. The daemon's "
+                             "own user is never refused (default: %(default)s)")
+    shared.add_argument("--max-connections-per-source", type=int, default=32, metavar="N",
+                        help="connections one other local user (by uid) or one remote address may hold at "
+                             "once, so one cannot take every place (default: %(default)s)")
     shared.add_argument("--heartbeat-interval", type=float, default=10.0, metavar="SECONDS",
                         help="ping every connection this often (default: %(default)s)")
     shared.add_argument("--peer-timeout", type=float, default=30.0, metavar="SECONDS",
@@ -94,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     shared.add_argument("--max-vocab-bytes", type=int, metavar="N",
                         help="reject a hello whose token strings total more UTF-8 bytes (default: 16 MiB)")
     shared.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
-                        help="also read shared-memory segments owned by this uid (default: only the "
-                             "daemon's own uid); repeatable")
+                        help="also read shared-memory segments owned by this uid, and treat its connections "
+                             "and runs like the daemon's own user's (default: only the daemon's own uid); repeatable")
     shared.add_argument("--reject-log-interval", type=float, default=10.0, metavar="SECONDS",
                         help="log at most one line per kind of rejected message or refused connection this "
                              "often, with the count suppressed meanwhile (default: %(default)s)")
@@ -109,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     life = p.add_argument_group("lifecycle")
     life.add_argument("--exit-on-end", action="store_true",
-                      help="exit 0 once every run that connected has sent `end` and its work is done")
+                      help="exit 0 once every run that connected has sent `end` and its work is done (runs of "
+                           "other local users, not the daemon's uid or an --allow-uid, are not waited for)")
     life.add_argument("--run-timeout", type=float, default=60.0, metavar="SECONDS",
                       help="close a run (like `end`: its waiting snapshots analysed, state saved, memory "
                            "released) whose publishers have been silent this long; publishers heartbeat "
@@ -290,7 +297,22 @@ def add_output_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     out.add_argument("--token-data-keep", type=int, default=50, metavar="N",
                      help="keep the token data of the newest N analysed iterations per run, removing older "
                           "ones (default: %(default)s)")
+    add_tensorboard_options(p)
     return out
+
+
+def add_tensorboard_options(p: argparse.ArgumentParser) -> None:
+    """The TensorBoard sink's options (shared by the daemon and `replay`)."""
+    tb = p.add_argument_group("TensorBoard (needs the tensorboard extra: pip install 'embedding-monitor[tensorboard]')")
+    tb.add_argument("--tensorboard", type=Path, metavar="DIR",
+                    help="also write TensorBoard files, one TensorBoard run per trainer run in DIR/<run>/ (a "
+                         "named tensor of a run with several in DIR/<run>/<tensor>/): the W&B scalars and the "
+                         "trainer's metrics at the training iteration, the similarity and row-norm histograms, "
+                         "and the embedding projector with per-token metadata; view with "
+                         "`tensorboard --logdir DIR`")
+    tb.add_argument("--tensorboard-projector-keep", type=int, default=5, metavar="K",
+                    help="keep the projector of the latest K analysed snapshots per run (each costs the "
+                         "matrix's size on disk, V x d x 4 bytes); 0: no projector (default: %(default)s)")
 
 
 def setup_logging(level: str, log_file: Path | None) -> logging.Logger:
@@ -346,7 +368,10 @@ def analysis_settings(args: argparse.Namespace) -> Any:
         progress_interval=args.progress_interval, extras=args.extras, knn_k=args.knn_k, probes=probes,
         probe_k=args.probe_k, sample_rows=args.sample_rows, sample_seed=args.sample_seed,
         galaxy_rows=args.galaxy_rows, galaxy_seed=args.galaxy_seed, since_init=args.since_init,
-        undertrained=args.undertrained, token_data=bool(getattr(args, "token_data", False)),
+        undertrained=args.undertrained,
+        # the per-token arrays: for the explorer's token data, and for the TensorBoard projector
+        token_data=bool(getattr(args, "token_data", False))
+        or (getattr(args, "tensorboard", None) is not None and getattr(args, "tensorboard_projector_keep", 0) > 0),
         alerts=AlertSettings(collapse_mean_sim=args.collapse_mean_sim,
                              collapse_min_rank_fraction=args.collapse_min_rank_fraction,
                              drift_window=args.drift_window, drift_spike_mads=args.drift_spike_mads,
@@ -390,10 +415,10 @@ def raise_fd_limit(max_connections: int, log: logging.Logger) -> None:
 
 
 def make_sinks(args: argparse.Namespace, settings: Any, threads: int, close_timeout: float | None) -> Any:
-    """The SinkSet of parsed output options: console (unless --no-console), results file, W&B.
+    """The SinkSet of parsed output options: console (unless --no-console), results file, W&B, TensorBoard.
 
     `close_timeout` None: the W&B sink derives it from --wandb-init-timeout and --wandb-finish-timeout.
-    Raises ValueError for a timeout that is not positive.
+    Raises ValueError for a timeout that is not positive, or --tensorboard without its package.
     """
     from .sinks import Sink, SinkSet
     from .sinks.console import ConsoleSink
@@ -401,6 +426,16 @@ def make_sinks(args: argparse.Namespace, settings: Any, threads: int, close_time
 
     if args.wandb_init_timeout <= 0 or args.wandb_finish_timeout <= 0:
         raise ValueError("--wandb-init-timeout and --wandb-finish-timeout must be > 0 seconds")
+    tensorboard = None
+    if args.tensorboard is not None:  # first: a missing package must stop us before any sink starts a thread
+        if args.tensorboard_projector_keep < 0:
+            raise ValueError("--tensorboard-projector-keep must be >= 0 (0: no projector), "
+                             f"got {args.tensorboard_projector_keep}")
+        from .sinks.tensorboard_sink import TensorBoardSink, missing_package
+        problem = missing_package()
+        if problem is not None:
+            raise ValueError(problem)
+        tensorboard = TensorBoardSink(args.tensorboard, projector_keep=args.tensorboard_projector_keep)
     sinks: list[Sink] = [JsonlSink(args.results_dir)]
     if args.token_data:
         from .sinks.token_data import TokenDataSink
@@ -420,6 +455,8 @@ def make_sinks(args: argparse.Namespace, settings: Any, threads: int, close_time
             config.update(sample_rows=settings.sample_rows, sample_seed=settings.sample_seed)
         sinks.append(WandbSink(default_project=args.wandb_project, close_timeout=close_timeout, config=config,
                                init_timeout=args.wandb_init_timeout, finish_timeout=args.wandb_finish_timeout))
+    if tensorboard is not None:
+        sinks.append(tensorboard)
     return SinkSet(sinks)
 
 
@@ -453,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .service.daemon import Daemon, DaemonConfig
 
-    for name in ("max_connections", "max_vocab_tokens", "max_vocab_bytes"):
+    for name in ("max_connections", "max_connections_per_source", "max_vocab_tokens", "max_vocab_bytes"):
         value = getattr(args, name)
         if value is not None and value < 1:
             return fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -503,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     peers = PeerLimits(heartbeat_interval=args.heartbeat_interval, peer_timeout=args.peer_timeout,
                        handshake_timeout=args.handshake_timeout)
     config = DaemonConfig(
-        cost=cost, peers=peers, max_connections=args.max_connections, allow_uids=tuple(args.allow_uid),
+        cost=cost, peers=peers, max_connections=args.max_connections,
+        max_per_source=args.max_connections_per_source, allow_uids=tuple(args.allow_uid),
         reject_log_interval=args.reject_log_interval,
         listen=args.listen, limits=limits, exit_on_end=args.exit_on_end, state_dir=args.state_dir,
         shutdown_grace=args.shutdown_grace, curve=curve, allow_insecure=args.allow_insecure,
@@ -512,7 +550,13 @@ def main(argv: list[str] | None = None) -> int:
              max(args.nice, 0), os.environ.get("OMP_WAIT_POLICY"), ", ".join(s.name for s in sinks.sinks))
     try:
         daemon = Daemon(config, sinks)
-        return daemon.serve()
+        status = daemon.serve()
+        # Stopped, flushed and counted (the "stopped" line is out): a SIGTERM/SIGINT from now on (launch.sh
+        # stopping a daemon that Ctrl-C already stopped) must not turn a clean exit into status 143/130.
+        # SIG_IGN, not a Python handler: interpreter shutdown resets Python handlers to the default (death).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        return status
     except ValueError as exc:  # bad endpoint, insecure endpoint refused
         sinks.close()
         return fail(str(exc))

@@ -38,6 +38,8 @@ class TokenArrays:
     drift: torch.Tensor | None  # (V,) float32 drift cosine against the previous snapshot, NaN where none
     norm: torch.Tensor  # (V,) float32 row norm
     xy: torch.Tensor  # (V, 2) float32 map coordinates, aligned with the run's previous ones
+    # the (V, d) snapshot itself, not copied: the TensorBoard projector shows it (not in nbytes: not stored)
+    weights: torch.Tensor | None = None
 
     def nbytes(self) -> int:
         """Bytes the arrays hold (what one iteration costs on disk, give or take the file headers)."""
@@ -371,7 +373,7 @@ def _token_arrays(weights: torch.Tensor, state: RunInsight, knn_ids: Any, knn_co
     norm = torch.linalg.vector_norm(weights.detach().float(), dim=1)
     return TokenArrays(knn_ids=knn_ids.to(torch.int32) if knn_ids is not None else None,
                        knn_cos=knn_cos.float() if knn_cos is not None else None,
-                       drift=drift, norm=norm, xy=xy)
+                       drift=drift, norm=norm, xy=xy, weights=weights)
 
 
 def _insight(job: Job, settings: AnalysisSettings, state: RunInsight, knn_ids: Any,

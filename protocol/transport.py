@@ -101,6 +101,8 @@ def bind_receiver(ctx: zmq.Context, endpoint: str, limits: Limits = DEFAULT_LIMI
         if curve is not None:
             curve.apply(ctx, sock)
         sock.bind(endpoint)
+        if gate is not None:
+            gate.bound(sock.getsockopt_string(zmq.LAST_ENDPOINT) or endpoint)
     except BaseException:
         sock.close(0)
         raise

@@ -95,16 +95,23 @@ def send(s: socket.socket, frames: list[bytes]) -> None:
     s.sendall(b"".join(frame(f, i < len(frames) - 1) for i, f in enumerate(frames)))
 
 
-def hello(run: str, publisher: str, host: str = "h", vocab=None) -> bytes:
+def hello(run: str, publisher: str, host: str = "h", vocab=None, rank: int = 0, world: int = 1,
+          meta=None) -> bytes:
     return pack({"v": 1, "kind": "hello", "run": run, "seq": 0, "publisher": publisher, "pid": os.getpid(),
-                 "host": host, "vocab": vocab, "wandb": None, "meta": {}})
+                 "host": host, "vocab": vocab, "wandb": None, "meta": meta or {}, "rank": rank, "world_size": world})
 
 
-def snapshot(run: str, publisher: str, it: int, shape, dtype="float32", shm=None) -> bytes:
+def snapshot(run: str, publisher: str, it: int, shape, dtype="float32", shm=None, global_shape=None,
+             offset=None) -> bytes:
     itemsize = {"float32": 4, "float16": 2}[dtype]
+    part = {} if global_shape is None else {"global_shape": list(global_shape), "offset": list(offset)}
     return pack({"v": 1, "kind": "snapshot", "run": run, "seq": it, "publisher": publisher, "iter": it,
                  "name": "wte", "dtype": dtype, "shape": list(shape), "nbytes": shape[0] * shape[1] * itemsize,
-                 "sent_at": time.time(), "shm": shm})
+                 "sent_at": time.time(), "shm": shm, **part})
+
+
+def heartbeat(run: str, publisher: str, seq: int) -> bytes:
+    return pack({"v": 1, "kind": "heartbeat", "run": run, "seq": seq, "publisher": publisher})
 
 
 # ------------------------------------------------------------------ attacks
@@ -264,9 +271,132 @@ def read_secrets(port: int, directory: str, seconds: float) -> dict:
     return {"tried": tried, "stolen": stolen}
 
 
+def _hold(port: int, count: int, seconds: float, greet: bool) -> dict:
+    """Keep `count` connections open for `seconds`, reopening each one the daemon drops; with `greet`
+    they send the ZMTP greeting and READY (idle ZeroMQ peers), else nothing at all."""
+    def opened() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        return s
+
+    socks = [opened() for _ in range(count)]
+    greeted: set[int] = set()
+    total, reopened = count, 0
+    deadline = time.monotonic() + seconds
+    announced = False
+    while time.monotonic() < deadline:  # bounded: `seconds`
+        time.sleep(0.2)
+        for i, s in enumerate(socks):
+            dropped = False
+            try:
+                if greet and id(s) not in greeted:
+                    s.send(GREETING + _command(b"READY", b"\x0bSocket-Type" + struct.pack(">I", 4) + b"PUSH"))
+                    greeted.add(id(s))
+                while True:
+                    if s.recv(65536) == b"":
+                        dropped = True
+                        break
+            except BlockingIOError:
+                pass
+            except OSError:
+                dropped = True
+            if dropped:
+                s.close()
+                socks[i] = opened()
+                total += 1
+                reopened += 1
+        if not announced:
+            print(json.dumps({"holding": count}), flush=True)
+            announced = True
+    for s in socks:
+        s.close()
+    return {"connections_opened": total, "reopened": reopened}
+
+
+def raw_flood(port: int, count: int, seconds: float) -> dict:
+    """Connections that never send a ZMTP greeting, reopened when dropped."""
+    return _hold(port, count, seconds, greet=False)
+
+
+def idle_flood(port: int, count: int, seconds: float) -> dict:
+    """ZeroMQ peers that greet and fall silent, reopened when dropped."""
+    return _hold(port, count, seconds, greet=True)
+
+
+def hellos(port: int, count: int, mode: str) -> dict:
+    """`count` hellos on one connection: each under a fresh run name (mode "names"), or all for one run."""
+    s = connect(port)
+    me = f"h/{os.getpid()}/attacker"
+    for i in range(count):
+        run = f"flood-{i}" if mode == "names" else mode
+        send(s, [hello(run, f"{me}-{i}", host="attacker-host")])
+    time.sleep(1.0)
+    s.close()
+    return {"hellos": count}
+
+
+def join(port: int, run: str, seconds: float) -> dict:
+    """Claim ranks of another user's run: rank-claiming hellos (300, fresh publisher ids), a part and a
+    whole snapshot with our own numbers, then heartbeats for the run for `seconds`."""
+    s = connect(port)
+    me = f"h/{os.getpid()}/joiner"
+    for i in range(300):
+        send(s, [hello(run, f"{me}-{i}", rank=1 + i % 3, world=4, vocab=["<img src=x onerror=alert(1)>"] * 4,
+                       meta={"run_token": "0" * 32})])
+    rows, cols = 300, 16
+    for it in (10, 20, 30):
+        send(s, [snapshot(run, f"{me}-0", it, (rows // 4, cols), global_shape=(rows, cols), offset=(rows // 4, 0)),
+                 b"\0" * (rows // 4 * cols * 4)])
+        send(s, [snapshot(run, f"{me}-0", it, (rows, cols)), struct.pack("<f", 1.0) * (rows * cols)])
+    seq, deadline, gone = 0, time.monotonic() + seconds, False
+    while time.monotonic() < deadline and not gone:  # bounded: `seconds`
+        try:
+            for i in range(4):
+                send(s, [heartbeat(run, f"{me}-{i}", seq)])
+        except OSError:
+            gone = True  # the daemon closed the connection: it exited while we still heartbeat
+        seq += 1
+        time.sleep(0.5)
+    s.close()
+    return {"heartbeat_rounds": seq, "daemon_gone": gone}
+
+
+def names(port: int, count: int, rows: int, cols: int) -> dict:
+    """`count` fresh run names, each with one small but slow inline snapshot (float16 rows x cols)."""
+    s = connect(port)
+    payload = b"".join(struct.pack("<e", 1.0 + (i % 97) / 97.0) for i in range(rows * cols))
+    me = f"h/{os.getpid()}/names"
+    for i in range(count):
+        run = f"slow-{i}"
+        send(s, [hello(run, me)])
+        send(s, [snapshot(run, me, 1, (rows, cols), dtype="float16"), payload])
+    time.sleep(0.5)
+    s.close()
+    return {"runs": count}
+
+
+def parts(port: int, count: int, rows: int, cols: int) -> dict:
+    """`count` fresh run names, each with the first half of a sharded iteration that never completes."""
+    s = connect(port)
+    me = f"h/{os.getpid()}/parts"
+    half = rows // 2
+    for i in range(count):
+        run = f"shard-{i}"
+        send(s, [hello(run, me, rank=0, world=2)])
+        send(s, [snapshot(run, me, 1, (half, cols), dtype="float16", global_shape=(rows, cols), offset=(0, 0)),
+                 b"\x00\x3c" * (half * cols)])
+    time.sleep(1.0)
+    s.close()
+    return {"assemblies": count, "bytes_each": rows * cols * 2}
+
+
 COMMANDS = {"read-secrets": (read_secrets, [str, float]), "shm-truncate": (shm_truncate, [int]), "shm-theft": (shm_theft, [str, int]),
             "starve": (starve, [int, int]), "big-vocab": (big_vocab, [int]), "idle-peers": (idle_peers, [int, float]),
-            "oversized": (oversized, [int]), "flood": (flood, [int])}
+            "oversized": (oversized, [int]), "flood": (flood, [int]),
+            "raw-flood": (raw_flood, [int, float]), "idle-flood": (idle_flood, [int, float]),
+            "hellos": (hellos, [int, str]), "join": (join, [str, float]), "names": (names, [int, int, int]),
+            "parts": (parts, [int, int, int])}
 
 
 def main() -> int:

@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/hf_ddp_trainer.py ENDPOINT OUT RESULTS_DIR
 
-Rank 0 waits after each of its publishes until the daemon has written that result (the other rank waits
+Rank 0 waits after each of its publishes (sent where the next step begins) until the daemon has written that result (the other rank waits
 in the next all-reduce), so newest-wins skipping cannot hide a step. Prints one
 `RANK r run=NAME published=P dropped=D` line per rank.
 """
@@ -33,10 +33,7 @@ class Pace(TrainerCallback):
                 return
             time.sleep(0.02)
 
-    def on_train_begin(self, args, state, control, **kw):
-        self._wait(1)
-
-    def on_step_end(self, args, state, control, **kw):
+    def on_step_begin(self, args, state, control, **kw):  # the callback sent the previous step's snapshot here
         seen["publisher"] = cb.publisher
         if state.global_step % 2 == 0:
             self._wait(state.global_step // 2 + 1)

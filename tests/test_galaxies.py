@@ -103,8 +103,8 @@ def test_nearest_neighbours_fall_in_their_planted_group_after_training(subproces
     assert final["cluster_count"] >= 14  # the 16 groups stay separate (two may still merge this early)
     assert first["clustered_points"] < 16  # the random initial embedding has no such structure
     # the losses came with the snapshots; no partial collapse is reported once the groups have formed
-    assert all(set(r["metrics"]) == {"train/loss", "val/loss", "lr"} for r in records)
-    assert records[-1]["metrics"]["val/loss"] < records[0]["metrics"]["val/loss"]
+    assert all(set(r["metrics"]) == {"train/loss", "eval/loss", "train/learning_rate"} for r in records)
+    assert records[-1]["metrics"]["eval/loss"] < records[0]["metrics"]["eval/loss"]
     print("partial-collapse clumps by iteration:",
           {r["iter"]: r["clump"] and (r["clump"]["size"], round(r["clump"]["mutual"], 3)) for r in records})
     assert records[0]["clump"] is None and records[-1]["clump"] is None

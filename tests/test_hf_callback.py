@@ -8,6 +8,7 @@ with at that step (its forward pass over every token id), against which the daem
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 import subprocess
@@ -25,7 +26,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 
 from analysis_daemon import measure_semantic_drift  # noqa: E402
 from tests import wandb_history  # noqa: E402
-from tests.test_daemon import DaemonProc, env, start_daemon  # noqa: E402,F401 - fixtures used by name
+from tests.test_daemon import DaemonProc, assert_drift_matches, env, start_daemon  # noqa: E402,F401 - fixtures used by name
 from trainer_hook.hf import EmbeddingMonitorCallback  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
@@ -71,33 +72,50 @@ def reference(model: Any) -> torch.Tensor:
 
 
 class Pacer(TrainerCallback):
-    """After ours: at each expected step, keep a reference and wait until the daemon analysed that snapshot."""
+    """After ours: keeps a reference of the weights at each expected step; where the next step begins (our
+    callback has sent the previous one by then) waits until the daemon analysed every snapshot so far."""
 
-    def __init__(self, daemon: DaemonProc | None, run: str, expected: list[int], every_n: int | None = None,
-                 tensors: int = 1) -> None:
+    def __init__(self, daemon: DaemonProc | None, run: str, expected: list[int], every_n: int | None = None) -> None:
         self.daemon, self.run, self.expected, self.every_n = daemon, run, expected, every_n
-        self.tensors = tensors  # records per step (2: an untied output embedding is published too)
         self.refs: dict[int, torch.Tensor] = {}
 
     def _at(self, state: Any, model: Any) -> None:
         step = state.global_step
         if step in self.expected and step not in self.refs:
-            self.refs[step] = reference(model)
-            if self.daemon is not None:
-                self.daemon.wait_results(self.run, self.tensors * len(self.refs))
+            self.refs[step] = reference(model)  # the weights stay these until the next optimizer step
+
+    def _wait(self) -> None:
+        if self.daemon is not None and self.refs:
+            self.daemon.wait_results(self.run, len(self.refs))
 
     def on_train_begin(self, args, state, control, model=None, **kw):
         self._at(state, model)
 
+    def on_step_begin(self, args, state, control, **kw):
+        self._wait()
+
     def on_step_end(self, args, state, control, model=None, **kw):
-        if self.every_n and state.global_step % self.every_n == 0:  # an eval step publishes after evaluating
-            self._at(state, model)
+        self._at(state, model)
 
     def on_evaluate(self, args, state, control, model=None, **kw):
         self._at(state, model)
 
     def on_train_end(self, args, state, control, model=None, **kw):
-        self._at(state, model)
+        self._wait()
+
+
+def logged_at(log_history: list[dict], step: int) -> dict[str, float] | None:
+    """What the Trainer logged at `step`, under the names the Trainer's W&B integration gives it."""
+    out: dict[str, float] = {}
+    for e in log_history:
+        if e["step"] != step:
+            continue
+        if "loss" in e:
+            out.update({"train/loss": e["loss"], "train/learning_rate": e["learning_rate"],
+                        "train/grad_norm": e["grad_norm"]})
+        if "eval_loss" in e:
+            out["eval/loss"] = e["eval_loss"]
+    return out or None
 
 
 def training_args(tmp_path: Path, **kw: Any) -> TrainingArguments:
@@ -113,12 +131,12 @@ def check_results(results: list[dict], refs: dict[int, torch.Tensor], expected: 
     assert [r["prev_iter"] for r in results] == [None, *expected[:-1]]
     assert results[0]["drift"] is None
     for r, prev, curr in zip(results[1:], expected, expected[1:]):
-        ref = measure_semantic_drift(refs[prev], refs[curr], top_k=50)
-        tol = dict(rel=1e-9, abs=1e-12) if exact else dict(rel=1e-4, abs=1e-6)
-        assert r["drift"]["average_cosine_similarity"] == pytest.approx(ref["average_cosine_similarity"], **tol)
-        assert r["drift"]["average_euclidean_distance"] == pytest.approx(ref["average_euclidean_distance"], **tol)
-        if exact:
-            assert [t for t, _ in r["drift"]["most_drifted_tokens"]] == [t for t, _ in ref["most_drifted_tokens"]]
+        if exact:  # the same float32 arithmetic, perhaps summed in another order
+            assert_drift_matches(r["drift"], refs[prev], refs[curr])
+        else:  # the reference adds the LoRA delta in another order than the model's forward pass
+            ref = measure_semantic_drift(refs[prev], refs[curr], top_k=50)
+            for key in ("average_cosine_similarity", "average_euclidean_distance"):
+                assert r["drift"][key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6)
         assert r["drift"]["average_cosine_similarity"] < 0.9999  # lr 5e-2: the published matrix really moved
     assert all(r["shape"] == [V, 32] for r in results)
 
@@ -134,7 +152,7 @@ def test_gpt2_tied_every_n_eval_and_end_once_each_with_vocab_and_wandb(
     expected = [0, 2, 3, 4, 6]
     pacer = Pacer(d, "hf-gpt2", expected, every_n=2)
     args = training_args(tmp_path, max_steps=6, eval_strategy="steps", eval_steps=3, report_to=["wandb"],
-                         run_name="hf-gpt2")
+                         run_name="hf-gpt2", logging_steps=2)
     model = gpt2()
     assert model.get_input_embeddings().weight is model.get_output_embeddings().weight  # tied
     trainer = Trainer(model=model, args=args, train_dataset=Tokens(), eval_dataset=Tokens(),
@@ -150,21 +168,14 @@ def test_gpt2_tied_every_n_eval_and_end_once_each_with_vocab_and_wandb(
     assert d.wait_exit() == 0
     results = d.results("hf-gpt2")
     check_results(results, pacer.refs, expected, exact=True)
-    assert {r["tensor"] for r in results} == {"wte"}  # tied: the head is the input embedding, sent once
     drifted = results[-1]["drift"]
     assert drifted["most_drifted_token_strings"] == [f"w{t}" for t, _ in drifted["most_drifted_tokens"]]
     assert "run hf-gpt2: end" in d.log()
-    # The losses logged since the previous snapshot travel with each one (the Trainer logs a step's loss
-    # after on_step_end, so an every-n snapshot carries the previous step's; an eval snapshot its eval).
-    train = {e["step"]: e for e in trainer.state.log_history if "loss" in e}
-    evals = {e["step"]: e for e in trainer.state.log_history if "eval_loss" in e}
+    # Each snapshot carries exactly what the Trainer logged at its step, with the Trainer's values.
     metrics = {r["iter"]: r["metrics"] for r in results}
-    assert metrics[0] is None and metrics[4] is None  # nothing logged since the previous snapshot
-    for it, logged in ((2, 1), (3, 3), (6, 5)):
-        assert metrics[it]["train/loss"] == pytest.approx(train[logged]["loss"])
-        assert metrics[it]["train/learning_rate"] == pytest.approx(train[logged]["learning_rate"])
-    assert metrics[3]["eval/loss"] == pytest.approx(evals[3]["eval_loss"]) and "eval/runtime" not in metrics[3]
-    assert "eval/loss" not in metrics[2] and "eval/loss" not in metrics[6]  # an eval is sent once, at its step
+    assert metrics == {it: logged_at(trainer.state.log_history, it) for it in expected}
+    assert metrics[0] is None and metrics[3]["eval/loss"] and metrics[6]["eval/loss"]  # the last eval is carried
+    assert "eval/runtime" not in metrics[3]
 
     files = {wandb_history.run_info(f)["job_type"]: f for f in wandb_history.find_run_files(tmp_path)}
     ours = wandb_history.run_info(files["embedding-analysis"])
@@ -174,13 +185,13 @@ def test_gpt2_tied_every_n_eval_and_end_once_each_with_vocab_and_wandb(
     assert [row["analysis/iter"] for row in rows] == expected
     for row, r in zip(rows[1:], results[1:]):
         assert row["analysis/drift_cosine_sim"] == pytest.approx(r["drift"]["average_cosine_similarity"])
-    assert rows[2]["eval/loss"] == pytest.approx(evals[3]["eval_loss"])  # loss beside drift, in our W&B run
+    assert rows[2]["eval/loss"] == metrics[3]["eval/loss"]  # loss beside drift, in our W&B run
 
 
-def test_llama_untied_publishes_the_input_embedding_and_the_head_apart(start_daemon, tmp_path: Path) -> None:
+def test_llama_untied_publishes_the_input_embedding_not_the_head(start_daemon, tmp_path: Path) -> None:
     d = start_daemon("--exit-on-end", "--no-wandb")
     expected = [0, 2, 4]  # start, evals at 2 and 4; the end (4) is not sent twice
-    pacer = Pacer(d, "llama-untied", expected, tensors=2)
+    pacer = Pacer(d, "llama-untied", expected)
     model = llama()
     head0 = model.get_output_embeddings().weight.detach().clone()
     trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2),
@@ -189,19 +200,10 @@ def test_llama_untied_publishes_the_input_embedding_and_the_head_apart(start_dae
                                  pacer])
     trainer.train()
     assert d.wait_exit() == 0
-    records = d.results("llama-untied")
-    results = [r for r in records if r["tensor"] != "lm_head"]
+    results = d.results("llama-untied")
     check_results(results, pacer.refs, expected, exact=True)
-    assert all(r["default_tensor"] for r in results)
     assert not torch.equal(model.get_output_embeddings().weight, head0)  # the head trained too, separately
     assert results[-1]["drift"]["least_drifted_token_strings"][0].startswith("w")
-    # the untied head, as its own tensor: its own drift chain, never compared with the input embedding
-    head = [r for r in records if r["tensor"] == "lm_head"]
-    assert [r["iter"] for r in head] == expected and [r["prev_iter"] for r in head] == [None, *expected[:-1]]
-    assert not any(r["default_tensor"] for r in head) and head[-1]["shape"] == [V, 32]
-    final = model.get_output_embeddings().weight.detach().float()
-    assert head[-1]["drift_since_init"]["average_cosine_similarity"] == pytest.approx(
-        measure_semantic_drift(head0, final)["average_cosine_similarity"], rel=1e-6)
 
 
 def test_lora_wrapped_model_publishes_the_adapted_embedding(start_daemon, tmp_path: Path) -> None:
@@ -212,7 +214,7 @@ def test_lora_wrapped_model_publishes_the_adapted_embedding(start_daemon, tmp_pa
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"],
                                                       init_lora_weights="gaussian"))
     expected = [0, 3, 6]
-    pacer = Pacer(d, "lora", expected, every_n=3, tensors=2)  # llama is untied: its head goes too
+    pacer = Pacer(d, "lora", expected, every_n=3)
     trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=6, label_names=["labels"]),
                       train_dataset=Tokens(), processing_class=tokenizer(),
                       callbacks=[EmbeddingMonitorCallback(d.endpoint, run="lora", every_n_steps=3), pacer])
@@ -220,8 +222,7 @@ def test_lora_wrapped_model_publishes_the_adapted_embedding(start_daemon, tmp_pa
     assert d.wait_exit() == 0
     # The base weight never moves; what the model computes with (base + LoRA delta) does, and that is published.
     assert torch.equal(base.get_input_embeddings().base_layer.weight, frozen)
-    check_results([r for r in d.results("lora") if r["tensor"] != "lm_head"], pacer.refs, expected, exact=False)
-    assert [r["iter"] for r in d.results("lora") if r["tensor"] == "lm_head"] == expected
+    check_results(d.results("lora"), pacer.refs, expected, exact=False)
 
 
 def test_ddp_two_processes_one_run_name_each_step_once(start_daemon, env: dict[str, str], tmp_path: Path) -> None:
@@ -276,3 +277,36 @@ def test_bad_arguments_fail_before_training(tmp_path: Path) -> None:
                       callbacks=[EmbeddingMonitorCallback("tcp://127.0.0.1:5555")])
     with pytest.raises(ValueError, match="NoEmbedding has no input embedding"):
         trainer.train()
+
+
+def test_evaluations_land_at_their_own_step_and_the_last_one_is_carried(start_daemon, env: dict[str, str],
+                                                                         tmp_path: Path) -> None:
+    # The report that found it, scaled down: eval_steps=100, every_n_steps=25, max_steps=300 gave eval/loss at
+    # 125 and 225 and no 300. Here eval every 4, publish every 2, log every 3, and the best checkpoint is
+    # loaded at the end (the last snapshot must still be the last step's weights, not the best ones).
+    d = start_daemon("--exit-on-end", "--no-wandb")
+    expected = [0, 2, 4, 6, 8, 10, 12]
+    pacer = Pacer(d, "evals", expected)
+    args = training_args(tmp_path, max_steps=12, eval_strategy="steps", eval_steps=4, logging_steps=3,
+                         save_strategy="steps", save_steps=4, load_best_model_at_end=True,
+                         metric_for_best_model="eval_loss", greater_is_better=False)
+    trainer = Trainer(model=gpt2(), args=args, train_dataset=Tokens(), eval_dataset=Tokens(),
+                      callbacks=[EmbeddingMonitorCallback(d.endpoint, run="evals", every_n_steps=2), pacer])
+    trainer.train()
+    assert d.wait_exit() == 0
+    results = d.results("evals")
+    check_results(results, pacer.refs, expected, exact=True)
+    history = trainer.state.log_history
+    evals = sorted(e["step"] for e in history if "eval_loss" in e)
+    assert evals == [4, 8, 12]
+    metrics = {r["iter"]: r["metrics"] for r in results}
+    assert metrics == {it: logged_at(history, it) for it in expected}
+    assert {it for it, m in metrics.items() if m and "eval/loss" in m} == set(evals)  # every eval, at its step
+    assert {it for it, m in metrics.items() if m and "train/loss" in m} == {6, 12}  # logged at 3, 6, 9, 12
+    # Its replay from the checkpoints (trainer_state.json) names and values the metrics the same way.
+    proc = subprocess.run([sys.executable, "-m", "analysis_daemon", "replay", *sorted((tmp_path / "out").glob("checkpoint-*")),
+                           "--run", "replayed", "--results-dir", str(tmp_path / "replay"), "--no-wandb", "--threads", "1"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    replayed = [json.loads(line) for line in (tmp_path / "replay" / "replayed" / "analysis.jsonl").read_text().splitlines()]
+    assert [(r["iter"], r["metrics"]) for r in replayed] == [(it, metrics[it]) for it in (4, 8, 12)]

@@ -69,7 +69,7 @@ def test_launch_runs_trainer_and_daemon_to_a_results_file(tmp_path, subprocess_e
     assert records[0]["drift"] is None
     assert all(r["drift"] is not None and r["prev_iter"] == prev["iter"] for prev, r in zip(records, records[1:]))
     # train.py's losses travel with each snapshot into the record
-    assert all(set(r["metrics"]) == {"train/loss", "val/loss", "lr"} and 0 < r["metrics"]["val/loss"] < 10
+    assert all(set(r["metrics"]) == {"train/loss", "eval/loss", "train/learning_rate"} and 0 < r["metrics"]["eval/loss"] < 10
                for r in records)
     assert [(p["token_id"], len(p["neighbours"])) for p in records[-1]["insight"]["probes"]] == [(3, 4), (5, 4)]
     # The daemon's summary blocks reach the terminal once each, and its log file (for `tail`) has them too.
@@ -78,6 +78,8 @@ def test_launch_runs_trainer_and_daemon_to_a_results_file(tmp_path, subprocess_e
     assert len(re.findall(r"iter \d+: analysed in", log)) == 4
     assert "analysis-daemon stopped: received=4 analysed=4 skipped=0 rejected=0 lost=0" in log
     assert "trainer finished" in proc.stderr
+    assert "warning" not in proc.stderr
+    assert_last_line_names_results_and_report(proc.stderr, tmp_path / "runs" / "launch-test" / "analysis.jsonl")
     assert _leaked(before) == set()
 
     tail = subprocess.run(["timeout", "3", str(ROOT / "launch.sh"), "tail"], env=env, capture_output=True,
@@ -86,6 +88,13 @@ def test_launch_runs_trainer_and_daemon_to_a_results_file(tmp_path, subprocess_e
     # The metrics, not only the INFO lines.
     assert "--- ASYNC ANALYSIS RESULTS FOR ITERATION 60 (run launch-test) ---" in tail.stdout
     assert "[Geometry] Mean Similarity" in tail.stdout
+
+
+def assert_last_line_names_results_and_report(out: str, results: Path) -> None:
+    """launch.sh's last line: the results file and the command that builds its report."""
+    last = out.rstrip("\n").splitlines()[-1]
+    assert last.startswith(f"[launch] results: {results} (report: "), last
+    assert f" report {results} -o {results.parent / 'report.html'})" in last, last
 
 
 @pytest.mark.parametrize("sig, status, name", [(signal.SIGINT, 130, "SIGINT"), (signal.SIGHUP, 129, "SIGHUP")],
@@ -117,7 +126,10 @@ def test_ctrl_c_stops_trainer_and_daemon_without_leftovers(sig, status, name, tm
     assert f"interrupted by {name}: trainer (status 0) and daemon stopped; exit status {status}" in out
     assert "trainer finished" not in out
     log = (tmp_path / "runs" / "launch-test" / "daemon.log").read_text()
-    assert "analysis-daemon stopped: received=" in log
+    assert "analysis-daemon stopped: received=" in log and " lost=0 " in log
+    # The daemon stopped cleanly and lost nothing: no warning, whatever signal reached it first.
+    assert "warning: the daemon" not in out and "results may be incomplete" not in out, out[-3000:]
+    assert_last_line_names_results_and_report(out, results)
     def alive() -> list[int]:
         found = []
         for pid in family:

@@ -115,7 +115,7 @@ def test_silent_publishers_are_closed_like_end_and_released(start_daemon, push: 
     assert "run gone-0: its publisher heartbeats every 5 s but --run-timeout is 1 s" in log
 
 
-def test_dead_local_publisher_segments_removed_and_open_run_limit_evicts(
+def test_dead_local_publisher_segments_removed_and_open_run_limit_refuses_newcomers(
         start_daemon, push: zmq.Socket, tmp_path: Path) -> None:
     d = start_daemon("--no-wandb", "--no-console", "--no-extras", "--run-timeout", "600")
     # A publisher process on this host that died without a word: its pid is gone, its segment stays.
@@ -129,18 +129,24 @@ def test_dead_local_publisher_segments_removed_and_open_run_limit_evicts(
     wait_for("the dead publisher's run to close", lambda: "run local: closed" in d.log(), proc=d)
     assert f"publisher process {dead.pid} is gone" in d.log()
     assert not seg.exists()
-    # 64 runs open (the limit), each idle after one snapshot; a 65th is served by closing the idlest.
+    # 64 runs open (the limit), each with a live publisher: a 65th is refused and counted; no run with
+    # live publishers is ever closed for a newcomer (issue 21: eviction of a live run).
     for n in range(64):
         push.send_multipart(encode_hello(run=f"r{n}", seq=0, pid=1, host="elsewhere", publisher=f"q{n}"))
         snapshot(push, f"r{n}", 1, torch.randn(20, 4), publisher=f"q{n}")
     d.wait_results("r63", 1)
-    snapshot(push, "r0", 2, torch.randn(20, 4), publisher="q0")  # r0 active again: r1 is now the idlest
-    d.wait_results("r0", 2)
+    snapshot(push, "new-run", 1, torch.randn(20, 4), publisher="new")
+    wait_for("the newcomer's refusal", lambda: "new run 'new-run' refused: 64 runs are open (limit 64), all "
+             "with live publishers" in d.log(), proc=d)
+    # Once one of them ends, its place is free and the newcomer is served.
+    push.send_multipart(encode_end(run="r1", seq=9, final_iter=1, published=1, dropped=0, publisher="q1"))
+    wait_for("r1 to close", lambda: "run r1: closed" in d.log(), proc=d)
     snapshot(push, "new-run", 1, torch.randn(20, 4), publisher="new")
     d.wait_results("new-run", 1)
     log = d.log()
-    assert "run r1: closing: evicted to serve new run 'new-run': 64 runs open (limit 64)" in log
-    assert log.count("evicted to serve") == 1 and "refused" not in log
+    assert "evicted" not in log and "closed to serve" not in log
+    snapshot(push, "r0", 2, torch.randn(20, 4), publisher="q0")  # the other runs go on as before
+    d.wait_results("r0", 2)
 
 
 def test_two_publishers_one_run_name_are_kept_apart(start_daemon, push: zmq.Socket) -> None:
@@ -169,7 +175,9 @@ def test_two_publishers_one_run_name_are_kept_apart(start_daemon, push: zmq.Sock
 
 
 def test_resumed_trainer_repeats_iterations_and_both_records_are_kept(start_daemon, push: zmq.Socket) -> None:
-    d = start_daemon("--no-wandb", "--no-console", "--exit-on-end")
+    # No --exit-on-end: with it the daemon may exit between the first trainer's end and the second one's
+    # hello (every run it has seen has ended and its work is done), which is what --exit-on-end promises.
+    d = start_daemon("--no-wandb", "--no-console")
     w = matrices(6, (200, 16), seed=3)
     push.send_multipart(encode_hello(run="res", seq=0, pid=11, host="h", publisher="first"))
     for i, it in enumerate((0, 10, 20)):
@@ -181,8 +189,11 @@ def test_resumed_trainer_repeats_iterations_and_both_records_are_kept(start_daem
     for i, it in enumerate((10, 20, 30), 3):
         snapshot(push, "res", it, w[i], publisher="second")
     push.send_multipart(encode_end(run="res", seq=9, final_iter=30, published=3, dropped=0, publisher="second"))
+    results = d.wait_results("res", 6)
+    wait_for("the second trainer's end", lambda: d.log().count("run res: end") == 2, proc=d)
+    d.proc.send_signal(signal.SIGTERM)
     assert d.wait_exit() == 0
-    results = d.results("res")
+    assert d.results("res") == results  # nothing more came after the sixth record
     assert [r["iter"] for r in results] == [0, 10, 20, 10, 20, 30]
     assert [r.get("repeat", False) for r in results] == [False, False, False, True, True, False]
     assert results[3]["resumed_after_iter"] == 20 and results[3]["prev_iter"] == 20

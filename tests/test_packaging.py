@@ -1,4 +1,5 @@
-"""The wheel: built with `pip wheel . --no-deps`, installed into a fresh venv, it holds our three packages only.
+"""The wheel and sdist: built with `python -m build`, installed into a fresh venv, they hold our three packages only,
+and install beside an existing torch 2.13.0 without replacing it.
 
 To stay fast and offline the fresh venv borrows the already installed dependencies (torch, zmq, ...)
 through a .pth line naming this environment's site-packages; a .pth line only adds a directory, it does
@@ -12,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 import zipfile
 from pathlib import Path
 
@@ -30,19 +32,27 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: f
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The wheel built from a copy of the checkout (the build writes build/ and egg-info next to the sources)."""
+def dists(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The wheel and the sdist, built by `python -m build` from a copy of the checkout (the build writes
+    build/ and egg-info next to the sources)."""
     src = tmp_path_factory.mktemp("src")
     for path in ROOT.iterdir():
         if path.is_file() and path.suffix in (".py", ".toml", ".md", ".sh"):
             shutil.copy2(path, src / path.name)  # train.py & co. are there: the build must leave them out
     for pkg in ("protocol", "trainer_hook", "analysis_daemon"):
         shutil.copytree(ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    out = tmp_path_factory.mktemp("wheels")
+    out = tmp_path_factory.mktemp("dist")
     # No build isolation: the setuptools of this environment builds it, nothing is fetched.
-    run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q", "-w", str(out)], src)
+    run([sys.executable, "-m", "build", "--no-isolation", "--sdist", "--wheel", "--outdir", str(out), "."], src)
     (built,) = out.glob("embedding_monitor-*.whl")
-    return built
+    (sdist,) = out.glob("embedding_monitor-*.tar.gz")
+    return {"wheel": built, "sdist": sdist}
+
+
+@pytest.fixture(scope="module")
+def wheel(dists: dict[str, Path]) -> Path:
+    """The wheel `python -m build` made."""
+    return dists["wheel"]
 
 
 def test_wheel_holds_only_our_packages(wheel: Path) -> None:
@@ -55,6 +65,9 @@ def test_wheel_holds_only_our_packages(wheel: Path) -> None:
     text = zipfile.ZipFile(wheel).read(metadata).decode()
     assert "Provides-Extra: hf" in text and "Provides-Extra: lightning" in text
     assert 'Requires-Dist: transformers>=4.41; extra == "hf"' in text
+    assert "Provides-Extra: tensorboard" in text and "Provides-Extra: pandas" in text
+    assert 'Requires-Dist: tensorboard>=2.14; extra == "tensorboard"' in text
+    assert "analysis_daemon/sinks/tensorboard_sink.py" in names and "analysis_daemon/results_frame.py" in names
 
 
 def test_fresh_venv_from_the_wheel_runs_the_cli_and_imports_the_callbacks(wheel: Path, tmp_path: Path) -> None:
@@ -82,3 +95,46 @@ def test_fresh_venv_from_the_wheel_runs_the_cli_and_imports_the_callbacks(wheel:
     installed = {p.name for p in site.iterdir()}
     assert {"protocol", "trainer_hook", "analysis_daemon"} <= installed
     assert not installed & {f"{n}{ext}" for n in GENERIC for ext in (".py", "")}
+
+
+def torch_only_site(target: Path) -> Path:
+    """A directory that holds (as links) this environment's installed packages but not embedding-monitor:
+    a fresh venv given it through a .pth line "already has" torch 2.13.0 and every other dependency."""
+    here = Path(sysconfig.get_paths()["purelib"])
+    target.mkdir()
+    for entry in here.iterdir():
+        name = entry.name.lower()
+        if name.startswith(("embedding_monitor", "__editable__", "_embedding_monitor")) or name.endswith(".pth"):
+            continue  # our own editable install: the venv must get us from the built file only
+        (target / entry.name).symlink_to(entry)
+    return target
+
+
+@pytest.mark.parametrize("kind", ["wheel", "sdist"])
+def test_wheel_and_sdist_install_beside_an_existing_torch_without_replacing_it(
+        dists: dict[str, Path], tmp_path: Path, kind: str) -> None:
+    started = time.monotonic()
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path)
+    py = venv / "bin" / "python"
+    site = Path(run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path).strip())
+    (site / "existing_environment.pth").write_text(str(torch_only_site(tmp_path / "existing")) + "\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    # which torch, without importing it (seconds on a loaded machine): its metadata and where it lies
+    probe = "import importlib.metadata as m, importlib.util as u; print(m.version('torch'), u.find_spec('torch').origin)"
+    before = run([str(py), "-c", probe], tmp_path, env).split()
+
+    # With its dependencies resolved (not --no-deps) but no index: everything it needs must already be
+    # there, torch included, and nothing may be replaced. The sdist is built by the venv's own setuptools.
+    out = run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-index", "--no-build-isolation",
+               str(dists[kind])], tmp_path, env)
+    after = run([str(py), "-c", probe], tmp_path, env).split()
+    assert after == before and before[0] == "2.13.0+cpu", (before, after)
+    assert not any(p.name.startswith("torch") for p in site.iterdir()), "pip installed a torch into the venv"
+    assert "Successfully installed embedding-monitor-0.1.0" in out and "torch" not in out.split("Successfully")[-1]
+
+    help_text = run([str(venv / "bin" / "analysis-daemon"), "--help"], tmp_path, env)
+    assert "--tensorboard DIR" in help_text and "--tensorboard-projector-keep" in help_text
+    where = run([str(py), "-c", "import analysis_daemon.results_frame as m; print(m.__file__)"], tmp_path, env)
+    assert where.startswith(str(site)), where  # from the built package, not the checkout
+    print(f"{kind}: installed beside torch and ran --help in {time.monotonic() - started:.1f} s")

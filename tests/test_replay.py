@@ -90,6 +90,10 @@ def test_train_py_checkpoints_replay_like_the_live_daemon(tmp_path: Path, subpro
     assert [(r["iter"], r["prev_iter"]) for r in replayed] == [(3, None), (6, 3), (9, 6)]
     assert [r["iter_source"] for r in replayed] == ["metadata"] * 3  # nanoGPT's iter_num
     assert replayed[0]["drift"] is None and replayed[0]["drift_skipped_reason"] == "first snapshot of this run"
+    # the same metric names and values live and in replay (train.py keeps what it published in the checkpoint)
+    live_metrics = {r["iter"]: r["metrics"] for r in daemon.results("live")}
+    assert [r["metrics"] for r in replayed] == [live_metrics[it] for it in (3, 6, 9)]
+    assert set(replayed[0]["metrics"]) == {"train/loss", "eval/loss", "train/learning_rate"}
 
     live = {r["iter"]: r for r in daemon.results("live")}
     matched = 0
@@ -191,7 +195,7 @@ def test_hugging_face_directories_in_every_layout_ordered_by_step(replay_here, t
         assert strings == [("<s>" if t == 58 else "</s>" if t == 59 else f"w{t}") for t, _ in expected["most_drifted_tokens"]]
     assert "token strings from" in err and "tokenizer.json" in err
     # the Trainer's own log at that step rides along as the trainer metrics (NaN grad_norm left out)
-    assert recs[1]["metrics"] == {"train/loss": 2.0, "lr": 1e-4, "val/loss": 2.5}
+    assert recs[1]["metrics"] == {"train/loss": 2.0, "train/learning_rate": 1e-4, "eval/loss": 2.5}
 
     # a Trainer's output_dir: checkpoint-N/ subdirectories plus the final weights at the top
     save_file(llama_like(9), run / "model.safetensors")

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from analysis_daemon.report.page import Results, build_report, load_results, main
-from analysis_daemon.report.svg import esc, nice_ticks
+from analysis_daemon.report.svg import esc, fmt, nice_ticks
 from tests.conftest import free_tcp_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -271,6 +271,32 @@ def test_missing_keys_leave_notes_instead_of_plots(tmp_path: Path, capsys) -> No
     assert "0, 5" in page
 
 
+def test_one_checkpoint_charts_show_the_value_not_a_trend(run_dir: Path, tmp_path: Path, capsys) -> None:
+    first = (run_dir / "analysis.jsonl").read_text().splitlines()[1]  # one record that has drift and metrics
+    record = json.loads(first)
+    path = tmp_path / "analysis.jsonl"
+    path.write_text(first + "\n")
+    assert main([str(path), "-o", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text()
+    ns = "{http://www.w3.org/2000/svg}"
+    charts = [svg for svg in _svgs(page) if svg.get("class") == "chart"]
+    assert charts
+    value = fmt(record["drift"]["average_cosine_similarity"], 4)
+    drift_chart = next(c for c in charts if value in [t.text for t in c.iter(f"{ns}text")])
+    for svg in charts:
+        texts = [t.text or "" for t in svg.iter(f"{ns}text")]
+        if any(t == "no data" for t in texts):
+            continue
+        assert "one analysed iteration: no trend yet" in texts
+        assert not svg.findall(f"{ns}polyline")  # no line through one point
+        # the iteration axis has one tick, the record's own iteration: no -1 or 1 invented around it
+        ticks = [t for t in svg.iter(f"{ns}text") if t.get("text-anchor") == "middle" and (t.text or "").lstrip("-").isdigit()]
+        assert [t.text for t in ticks] == [str(record["iter"])]
+        values = [t.text for t in svg.iter(f"{ns}text") if t.get("class") == "value"]
+        assert values and all(v == v.strip() for v in values)
+    assert [t.get("class") for t in drift_chart.iter(f"{ns}text") if t.text == value] == ["value"]
+
+
 def test_errors_are_one_line(tmp_path: Path, capsys) -> None:
     proc = subprocess.run([sys.executable, "-m", "analysis_daemon", "report", str(tmp_path / "nope")],
                           capture_output=True, text=True, timeout=WAIT_S, env=_child_env(tmp_path))
@@ -362,6 +388,9 @@ def test_hostile_metrics_galaxy_and_skips_are_bounded_and_escaped(tmp_path: Path
 
 @settings(max_examples=200, deadline=None)
 @given(st.floats(allow_nan=False, allow_infinity=False), st.floats(allow_nan=False, allow_infinity=False))
+@example(0.0, 5e-324)  # a subnormal range: once a math domain error
+@example(-1e-320, 1e-320)
+@example(1e308, 1.7976931348623157e308)
 def test_axis_ticks_are_round_bounded_and_inside_the_range(a: float, b: float) -> None:
     lo, hi = min(a, b), max(a, b)
     ticks = nice_ticks(lo, hi, 5)

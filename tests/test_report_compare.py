@@ -204,13 +204,13 @@ def test_two_real_runs_share_axes_one_colour_per_run(two_runs: dict[str, Path]) 
     assert len(xs) == 1
     # The trainer's losses (train.py passes them with each snapshot) on the same axis, one colour per run.
     loss = _chart(page, "Trainer loss")
-    lr = _titled(_chart(page, "Trainer metric: lr"), "circle")
+    lr = _titled(_chart(page, "Trainer metric: train/learning_rate"), "circle")
     for (run, rs), colour in zip(recs.items(), PALETTE):
         for r in rs:
-            for name in ("train/loss", "val/loss"):
+            for name in ("train/loss", "eval/loss"):
                 assert _titled(loss, "circle")[f"{run}: {name}, iter {r['iter']}: {r['metrics'][name]:.4f}"] \
                     .get("fill") == colour
-            assert f"{run}: lr, iter {r['iter']}: {fmt(r['metrics']['lr'])}" in lr
+            assert f"{run}: train/learning_rate, iter {r['iter']}: {fmt(r['metrics']['train/learning_rate'])}" in lr
         assert _point(loss, f"{run}: train/loss, iter {rs[-1]['iter']}:")[0] == _point(
             cos, f"{run}: avg cosine, iter {rs[-1]['iter']}:")[0]
     # What the comparison is for: the faster learning rate moves the embedding more (lower mean drift
@@ -361,7 +361,7 @@ def _with_metrics_and_galaxy(recs: list[dict[str, Any]]) -> list[dict[str, Any]]
     out = []
     for n, r in enumerate(recs):
         r = json.loads(json.dumps(r))
-        r["metrics"] = {"train/loss": 4.0 - 0.3 * n, "val/loss": 4.1 - 0.25 * n, "lr": 1e-3 * (n + 1),
+        r["metrics"] = {"train/loss": 4.0 - 0.3 * n, "eval/loss": 4.1 - 0.25 * n, "lr": 1e-3 * (n + 1),
                         "<b>acc</b>": 0.1 * n}
         points, members = [], {}
         for tid in sorted(vocab):
@@ -392,7 +392,7 @@ def test_loss_beside_drift_and_the_galaxy_map(two_runs: dict[str, Path], tmp_pat
     loss = _titled(_chart(page, "Trainer loss"), "circle")
     for d in dirs:
         for r in _records(d):
-            for name in ("train/loss", "val/loss"):
+            for name in ("train/loss", "eval/loss"):
                 assert f"{d.name}: {name}, iter {r['iter']}: {r['metrics'][name]:.4f}" in loss
         # loss, drift and neighbourhood size line up: one x per iteration across the three
         it = _records(d)[-1]["iter"]

@@ -140,13 +140,19 @@ def test_a_killed_rank_drops_its_iteration_and_the_next_completes(daemons, subpr
 
 # --- the assembler on its own: bounds, overlaps, late parts ------------------------------------
 
-def part(run: str, it: int, rows: tuple[int, int], global_rows: int = 10, cols: int = 4, publisher: str = "p"):
+def part_frames(run: str, it: int, rows: tuple[int, int], global_rows: int = 10, cols: int = 4, publisher: str = "p",
+                metrics: dict | None = None):
     n = rows[1] - rows[0]
     data = torch.arange(rows[0] * cols, rows[1] * cols, dtype=torch.float32).view(n, cols)
-    msg = decode(encode_snapshot(run=run, iter=it, seq=0, name="wte", dtype="float32", shape=(n, cols),
-                                 payload=data.numpy().tobytes(), global_shape=(global_rows, cols),
-                                 offset=(rows[0], 0), publisher=publisher))
-    return msg, data
+    return encode_snapshot(run=run, iter=it, seq=it, name="wte", dtype="float32", shape=(n, cols),
+                           payload=data.numpy().tobytes(), global_shape=(global_rows, cols), offset=(rows[0], 0),
+                           publisher=publisher, metrics=metrics), data
+
+
+def part(run: str, it: int, rows: tuple[int, int], global_rows: int = 10, cols: int = 4, publisher: str = "p",
+         metrics: dict | None = None):
+    frames, data = part_frames(run, it, rows, global_rows, cols, publisher, metrics)
+    return decode(frames), data
 
 
 def test_assembler_keeps_one_iteration_per_run_and_says_why_it_dropped():
@@ -180,3 +186,45 @@ def test_assembler_times_out():
     (run, why), = asm.expire(time.monotonic())
     assert run == "r" and why.startswith("iter 1 dropped: incomplete after 0 s (1 part(s) covering 50.0%")
     assert asm.in_progress() == 0 and asm.runs() == [] and asm.dropped == 1
+
+
+def test_assembled_iteration_carries_rank_0s_metrics_whatever_arrives_last():
+    asm, drops = Assembler(timeout_s=60), []
+    for order in ((0, 1), (1, 0)):  # rank 1's part last, then rank 0's last
+        it = order[0]
+        for rank in order:
+            msg, data = part("r", it, (5 * rank, 5 * rank + 5), publisher=f"p{rank}",
+                             metrics={"train/loss": 2.0 + rank, "rank": rank})
+            done = asm.add("r", msg, data, drops, rank=rank)
+        assert done is not None and done.metrics == {"train/loss": 2.0, "rank": 0}
+    msg, data = part("r", 5, (0, 5), publisher="p0")  # rank 0 sent none: no metrics, not another rank's
+    asm.add("r", msg, data, drops, rank=0)
+    msg, data = part("r", 5, (5, 10), publisher="p1", metrics={"train/loss": 3.0})
+    assert asm.add("r", msg, data, drops, rank=1).metrics == {"train/loss": 3.0}  # the only ones sent
+
+
+def test_daemon_records_rank_0s_metrics_when_rank_1s_part_arrives_last(daemons, tcp_endpoint: str):
+    import zmq
+    from protocol import encode_end, encode_hello
+    d = daemons("--exit-on-end", "--no-extras", "--no-wandb")
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 2000)
+    push.connect(tcp_endpoint)
+    try:
+        for rank in (0, 1):
+            push.send_multipart(encode_hello(run="ranks", seq=0, pid=100 + rank, host="h", publisher=f"pub{rank}",
+                                             rank=rank, world_size=2))
+        for it in (1, 2):
+            for rank in (0, 1):  # rank 1's part, with its own (local) loss, completes each iteration
+                frames, _ = part_frames("ranks", it, (5 * rank, 5 * rank + 5), publisher=f"pub{rank}",
+                                        metrics={"train/loss": it + 0.5 * rank})
+                push.send_multipart(frames)
+        for rank in (0, 1):
+            push.send_multipart(encode_end(run="ranks", seq=9, final_iter=2, published=2, dropped=0,
+                                           publisher=f"pub{rank}"))
+        assert d.wait_exit() == 0
+    finally:
+        push.close()
+        ctx.term()
+    assert [(r["iter"], r["metrics"]) for r in d.results("ranks")] == [(1, {"train/loss": 1}), (2, {"train/loss": 2})]

@@ -220,8 +220,8 @@ def test_wandb_goes_offline_without_credentials_and_logs_losses(subprocess_env, 
     rows = {row["_step"]: row for row in wandb_history.history(files[0])}
     assert sorted(rows) == [0, 2, 4]  # the iteration is the step
     for row in rows.values():
-        assert {"train/loss", "val/loss", "lr"} <= row.keys()
-    assert rows[4]["val/loss"] < rows[0]["val/loss"]
+        assert {"train/loss", "eval/loss", "train/learning_rate"} <= row.keys()
+    assert rows[4]["eval/loss"] < rows[0]["eval/loss"]
 
 
 # --------------------------------------------------------------------------- DDP

@@ -177,7 +177,14 @@ def untied_output_embedding(owners: Any, input_embedding: Any) -> Any | None:
 
 
 class StepPublisher:
-    """One EmbeddingPublisher per training: publishes the chosen steps, each step once."""
+    """One EmbeddingPublisher per training: publishes the chosen steps, each step once, with that step's metrics.
+
+    A framework measures a step's metrics (its training log, its evaluation) after the step's "step end"
+    event, and the weights do not change until the next optimizer step. So a step to publish is only
+    marked (`defer`) and sent by `flush`, which the adapters call where the next step begins (or the
+    training ends): by then every metric measured at that step has been noted (`note_metrics`) and
+    travels with the snapshot, and none measured at another step does.
+    """
 
     def __init__(self, endpoint: str, every_n_steps: int | None, publisher_options: dict[str, Any]) -> None:
         self.endpoint = endpoint
@@ -186,6 +193,10 @@ class StepPublisher:
         self.publisher: EmbeddingPublisher | None = None
         self.failures = 0  # publishes that raised (logged once, then counted)
         self._last_step: int | None = None
+        self._embedding: Callable[[], Any] | None = None
+        self.pending: int | None = None  # the step marked for publishing, not sent yet
+        self._metrics_step: int | None = None
+        self._metrics: dict[str, Any] = {}  # what was measured at _metrics_step
 
     @property
     def active(self) -> bool:
@@ -193,15 +204,17 @@ class StepPublisher:
         return self.publisher is not None
 
     def start(self, run: str, vocab: list[str] | None, wandb_info: dict[str, Any] | None,
-              meta: dict[str, Any]) -> EmbeddingPublisher:
-        """Create the publisher for a new training (closing a previous one)."""
+              meta: dict[str, Any], embedding: Callable[[], Any] | None = None) -> EmbeddingPublisher:
+        """Create the publisher for a new training (closing a previous one); `embedding()` gives the weight."""
         self.close()
         options = dict(self.options)
         options.setdefault("vocab", vocab)
         options.setdefault("wandb_info", wandb_info)
         options["meta"] = {**meta, **(options.get("meta") or {})}
         self.publisher = EmbeddingPublisher(self.endpoint, run=safe_run_name(run), **options)
-        self._last_step = None
+        self._last_step = self.pending = self._metrics_step = None
+        self._metrics = {}
+        self._embedding = embedding
         log.info("embedding monitor: run %s publishing to %s (every_n_steps=%s)", self.publisher.run,
                  self.endpoint, self.every_n_steps)
         return self.publisher
@@ -210,10 +223,41 @@ class StepPublisher:
         """Whether `step` is one of the every-n-steps steps."""
         return self.every_n_steps is not None and step % self.every_n_steps == 0
 
+    def wants(self, step: int) -> bool:
+        """Whether `step` is neither published nor pending (and a training is running)."""
+        return self.publisher is not None and step != self._last_step and step != self.pending
+
+    def note_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+        """Record metrics the framework measured at `step` (merged with others of the same step)."""
+        if step != self._metrics_step:
+            self._metrics_step, self._metrics = step, {}
+        self._metrics.update(metrics)
+
+    def defer(self, step: int) -> None:
+        """Mark `step` for publishing at the next `flush` (a different step still pending is sent first)."""
+        if self.publisher is None or step == self._last_step or step == self.pending:
+            return
+        if self.pending is not None:
+            self.flush()
+        self.pending = step
+
+    def flush(self) -> bool:
+        """Send the pending step, with the metrics measured at it; True if handed off."""
+        step, self.pending = self.pending, None
+        if step is None or self._embedding is None:
+            return False
+        metrics = dict(self._metrics) if self._metrics_step == step else None
+        return self.publish(self._embedding, step, lambda: metrics)
+
+    def drop_pending(self, why: str) -> None:
+        """Forget the pending step (its weights are gone), saying why once."""
+        if self.pending is not None:
+            log.info("embedding monitor: step %d not published: %s", self.pending, why)
+        self.pending = None
+
     def publish(self, embedding: Callable[[], Any], step: int,
-                metrics: Callable[[], dict[str, Any] | None] | None = None,
-                output: Callable[[], Any] | None = None) -> bool:
-        """Publish the embedding at `step` unless this step was already published; True if handed off.
+                metrics: Callable[[], dict[str, Any] | None] | None = None) -> bool:
+        """Publish the embedding at `step` now unless this step was already published; True if handed off.
 
         `metrics()` (called only when publishing) gives the trainer's scalars to send with the snapshot.
         `output()`: the untied output embedding or None, sent as tensor OUTPUT_TENSOR at the same step.
@@ -222,11 +266,8 @@ class StepPublisher:
             return False
         self._last_step = step  # also on a drop: the same weights are not worth a second try
         try:
-            sent = self.publisher.publish(effective_weight(embedding()), step, metrics=metrics() if metrics else None)
-            head = output() if output is not None else None
-            if head is not None:
-                self.publisher.publish(effective_weight(head), step, name=OUTPUT_TENSOR)
-            return sent
+            return self.publisher.publish(effective_weight(embedding()), step,
+                                          metrics=(metrics() or None) if metrics else None)
         except Exception:  # noqa: BLE001 - monitoring must never end a training run
             self.failures += 1
             if self.failures == 1:
@@ -245,7 +286,10 @@ class StepPublisher:
             self.failures += 1
 
     def close(self) -> None:
-        """Close the publisher (sends `end`); safe to call when none is open."""
+        """Close the publisher (sends `end`); safe to call when none is open. A pending step is sent first."""
+        if self.pending is not None:
+            self.flush()
         publisher, self.publisher = self.publisher, None
+        self._embedding = None
         if publisher is not None:
             publisher.close()

@@ -3,9 +3,11 @@
     from trainer_hook.hf import EmbeddingMonitorCallback
     trainer = Trainer(..., callbacks=[EmbeddingMonitorCallback("tcp://127.0.0.1:5555", every_n_steps=500)])
 
-Publishes `model.get_input_embeddings()` at the start of training, every `every_n_steps` optimizer
-steps, after every evaluation and at the end (each step once, at `state.global_step`), then sends
-`end`. The only module of the project that imports `transformers`.
+Publishes `model.get_input_embeddings()` at the start of training, at every evaluation, every
+`every_n_steps` optimizer steps when given, and at the last step (each step once, at `state.global_step`),
+then sends `end`. Each snapshot carries what the Trainer logged at its own step, named as the Trainer's
+W&B integration names it (`train/loss`, `train/learning_rate`, `eval/loss`, ...; docs/training-metrics.md).
+The only module of the project that imports `transformers`.
 """
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ import torch
 import transformers
 from transformers import TrainerCallback
 
+from protocol.metric_names import hf_log_metrics
+
+from .callbacks import StepPublisher, active_wandb_info, first_given, generated_run_name, log, vocab_of
 from .publisher import embedding_weight
-from .callbacks import (StepPublisher, active_wandb_info, first_given, generated_run_name, scalar_metrics,
-                        untied_output_embedding, vocab_of)
 
 __all__ = ["EmbeddingMonitorCallback"]
 
@@ -57,56 +60,26 @@ class EmbeddingMonitorCallback(TrainerCallback):
     """A transformers TrainerCallback that publishes the input embedding to an analysis daemon."""
 
     def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", run: str | None = None,
-                 every_n_steps: int | None = None, *, tokenizer: Any = None, output_embeddings: bool = True,
-                 **publisher_options: Any) -> None:
+                 every_n_steps: int | None = None, *, tokenizer: Any = None, **publisher_options: Any) -> None:
         self.run = run
-        self.output_embeddings = output_embeddings  # also publish an untied get_output_embeddings() as "lm_head"
         self.tokenizer = tokenizer
         self.monitor = StepPublisher(endpoint, every_n_steps, publisher_options)
         self._model: Any = None
-        self._history_seen = 0  # entries of state.log_history already sent with a snapshot
 
     @property
     def publisher(self):
         """The current training's EmbeddingPublisher (None outside training)."""
         return self.monitor.publisher
 
-    # ------------------------------------------------------------ the one place snapshots leave from
-
-    def _publish(self, state: Any) -> bool:
-        model = self._model
-        return self.monitor.publish(lambda: input_embeddings(model), int(state.global_step),
-                                    lambda: self._new_metrics(state), self._output if self.output_embeddings else None)
-
-    def _output(self) -> Any:
-        model = self._model
-        while not hasattr(model, "get_output_embeddings") and hasattr(model, "module"):
-            model = model.module
-        return untied_output_embedding([model], input_embeddings(self._model))
-
-    def _new_metrics(self, state: Any) -> dict[str, Any]:
-        """The losses logged since the last publish, named as the Trainer's W&B integration names them:
-        the newest training log (train/loss, train/learning_rate, train/grad_norm) and the newest
-        evaluation (eval/loss and the other eval_* metrics, not its timings). Each log entry is sent at
-        most once, so an old eval loss is never repeated at a later step. The Trainer logs after
-        on_step_end, so the training loss is at most `logging_steps` old."""
-        history = list(getattr(state, "log_history", None) or [])
-        new, self._history_seen = history[self._history_seen:], len(history)
-        train = next((e for e in reversed(new) if "loss" in e), None)
-        evaluation = next((e for e in reversed(new) if any(k.startswith("eval_") for k in e)), None)
-        metrics: dict[str, Any] = {}
-        if train is not None:
-            metrics.update({f"train/{k}": train[k] for k in ("loss", "learning_rate", "grad_norm") if k in train})
-        if evaluation is not None:
-            metrics.update({f"eval/{k[5:]}": v for k, v in evaluation.items() if k.startswith("eval_")
-                            and not k.endswith(("_runtime", "_per_second"))})
-        return scalar_metrics(metrics, read_device=False)
-
     # ------------------------------------------------------------ Trainer events
+    # The Trainer's order for one optimizer step S: on_step_end, then its log (on_log), its evaluation
+    # (on_log, on_evaluate) and its checkpoint (on_save); the weights change again only at the next
+    # optimizer step, after on_step_begin. So step S is marked at on_step_end / on_evaluate, the metrics
+    # logged at S are noted, and the snapshot leaves at the next on_step_begin (or the end of training).
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, processing_class: Any = None,
                        tokenizer: Any = None, **kwargs: Any) -> None:
-        """Open the publisher (run name, vocabulary, W&B run to join) and publish the starting weights."""
+        """Open the publisher (run name, vocabulary, W&B run to join); the starting weights are marked."""
         if model is None:
             raise ValueError("EmbeddingMonitorCallback: the Trainer passed no model to on_train_begin")
         self._model = model
@@ -116,25 +89,52 @@ class EmbeddingMonitorCallback(TrainerCallback):
         run, wandb_info = _shared_across_ranks((run or generated_run_name("hf"), wandb_info))
         rows = int(embedding_weight(embedding).shape[0])  # a DTensor's shape is the global one
         vocab = vocab_of(first_given(self.tokenizer, processing_class, tokenizer), rows)
-        self._history_seen = len(getattr(state, "log_history", None) or [])  # a resumed run's old logs stay
         self.monitor.start(run, vocab, wandb_info, meta={"framework": "transformers",
                                                          "framework_version": transformers.__version__,
-                                                         "model": type(model).__name__})
-        self._publish(state)
+                                                         "model": type(model).__name__},
+                           embedding=lambda: input_embeddings(model))
+        if self.monitor.every_n_steps is None and args.eval_strategy == "no":
+            log.info("embedding monitor: no evaluation and no every_n_steps: publishing the first and the last "
+                     "step only")
+        self.monitor.defer(int(state.global_step))  # an evaluation at the start (eval_on_start) goes with it
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """The previous step's logs and evaluation are all in: send its snapshot."""
+        self.monitor.flush()
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """At the latest before the weights change (on_step_begin normally sent it already)."""
+        self.monitor.flush()
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """An epoch-end evaluation of the previous epoch is in: send its step."""
+        self.monitor.flush()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Publish every `every_n_steps` optimizer steps."""
-        if self.monitor.active and self.monitor.due(state.global_step):
-            self._publish(state)
+        """Mark every `every_n_steps`-th step, and the last one."""
+        step = int(state.global_step)
+        if self.monitor.active and (self.monitor.due(step) or step >= state.max_steps):
+            self.monitor.defer(step)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+               **kwargs: Any) -> None:
+        """Note what the Trainer logged at this step (loss, learning rate, grad norm, eval metrics)."""
+        if self.monitor.active and logs:
+            self.monitor.note_metrics(int(state.global_step), hf_log_metrics(logs))
 
     def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Publish after each evaluation during training (a standalone evaluate() publishes nothing)."""
+        """Every evaluation during training marks its step (a standalone evaluate() publishes nothing)."""
         if self.monitor.active:
-            self._publish(state)
+            self.monitor.defer(int(state.global_step))
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """With load_best_model_at_end the last step leaves at its checkpoint, before the best model replaces it."""
+        if self.monitor.active and args.load_best_model_at_end and state.global_step >= state.max_steps:
+            self.monitor.flush()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Publish the final weights (unless that step is already out) and send `end`."""
-        if self.monitor.active:
-            self._publish(state)
+        """Send the last marked step and `end`."""
+        if self.monitor.active and args.load_best_model_at_end and state.best_model_checkpoint is not None:
+            self.monitor.drop_pending("the Trainer loaded the best checkpoint over its weights (load_best_model_at_end)")
         self.monitor.close()
         self._model = None

@@ -3,9 +3,11 @@
     from trainer_hook.lightning import EmbeddingMonitorCallback
     trainer = Trainer(..., callbacks=[EmbeddingMonitorCallback("tcp://127.0.0.1:5555", every_n_steps=500)])
 
-Publishes the input embedding when training starts (after any checkpoint is restored), every
-`every_n_steps` optimizer steps, after every validation (not the sanity check) and at the end, each step
-once at `trainer.global_step`, then sends `end`. The embedding is `pl_module.get_input_embeddings()`,
+Publishes the input embedding when training starts (after any checkpoint is restored), at every
+validation (not the sanity check), every `every_n_steps` optimizer steps when given, and at the end, each
+step once at `trainer.global_step`, then sends `end`. Each snapshot carries the values of
+`trainer.callback_metrics` (what the module logged with `self.log`, under its own names) that changed at
+its step: a validation's metrics go with the step that was validated (docs/training-metrics.md). The embedding is `pl_module.get_input_embeddings()`,
 else that of a direct submodule that has one (e.g. a wrapped transformers model), else `embedding=`
 (a module, a tensor or an attribute path such as "model.embed_tokens"). The only module of the project
 that imports Lightning (`lightning`, or the older `pytorch_lightning` package when that is what is installed).
@@ -19,8 +21,8 @@ try:
 except ImportError:  # the standalone package of older releases
     import pytorch_lightning as pl
 
-from .callbacks import (StepPublisher, active_wandb_info, first_given, generated_run_name, scalar_metrics,
-                        untied_output_embedding, vocab_of, wandb_info_of)
+from .callbacks import (StepPublisher, active_wandb_info, first_given, generated_run_name, scalar_metrics, vocab_of,
+                        wandb_info_of)
 from .publisher import embedding_weight
 
 __all__ = ["EmbeddingMonitorCallback"]
@@ -68,49 +70,43 @@ class EmbeddingMonitorCallback(pl.Callback):
 
     def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", run: str | None = None,
                  every_n_steps: int | None = None, *, embedding: Any = None, tokenizer: Any = None,
-                 output_embeddings: bool = True, count_tokens: bool = True, **publisher_options: Any) -> None:
+                 **publisher_options: Any) -> None:
         self.run = run
-        self.count_tokens = count_tokens  # count each batch's "input_ids" (drift by token frequency)
-        self.output_embeddings = output_embeddings  # also publish an untied get_output_embeddings() as "lm_head"
         self.embedding = embedding
         self.tokenizer = tokenizer
         self.monitor = StepPublisher(endpoint, every_n_steps, publisher_options)
         self._module: Any = None
-        self._sent: dict[str, Any] = {}  # the metric values last sent with a snapshot
+        self._seen: dict[str, Any] = {}  # trainer.callback_metrics as we last looked at them
 
     @property
     def publisher(self):
         """The current training's EmbeddingPublisher (None outside training)."""
         return self.monitor.publisher
 
-    # ------------------------------------------------------------ the one place snapshots leave from
+    # ------------------------------------------------------------ what was measured at which step
+    # Lightning's order for one optimizer step S (trainer.global_step == S after it): on_train_batch_end,
+    # then, when due, the validation (on_validation_start ... on_validation_end); the weights change again
+    # only in the next batch's optimizer step, after on_train_batch_start. So step S is marked at
+    # on_train_batch_end / on_validation_end, and its snapshot leaves at the next on_train_batch_start (or
+    # the end of training). trainer.callback_metrics keeps every value until it is logged again: a value
+    # that changed since we last looked was measured since then, and goes with the step it changed at.
 
-    def _publish(self, trainer: Any, read_device: bool = False) -> bool:
-        module = self._module
-        # trainer.callback_metrics: what the module logged with self.log (train_loss, val_loss, ...). Values
-        # on the GPU are read only where Lightning has synchronised already (after validation, at the end).
-        return self.monitor.publish(lambda: find_embedding(module, self.embedding), int(trainer.global_step),
-                                    lambda: self._new_metrics(trainer, read_device),
-                                    self._output if self.output_embeddings else None)
+    def _look(self, trainer: Any) -> dict[str, Any]:
+        # Reads values on the accelerator too: only at a step that is published or validated (one wait for
+        # the device per published step, none on the other steps).
+        current = scalar_metrics(dict(trainer.callback_metrics), read_device=True)
+        changed = {k: v for k, v in current.items() if self._seen.get(k) != v}
+        self._seen.update(current)
+        return changed
 
-    def _output(self) -> Any:
-        module = self._module
-        return untied_output_embedding([module, *(child for _, child in module.named_children())],
-                                       find_embedding(module, self.embedding))
-
-    def _new_metrics(self, trainer: Any, read_device: bool) -> dict[str, Any]:
-        # callback_metrics keeps each value until it is logged again: send a value only when it changed
-        # since the previous snapshot, so an old val_loss is not repeated at every later step.
-        current = scalar_metrics(dict(trainer.callback_metrics), read_device=read_device)
-        new = {k: v for k, v in current.items() if self._sent.get(k) != v}
-        self._sent.update(new)
-        return new
+    def _note(self, trainer: Any) -> None:
+        self.monitor.note_metrics(int(trainer.global_step), self._look(trainer))
 
     # ------------------------------------------------------------ Lightning hooks
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Open the publisher: find the embedding, agree on the run name across ranks, vocabulary, W&B run."""
-        self._module, self._sent = pl_module, {}
+        self._module, self._seen = pl_module, {}
         rows = int(embedding_weight(find_embedding(pl_module, self.embedding)).shape[0])  # fail before training
         name, wandb_info = (None, None)
         if trainer.is_global_zero:
@@ -122,28 +118,46 @@ class EmbeddingMonitorCallback(pl.Callback):
                                 getattr(datamodule, "tokenizer", None))
         self.monitor.start(run, vocab_of(tokenizer, rows), wandb_info,
                            meta={"framework": "lightning", "framework_version": pl.__version__,
-                                 "model": type(pl_module).__name__})
+                                 "model": type(pl_module).__name__},
+                           embedding=lambda: find_embedding(pl_module, self.embedding))
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """The starting weights, at the step training starts from (0, or the restored step on resume)."""
-        self._publish(trainer)
+        if self.monitor.active:
+            self._look(trainer)  # what the sanity check or a restored checkpoint left is not this step's
+            self.monitor.defer(int(trainer.global_step))
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        """The previous step's metrics and validation are in, its weights still unchanged: send it."""
+        self.monitor.flush()
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Every `every_n_steps` optimizer steps (with gradient accumulation: once, right after the step)."""
-        if self.count_tokens:
-            self.monitor.count(batch)
-        if self.monitor.active and self.monitor.due(trainer.global_step):
-            self._publish(trainer)
+        """Mark every `every_n_steps`-th optimizer step (with gradient accumulation: once, right after the step)."""
+        step = int(trainer.global_step)
+        if self.monitor.due(step) and self.monitor.wants(step):  # micro-batches after the step: already marked
+            self.monitor.defer(step)
+            self._note(trainer)
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        """What training logged up to here belongs to this step, not to its validation."""
+        if self.monitor.active and not trainer.sanity_checking:
+            self._note(trainer)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        """After each validation during fit (not the sanity check, not a standalone validate())."""
-        if self.monitor.active and not trainer.sanity_checking:
-            self._publish(trainer, read_device=True)
+        """Each validation during fit marks its step (not the sanity check, not a standalone validate())."""
+        if not self.monitor.active:
+            return
+        if trainer.sanity_checking:
+            self._look(trainer)  # measured before training: belongs to no step
+            return
+        self._note(trainer)
+        self.monitor.defer(int(trainer.global_step))
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """The final weights (unless that step is already out), then `end`."""
         if self.monitor.active:
-            self._publish(trainer, read_device=True)
+            self._note(trainer)
+            self.monitor.defer(int(trainer.global_step))
         self._close()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:

@@ -27,7 +27,9 @@ import torch
 import zmq
 
 from protocol import (DEFAULT_LIMITS, CurveClient, ProtocolError, ShmWriter, check_endpoint, check_metrics,
-                      check_run_name, check_tensor_name, connect_publisher, encode_hello, is_local_endpoint, shm_available, wire_dtype)
+                      check_run_name, check_tensor_name, connect_publisher, encode_hello, is_local_endpoint,
+                      shm_available, wire_dtype)
+from protocol.runsecret import RUN_TOKEN_KEY, job_secret, run_token
 from protocol.shm import publisher_id as make_publisher_id
 
 from . import signals
@@ -119,7 +121,7 @@ class EmbeddingPublisher:
                  curve_server_public: str | os.PathLike | None = None, allow_insecure: bool = False,
                  enabled: bool | None = None, name: str = "wte", meta: dict | None = None,
                  shm_reclaim_s: float = 120.0, connect_grace_s: float = 2.0, heartbeat_s: float = 5.0,
-                 _event_factory: EventFactory | None = None) -> None:
+                 run_secret: str | None = None, _event_factory: EventFactory | None = None) -> None:
         self.endpoint = endpoint
         self.run = check_run_name(run or (wandb_info or {}).get("run_name") or (wandb_info or {}).get("name")
                                   or f"{socket.gethostname()}-{os.getpid()}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -135,6 +137,9 @@ class EmbeddingPublisher:
         self.rank, self.world_size = dist_rank_and_world()
         self.enabled = self.rank == 0 if enabled is None else bool(enabled)
         self._shards_allowed = enabled is not False
+        # Ranks of one job prove they belong to one run with a token derived from a secret they share
+        # (protocol/runsecret.py: run_secret=, EMBEDDING_MONITOR_RUN_SECRET, or the job's rendezvous).
+        self._run_token = run_token(self.run, job_secret(self.world_size, run_secret)[0])
         self._lock = threading.Lock()
         self._published = self._dropped = 0
         self._last_iter: int | None = None
@@ -189,6 +194,7 @@ class EmbeddingPublisher:
         host, vocab_list = socket.gethostname(), list(vocab) if vocab is not None else None
         hello_meta = {"name": name, "endpoint": endpoint, "shared_memory": bool(shared_memory),
                       "torch": torch.__version__, "heartbeat_s": heartbeat_s, **(meta or {})}
+        hello_meta[RUN_TOKEN_KEY] = self._run_token
         # The id carries the secret whose hash names our shared-memory segments: the daemon accepts a
         # segment only from the publisher that created it (protocol.shm.segment_belongs_to).
         publisher_id = make_publisher_id(host, self._pid, self._writer.secret if self._writer else secrets.token_hex(16))

@@ -92,6 +92,8 @@ class Sender(threading.Thread):
         # Why nothing can be sent, for the drop message: a daemon that refused our CURVE key is not "absent".
         self.refused = False
         self.full = False  # ...or turned us away for now: too many connections
+        self.mismatch = False  # ...or the handshake failed: one side uses CurveZMQ keys, the other does not
+        self.curve_client = sock.get(zmq.MECHANISM) == zmq.CURVE
         # libzmq does not reconnect after a ZAP refusal; we do, slowly, so a key authorised later (the
         # daemon reloads its keys on SIGHUP) or a free connection place is picked up without a restart.
         self.endpoint: str | None = None  # set by the publisher
@@ -119,7 +121,7 @@ class Sender(threading.Thread):
                 return
             if event & _UP_EVENTS:
                 self.connected = self.settled = True
-                self.refused = self.full = False
+                self.refused = self.full = self.mismatch = False
                 self._need_hello = True  # a (re)started daemon has not seen our hello
             elif event & _DOWN_EVENTS:
                 self.settled = True
@@ -137,6 +139,12 @@ class Sender(threading.Thread):
                     log.warning("embedding publisher: the daemon refused our key (CurveZMQ authentication "
                                 "failed); add our public key (NAME.key) to the daemon's --curve-authorized-dir "
                                 "and send it SIGHUP")
+                if (event & zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                        and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH and not self.refused):
+                    self.refused = True  # said once; libzmq keeps retrying, a daemon fixed later is found
+                    self.mismatch = True
+                    log.warning("embedding publisher: the daemon at %s refused the handshake: %s", self.endpoint,
+                                self.absent_reason())
                 if self.connected and self.writer is not None:
                     # headers queued at a daemon that is gone are lost with it: its slots are free to reuse
                     self.writer.expire()
@@ -237,6 +245,12 @@ class Sender(threading.Thread):
 
     def absent_reason(self) -> str:
         """Why a snapshot cannot go out now (for the drop warning)."""
+        if self.refused and self.mismatch and self.curve_client:
+            return ("it has no CurveZMQ keys and we use them (drop curve_client_secret=/curve_server_public=, or "
+                    "start the daemon with --curve-secret and --curve-authorized-dir)")
+        if self.refused and self.mismatch:
+            return ("it requires CurveZMQ keys and we have none: pass curve_client_secret= and "
+                    "curve_server_public= (launch.sh trainer --keys DIR), and authorise our NAME.key at the daemon")
         if self.refused:
             return "the daemon refused our key (add our NAME.key to its --curve-authorized-dir, then SIGHUP it)"
         if self.full:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import sys
 import zipfile
@@ -34,7 +33,8 @@ from typing import Any, Final, Iterable
 import numpy as np
 import torch
 
-from protocol import DEFAULT_LIMITS, Limits
+from protocol import DEFAULT_LIMITS, Limits, ProtocolError, check_metrics
+from protocol.metric_names import hf_log_metrics
 
 from .safetensors_file import FLOAT_DTYPES,  SafetensorsError, TensorEntry, read_header, read_tensor
 
@@ -58,9 +58,6 @@ MAX_JSON_BYTES: Final = 64 * 1024 * 1024  # tokenizer.json / index / trainer_sta
 
 
 log = logging.getLogger("embedding_monitor.daemon")
-# trainer_state.json log_history keys -> the trainer-metric names train.py sends (loss and drift share a chart)
-HF_METRICS: Final = {"loss": "train/loss", "eval_loss": "val/loss", "learning_rate": "lr",
-                     "grad_norm": "train/grad_norm"}
 
 
 class CheckpointError(Exception):
@@ -332,7 +329,7 @@ def _read_safetensors(files: list[Path], wanted: str | None, where: Path,
         raise CheckpointError(str(exc)) from None
 
 
-def _read_torch(path: Path, wanted: str | None, limits: Limits) -> tuple[str, torch.Tensor, int | None, Any]:
+def _read_torch(path: Path, wanted: str | None, limits: Limits) -> tuple[str, torch.Tensor, int | None, dict]:
     obj = _torch_load(path, limits)
     tensors = _state_dict(obj, path)
     name = choose_tensor({k: tuple(v.shape) for k, v in tensors.items()}, wanted, path)
@@ -341,7 +338,7 @@ def _read_torch(path: Path, wanted: str | None, limits: Limits) -> tuple[str, to
     # clone: a private copy in memory; the rest of the checkpoint stays unread on disk (mmap)
     tensor = tensor.detach().clone()
     meta = obj if isinstance(obj, dict) else {}
-    return name, tensor, _iter_from(meta), meta.get("itos")
+    return name, tensor, _iter_from(meta), meta
 
 
 def _read_npy(path: Path, limits: Limits) -> torch.Tensor:
@@ -396,7 +393,8 @@ def read_embedding(path: Path, wanted: str | None = None, limits: Limits = DEFAU
             elif (path / TORCH_INDEX).is_file():
                 name, tensor, it = _sharded(path / TORCH_INDEX, wanted, path, limits)
             else:
-                name, tensor, it, vocab = _read_torch(path / "pytorch_model.bin", wanted, limits)
+                name, tensor, it, meta = _read_torch(path / "pytorch_model.bin", wanted, limits)
+                vocab = meta.get("itos")
             it = metadata_iter(path) if it is None else it
             metrics = trainer_metrics(path, it)
         elif path.suffix == ".safetensors":
@@ -404,15 +402,24 @@ def read_embedding(path: Path, wanted: str | None = None, limits: Limits = DEFAU
         elif path.suffix == ".npy":
             name, tensor, it = path.stem, _read_npy(path, limits), None
         else:
-            name, tensor, it, vocab = _read_torch(path, wanted, limits)
+            name, tensor, it, meta = _read_torch(path, wanted, limits)
+            vocab, metrics = meta.get("itos"), _checkpoint_metrics(meta.get("metrics"))
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read: {exc}") from None
     ok_vocab = vocab if isinstance(vocab, list) and all(isinstance(s, str) for s in vocab) else None
     return Embedding(tensor=_check_float(tensor, name, path), name=name, iter=it, vocab=ok_vocab, metrics=metrics)
 
 
+def _checkpoint_metrics(value: Any) -> dict[str, float | int] | None:
+    """The `metrics` a train.py checkpoint keeps (the ones it published), if they are valid trainer metrics."""
+    try:
+        return check_metrics(value)
+    except ProtocolError:
+        return None
+
+
 def trainer_metrics(model_dir: Path, step: int | None) -> dict[str, float] | None:
-    """loss, eval_loss, learning_rate, grad_norm that trainer_state.json's log_history holds for `step`."""
+    """What trainer_state.json's log_history holds for `step`, named as the live callback names it."""
     state = model_dir / "trainer_state.json"
     if step is None or not state.is_file():
         return None
@@ -422,8 +429,5 @@ def trainer_metrics(model_dir: Path, step: int | None) -> dict[str, float] | Non
     for entry in history if isinstance(history, list) else []:
         if not isinstance(entry, dict) or _as_iter(entry.get("step")) != step:
             continue
-        for key, name in HF_METRICS.items():
-            value = entry.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                found[name] = float(value)
+        found.update(hf_log_metrics(entry))
     return found or None

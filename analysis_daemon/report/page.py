@@ -57,16 +57,20 @@ def resolve_results_path(arg: Path) -> Path:
     return arg
 
 
-def load_results(path: Path, run: str | None = None, tensor: str | None = None) -> Results:
+def load_results(path: Path, run: str | None = None, tensor: str | None = None, *, every_run: bool = False,
+                 per_tensor: bool = False) -> Results:
     """Read a results file, skipping (and counting) lines that are not usable records.
 
-    `tensor`: report that tensor of the run (records carry "tensor"); None: the run's default tensor.
+    One record per iteration (a repeated iteration keeps the one with drift, else the newer line);
+    `per_tensor`: one per (tensor, iteration); `every_run`: a file holding several runs is no error,
+    one record per (run, ...). Records come in iteration order. `tensor`: only that tensor's records
+    (records carry "tensor"); None: every tensor with `per_tensor`, else the run's default tensor.
     """
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
         raise ReportError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    by_iter: dict[int, dict[str, Any]] = {}
+    by_iter: dict[Any, dict[str, Any]] = {}
     res = Results(path=path, records=[])
     runs: dict[str, int] = {}
 
@@ -93,12 +97,12 @@ def load_results(path: Path, run: str | None = None, tensor: str | None = None) 
         if _int(rec, "iter") is None:
             skip(lineno, "no integer 'iter'")
             continue
-        if (rec.get("tensor") != tensor) if tensor is not None else rec.get("default_tensor") is False:
+        if (rec.get("tensor") != tensor) if tensor is not None else (not per_tensor and rec.get("default_tensor") is False):
             continue  # another tensor of the run: a report shows one tensor (--tensor NAME picks it)
         name = rec.get("run") if isinstance(rec.get("run"), str) else ""
         runs[name] = runs.get(name, 0) + 1
         parsed.append((lineno, rec))
-    if run is None and len(runs) > 1:
+    if run is None and len(runs) > 1 and not every_run:
         names = ", ".join(sorted(repr(r) for r in runs))
         raise ReportError(f"{path} holds several runs ({names}): choose one with --run NAME")
     if run is not None and run not in runs:
@@ -107,12 +111,14 @@ def load_results(path: Path, run: str | None = None, tensor: str | None = None) 
     for _, rec in parsed:
         if run is not None and rec.get("run") != run:
             continue
-        old = by_iter.get(rec["iter"])
+        key = (rec["iter"], str(rec.get("run")) if every_run else "",
+               str(rec.get("tensor") or "") if per_tensor else "")
+        old = by_iter.get(key)
         if old is not None:  # the same iteration twice (a resumed trainer, a re-analysis after a restart)
             res.duplicates += 1
             if old.get("drift") is not None and rec.get("drift") is None:
                 continue  # the one with drift is kept; else the newer line
-        by_iter[rec["iter"]] = rec
+        by_iter[key] = rec
     res.records = [by_iter[k] for k in sorted(by_iter)]
     if not res.records:
         raise ReportError(f"{path} has no usable results ({res.skipped_lines} malformed line(s) skipped)")

@@ -10,6 +10,7 @@ import base64
 import html
 import math
 import re
+import sys
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     if not (math.isfinite(lo) and math.isfinite(hi) and math.isfinite(hi - lo)) or hi <= lo:
         return [lo] if math.isfinite(lo) else []
     raw = (hi - lo) / max(count, 1)
+    if raw < sys.float_info.min:  # a subnormal (or underflowed) step: floats cannot subdivide [lo, hi]
+        return [lo, hi]
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
     first = math.ceil(lo / step - 1e-9) * step
@@ -101,6 +104,10 @@ class Chart:
     x_range: tuple[float, float] | None = None  # shared by every chart of a page, so they line up
     skips: Sequence[tuple[float, str, str]] = ()  # (x, tooltip, colour): iterations skipped, ticked at the bottom
     gaps: Sequence[tuple[float, float, str, str]] = ()  # (from, to, tooltip, colour): no results in between
+
+    def has_x_span(self) -> bool:
+        """Whether the page's shared x range covers more than one iteration (other charts have others)."""
+        return self.x_range is not None and all(map(math.isfinite, self.x_range)) and self.x_range[0] < self.x_range[1]
 
 
 def _finite(v: float | None) -> bool:
@@ -193,6 +200,9 @@ def line_chart(chart: Chart) -> str:
         return "".join(parts)
     parts.insert(1, _HATCH)
     x0, x1 = _x_domain(chart, xs_all)
+    # One iteration on the whole axis (a one-checkpoint report): no line, no trend, no invented iterations
+    # around it; the point is marked with its value, at the middle, with a y-axis around the value.
+    single = min(xs_all) == max(xs_all) and not chart.has_x_span()
     y0, y1 = min(ys_all), max(ys_all)
     pad = (y1 - y0) * 0.06 if y1 > y0 else (abs(y0) * 0.05 or 0.5)
     # counts, norms and sizes never go below 0: the padding must not invent negative ticks for them
@@ -210,7 +220,15 @@ def line_chart(chart: Chart) -> str:
         parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#e3e3e3"/>')
         parts.append(f'<text x="{left - 6}" y="{py(t) + 4:.1f}" {_FONT} text-anchor="end">'
                      f'{esc(_tick_label(t, ystep))}</text>')
-    x_axis(parts, x0, x1, px, top + ph)
+    if single:
+        only = xs_all[0]
+        parts.append(f'<line x1="{px(only):.1f}" x2="{px(only):.1f}" y1="{top + ph}" y2="{top + ph + 4}" stroke="#555"/>')
+        parts.append(f'<text x="{px(only):.1f}" y="{top + ph + 16}" {_FONT} text-anchor="middle">'
+                     f'{esc(f"{only:g}")}</text>')
+        parts.append(f'<text class="single" x="{left + pw / 2:.1f}" y="{top + 14}" {_FONT} text-anchor="middle">'
+                     f'one analysed iteration: no trend yet</text>')
+    else:
+        x_axis(parts, x0, x1, px, top + ph)
     gap_marks(parts, chart.gaps, chart.skips, x0, x1, px, top, ph)
     parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#555"/>')
     parts.append(f'<text x="{left + pw / 2}" y="{h - 6}" {_FONT} text-anchor="middle">{esc(chart.x_label)}</text>')
@@ -231,13 +249,18 @@ def line_chart(chart: Chart) -> str:
                 parts.append(f'<polygon class="band" points="{" ".join(poly)}" fill="{colour}" '
                              f'fill-opacity="0.15" stroke="none"/>')
         for seg in _segments(s.xs, s.ys):
+            if single:  # one point: its circle and value below, no line
+                continue
             pts = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in seg)
             parts.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="1.8"{dash}/>')
-        radius = 2.6 if len(s.xs) <= 150 else 1.0  # dense series: dots must not hide the line
+        radius = 4.0 if single else 2.6 if len(s.xs) <= 150 else 1.0  # dense series: dots must not hide the line
         for x, y in zip(s.xs, s.ys):
             if _finite(y) and x0 <= x <= x1:
                 parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="{radius}" fill="{colour}">'
                              f'<title>{esc(prefix + s.label)}, iter {x:g}: {esc(fmt(y, s.digits))}</title></circle>')
+                if single:  # the number itself, beside its point
+                    parts.append(f'<text class="value" x="{px(x) + 8:.1f}" y="{py(y) + 4:.1f}" {_FONT} '
+                                 f'fill="{colour}">{esc(fmt(y, s.digits))}</text>')
         label = prefix + s.label + (f" ({s.band_label})" if s.band_label else "")
         ly = 32 + 15 * (i % nrows)
         legend_x_i = left + 4 + (i // nrows) * (w - left - right) // ncols

@@ -40,7 +40,8 @@ class _Assembly:
     sent_at: float
     blocks: list[tuple[int, int, int, int, str]] = field(default_factory=list)  # r0, c0, rows, cols, publisher
     covered: int = 0  # elements filled so far
-    metrics: dict | None = None  # the trainer metrics any part carried (normally rank 0's)
+    metrics: dict | None = None  # the trainer metrics of the lowest-ranked part that carried any (rank 0's)
+    metrics_rank: int | None = None
 
     def progress(self) -> str:
         total = self.global_shape[0] * self.global_shape[1]
@@ -68,8 +69,13 @@ class Assembler:
         self.dropped = 0  # iterations discarded incomplete, daemon-wide
 
     # --- parts ---------------------------------------------------------------------------------
-    def add(self, run: str, msg: Snapshot, part: torch.Tensor, counted_drop: list[str]) -> Complete | None:
-        """Place one part of `run`; the full iteration when this completed it. Reasons for dropped iterations go to `counted_drop`."""
+    def add(self, run: str, msg: Snapshot, part: torch.Tensor, counted_drop: list[str],
+            rank: int = 0) -> Complete | None:
+        """Place one part of `run` from the publisher of `rank`; the full iteration when this completed it.
+
+        Reasons for dropped iterations go to `counted_drop`. The iteration's trainer metrics are rank 0's
+        (the lowest rank that sent any), as every logger keeps them, whatever order the parts arrive in.
+        """
         assert msg.global_shape is not None and msg.offset is not None
         now = time.monotonic()
         current = self._current.get(run)
@@ -96,8 +102,8 @@ class Assembler:
         current.blocks.append((r0, c0, rows, cols, msg.publisher))
         current.covered += rows * cols
         current.sent_at = max(current.sent_at, msg.sent_at)
-        if msg.metrics:
-            current.metrics = {**(current.metrics or {}), **msg.metrics}
+        if msg.metrics and (current.metrics_rank is None or rank < current.metrics_rank):
+            current.metrics, current.metrics_rank = dict(msg.metrics), rank
         if current.covered < current.global_shape[0] * current.global_shape[1]:
             return None
         del self._current[run]
@@ -141,6 +147,10 @@ class Assembler:
     def runs(self) -> list[str]:
         """Runs with an assembly in progress."""
         return list(self._current)
+
+    def held(self) -> dict[str, tuple[int, int, float]]:
+        """Per run being assembled: (its iteration, bytes of its buffer, when it started): for the pending-bytes budget."""
+        return {run: (a.iter, a.buffer.numel() * a.buffer.element_size(), a.started) for run, a in self._current.items()}
 
     def in_progress(self) -> int:
         """Assemblies holding a buffer now (at most one per run)."""

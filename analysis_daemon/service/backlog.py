@@ -8,8 +8,10 @@ result of that run; that result's drift is measured against the last snapshot an
 which has a record of its own. The snapshot just received is never the one skipped: the newest
 snapshot of a run is always analysed (a budget smaller than one snapshot degrades to newest-wins).
 
-The worker takes runs round-robin: the run served least recently goes first, so a run that sends a
-burst cannot starve another.
+The worker is fair by *source* first (protocol/peers.py: a user id, a CurveZMQ key or a peer address),
+then by run: the source served least recently goes first, and within it the run served least recently.
+So a burst of one run cannot starve another, and neither can a flood of fresh run names from one source:
+each of them counts against that source, and another source's run waits for at most one of its jobs.
 """
 from __future__ import annotations
 
@@ -58,10 +60,12 @@ def enqueue(state: RunState, snap: SnapshotData) -> None:
     state.queued_bytes += snap.nbytes
 
 
-def trim(runs: Iterable[RunState], budget: int, keep: SnapshotData) -> list[tuple[RunState, SnapshotData]]:
-    """Skip queued snapshots (never `keep`) until the backlog fits `budget`; returns what was skipped."""
+def trim(runs: Iterable[RunState], budget: int, keep: SnapshotData,
+         assembling: int = 0) -> list[tuple[RunState, SnapshotData]]:
+    """Skip queued snapshots (never `keep`) until the backlog plus the `assembling` bytes of sharded
+    iterations fits `budget`; returns what was skipped."""
     runs = list(runs)
-    total = sum(s.queued_bytes for s in runs)
+    total = sum(s.queued_bytes for s in runs) + assembling
     skipped: list[tuple[RunState, SnapshotData]] = []
     while total > budget:
         candidates = [s for s in runs if any(q is not keep for q in s.queue)]
@@ -82,9 +86,13 @@ def trim(runs: Iterable[RunState], budget: int, keep: SnapshotData) -> list[tupl
     return skipped
 
 
-def next_run(runs: Iterable[RunState]) -> RunState | None:
-    """The run whose oldest queued snapshot the worker should take now (round-robin), or None."""
+def next_run(runs: Iterable[RunState], source_served: dict[str, int] | None = None) -> RunState | None:
+    """The run whose oldest queued snapshot the worker should take now (fair by source, then by run), or None.
+
+    `source_served` maps a source to when the worker last took a job of any of its runs.
+    """
     waiting = [s for s in runs if s.queue and not s.busy]
     if not waiting:
         return None
-    return min(waiting, key=lambda s: (s.served, s.queue[0].received_mono))
+    served = source_served or {}
+    return min(waiting, key=lambda s: (served.get(s.owner_source or "", 0), s.served, s.queue[0].received_mono))

@@ -11,6 +11,8 @@ Run it with: python -m analysis_daemon --listen tcp://127.0.0.1:5555 --results-d
 """
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import logging
 import signal
 import sys
@@ -25,6 +27,9 @@ import zmq
 from protocol import (DEFAULT_LIMITS, DEFAULT_PEER_LIMITS, End, Gate, Heartbeat, Hello, Limits, PeerLimits,
                       ProtocolError, ShmReader, Snapshot, bind_receiver, decode, remove_segments_of,
                       remove_stale_segments, snapshot_tensor)
+from protocol.messages import DTYPE_ITEMSIZE
+from protocol.peers import OWN_UID, Source
+from protocol.runsecret import take_token
 from protocol.shm import segment_belongs_to
 
 from . import backlog, recovery
@@ -47,12 +52,18 @@ _DRAIN_MAX = 64  # messages handled per wake-up before flags are checked again
 # resumed under the same run name continues its drift; beyond this many the oldest are forgotten
 # (with --state-dir their baseline stays on disk and comes back if the run reappears).
 _KEEP_ENDED_RUNS = 4
-# Runs open at once; past it the longest-idle open run is closed to serve a new one. Runs closed but
-# not yet told to the sinks (the worker is busy) count towards a hard cap of twice that, so a peer
-# inventing run names cannot grow the daemon without bound.
+# Runs open at once. A run with live publishers is never closed to make room: past the limit a new run
+# is refused (counted, one line per source and interval). A source other than the daemon's own user may
+# hold at most half of the places, so one cannot take them all. Runs closed but not yet told to the
+# sinks (the worker is busy) count towards a hard cap of twice that, so a peer inventing run names
+# cannot grow the daemon without bound.
 _MAX_OPEN_RUNS = 64
-# Publisher ids remembered per run (one per trainer process and restart; ranks of a sharded run).
+_MAX_RUNS_PER_SOURCE = _MAX_OPEN_RUNS // 2
+# Publisher ids remembered per run (one per trainer process and restart; ranks of a sharded run). Gone
+# ones are forgotten first; when all are alive, a newcomer is refused.
 _MAX_PUBLISHERS_PER_RUN = 256
+# Messages from a source the daemon cannot attribute (a unit test calling _handle with bytes): its own user.
+_LOCAL = Source(f"uid:{OWN_UID}", f"uid {OWN_UID}")
 
 
 @dataclass
@@ -72,7 +83,8 @@ class DaemonConfig:
     assembly_timeout: float = DEFAULT_TIMEOUT_S  # a sharded iteration's parts must all arrive within this
     reject_log_interval: float = 10.0  # at most one "rejected" line per reason this often
     peers: PeerLimits = DEFAULT_PEER_LIMITS  # heartbeat and handshake timeouts
-    max_connections: int = 256  # connections open at once; more are refused by the gate (ZAP)
+    max_connections: int = 256  # connections of other users open at once; more are refused by the gate
+    max_per_source: int = 32  # connections one other user (uid) or remote address may hold
     cost: CostLimits = field(default_factory=CostLimits)  # one snapshot's analysis cost and memory
     allow_uids: tuple[int, ...] = ()  # besides our own uid, owners whose shared-memory segments we read
 
@@ -86,7 +98,11 @@ def _held_bytes(state: RunState) -> int:
 
 
 class TooManyRuns(Exception):
-    """A message for a new run while 2 x _MAX_OPEN_RUNS runs are not closed yet."""
+    """A message for a new run while the open-run places (all, or its source's share) are taken."""
+
+
+class NotYours(Exception):
+    """A message for a run that belongs to other publishers (another source or another job's run token)."""
 
 
 class Daemon:
@@ -112,6 +128,9 @@ class Daemon:
         self._reload_requested = False  # SIGHUP: re-read the authorised client keys
         self.gate = config.curve.gate if config.curve is not None else Gate()
         self.gate.max_connections = config.max_connections
+        self.gate.max_per_source = config.max_per_source
+        self.gate.trusted_uids = frozenset({OWN_UID, *config.allow_uids})
+        self._source_served: dict[str, int] = {}  # source -> when the worker last took one of its jobs
         self.gate.log_interval = config.reject_log_interval
         self.reject_log = RateLimiter(log, config.reject_log_interval)
         self.worker = AnalysisWorker(self, config.analysis)
@@ -120,29 +139,97 @@ class Daemon:
             self._restore()
 
     # --- state shared with the worker (all under self.lock) --------------------------------------
-    def _state(self, run: str) -> RunState:
+    def _state(self, run: str, src: Source = _LOCAL, token: str | None = None) -> RunState:
         state = self.runs.get(run)
         if state is None:
-            self._make_room(run)
+            self._make_room(run, src)
             # A run not in memory comes back with its on-disk baseline, when there is one (this run's only).
             state = (recovery.load_run(self.store, run) if self.store is not None else None) or RunState(run=run)
             self.runs[run] = state
+        if state.owner_source is None:  # the first publisher to speak binds the run (see _admit)
+            state.owner_source, state.owner_label, state.owner_token = src.key, src.label, token
         if run in self._ended_order:
             self._ended_order.remove(run)
         state.last_active = time.monotonic()
         return state
 
-    def _make_room(self, run: str) -> None:
+    def _trusted(self, src: Source) -> bool:
+        # The daemon's own user (and --allow-uid users): a source whose runs count towards --exit-on-end
+        # without limit. Keys (authorised) and remote addresses (reachable only with keys or
+        # --allow-insecure) are trusted for --exit-on-end too, but share the per-source run limit.
+        return src.uid is not None and src.uid in self.gate.trusted_uids
+
+    def _make_room(self, run: str, src: Source) -> None:
         unclosed = [s for s in self.runs.values() if not s.closed]
         if len(unclosed) >= 2 * _MAX_OPEN_RUNS:
             raise TooManyRuns(f"{len(unclosed)} runs are not closed yet (the worker is behind); "
-                              f"run {run!r} refused until some are")
+                              f"new run {run!r} refused until some are")
         open_runs = [s for s in unclosed if not s.ended]
-        if len(open_runs) >= _MAX_OPEN_RUNS:
-            victim = min(open_runs, key=lambda s: s.last_active)
-            self._end_run(victim, f"evicted to serve new run {run!r}: {len(open_runs)} runs open (limit "
-                                  f"{_MAX_OPEN_RUNS}) and it was idle longest "
-                                  f"({time.monotonic() - victim.last_active:.0f} s)")
+        mine = [s for s in open_runs if s.owner_source == src.key]
+        full = len(open_runs) >= _MAX_OPEN_RUNS
+        if not full and (self._trusted(src) or len(mine) < _MAX_RUNS_PER_SOURCE):
+            return
+        # A run whose publishers are all gone may be closed for the newcomer; one with live publishers never.
+        pool = open_runs if full else mine
+        idle = [s for s in pool if self.publishers.all_gone(s.run) and not self.assembler.has(s.run)]
+        if not idle:
+            raise TooManyRuns(f"new run {run!r} refused: " + (
+                f"{len(open_runs)} runs are open (limit {_MAX_OPEN_RUNS}), all with live publishers" if full else
+                f"its source already has {len(mine)} open runs (limit {_MAX_RUNS_PER_SOURCE} per source)"))
+        victim = min(idle, key=lambda s: s.last_active)
+        self._end_run(victim, f"closed to serve new run {run!r}: its publishers are gone and "
+                              f"{len(open_runs)} runs are open")
+
+    def _admit(self, run: str, publisher: str, src: Source, token: str | None, *, rank: int = 0,
+               world_size: int = 1, part: bool = False, hello: bool = False) -> None:
+        """Raise NotYours unless a message of `publisher` from `src` may go to `run` (lock held).
+
+        A run belongs to the publisher that opened it (its source and run token). Another publisher
+        joins it only with the same run token (a rank of the same job); one of the same source is
+        let through when it is a plain rank-0 trainer (liveness.py keeps it apart while the first one
+        lives) or when the run's publishers are all gone (a resumed trainer). Everyone else is refused.
+        """
+        pub = self.publishers.known(run, publisher)
+        if pub is not None:
+            if pub.source is not None and pub.source != src.key:
+                raise NotYours(f"publisher {pub.describe()} of run {run!r} spoke from {pub.source}, now from "
+                               f"{src.label}: refused")
+            return
+        state = self.runs.get(run)
+        if state is None or state.owner_source is None:
+            return
+        if token is not None and state.owner_token is not None and hmac.compare_digest(token, state.owner_token):
+            return
+        live = self.publishers.live(run) > 0  # a dead job's unfinished assembly is dropped by the new one's parts
+        if src.key == state.owner_source:
+            if not live or (not part and rank == 0 and world_size == 1):
+                return
+            if token is None and state.owner_token is None and (hello or self.publishers.live(run) == 0):
+                return  # publishers without run tokens (hand-made, older hooks) of the same user: as before
+            what = f"rank {rank} of {world_size}" if hello else "a part"
+            raise NotYours(f"{what} of run {run!r} from a publisher whose run token differs from the run's "
+                           "first publisher's: ranks of one job must share a run secret (run_secret= or "
+                           "EMBEDDING_MONITOR_RUN_SECRET); refused")
+        raise NotYours(f"run {run!r} belongs to the publishers of {state.owner_label}; {src.label} may not "
+                       "join it (a different run name, or the run's secret): refused")
+
+    def _routed_state(self, pub: Any, src: Source, token: str | None) -> RunState:
+        # The state of the run a publisher was routed to (lock held). When its run is refused (a kept-apart
+        # name past the limits), the publisher is forgotten again: refused ids must not fill the table.
+        try:
+            return self._state(pub.run, src, token)
+        except TooManyRuns:
+            self.publishers.drop(pub)
+            raise
+
+    def _bind(self, pub: Any, src: Source, token: str | None) -> None:
+        # lock held: remember where an admitted publisher speaks from; a resumed run takes the new token.
+        if pub.source is None:
+            pub.source = src.key
+        state = self.runs.get(pub.run)
+        if state is not None and token is not None and state.owner_source == src.key and (
+                state.owner_token is None or self.publishers.live(pub.run) <= 1):
+            state.owner_token = token
 
     def _end_run(self, state: RunState, reason: str) -> None:
         # Closed like an `end` (lock held): its queued snapshots are analysed first, then the sinks hear.
@@ -189,7 +276,7 @@ class Daemon:
                     if state.ended and not state.closed and state.idle():
                         state.closed = True
                         return state.run, self._run_summary(state)
-                state = backlog.next_run(self.runs.values())  # round-robin: no run starves another
+                state = backlog.next_run(self.runs.values(), self._source_served)  # fair by source, then run
                 if state is not None:
                     snap = state.queue.popleft()
                     state.queued_bytes -= snap.nbytes
@@ -198,6 +285,10 @@ class Daemon:
                               hello=state.hello, repeat_of=repeat, first=first, default_tensor=main)
                     self._served += 1
                     state.served, state.busy = self._served, True
+                    self._source_served[state.owner_source or ""] = self._served
+                    if len(self._source_served) > 4 * _MAX_OPEN_RUNS:  # bounded: forget sources with no run
+                        owners = {s.owner_source or "" for s in self.runs.values()}
+                        self._source_served = {k: v for k, v in self._source_served.items() if k in owners}
                     return job
                 self.cond.wait(0.5)
 
@@ -245,43 +336,58 @@ class Daemon:
         return summary
 
     # --- receive loop ----------------------------------------------------------------------------
-    def _reject(self, reason: str, run: str | None = None) -> None:
+    def _reject(self, reason: str, run: str | None = None, src: Source | None = None) -> None:
         with self.lock:
             self.totals.rejected += 1
-            if run is not None and run in self.runs:
-                self.runs[run].counters.rejected += 1
+            state = self.runs.get(run) if run is not None else None
+            if state is not None and (src is None or state.owner_source == src.key):
+                state.counters.rejected += 1  # another source's refused messages are not this run's
             total = self.totals.rejected
-        # Rate-limited per kind of reason: a flood of bad messages costs a line per interval, not per message.
-        self.reject_log.log(logging.WARNING, reason_key(reason), "rejected message #%d%s: %s", total,
+        # Rate-limited per kind of reason and source: a flood of bad messages costs a line per interval.
+        self.reject_log.log(logging.WARNING, reason_key(reason) + (f"|{src.key}" if src else ""),
+                            "rejected message #%d%s%s: %s", total, f" from {src.label}" if src else "",
                             f" (run {safe(run)})" if run else "", safe(reason, 300))
 
-    def _on_hello(self, msg: Hello) -> None:
-        vocab = CompactVocab(msg.vocab) if msg.vocab is not None else None  # ~8 B/token instead of ~60
-        hello = HelloInfo(pid=msg.pid, host=msg.host, vocab=vocab, wandb=msg.wandb, meta=msg.meta)
+    def _on_hello(self, msg: Hello, src: Source = _LOCAL) -> None:
+        meta = dict(msg.meta)
+        token = take_token(meta)  # never kept or shown: it proves membership of the run
         with self.cond:
+            self._admit(msg.run, msg.publisher, src, token, rank=msg.rank, world_size=msg.world_size, hello=True)
+            publishers = self._hello_publishers.get(msg.run, [])
+            if msg.publisher not in publishers and len(publishers) >= _MAX_PUBLISHERS_PER_RUN:
+                publishers[:] = [p for p in publishers if (k := self.publishers.known(msg.run, p)) is not None
+                                 and k.gone is None]  # forget the gone ones; never a live one
+                if len(publishers) >= _MAX_PUBLISHERS_PER_RUN:
+                    raise TooManyRuns(f"run {msg.run!r} has {len(publishers)} live publishers (limit "
+                                      f"{_MAX_PUBLISHERS_PER_RUN}): another one refused")
+            if self.publishers.known(msg.run, msg.publisher) is None and msg.run not in self.runs:
+                self._state(msg.run, src, token)  # room made (or the newcomer refused) before it is registered
             pub, warning = self.publishers.route(msg.run, msg.publisher, hello=msg)
             run = pub.run
-            state = self._state(run)
-            state.hello = hello
+            state = self._routed_state(pub, src, token)
+            self._bind(pub, src, token)
+            vocab = CompactVocab(msg.vocab) if msg.vocab is not None else None  # ~8 B/token instead of ~60
+            state.hello = HelloInfo(pid=msg.pid, host=msg.host, vocab=vocab, wandb=msg.wandb, meta=meta)
             state.ended = state.closed = False
             publishers = self._hello_publishers.setdefault(msg.run, [])
             if msg.publisher not in publishers:
                 publishers.append(msg.publisher)
-                del publishers[:-_MAX_PUBLISHERS_PER_RUN]  # bounded: the oldest restarts are forgotten
             self.seen_runs.add(run)
             self.cond.notify_all()
         if warning:
             log.warning("%s", warning)
         beat = msg.meta.get("heartbeat_s")
         if type(beat) in (int, float) and 0 < beat <= 3600 and self.config.run_timeout < 2 * beat:
-            log.warning("run %s: its publisher heartbeats every %g s but --run-timeout is %g s, so a quiet "
-                        "trainer looks gone; use --run-timeout %g or more", safe(run), beat,
-                        self.config.run_timeout, 3 * beat)
-        log.info("run %s: hello from pid %s on %s%s (vocab: %s tokens, wandb: %s)", safe(run), msg.pid,
-                 safe(msg.host),
-                 f", rank {msg.rank} of {msg.world_size}" if msg.world_size > 1 else "",
-                 len(msg.vocab) if msg.vocab is not None else "no",
-                 "yes" if msg.wandb else "no")
+            self.reject_log.log(logging.WARNING, f"heartbeat_s|{src.key}", "run %s: its publisher heartbeats every "
+                                "%g s but --run-timeout is %g s, so a quiet trainer looks gone; use --run-timeout %g "
+                                "or more", safe(run), beat, self.config.run_timeout, 3 * beat)
+        # Every hello of our own user's trainers; one line per interval for another source's (a flood of
+        # hellos is summarised with the count suppressed).
+        say = (lambda *a: log.info(*a) or True) if self._trusted(src) else \
+            (lambda *a: self.reject_log.log(logging.INFO, f"hello|{src.key}", *a))
+        say("run %s: hello from pid %s on %s%s (vocab: %s tokens, wandb: %s)", safe(run), msg.pid,
+            safe(msg.host), f", rank {msg.rank} of {msg.world_size}" if msg.world_size > 1 else "",
+            len(msg.vocab) if msg.vocab is not None else "no", "yes" if msg.wandb else "no")
 
     def _check_shm_owner(self, msg: Snapshot) -> None:
         # A shared-memory snapshot must name a segment of its own publisher (name bound to the secret in
@@ -296,7 +402,7 @@ class Daemon:
         if not announced:
             raise ProtocolError("shm: the snapshot's publisher sent no hello for this run on its connection")
 
-    def _on_snapshot(self, msg: Snapshot, shm: ShmReader) -> None:
+    def _on_snapshot(self, msg: Snapshot, shm: ShmReader, src: Source = _LOCAL) -> None:
         # Decided from the header alone, before the payload is even copied: a snapshot whose analysis
         # would hold the only worker (or memory) beyond the bounds is refused with its reason.
         settings = self.config.analysis
@@ -304,8 +410,16 @@ class Daemon:
         too_costly, sample = plan_cost(rows, cols, self.config.cost, settings.chunk_size,
                                        settings.knn_k if settings.extras else 0, settings.sample_rows)
         if too_costly is not None:
-            self._reject(too_costly, msg.run)
+            self._reject(too_costly, msg.run, src)
             return
+        with self.cond:  # only the run's own publishers may add to it (checked before any copy)
+            self._admit(msg.run, msg.publisher, src, None, part=msg.is_part)
+            if self.publishers.known(msg.run, msg.publisher) is None and msg.run not in self.runs:
+                self._state(msg.run, src)  # room made (or the newcomer refused) before it is registered
+            pub, warning = self.publishers.route(msg.run, msg.publisher)
+            run = pub.run
+            self._routed_state(pub, src, None)
+            self._bind(pub, src, None)
         if sample is not None:
             self.reject_log.log(logging.INFO, f"sampled:{msg.run}", "run %s iter %d: the exact geometry of %dx%d "
                                 "is over --max-cost %.2g: analysing it sampled from %d rows", safe(msg.run),
@@ -316,15 +430,12 @@ class Daemon:
             # Copies a shared-memory payload out and frees the slot now, whatever the worker is doing.
             tensor = snapshot_tensor(msg, shm)
         except ProtocolError as exc:
-            self._reject(str(exc), msg.run)
+            self._reject(str(exc), msg.run, src)
             return
-        with self.lock:  # the run this publisher's snapshots go to (kept-apart publishers: their own)
-            pub, warning = self.publishers.route(msg.run, msg.publisher)
         if warning:
             log.warning("%s", warning)
-        run = pub.run
         if msg.is_part:  # one rank's shard: analysed once the iteration's parts are all in
-            snap = self._assemble(run, msg, tensor)
+            snap = self._assemble(run, msg, tensor, pub.rank, src)
             if snap is None:
                 return
             snap.sample_rows = sample  # judged by the whole matrix's shape, like every part of it
@@ -333,7 +444,7 @@ class Daemon:
                                 metrics=msg.metrics, sample_rows=sample, token_counts=token_counts_of(msg))
         budget = self.config.max_pending_bytes
         with self.cond:
-            state = self._state(run)
+            state = self._state(run, src)
             if not state.knows_tensor(snap.name) and len(state.others) + 1 >= MAX_TENSORS_PER_RUN:
                 refused = f"tensor {snap.name!r}: run already sends {MAX_TENSORS_PER_RUN} named tensors"
             else:
@@ -342,7 +453,7 @@ class Daemon:
             self._reject(refused, run)
             return
         with self.cond:
-            state = self._state(run)
+            state = self._state(run, src)
             self.seen_runs.add(run)
             if state.ended:
                 log.warning("run %s: snapshot iter %d after its end (or close); run reopened", run, msg.iter)
@@ -350,7 +461,8 @@ class Daemon:
             state.counters.received += 1
             self.totals.received += 1
             backlog.enqueue(state, snap)
-            skipped = backlog.trim(self.runs.values(), budget, keep=snap)
+            assembling = sum(held for _, held, _ in self.assembler.held().values())
+            skipped = backlog.trim(self.runs.values(), budget, keep=snap, assembling=assembling)
             for victim_state, _ in skipped:
                 victim_state.counters.skipped += 1
                 self.totals.skipped += 1
@@ -362,13 +474,56 @@ class Daemon:
                         backlog.human(budget), backlog.human(queued))
         log.debug("run %s: received iter %d", run, msg.iter)
 
-    def _assemble(self, run: str, msg: Snapshot, part: Any) -> SnapshotData | None:
+    def _room_for_assembly(self, run: str, msg: Snapshot, src: Source, drops: list[tuple[str, str]]) -> str | None:
+        """Make room in --max-pending-bytes for a new assembly of `run` (its full buffer); why not, or None.
+
+        Assembly buffers count in the budget with the queued snapshots. When they do not fit, the source's
+        own older assemblies go first, then those of a source holding more than this one would; never
+        those of a source holding less (so a flood of never-completing parts costs its own source).
+        """
+        held = self.assembler.held()
+        current = held.get(run)
+        if current is not None and msg.iter <= current[0]:
+            return None  # a part of the iteration already being assembled
+        rows, cols = msg.global_shape  # type: ignore[misc]
+        need = rows * cols * DTYPE_ITEMSIZE[msg.dtype]
+        with self.lock:
+            owner = {r: (self.runs[r].owner_source if r in self.runs else None) for r in held}
+            queued = sum(s.queued_bytes for s in self.runs.values())
+        held.pop(run, None)  # replaced by the newer iteration
+        budget = self.config.max_pending_bytes
+        while queued + need + sum(b for _, b, _ in held.values()) > budget:
+            by_source: dict[str | None, int] = {}
+            for r, (_, b, _) in held.items():
+                by_source[owner[r]] = by_source.get(owner[r], 0) + b
+            mine = by_source.get(src.key, 0) + need
+            victims = [r for r in held if owner[r] == src.key] or \
+                [r for r in held if by_source[owner[r]] > mine]
+            if not victims:
+                return (f"part of iter {msg.iter}: assembling it needs {backlog.human(need)}, over "
+                        f"--max-pending-bytes {backlog.human(budget)} with {backlog.human(queued)} queued and "
+                        f"{backlog.human(sum(b for _, b, _ in held.values()))} being assembled; refused")
+            victim = min(victims, key=lambda r: held[r][2])
+            why = self.assembler.abandon(victim, f"dropped for run {run!r}'s new iteration: assemblies over "
+                                                 f"--max-pending-bytes {backlog.human(budget)}")
+            drops.append((victim, why or ""))
+            del held[victim]
+        return None
+
+    def _assemble(self, run: str, msg: Snapshot, part: Any, rank: int, src: Source = _LOCAL) -> SnapshotData | None:
         drops: list[str] = []
+        room: list[tuple[str, str]] = []
+        refused = self._room_for_assembly(run, msg, src, room)
+        for victim, why in room:
+            self._incomplete(victim, why)
+        if refused is not None:
+            self._reject(refused, run, src)
+            return None
         try:
-            done = self.assembler.add(run, msg, part, drops)
+            done = self.assembler.add(run, msg, part, drops, rank=rank)
         except PartRejected as exc:
             done = None
-            self._reject(str(exc), run)
+            self._reject(str(exc), run, src)
         for why in drops:
             self._incomplete(run, why)
         if done is None:
@@ -398,12 +553,16 @@ class Daemon:
             if ended:
                 self._incomplete(run, self.assembler.abandon(run, "incomplete when the run ended") or "")
 
-    def _on_end(self, msg: End) -> None:
+    def _on_end(self, msg: End, src: Source = _LOCAL) -> None:
         with self.cond:
+            self._admit(msg.run, msg.publisher, src, None)
+            if self.publishers.known(msg.run, msg.publisher) is None and msg.run not in self.runs:
+                self._state(msg.run, src)
             pub, _ = self.publishers.route(msg.run, msg.publisher)
+            state = self._routed_state(pub, src, None)
+            self._bind(pub, src, None)
             pub.gone = "sent end"
             run = pub.run
-            state = self._state(run)
             state.end_info = {"final_iter": msg.final_iter, "published": msg.published,
                               "dropped": msg.dropped}
             # A run ends when all its publishers have; a sharded one also waits (bounded by
@@ -414,42 +573,73 @@ class Daemon:
         log.info("run %s: end (final iter %s, trainer published %d, dropped %d)", run,
                  msg.final_iter, msg.published, msg.dropped)
 
-    def _on_heartbeat(self, msg: Heartbeat) -> None:
+    def _on_heartbeat(self, msg: Heartbeat, src: Source = _LOCAL) -> None:
         with self.cond:
-            if self.publishers.known(msg.run, msg.publisher) is None:
-                return  # not introduced (its hello comes first): nothing to keep alive, nothing to create
+            known = self.publishers.known(msg.run, msg.publisher)
+            if known is None or (known.source is not None and known.source != src.key):
+                # Only a run's own publishers keep it alive (an unknown one's hello comes first): nothing
+                # to keep alive, nothing to create, nothing logged (heartbeats come every few seconds).
+                return
             pub, _ = self.publishers.route(msg.run, msg.publisher)
             state = self.runs.get(pub.run)
             if state is not None:
                 state.last_active = time.monotonic()
 
+    def _source(self, frame: Any) -> Source:
+        """Who sent the message whose first frame is `frame`: its CurveZMQ key, else its connection's source."""
+        try:
+            user = frame.get("User-Id")
+            fd = frame.get(zmq.SRCFD)
+        except (AttributeError, zmq.ZMQError):
+            return _LOCAL  # not a received zmq.Frame (a test feeding bytes): the daemon's own user
+        if user:
+            return Source(f"key:{user}", f"key {user}")
+        return self.gate.source_of(fd)
+
     def _handle(self, frames: list[Any], shm: ShmReader) -> None:
+        src = self._source(frames[0]) if frames else _LOCAL
         try:
             msg = decode(frames, self.config.limits)
         except ProtocolError as exc:
-            self._reject(str(exc))
+            self._reject(str(exc), src=src)
             return
         try:
             if isinstance(msg, Snapshot):
-                self._on_snapshot(msg, shm)
+                self._on_snapshot(msg, shm, src)
             elif isinstance(msg, Hello):
-                self._on_hello(msg)
+                self._on_hello(msg, src)
             elif isinstance(msg, Heartbeat):
-                self._on_heartbeat(msg)
+                self._on_heartbeat(msg, src)
             else:
-                self._on_end(msg)
-        except TooManyRuns as exc:
-            self._reject(str(exc))
+                self._on_end(msg, src)
+        except (TooManyRuns, NotYours) as exc:
+            self._reject(str(exc), msg.run, src)
         except Exception as exc:  # never exit because of input, whatever it triggers
             self._reject(f"could not handle {type(msg).__name__.lower()}: {type(exc).__name__}: {exc}",
-                         msg.run)
+                         msg.run, src)
 
     def _all_ended(self) -> bool:
+        # --exit-on-end waits for the runs of the daemon's own user, its --allow-uid users, its keys and
+        # remote peers; another local user's runs neither hold it open nor count as "a run that connected".
         with self.lock:
-            if not self.seen_runs:
+            runs = [r for r in self.seen_runs if r not in self.runs or self._waits_for(self.runs[r])]
+            if not runs:
                 return False
-            return all(r not in self.runs or (self.runs[r].closed and self.runs[r].idle())
-                       for r in self.seen_runs)
+            return all(r not in self.runs or (self.runs[r].closed and self.runs[r].idle()) for r in runs)
+
+    def _waits_for(self, state: RunState) -> bool:
+        owner = state.owner_source
+        if owner is None or owner.startswith("key:"):
+            return True  # restored from --state-dir, or an authorised CurveZMQ key
+        if owner.startswith("uid:"):
+            return int(owner[4:]) in self.gate.trusted_uids
+        # A remote address (reachable only with keys or --allow-insecure) counts; a local peer whose
+        # owner could not be read does not (it may be another user's).
+        host = owner[len("addr:"):]
+        try:
+            return not ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signals += 1

@@ -51,6 +51,7 @@ class Publisher:
     host: str | None = None
     last_seen: float = 0.0  # monotonic
     gone: str | None = None  # why it no longer counts as alive (None: alive)
+    source: str | None = None  # the source (protocol/peers.py) it first spoke from; later messages must match
 
     def describe(self) -> str:
         """`pid N on HOST` or the id, for log lines."""
@@ -99,6 +100,10 @@ class Publishers:
         """Publishers whose messages go to `run`."""
         return [p for p in self._by_key.values() if p.run == run]
 
+    def live(self, run: str) -> int:
+        """How many publishers of `run` are alive."""
+        return sum(1 for p in self._by_key.values() if p.run == run and p.gone is None)
+
     def all_gone(self, run: str) -> bool:
         """True when no publisher of `run` is alive (an unknown run has none)."""
         return all(p.gone is not None for p in self.of_run(run))
@@ -130,6 +135,11 @@ class Publishers:
         for pub in self.of_run(run):
             if pub.gone is None:
                 pub.gone = reason
+
+    def drop(self, pub: Publisher) -> None:
+        """Forget one publisher (its run was refused)."""
+        if self._by_key.get(pub.key) is pub:
+            del self._by_key[pub.key]
 
     def forget_run(self, run: str) -> None:
         """Drop the entries of a run released from memory (so the table stays bounded)."""

@@ -121,6 +121,11 @@ class RunState:
     main_tensor: str | None = None  # the first tensor name the run sent: `previous`/`first`/`max_iter` are its
     others: dict[str, "TensorBaseline"] = field(default_factory=dict)  # every other tensor's, by name (bounded)
     counters: Counters = field(default_factory=Counters)
+    # Who the run belongs to (issue 21): the source (protocol/peers.py) and run token of the publisher that
+    # opened it. Other ranks must show the same token; other sources are refused while it is in memory.
+    owner_source: str | None = None
+    owner_label: str = ""
+    owner_token: str | None = None
     ended: bool = False  # `end` received; closed once no work is left
     closed: bool = False  # run's sinks told it ended
     end_info: dict[str, Any] | None = None

@@ -31,7 +31,8 @@ class StateStoreError(ValueError):
     """A state directory entry that cannot be used (corrupt, truncated, unknown format)."""
 
 
-def _write_atomic(path: Path, data: bytes | memoryview) -> None:
+def write_atomic(path: Path, data: Any) -> None:
+    """Write `data` (bytes or any buffer) to `path` whole or not at all: a temporary file, fsync, rename."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -98,7 +99,7 @@ class StateStore:
     def _write_sidecar(self, run_dir: Path, sidecar: dict[str, Any]) -> None:
         sidecar["format"] = FORMAT_VERSION
         sidecar["written_at"] = time.time()
-        _write_atomic(run_dir / "state.json", json.dumps(sidecar).encode("utf-8"))
+        write_atomic(run_dir / "state.json", json.dumps(sidecar).encode("utf-8"))
         _fsync_dir(run_dir)
 
     def save_snapshot(self, run: str, snap: SnapshotData) -> None:
@@ -112,7 +113,7 @@ class StateStore:
         sidecar = self._read_sidecar(run_dir)
         old_file = (sidecar.get("snapshot") or {}).get("file")
         fname = f"snapshot-{snap.iter}-{snap.seq}.bin"
-        _write_atomic(run_dir / fname, memoryview(raw).cast("B"))
+        write_atomic(run_dir / fname, memoryview(raw).cast("B"))
         try:
             self._point_sidecar_at(run_dir, run, snap, raw, sidecar, fname)
         except BaseException:
@@ -146,7 +147,7 @@ class StateStore:
             fname = f"snapshot-{snap.iter}-{snap.seq}.bin"
             if fname == base:  # the same iteration again (a resumed trainer): never overwrite the baseline
                 fname = f"snapshot-{snap.iter}-{snap.seq}-repeat.bin"
-            _write_atomic(run_dir / fname, memoryview(raw).cast("B"))
+            write_atomic(run_dir / fname, memoryview(raw).cast("B"))
             sidecar["run"] = run
             sidecar["analysing"] = {"file": fname, "iter": snap.iter, "seq": snap.seq, "name": snap.name,
                                     "dtype": snap.dtype, "shape": snap.shape, "nbytes": memoryview(raw).nbytes,

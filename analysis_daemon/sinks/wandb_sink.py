@@ -18,10 +18,11 @@ from typing import Any
 
 from ..service.logsafe import first_line
 from . import Sink
+from .scalars import STEP_KEY, histograms, scalar_metrics
 
 log = logging.getLogger("embedding_monitor.daemon")
 
-STEP_METRIC = "analysis/iter"
+STEP_METRIC = STEP_KEY
 JOB_TYPE = "embedding-analysis"
 _QUEUE_MAX = 256  # results waiting for wandb; beyond that wandb is hopelessly behind and we drop
 
@@ -48,24 +49,15 @@ def wandb_run_settings(run: str, hello_wandb: dict[str, Any] | None,
 
 
 def metrics_for(result: dict[str, Any], wandb: Any, vocab: list[str] | None = None) -> dict[str, Any]:
-    """The wandb log dict of one result (scalars, histogram, token tables, counters); `vocab` names the
-    galaxy map's points."""
-    data: dict[str, Any] = {STEP_METRIC: result["iter"], "analysis/seconds": result["seconds"]}
-    if result.get("prev_iter") is not None:
-        data["analysis/prev_iter"] = result["prev_iter"]
+    """The wandb log dict of one result (scalars, histograms, token tables, counters); `vocab` names the
+    galaxy map's points. The scalars and histograms are the shared ones (scalars.py), as in TensorBoard."""
+    import numpy as np  # numpy arrays are what wandb.Histogram expects
+
+    data: dict[str, Any] = {STEP_METRIC: result["iter"], **scalar_metrics(result)}
+    for key, (counts, bins) in histograms(result).items():
+        data[key] = wandb.Histogram(np_histogram=(np.asarray(counts), np.asarray(bins)))
     drift = result.get("drift")
     if drift:
-        for key, name in (("average_cosine_similarity", "drift_cosine_sim"),
-                          ("average_euclidean_distance", "drift_euclidean")):
-            if drift.get(key) is not None:  # None when no row was usable (all non-finite)
-                data[f"analysis/{name}"] = drift[key]
-        common = drift.get("common_mode") or {}
-        for name, value in (("drift_linear_cka", drift.get("linear_cka")),
-                            ("mean_shift", common.get("mean_shift")),
-                            ("mean_shift_relative", common.get("mean_shift_relative")),
-                            ("mean_norm_ratio", common.get("mean_norm_ratio"))):
-            if value is not None:
-                data[f"analysis/{name}"] = value
         for kind in ("most", "least"):
             pairs = drift.get(f"{kind}_drifted_tokens") or []
             strings = drift.get(f"{kind}_drifted_token_strings")
@@ -73,47 +65,9 @@ def metrics_for(result: dict[str, Any], wandb: Any, vocab: list[str] | None = No
                     for rank, (tid, cos) in enumerate(pairs)]
             data[f"analysis/drift_{kind}_drifted_tokens"] = wandb.Table(
                 columns=["rank", "token_id", "token", "cosine_similarity"], data=rows)
-    if result.get("tokens_seen") is not None:
-        data["analysis/tokens_seen"] = result["tokens_seen"]
-    by_freq = (result.get("insight") or {}).get("drift_by_frequency") or {}
-    if by_freq.get("spearman_count_vs_drift") is not None:
-        data["analysis/drift_frequency_spearman"] = by_freq["spearman_count_vs_drift"]
-    since = result.get("drift_since_init") or {}
-    for key, name in (("average_cosine_similarity", "drift_since_init_cosine_sim"),
-                      ("average_euclidean_distance", "drift_since_init_euclidean"),
-                      ("linear_cka", "drift_since_init_linear_cka")):
-        if since.get(key) is not None:
-            data[f"analysis/{name}"] = since[key]
-    geom = result.get("geometry")
-    if geom:
-        density, sparsity = geom["local_density"], geom["global_sparsity"]
-        if density.get("average_neighborhood_size") is not None:
-            data["analysis/geom_avg_neighbors"] = density["average_neighborhood_size"]
-        ci = (geom.get("confidence_95") or {}).get("average_neighborhood_size")
-        if geom.get("sampled_rows") and ci:  # sampled geometry: the estimate's 95% interval beside it
-            data["analysis/geom_sampled_rows"] = geom["sampled_rows"]
-            data["analysis/geom_avg_neighbors_ci_low"], data["analysis/geom_avg_neighbors_ci_high"] = ci
-        for key, name in (("mean_similarity", "geom_mean_similarity"),
-                          ("std_similarity", "geom_std_similarity")):
-            if sparsity.get(key) is not None:
-                data[f"analysis/{name}"] = sparsity[key]
-        counts, bins = sparsity.get("histogram_counts"), sparsity.get("histogram_bins")
-        if counts is not None and bins is not None:
-            import numpy as np  # numpy arrays are what wandb.Histogram expects
-            data["analysis/geom_similarity_hist"] = wandb.Histogram(
-                np_histogram=(np.asarray(counts), np.asarray(bins)))
     data.update(insight_metrics(result, wandb))
     if result.get("galaxy") is not None or result.get("insight") is not None:  # not with --no-extras
         data.update(galaxy_metrics(result, wandb, vocab))
-    # The trainer's own scalars, under their own names (e.g. train/loss): one chart can hold loss and drift.
-    for key, value in (result.get("metrics") or {}).items():
-        data.setdefault(key, value)
-    for key, value in result["counters"].items():
-        data[f"analysis/{key}"] = value
-    data["analysis/rejected_total"] = result["daemon_counters"]["rejected"]
-    data["analysis/skipped_since_last"] = len(result.get("skipped_iters") or [])
-    if result.get("non_finite") is not None:
-        data["analysis/non_finite_values"] = result["non_finite"]["values"]
     return tensor_keys(data, result)
 
 
@@ -127,37 +81,21 @@ def tensor_keys(data: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
 
 
 def insight_metrics(result: dict[str, Any], wandb: Any) -> dict[str, Any]:
-    """The wandb entries of a result's "insight" section and alerts (scalars, histogram, probe table)."""
-    data: dict[str, Any] = {"analysis/alerts": len(result.get("alerts") or [])}
-    ins = result.get("insight")
-    if not ins:
-        return data
-    iso, norms = ins.get("isotropy") or {}, ins.get("row_norms")
-    nd, frozen = ins.get("neighbourhood_drift"), ins.get("frozen_tokens")
-    scalars = {"effective_rank": ins.get("effective_rank"),
-               "isotropy_partition_ratio": iso.get("partition_ratio"),
-               "mean_unit_vector_norm": iso.get("mean_unit_vector_norm"),
-               "knn_mean_overlap": nd.get("mean_overlap") if nd else None,
-               "frozen_tokens": frozen.get("count") if frozen else None}
-    if norms:
-        scalars.update(row_norm_min=norms["min"], row_norm_mean=norms["mean"], row_norm_max=norms["max"])
-        import numpy as np
-        data["analysis/row_norm_hist"] = wandb.Histogram(
-            np_histogram=(np.asarray(norms["histogram_counts"]), np.asarray(norms["histogram_bins"])))
-    data.update({f"analysis/{k}": v for k, v in scalars.items() if v is not None})
+    """The wandb table of a result's "insight" section (the probes' neighbours); its scalars are scalar_metrics'."""
+    data: dict[str, Any] = {}
+    rows = [[p["token_id"], p["token"], rank, n[0], n[1], n[2]]
+            for p in (result.get("insight") or {}).get("probes") or [] for rank, n in enumerate(p["neighbours"])]
+    if rows:
+        data["analysis/probe_neighbours"] = wandb.Table(
+            columns=["probe_id", "probe", "rank", "neighbour_id", "neighbour", "cosine_similarity"], data=rows)
+    ins = result.get("insight") or {}
     under = ins.get("undertrained")
     if under:
-        data["analysis/undertrained_count"] = under["count"]
         strings = under.get("token_strings")
         data["analysis/undertrained_tokens"] = wandb.Table(
             columns=["rank", "token_id", "token", "score"],
             data=[[rank, int(tid), strings[rank] if strings and rank < len(strings) else None, score]
                   for rank, (tid, score) in enumerate(ins.get("undertrained_tokens") or [])])
-    rows = [[p["token_id"], p["token"], rank, n[0], n[1], n[2]]
-            for p in ins.get("probes") or [] for rank, n in enumerate(p["neighbours"])]
-    if rows:
-        data["analysis/probe_neighbours"] = wandb.Table(
-            columns=["probe_id", "probe", "rank", "neighbour_id", "neighbour", "cosine_similarity"], data=rows)
     return data
 
 
@@ -166,20 +104,13 @@ GALAXY_COLUMNS = ["iter", "token_id", "token", "x", "y", "cluster"]
 
 def galaxy_metrics(result: dict[str, Any], wandb: Any, vocab: list[str] | None = None) -> dict[str, Any]:
     """The galaxy map as a wandb.Table (one row per point: W&B's scatter panels plot x against y,
-    coloured by cluster) and its cluster count; the clump's size when there is one."""
-    data: dict[str, Any] = {}
-    clump = result.get("clump")
-    data["analysis/clump_fraction"] = clump["fraction"] if clump else 0.0
+    coloured by cluster); its counts are scalar_metrics'."""
     galaxy = result.get("galaxy")
     if not galaxy:
-        return data
+        return {}
     from ..metrics.galaxy import token_label
     rows = [[result["iter"], int(t), token_label(vocab, int(t)), x, y, c] for t, x, y, c in galaxy["points"]]
-    data["analysis/galaxy"] = wandb.Table(columns=GALAXY_COLUMNS, data=rows)
-    data["analysis/galaxy_clusters"] = galaxy.get("cluster_count", len(galaxy.get("clusters") or []))
-    if galaxy["rows"]:
-        data["analysis/galaxy_clustered_fraction"] = galaxy.get("clustered_points", 0) / galaxy["rows"]
-    return data
+    return {"analysis/galaxy": wandb.Table(columns=GALAXY_COLUMNS, data=rows)}
 
 
 class WandbSink(Sink):
@@ -331,7 +262,7 @@ class WandbSink(Sink):
 
             data = metrics_for(result, wandb, self._vocab.get(run))
             defined = self._defined.setdefault(run, set())
-            for key in (result.get("metrics") or {}) if result.get("default_tensor", True) else ():
+            for key in result.get("metrics") or {}:
                 if key not in defined and not key.startswith("analysis/"):
                     wb_run.define_metric(key, step_metric=STEP_METRIC)  # trainer metrics: iteration axis too
                     defined.add(key)
