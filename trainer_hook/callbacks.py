@@ -204,8 +204,10 @@ class StepPublisher:
         return self.publisher is not None
 
     def start(self, run: str, vocab: list[str] | None, wandb_info: dict[str, Any] | None,
-              meta: dict[str, Any], embedding: Callable[[], Any] | None = None) -> EmbeddingPublisher:
-        """Create the publisher for a new training (closing a previous one); `embedding()` gives the weight."""
+              meta: dict[str, Any], embedding: Callable[[], Any] | None = None,
+              output: Callable[[], Any] | None = None) -> EmbeddingPublisher:
+        """Create the publisher for a new training (closing a previous one); `embedding()` gives the weight,
+        `output()` the untied output embedding or None (published beside it as OUTPUT_TENSOR)."""
         self.close()
         options = dict(self.options)
         options.setdefault("vocab", vocab)
@@ -215,6 +217,7 @@ class StepPublisher:
         self._last_step = self.pending = self._metrics_step = None
         self._metrics = {}
         self._embedding = embedding
+        self._output = output
         log.info("embedding monitor: run %s publishing to %s (every_n_steps=%s)", self.publisher.run,
                  self.endpoint, self.every_n_steps)
         return self.publisher
@@ -247,7 +250,7 @@ class StepPublisher:
         if step is None or self._embedding is None:
             return False
         metrics = dict(self._metrics) if self._metrics_step == step else None
-        return self.publish(self._embedding, step, lambda: metrics)
+        return self.publish(self._embedding, step, lambda: metrics, getattr(self, "_output", None))
 
     def drop_pending(self, why: str) -> None:
         """Forget the pending step (its weights are gone), saying why once."""
@@ -256,7 +259,8 @@ class StepPublisher:
         self.pending = None
 
     def publish(self, embedding: Callable[[], Any], step: int,
-                metrics: Callable[[], dict[str, Any] | None] | None = None) -> bool:
+                metrics: Callable[[], dict[str, Any] | None] | None = None,
+                output: Callable[[], Any] | None = None) -> bool:
         """Publish the embedding at `step` now unless this step was already published; True if handed off.
 
         `metrics()` (called only when publishing) gives the trainer's scalars to send with the snapshot.
@@ -266,8 +270,12 @@ class StepPublisher:
             return False
         self._last_step = step  # also on a drop: the same weights are not worth a second try
         try:
-            return self.publisher.publish(effective_weight(embedding()), step,
+            sent = self.publisher.publish(effective_weight(embedding()), step,
                                           metrics=(metrics() or None) if metrics else None)
+            head = output() if output is not None else None
+            if head is not None:
+                self.publisher.publish(effective_weight(head), step, name=OUTPUT_TENSOR)
+            return sent
         except Exception:  # noqa: BLE001 - monitoring must never end a training run
             self.failures += 1
             if self.failures == 1:
