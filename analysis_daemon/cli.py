@@ -1,6 +1,6 @@
 """Command line of the analysis daemon.
 
-    analysis-daemon --listen tcp://127.0.0.1:5555 --results-dir runs      (same as python -m analysis_daemon)
+    analysis-daemon --results-dir runs                                      (same as python -m analysis_daemon)
     analysis-daemon keygen DIR --name daemon                                (CurveZMQ keypair, via protocol)
     analysis-daemon report runs/my-run -o report.html                       (HTML report of a run's results)
     analysis-daemon report runs/lr-3e-4 runs/lr-1e-3                         (several runs compared on one page)
@@ -69,8 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
                "WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_DIR, WANDB_API_KEY; a trainer's hello message, "
                "when it names a project and group, takes precedence.")
     net = p.add_argument_group("network")
-    net.add_argument("--listen", default="tcp://127.0.0.1:5555", metavar="ENDPOINT",
-                     help="ZeroMQ endpoint to bind (tcp://HOST:PORT or ipc:///path; default: %(default)s)")
+    net.add_argument("--listen", default=None, metavar="ENDPOINT",
+                     help="ZeroMQ endpoint to bind: tcp://HOST:PORT or ipc:///path (default: an ipc socket only this "
+                          "user can reach, $XDG_RUNTIME_DIR/embedding-monitor/daemon.sock, else "
+                          "/tmp/embedding-monitor-UID/daemon.sock, in a directory created with mode 0700 and checked; "
+                          "trainers use the same default). A tcp port is open to every user of the host: use "
+                          "CurveZMQ keys for tcp beyond loopback, and see docs/privacy-and-transport.md")
     net.add_argument("--curve-secret", type=Path, metavar="FILE",
                      help="the daemon's CurveZMQ secret key file (NAME.key_secret from `analysis-daemon "
                           "keygen`); enables authentication and encryption")
@@ -270,8 +274,15 @@ def add_output_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     out = p.add_argument_group("output")
     out.add_argument("--results-dir", type=Path, default=Path("runs"),
                      help="results go to RESULTS_DIR/<run>/analysis.jsonl (default: %(default)s)")
+    from .service.files import parse_mode
+    out.add_argument("--results-mode", type=parse_mode, default=0o600, metavar="MODE",
+                     help="file mode of the results files (analysis.jsonl) and the log file; their new "
+                          "directories follow it (0600 -> 0700, 0644 -> 0755). Results hold token strings "
+                          "and metrics: they are private by default; 0644 shares them with every user of "
+                          "the host (default: 0600)")
     out.add_argument("--log-file", type=Path,
-                     help="also write the log, and each result's summary block, to this file")
+                     help="also write the log, and each result's summary block, to this file (created "
+                          "with --results-mode)")
     out.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                      help="log level (default: %(default)s)")
     out.add_argument("--no-console", action="store_true",
@@ -315,8 +326,8 @@ def add_tensorboard_options(p: argparse.ArgumentParser) -> None:
                          "matrix's size on disk, V x d x 4 bytes); 0: no projector (default: %(default)s)")
 
 
-def setup_logging(level: str, log_file: Path | None) -> logging.Logger:
-    """stderr (and optionally a file) handlers on the daemon's logger."""
+def setup_logging(level: str, log_file: Path | None, mode: int = 0o600) -> logging.Logger:
+    """stderr (and optionally a file, created with `mode`) handlers on the daemon's logger."""
     logger = logging.getLogger(LOGGER)
     logger.setLevel(level)
     from .service.logsafe import SafeFormatter  # peer-supplied text never reaches the log raw
@@ -324,7 +335,9 @@ def setup_logging(level: str, log_file: Path | None) -> logging.Logger:
     fmt = SafeFormatter("%(asctime)s analysis-daemon %(levelname)s %(message)s")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
+        from .service.files import dir_mode_for, make_dirs, open_for_append
+        make_dirs(log_file.parent, dir_mode_for(mode))
+        os.close(open_for_append(log_file, mode))  # created with its mode before logging opens it
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
     for h in handlers:
         h.setFormatter(fmt)
@@ -436,10 +449,10 @@ def make_sinks(args: argparse.Namespace, settings: Any, threads: int, close_time
         if problem is not None:
             raise ValueError(problem)
         tensorboard = TensorBoardSink(args.tensorboard, projector_keep=args.tensorboard_projector_keep)
-    sinks: list[Sink] = [JsonlSink(args.results_dir)]
+    sinks: list[Sink] = [JsonlSink(args.results_dir, mode=args.results_mode)]
     if args.token_data:
         from .sinks.token_data import TokenDataSink
-        sinks.append(TokenDataSink(args.results_dir, keep=args.token_data_keep))
+        sinks.append(TokenDataSink(args.results_dir, keep=args.token_data_keep, mode=args.results_mode))
     if not args.no_console or args.log_file is not None:
         # The summary blocks also go to the log file, so following the log (`./launch.sh tail`) shows
         # the metrics; the terminal still gets them once, on stdout.
@@ -482,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
     _ensure_passive_omp(argv)
-    log = setup_logging(args.log_level, args.log_file)
+    log = setup_logging(args.log_level, args.log_file, args.results_mode)
 
     import torch  # noqa: F401  only now: see the module docstring
 
@@ -522,6 +535,14 @@ def main(argv: list[str] | None = None) -> int:
         from dataclasses import replace
         limits = replace(limits, **vocab_overrides)
 
+    from protocol.endpoints import UnsafeEndpoint, default_endpoint, ensure_private_dir, ipc_path, private_dir
+    try:
+        if args.listen is None:
+            args.listen = default_endpoint()  # its directory created 0700 and checked (owner, mode, no symlink)
+        elif ipc_path(args.listen) is not None and ipc_path(args.listen).parent == private_dir():
+            ensure_private_dir()
+    except UnsafeEndpoint as exc:
+        return fail(str(exc))
     curve = None
     if args.curve_secret or args.curve_authorized_dir:
         if not (args.curve_secret and args.curve_authorized_dir):

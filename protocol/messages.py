@@ -66,6 +66,17 @@ class Limits:
     # Real vocabularies: GPT-2 50,257 tokens (~0.4 MB), Llama 3 128,256, Gemma 262,144 (~3 MB).
     max_vocab_tokens: int = 1024 * 1024
     max_vocab_bytes: int = 16 * 1024 * 1024  # total UTF-8 bytes of all token strings
+    # The rest of a hello is kept per run too (and written to --state-dir): every field small and flat.
+    max_host_chars: int = 255  # a host name (RFC 1035: 253 with dots)
+    max_publisher_chars: int = 512  # "host/pid/secret"
+    max_tensor_name_chars: int = 200  # a snapshot's tensor name: a key of per-run state, a W&B key part
+    # `meta`: free-form trainer facts (framework, versions, heartbeat): a small JSON-like tree.
+    max_meta_bytes: int = 64 * 1024  # UTF-8 bytes of all its keys and strings together
+    max_meta_items: int = 1024  # keys + values, nested ones included
+    max_meta_depth: int = 3  # the map itself is depth 1; a list or map inside it 2, and so on
+    # `wandb`: the trainer's W&B run (project, entity, group, run id and name, mode): flat, short strings.
+    max_wandb_entries: int = 16
+    max_wandb_value_chars: int = 256
 
     def max_frame_bytes(self) -> int:
         """Largest single ZeroMQ frame a receiver should accept (its ZMQ_MAXMSGSIZE)."""
@@ -190,9 +201,11 @@ def encode_hello(*, run: str, seq: int, pid: int, host: str, vocab: Sequence[str
     """Frames of a `hello` message."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    meta = check_meta(meta)  # ProtocolError (a ValueError) here, not a refusal at the daemon
+    wandb = check_wandb_info(wandb)
     return [_pack({"v": PROTOCOL_VERSION, "kind": KIND_HELLO, "run": run, "seq": seq, "publisher": publisher,
                    "pid": pid, "host": host, "vocab": list(vocab) if vocab is not None else None,
-                   "wandb": wandb, "meta": meta or {}, "rank": rank, "world_size": world_size})]
+                   "wandb": wandb, "meta": meta, "rank": rank, "world_size": world_size})]
 
 
 def encode_snapshot(*, run: str, iter: int, seq: int, name: str, dtype: str, shape: Sequence[int],
@@ -284,7 +297,7 @@ class _Header:
             raise ProtocolError(f"header: {key}={value} is outside [{minimum}, {maximum}]")
         return value
 
-    def str_(self, key: str, *, optional: bool = False) -> str | None:
+    def str_(self, key: str, *, optional: bool = False, max_chars: int | None = None) -> str | None:
         value = self._get(key)
         if value is None and optional:
             return None
@@ -292,6 +305,8 @@ class _Header:
             raise ProtocolError(f"header: {key} must be a string, got {type(value).__name__} {_short(value)}")
         if len(value.encode("utf-8", "surrogatepass")) > self.limits.max_string_bytes:
             raise ProtocolError(f"header: {key} is longer than max_string_bytes={self.limits.max_string_bytes}")
+        if max_chars is not None and len(value) > max_chars:
+            raise ProtocolError(f"header: {key} of {len(value)} characters is longer than {max_chars}")
         return value
 
     def float_(self, key: str) -> float:
@@ -322,6 +337,82 @@ def check_tensor_name(name: Any) -> str:
         raise ProtocolError(f"header: tensor name must be 1-{MAX_TENSOR_NAME_CHARS} characters of A-Z a-z 0-9 _ . -, "
                             f"got {_short(name)}")
     return name
+
+
+def check_meta(meta: Any, limits: Limits = DEFAULT_LIMITS, field_name: str = "meta") -> dict[str, Any]:
+    """Return `meta` if it is a hello's bounded meta map, else raise ProtocolError (None gives {}).
+
+    A map with string keys whose values are None, bools, ints, finite floats, strings, or lists and
+    maps of those, at most `max_meta_depth` levels deep, `max_meta_items` keys and values in all and
+    `max_meta_bytes` UTF-8 bytes of keys and strings in all: what a peer sends here is kept for the
+    run's lifetime, so it is bounded whatever the header's size.
+    """
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise ProtocolError(f"header: {field_name} must be a map, got {type(meta).__name__} {_short(meta)}")
+    budget = [limits.max_meta_items, limits.max_meta_bytes]  # items left, bytes left
+
+    def spend(items: int, nbytes: int) -> None:
+        budget[0] -= items
+        budget[1] -= nbytes
+        if budget[0] < 0:
+            raise ProtocolError(f"header: {field_name} has more than max_meta_items={limits.max_meta_items} "
+                                "keys and values")
+        if budget[1] < 0:
+            raise ProtocolError(f"header: {field_name} holds more than max_meta_bytes={limits.max_meta_bytes} "
+                                "bytes of text")
+
+    def walk(value: Any, depth: int, where: str) -> None:
+        # isinstance, not type(): what msgpack packs as a map, array or string (a TorchVersion is a str)
+        is_map = isinstance(value, dict)
+        if is_map or isinstance(value, (list, tuple)):
+            if depth > limits.max_meta_depth:
+                raise ProtocolError(f"header: {where} nests deeper than max_meta_depth={limits.max_meta_depth}")
+            spend(len(value) * (2 if is_map else 1), 0)
+            for key, item in (value.items() if is_map else enumerate(value)):
+                if is_map:
+                    if not isinstance(key, str):
+                        raise ProtocolError(f"header: {where} has a non-string key {_short(key)}")
+                    spend(0, len(key.encode("utf-8", "surrogatepass")))
+                walk(item, depth + 1, f"{where}.{key}" if is_map else f"{where}[{key}]")
+        elif isinstance(value, str):
+            spend(0, len(value.encode("utf-8", "surrogatepass")))
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise ProtocolError(f"header: {where} must be a finite number, got {value}")
+        elif value is not None and not isinstance(value, int):  # bool is an int
+            raise ProtocolError(f"header: {where} has a value of type {type(value).__name__} (allowed: null, "
+                                "bool, number, string, list, map)")
+
+    walk(meta, 1, field_name)
+    return meta
+
+
+def check_wandb_info(info: Any, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any] | None:
+    """Return `info` if it is a hello's W&B map (flat: short string keys, null/bool/number/short string
+    values, at most `max_wandb_entries`), else raise ProtocolError; None stays None."""
+    if info is None:
+        return None
+    if not isinstance(info, dict):
+        raise ProtocolError(f"header: wandb must be a map, got {type(info).__name__} {_short(info)}")
+    if len(info) > limits.max_wandb_entries:
+        raise ProtocolError(f"header: wandb has {len(info)} entries, more than max_wandb_entries="
+                            f"{limits.max_wandb_entries}")
+    for key, value in info.items():
+        if not isinstance(key, str) or not 0 < len(key) <= limits.max_metric_key_chars:
+            raise ProtocolError(f"header: wandb key {_short(key)} must be a string of 1-{limits.max_metric_key_chars} "
+                                "characters")
+        if isinstance(value, str):
+            if len(value) > limits.max_wandb_value_chars:
+                raise ProtocolError(f"header: wandb.{key} is longer than max_wandb_value_chars="
+                                    f"{limits.max_wandb_value_chars}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ProtocolError(f"header: wandb.{key} must be a finite number, got {value}")
+        elif value is not None and not isinstance(value, (int, float)):
+            raise ProtocolError(f"header: wandb.{key} must be null, a bool, a number or a string, got "
+                                f"{type(value).__name__}")
+    return info
 
 
 def check_run_name(run: Any, limits: Limits = DEFAULT_LIMITS) -> str:
@@ -367,7 +458,7 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
         raise ProtocolError(f"header: kind={_short(kind)} is not one of {list(KINDS)}")
     run = check_run_name(header._get("run"), limits)
     seq = header.int_("seq")
-    publisher = header.str_("publisher")
+    publisher = header.str_("publisher", max_chars=limits.max_publisher_chars)
     if kind == KIND_SNAPSHOT:
         return _decode_snapshot(frames, header, run, seq, publisher)
     if len(frames) != 1:
@@ -391,8 +482,10 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
                     and sum(len(t.encode("utf-8", "surrogatepass")) for t in vocab) > limits.max_vocab_bytes):
                 raise ProtocolError(f"header: vocab strings exceed max_vocab_bytes={limits.max_vocab_bytes}")
         rank, world_size = _rank_and_world(header)
-        return Hello(run=run, seq=seq, pid=header.int_("pid", maximum=2**31), host=header.str_("host"), vocab=vocab,
-                     wandb=header.dict_("wandb", optional=True), meta=header.dict_("meta"), publisher=publisher,
+        return Hello(run=run, seq=seq, pid=header.int_("pid", maximum=2**31),
+                     host=header.str_("host", max_chars=limits.max_host_chars), vocab=vocab,
+                     wandb=check_wandb_info(header._get("wandb"), limits),
+                     meta=check_meta(header._get("meta"), limits), publisher=publisher,
                      rank=rank, world_size=world_size)
     return End(run=run, seq=seq, final_iter=header.int_("final_iter", optional=True),
                published=header.int_("published"), dropped=header.int_("dropped"), publisher=publisher)
@@ -482,7 +575,7 @@ def _decode_snapshot(frames: Sequence[Any], header: _Header, run: str, seq: int,
         if type(counts) is not bytes or len(counts) != 4 * counted_rows:
             raise ProtocolError(f"header: token_counts must be {4 * counted_rows} bytes (uint32 per row), got "
                                 f"{type(counts).__name__} of {len(counts) if isinstance(counts, bytes) else '?'}")
-    return Snapshot(run=run, iter=header.int_("iter"), seq=seq, name=check_tensor_name(header.str_("name")), dtype=dtype,
+    return Snapshot(run=run, iter=header.int_("iter"), seq=seq, name=check_tensor_name(header.str_("name", max_chars=limits.max_tensor_name_chars)), dtype=dtype,
                     shape=(rows, cols), nbytes=nbytes, sent_at=header.float_("sent_at"), payload=payload,
                     shm=shm, publisher=publisher, global_shape=part[0] if part else None,
                     offset=part[1] if part else None, metrics=metrics, token_counts=counts)

@@ -186,7 +186,7 @@ class StepPublisher:
     travels with the snapshot, and none measured at another step does.
     """
 
-    def __init__(self, endpoint: str, every_n_steps: int | None, publisher_options: dict[str, Any]) -> None:
+    def __init__(self, endpoint: str | None, every_n_steps: int | None, publisher_options: dict[str, Any]) -> None:
         self.endpoint = endpoint
         self.every_n_steps = check_every_n_steps(every_n_steps)
         self.options = dict(publisher_options)
@@ -219,7 +219,7 @@ class StepPublisher:
         self._embedding = embedding
         self._output = output
         log.info("embedding monitor: run %s publishing to %s (every_n_steps=%s)", self.publisher.run,
-                 self.endpoint, self.every_n_steps)
+                 self.publisher.endpoint, self.every_n_steps)
         return self.publisher
 
     def due(self, step: int) -> bool:

@@ -1,7 +1,7 @@
 """Hugging Face Trainer callback: watch the input embedding of any `transformers` model in one line.
 
     from trainer_hook.hf import EmbeddingMonitorCallback
-    trainer = Trainer(..., callbacks=[EmbeddingMonitorCallback("tcp://127.0.0.1:5555", every_n_steps=500)])
+    trainer = Trainer(..., callbacks=[EmbeddingMonitorCallback(every_n_steps=500)])  # the daemon's default endpoint
 
 Publishes `model.get_input_embeddings()` at the start of training, at every evaluation, every
 `every_n_steps` optimizer steps when given, and at the last step (each step once, at `state.global_step`),
@@ -67,7 +67,7 @@ def _shared_across_ranks(value: Any) -> Any:
 class EmbeddingMonitorCallback(TrainerCallback):
     """A transformers TrainerCallback that publishes the input embedding to an analysis daemon."""
 
-    def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", run: str | None = None,
+    def __init__(self, endpoint: str | None = None, run: str | None = None,
                  every_n_steps: int | None = None, *, tokenizer: Any = None, output_embeddings: bool = True,
                  **publisher_options: Any) -> None:
         self.run = run

@@ -1,7 +1,7 @@
 """Lightning callback: watch a LightningModule's token embedding in one line.
 
     from trainer_hook.lightning import EmbeddingMonitorCallback
-    trainer = Trainer(..., callbacks=[EmbeddingMonitorCallback("tcp://127.0.0.1:5555", every_n_steps=500)])
+    trainer = Trainer(..., callbacks=[EmbeddingMonitorCallback(every_n_steps=500)])  # the daemon's default endpoint
 
 Publishes the input embedding when training starts (after any checkpoint is restored), at every
 validation (not the sanity check), every `every_n_steps` optimizer steps when given, and at the end, each
@@ -68,7 +68,7 @@ def _logger_run(trainer: Any) -> tuple[str | None, dict[str, Any] | None]:
 class EmbeddingMonitorCallback(pl.Callback):
     """A Lightning Callback that publishes the token embedding to an analysis daemon."""
 
-    def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", run: str | None = None,
+    def __init__(self, endpoint: str | None = None, run: str | None = None,
                  every_n_steps: int | None = None, *, embedding: Any = None, tokenizer: Any = None,
                  output_embeddings: bool = True, count_tokens: bool = True, **publisher_options: Any) -> None:
         self.run = run

@@ -1,6 +1,6 @@
 """EmbeddingPublisher: hand embedding snapshots to the analysis daemon without ever blocking training.
 
-    publisher = EmbeddingPublisher("tcp://127.0.0.1:5555", run="my-run")
+    publisher = EmbeddingPublisher(run="my-run")   # the daemon's default endpoint: a private ipc socket
     publisher.publish(raw_model.transformer.wte.weight, iter_num)  # True: handed off, False: dropped
     publisher.publish(wte, iter_num, metrics={"train/loss": 2.31, "val/loss": 2.40})  # optional scalars
     publisher.close()                                               # also runs at interpreter exit
@@ -26,9 +26,10 @@ from typing import Any
 import torch
 import zmq
 
-from protocol import (DEFAULT_LIMITS, CurveClient, ProtocolError, ShmWriter, check_endpoint, check_metrics,
-                      check_run_name, check_tensor_name, connect_publisher, encode_hello, is_local_endpoint,
-                      shm_available, wire_dtype)
+from protocol import (DEFAULT_LIMITS, CurveClient, ProtocolError, ShmWriter, check_endpoint, check_meta, check_metrics,
+                      check_run_name, check_tensor_name, check_wandb_info, connect_publisher, encode_hello,
+                      is_local_endpoint, shm_available, wire_dtype)
+from protocol.endpoints import default_endpoint
 from protocol.runsecret import RUN_TOKEN_KEY, job_secret, run_token
 from protocol.shm import publisher_id as make_publisher_id
 
@@ -114,7 +115,7 @@ def clean_metrics(metrics: Any) -> tuple[dict[str, float | int] | None, list[str
 class EmbeddingPublisher:
     """Sends embedding snapshots to an analysis daemon; never blocks, drops and counts instead."""
 
-    def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", run: str | None = None, *,
+    def __init__(self, endpoint: str | None = None, run: str | None = None, *,
                  vocab: Sequence[str] | None = None, wandb_info: dict | None = None,
                  send_dtype: torch.dtype | None = None, max_in_flight: int = 2,
                  shared_memory: bool | None = None, curve_client_secret: str | os.PathLike | None = None,
@@ -122,10 +123,15 @@ class EmbeddingPublisher:
                  enabled: bool | None = None, name: str = "wte", meta: dict | None = None,
                  shm_reclaim_s: float = 120.0, connect_grace_s: float = 2.0, heartbeat_s: float = 5.0,
                  run_secret: str | None = None, _event_factory: EventFactory | None = None) -> None:
-        self.endpoint = endpoint
+        # Default: the private same-host socket (protocol.endpoints), the daemon's default --listen too.
+        self.endpoint = endpoint or default_endpoint()
+        endpoint = self.endpoint
         self.run = check_run_name(run or (wandb_info or {}).get("run_name") or (wandb_info or {}).get("name")
                                   or f"{socket.gethostname()}-{os.getpid()}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.name = check_tensor_name(name)
+        # The daemon refuses a hello whose meta or wandb map is over the protocol's bounds: say so here.
+        check_meta(meta)
+        check_wandb_info(wandb_info)
         self.send_dtype = send_dtype
         if send_dtype is not None:
             wire_dtype(send_dtype)  # fail now, not at the first publish
@@ -189,12 +195,12 @@ class EmbeddingPublisher:
             shared_memory = is_local_endpoint(endpoint) and shm_available()
         elif shared_memory and not shm_available():
             raise ValueError("shared_memory=True but /dev/shm is not available here; pass shared_memory=False")
+        hello_meta = check_meta({"name": name, "endpoint": endpoint, "shared_memory": bool(shared_memory),
+                                 "torch": torch.__version__, "heartbeat_s": heartbeat_s, **(meta or {})})
         self._writer = ShmWriter(max_in_flight, reclaim_after_s=shm_reclaim_s) if shared_memory else None
         self._pool = StagingPool(max_in_flight)
         host, vocab_list = socket.gethostname(), list(vocab) if vocab is not None else None
-        hello_meta = {"name": name, "endpoint": endpoint, "shared_memory": bool(shared_memory),
-                      "torch": torch.__version__, "heartbeat_s": heartbeat_s, **(meta or {})}
-        hello_meta[RUN_TOKEN_KEY] = self._run_token
+        hello_meta[RUN_TOKEN_KEY] = self._run_token  # taken out by the daemon before the hello is kept
         # The id carries the secret whose hash names our shared-memory segments: the daemon accepts a
         # segment only from the publisher that created it (protocol.shm.segment_belongs_to).
         publisher_id = make_publisher_id(host, self._pid, self._writer.secret if self._writer else secrets.token_hex(16))
@@ -213,6 +219,8 @@ class EmbeddingPublisher:
                             counters=lambda: (self._published, self._dropped, self._last_iter),
                             heartbeat_s=heartbeat_s)
             sender.endpoint = endpoint  # for its reconnect after a refused handshake
+            # Same host without a CurveZMQ key to prove the daemon: the listener's owner must be us (or root).
+            sender.verify_listener = curve is None and not allow_insecure and is_local_endpoint(endpoint)
             sock.connect(endpoint)  # only now: the sender's monitor is attached and sees the handshake
         except zmq.ZMQError as exc:  # e.g. "tcp://host:port" with a bad port or an unknown transport
             ctx.destroy(linger=0)
@@ -354,7 +362,17 @@ class EmbeddingPublisher:
             prep = self._prepared if self._prepared is not None and self._prepared.nbytes == nbytes else None
             ready = prep is not None and prep.done.is_set()
             use_shm = sender.shm_enabled and not weight.is_cuda and self._event_factory is None and (ready or not big)
-            if not use_shm:
+            if use_shm:
+                job.slot = sender.shm_slot(nbytes)
+                if job.slot is None and sender.shm_enabled:
+                    return self._drop("every shared-memory slot is still held by the daemon")
+                use_shm = job.slot is not None  # None here: /dev/shm failed, this one goes over the socket
+            if use_shm:
+                view = torch.frombuffer(job.slot.payload(), dtype=torch.uint8)
+                _copy_into(view, weight, dtype, shape)
+                del view  # the slot's mapping must not stay exported
+                job.ref = self._writer.commit(job.slot)
+            else:
                 fresh_ok = not big or ready or (prep is None and nbytes <= _FRESH_MAX_BYTES)
                 job.staged = self._pool.acquire(nbytes, pin=weight.is_cuda, allocate=fresh_ok)
                 if job.staged is None:
@@ -369,16 +387,10 @@ class EmbeddingPublisher:
                 if weight.is_cuda or self._event_factory is not None:
                     job.event = (self._event_factory or cuda_event)()
                     job.event.record()  # fires after the DMA; the sender thread waits on it, not us
-            else:
-                job.slot = self._writer.acquire(nbytes)
-                if job.slot is None:
-                    return self._drop("every shared-memory slot is still held by the daemon")
-                view = torch.frombuffer(job.slot.payload(), dtype=torch.uint8)
-                _copy_into(view, weight, dtype, shape)
-                del view  # the slot's mapping must not stay exported
-                job.ref = self._writer.commit(job.slot)
-        except OSError as exc:  # e.g. /dev/shm full: go inline over the socket from now on
-            self._disable_shm(f"shared memory failed ({exc.strerror}); sending payloads over the socket")
+        except OSError as exc:  # a slot that failed after it was taken: go inline over the socket from now on
+            if job.slot is not None:
+                self._writer.release(job.slot)
+            self._disable_shm(f"shared memory failed ({exc.strerror or exc}); sending payloads over the socket")
             return self._drop("shared memory failed")
         sender.jobs.put(job)
         self._prepare_for(part, dtype, shape, nbytes)  # after the job: the other buffers, off this thread
@@ -434,9 +446,8 @@ class EmbeddingPublisher:
             self._disable_shm("the daemon never released a shared-memory slot; sending payloads over the socket")
 
     def _disable_shm(self, why: str) -> None:
-        if self._sender is not None and self._sender.shm_enabled:
-            self._sender.shm_enabled = False
-            log.warning("embedding publisher: %s", why)
+        if self._sender is not None:
+            self._sender.disable_shm(why)
 
     # ------------------------------------------------------------ shutdown
 

@@ -127,7 +127,7 @@ class ProgressBar:
 
 def main(args: argparse.Namespace) -> int:
     """Run a replay from parsed options; the exit status."""
-    setup_logging(args.log_level, args.log_file)
+    setup_logging(args.log_level, args.log_file, args.results_mode)
     from .checkpoints import CheckpointError, expand, order
 
     try:

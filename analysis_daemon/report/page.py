@@ -26,6 +26,7 @@ from .records import vocabulary as _vocabulary, with_breaks
 from .galaxy import galaxy_section
 from .history import history_section
 from .svg import PALETTE, Chart, Heatmap, Series, esc, fmt, heatmap, line_chart
+from ..service.files import PRIVATE_FILE_MODE, parse_mode, write_atomic as write_file_atomic
 
 RESULTS_NAME = "analysis.jsonl"
 REPORT_NAME = "report.html"
@@ -619,6 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor", metavar="NAME",
                    help="the tensor to report when the run sent several (e.g. lm_head); default: the run's "
                         "main tensor (the first it sent)")
+    p.add_argument("--mode", type=parse_mode, default=PRIVATE_FILE_MODE, metavar="MODE",
+                   help="file mode of the page: it shows token strings and metrics, so it is private by "
+                        "default; 0644 lets every user of the host read it (default: 0600)")
     return p
 
 
@@ -629,14 +633,12 @@ def _default_output(paths: list[Path]) -> Path:
     return Path(os.path.commonpath([str(p.resolve().parent) for p in paths])) / COMPARE_NAME
 
 
-def write_atomic(out: Path, text: str) -> None:
-    """Write the page to a temporary file beside `out`, then rename: never a half-written report."""
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+def write_atomic(out: Path, text: str, mode: int = PRIVATE_FILE_MODE) -> None:
+    """Write the page (file mode `mode`) to a temporary file beside `out`, then rename: never a half-written report."""
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
+        write_file_atomic(out, text.encode("utf-8"), mode, fsync=False,
+                          tmp=out.with_name(f".{out.name}.{os.getpid()}.tmp"))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise ReportError(f"cannot write {out}: {exc.strerror or exc}") from exc
 
 
@@ -652,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ReportError("the same results file is given twice: pass each run once")
         results = [load_results(path, args.run, args.tensor) for path in paths]
         out = args.output or _default_output(paths)
-        write_atomic(out, build_report(results))
+        write_atomic(out, build_report(results), args.mode)
     except ReportError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2

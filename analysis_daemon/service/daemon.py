@@ -7,7 +7,7 @@ order, late but at their own iteration, skipped only past the budget. It also wa
 (liveness.py): a run whose publishers all went silent or died is closed as if it had sent `end`.
 The worker (worker.py) takes one job at a time, runs round-robin, and feeds the sinks.
 
-Run it with: python -m analysis_daemon --listen tcp://127.0.0.1:5555 --results-dir runs
+Run it with: python -m analysis_daemon --results-dir runs   (listens on the private ipc socket, protocol/endpoints.py)
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from protocol import (DEFAULT_LIMITS, DEFAULT_PEER_LIMITS, End, Gate, Heartbeat,
 from protocol.messages import DTYPE_ITEMSIZE
 from protocol.peers import OWN_UID, Source
 from protocol.runsecret import take_token
+from protocol.endpoints import default_endpoint
 from protocol.shm import segment_belongs_to
 
 from . import backlog, recovery
@@ -70,7 +71,7 @@ _LOCAL = Source(f"uid:{OWN_UID}", f"uid {OWN_UID}")
 class DaemonConfig:
     """Everything the daemon needs from the command line."""
 
-    listen: str = "tcp://127.0.0.1:5555"
+    listen: str = field(default_factory=lambda: default_endpoint(create=False))  # cli.py creates its directory
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
     limits: Limits = DEFAULT_LIMITS
     exit_on_end: bool = False
@@ -119,7 +120,8 @@ class Daemon:
         self.stop_requested = False  # set by SIGTERM/SIGINT: stop receiving, then shut down
         self.stopping = False  # the worker takes no new job once this is set
         self.abandon = threading.Event()  # the running analysis gives up at its next progress call
-        self.seen_runs: set[str] = set()  # runs that said hello/snapshot to this process
+        self.seen_runs: set[str] = set()  # runs that said hello/snapshot to this process (released ones leave)
+        self._seen_any = False  # --exit-on-end waits for a first run, even once every run was released
         self._ended_order: list[str] = []  # closed runs still in memory, oldest first
         self.publishers = Publishers(config.run_timeout)
         self._served = 0  # jobs handed out; each run remembers when it was served last (round-robin)
@@ -325,9 +327,21 @@ class Daemon:
                     del self.runs[old]
                     self.publishers.forget_run(old)
                     self._hello_publishers.pop(old, None)
+                    # a released run that --exit-on-end waited for still counts as "a run that connected"
+                    self._seen_any = self._seen_any or (old in self.seen_runs and self._waits_for(old_state))
+                    self.seen_runs.discard(old)
                     log.info("run %s: state released from memory (%d newer ended runs kept)", old,
                              _KEEP_ENDED_RUNS)
             self.cond.notify_all()
+
+    def held_runs(self) -> dict[str, int]:
+        """How many runs each per-run map holds now: bounded by the open runs plus _KEEP_ENDED_RUNS ended ones."""
+        with self.lock:
+            held = {"runs": len(self.runs), "seen": len(self.seen_runs),
+                    "publishers": len({p.run for p in self.publishers.of_all()}),
+                    "hello_publishers": len(self._hello_publishers), "assemblies": len(self.assembler.runs())}
+        held["worker"] = self.worker.held_runs()
+        return held
 
     def _run_summary(self, state: RunState) -> dict[str, Any]:
         summary: dict[str, Any] = dict(state.counters.as_dict())
@@ -623,8 +637,8 @@ class Daemon:
         # remote peers; another local user's runs neither hold it open nor count as "a run that connected".
         with self.lock:
             runs = [r for r in self.seen_runs if r not in self.runs or self._waits_for(self.runs[r])]
-            if not runs:
-                return False
+            if not runs:  # none yet, or every one that connected has ended and been released
+                return self._seen_any
             return all(r not in self.runs or (self.runs[r].closed and self.runs[r].idle()) for r in runs)
 
     def _waits_for(self, state: RunState) -> bool:
@@ -756,7 +770,12 @@ class Daemon:
                     self.store.note_not_analysed(run, iters)
                 except OSError as exc:
                     log.error("state dir: could not note the unanalysed iterations of run %s: %s", run, exc)
+        sinks = list(self.sinks.sinks)
         self.sinks.close()
+        # Per-run state still held (the open runs and the last few ended ones; the sinks: none once closed):
+        # flat however many runs were served.
+        held = {**self.held_runs(), **{f"sink_{s.name}": len(s.held_runs()) for s in sinks}}
+        log.info("per-run state at exit: %s", " ".join(f"{k}={v}" for k, v in held.items()))
         self.reject_log.flush()
         with self.lock:
             totals = self.totals.as_dict()

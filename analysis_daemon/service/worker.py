@@ -60,11 +60,17 @@ class AnalysisWorker(threading.Thread):
                 else:
                     run, summary = task
                     d.sinks.run_ended(run, summary)
+                    # The sinks forgot the run's hello with it: a run reopened later says it to them again.
+                    self._hello_sent.pop(run, None)
                     d.mark_closed(run)
                     self._forget_released_runs()
             except Exception as exc:  # a bug here must cost one task, never the daemon's only worker
                 log.exception("worker: %s failed: %s: %s", "job" if isinstance(task, Job) else "closing a run",
                               type(exc).__name__, exc)
+
+    def held_runs(self) -> int:
+        """Runs this thread keeps insight state or a sent hello for (bounded by the runs the daemon keeps)."""
+        return len(set(self._insight) | set(self._hello_sent))
 
     def _forget_released_runs(self) -> None:
         # The daemon releases ended runs from memory; drop this thread's per-run state with them.
