@@ -258,6 +258,16 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
     ins.add_argument("--drift-spike-mads", type=float, default=3.0,
                      help="alert when the drift cosine is this many robust std (1.4826 x MAD) below the "
                           "median of the recent drift values (default: %(default)s)")
+    ins.add_argument("--since-init", action=argparse.BooleanOptionalAction, default=True,
+                     help="keep each run's first snapshot (one more V x d in memory, counted in memory_held_bytes) "
+                          "and report drift_since_init against it; it also sharpens the under-trained token search "
+                          "(default: on)")
+    ins.add_argument("--undertrained", action=argparse.BooleanOptionalAction, default=True,
+                     help="search for under-trained tokens (rows training has not moved beyond a common mode; "
+                          "insight.undertrained_tokens); part of --extras (default: on)")
+    ins.add_argument("--undertrained-jump", type=float, default=0.001, metavar="SHARE",
+                     help="alert when the under-trained token count rises by at least this share of the vocabulary "
+                          "(and 8 tokens) since the previous result; 0 turns the alert off (default: %(default)s)")
     ins.add_argument("--partial-collapse-share", type=float, default=0.2, metavar="SHARE",
                      help="alert when a clump of at least this share of the vocabulary are all each other's "
                           "neighbours (cosine > --threshold); 0 turns it off (default: %(default)s)")
@@ -376,6 +386,8 @@ def analysis_settings(args: argparse.Namespace, check_device: bool = True) -> An
         raise ValueError(f"--drift-window must be at least 5, got {args.drift_window}")
     if args.alert_interval < 0 or args.drift_spike_mads <= 0:
         raise ValueError("--alert-interval must be >= 0 and --drift-spike-mads > 0")
+    if not 0 <= args.undertrained_jump <= 1:
+        raise ValueError(f"--undertrained-jump must be in [0, 1] (0: off), got {args.undertrained_jump}")
     if not 0 <= args.partial_collapse_share <= 1:
         raise ValueError(f"--partial-collapse-share must be in [0, 1] (0: off), got {args.partial_collapse_share}")
     if args.galaxy_rows < 0:
@@ -393,14 +405,16 @@ def analysis_settings(args: argparse.Namespace, check_device: bool = True) -> An
         threshold=args.threshold, chunk_size=args.chunk_size, top_k=args.top_k,
         progress_interval=args.progress_interval, extras=args.extras, knn_k=args.knn_k, probes=probes,
         probe_k=args.probe_k, sample_rows=args.sample_rows, sample_seed=args.sample_seed,
-        galaxy_rows=args.galaxy_rows, galaxy_seed=args.galaxy_seed,
+        galaxy_rows=args.galaxy_rows, galaxy_seed=args.galaxy_seed, since_init=args.since_init,
+        undertrained=args.undertrained,
         # the per-token arrays: for the explorer's token data, and for the TensorBoard projector
         token_data=bool(getattr(args, "token_data", False))
         or (getattr(args, "tensorboard", None) is not None and getattr(args, "tensorboard_projector_keep", 0) > 0),
         alerts=AlertSettings(collapse_mean_sim=args.collapse_mean_sim,
                              collapse_min_rank_fraction=args.collapse_min_rank_fraction,
                              drift_window=args.drift_window, drift_spike_mads=args.drift_spike_mads,
-                             interval=args.alert_interval, partial_collapse_share=args.partial_collapse_share))
+                             interval=args.alert_interval, partial_collapse_share=args.partial_collapse_share,
+                             undertrained_jump=args.undertrained_jump))
 
 
 def set_threads_and_priority(args: argparse.Namespace, log: logging.Logger) -> int:

@@ -68,6 +68,8 @@ class AnalysisSettings:
     alerts: AlertSettings = AlertSettings()
     sample_rows: int | None = None  # sampled geometry from this many rows (None: the exact pass)
     sample_seed: int = 0  # the sample's seed: the same rows for every snapshot of the same size
+    since_init: bool = True  # keep each run's first snapshot: drift since it, and a sharper under-trained search
+    undertrained: bool = True  # the under-trained token search (metrics/undertrained.py; part of the extras)
     token_data: bool = True  # per-token arrays for the explorer (TOKEN_ARRAYS): neighbours, drift, norm, map
     device: str = "cpu"  # where the math runs: "cpu", "cuda" or "cuda:N" (resolved from --device by the CLI)
 
@@ -163,19 +165,27 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     else:
         t0 = time.monotonic()
         try:
-            drift = measure_semantic_drift(prev_t, cur_t, top_k=settings.top_k,
-                                           per_token=settings.token_data, device=device)
+            grams = {"x": state.grams.get(_gram_key(prev))}
+            drift = measure_semantic_drift(prev_t, cur_t, top_k=settings.top_k, grams=grams,
+                                           per_token=settings.token_data or cur.token_counts is not None,
+                                           device=device)
+            for snap, key in ((prev, "x"), (cur, "y")):  # kept only while in use (pruned below)
+                if grams.get(key) is not None:
+                    state.grams[_gram_key(snap)] = grams[key]
         except Exception as exc:  # a math failure costs this drift, never the daemon
             reason = f"drift failed: {first_line(exc)}"
             log.error("run %s iter %d: %s", job.run, cur.iter, reason)
         drift_seconds = time.monotonic() - t0
     token_drift = drift.pop("per_token_cosine", None) if drift is not None else None
+    counts = cur.token_counts if cur.token_counts is not None and cur.token_counts.numel() == cur.shape[0] else None
     if drift is not None:
         drift = jsonable(drift)
-        for kind in ("most", "least"):
-            strings = _token_strings(drift.get(f"{kind}_drifted_tokens") or [], vocab)
-            if strings is not None:
-                drift[f"{kind}_drifted_token_strings"] = strings
+        _add_token_strings(drift, vocab)
+    t0 = time.monotonic()
+    since_init, since_init_reason = _drift_since_init(job, settings, drift, vocab, state.grams)
+    drift_seconds += time.monotonic() - t0
+    keep = {_gram_key(s) for s in (cur, job.first) if s is not None}  # the next drift's previous, the first
+    state.grams = {k: g for k, g in state.grams.items() if k in keep}
 
     geometry: dict[str, Any] | None = None
     geometry_error: str | None = None
@@ -207,6 +217,8 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
         t0 = time.monotonic()
         try:
             insight = _insight(job, settings, state, knn_ids, vocab, cur_t, prev_t)
+            if counts is not None:
+                insight["drift_by_frequency"] = _by_frequency(token_drift, counts)
         except Exception as exc:  # like geometry: costs this section, never the daemon
             insight_error = f"insight failed: {first_line(exc)}"
             log.error("run %s iter %d: %s", job.run, cur.iter, insight_error)
@@ -236,6 +248,8 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
 
     record = {
         "run": job.run,
+        "tensor": cur.name,  # which of the run's tensors (state, drift and insight are per tensor)
+        "default_tensor": job.default_tensor,  # the run's main tensor: its W&B keys have no tensor prefix
         "iter": cur.iter,
         "prev_iter": prev.iter if prev is not None else None,
         "seconds": None,  # set last, once the alerts are in
@@ -243,6 +257,9 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
         "drift": drift,
         "geometry": geometry,
         "drift_skipped_reason": reason,
+        "tokens_seen": int(counts.sum()) if counts is not None else None,  # fed since the previous snapshot
+        "drift_since_init": since_init,  # drift from the run's first snapshot (iter `first_iter`) to this one
+        "drift_since_init_skipped_reason": since_init_reason,
         "geometry_error": geometry_error,
         "skipped_iters": list(job.skipped_iters),
         "name": cur.name,
@@ -281,6 +298,83 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     return record
 
 
+def _by_frequency(token_drift: Any, counts: torch.Tensor) -> dict[str, Any] | None:
+    """insight.drift_by_frequency (metrics/frequency.py); None without a per-token drift (first snapshot)."""
+    from .metrics.frequency import drift_by_frequency
+
+    if token_drift is None or token_drift.numel() != counts.numel():
+        return None
+    return jsonable(drift_by_frequency(token_drift, counts))
+
+
+def _gram_key(snap: SnapshotData) -> tuple[int, int, int]:
+    # The object's identity: the cache only holds snapshots still alive (the run's previous and first).
+    return id(snap), snap.iter, snap.seq
+
+
+def _add_token_strings(drift: dict[str, Any], vocab: list[str] | None) -> None:
+    for kind in ("most", "least"):
+        strings = _token_strings(drift.get(f"{kind}_drifted_tokens") or [], vocab)
+        if strings is not None:
+            drift[f"{kind}_drifted_token_strings"] = strings
+
+
+def _initial(job: Job) -> SnapshotData | None:
+    """The run's first snapshot when it is an earlier one of the same shape (the since-init baseline)."""
+    first = job.first
+    if first is None or first is job.current or first.shape != job.current.shape:
+        return None
+    return first
+
+
+def _drift_since_init(job: Job, settings: AnalysisSettings, drift: dict[str, Any] | None,
+                      vocab: list[str] | None, cache: dict[tuple[int, int, int], torch.Tensor]
+                      ) -> tuple[dict[str, Any] | None, str | None]:
+    """The record's "drift_since_init" (the drift section's form plus `first_iter`) and why it is null."""
+    if not settings.since_init:
+        return None, "off (--no-since-init)"
+    first = job.first
+    if first is None:
+        return None, "the run's first snapshot is not known (the daemon restarted after it)"
+    if first is job.current:
+        return None, "first snapshot of this run"
+    if first.shape != job.current.shape:
+        return None, f"shape changed from {first.shape} (iter {first.iter}) to {job.current.shape}"
+    if first is job.previous and drift is not None:
+        out = dict(drift)  # the previous snapshot is the first one: the same numbers, not computed twice
+    else:
+        from .metrics.drift import measure_semantic_drift
+        cur = job.current
+        grams = {"x": cache.get(_gram_key(first)), "y": cache.get(_gram_key(cur))}
+        try:
+            out = jsonable(measure_semantic_drift(first.tensor, cur.tensor, top_k=settings.top_k, grams=grams,
+                                                  device=torch.device(settings.device)))
+            for snap, key in ((first, "x"), (cur, "y")):
+                if grams.get(key) is not None:
+                    cache[_gram_key(snap)] = grams[key]
+        except Exception as exc:  # costs this section, never the record
+            reason = f"drift since init failed: {first_line(exc)}"
+            log.error("run %s iter %d: %s", job.run, job.current.iter, reason)
+            return None, reason
+        _add_token_strings(out, vocab)
+    out["first_iter"] = first.iter
+    return out, None
+
+
+def _undertrained(job: Job, vocab: list[str] | None) -> dict[str, Any]:
+    """The insight section's under-trained entries: {"undertrained": {...}, "undertrained_tokens": [[id, score]]}."""
+    from .metrics.undertrained import find_undertrained
+
+    first = _initial(job)
+    found = find_undertrained(job.current.tensor, initial=first.tensor if first is not None else None)
+    tokens = found.pop("tokens")
+    if first is not None:
+        found["first_iter"] = first.iter
+    if vocab:
+        found["token_strings"] = _token_strings(tokens, vocab)
+    return {"undertrained": found, "undertrained_tokens": tokens}
+
+
 def _token_arrays(weights: torch.Tensor, state: RunInsight, knn_ids: Any, knn_cos: Any,
                   drift: Any, snapshot: torch.Tensor | None = None) -> TokenArrays:
     """The per-token arrays of this snapshot; the map is aligned with (and becomes) the run's previous one."""
@@ -314,6 +408,13 @@ def _insight(job: Job, settings: AnalysisSettings, state: RunInsight, knn_ids: A
         probe_ids=probe_ids, vocab=vocab, top_k=settings.top_k, probe_k=settings.probe_k, device=cur_t.device))
     if insight.get("neighbourhood_drift") is not None:
         insight["neighbourhood_drift"]["prev_iter"] = state.knn_iter  # last analysed, not job.previous
+    if settings.undertrained:
+        try:
+            insight.update(jsonable(_undertrained(job, vocab)))
+        except Exception as exc:  # costs these entries, never the rest of the section
+            insight["undertrained"], insight["undertrained_tokens"] = None, None
+            insight["undertrained_error"] = f"under-trained search failed: {first_line(exc)}"
+            log.error("run %s iter %d: %s", job.run, job.current.iter, insight["undertrained_error"])
     return insight
 
 

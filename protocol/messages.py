@@ -140,6 +140,9 @@ class Snapshot:
     def numel(self) -> int:
         """Elements in this snapshot (or part)."""
         return math.prod(self.shape)
+    # Tokens the trainer fed since its previous snapshot: little-endian uint32 per row of the (global)
+    # matrix, validated to exactly 4 x rows bytes (publisher.count_tokens); None when not counted.
+    token_counts: bytes | None = None
 
     @property
     def is_part(self) -> bool:
@@ -218,12 +221,13 @@ def encode_snapshot(*, run: str, iter: int, seq: int, name: str, dtype: str, sha
                     payload: Any = None, shm: ShmRef | None = None, sent_at: float | None = None,
                     publisher: str = "", global_shape: Sequence[int] | None = None,
                     offset: Sequence[int] | None = None, metrics: dict[str, float | int] | None = None,
-                    start: int | None = None) -> list[Any]:
+                    start: int | None = None, token_counts: bytes | None = None) -> list[Any]:
     """Frames of a `snapshot`: [header, payload] inline, or [header] when `shm` names the payload.
 
     For one rank's part of a sharded matrix pass `global_shape` and either `offset` ([row, col] of a
     2-D block of `shape`) or `start` (the first flat element of a 1-D range, `shape` = [numel]).
     `metrics` (optional) must pass `check_metrics`; it raises ProtocolError otherwise.
+    `token_counts` (optional): little-endian uint32 per row of the (global) matrix.
     """
     if (payload is None) == (shm is None):
         raise ValueError("encode_snapshot needs exactly one of payload= or shm=")
@@ -252,6 +256,11 @@ def encode_snapshot(*, run: str, iter: int, seq: int, name: str, dtype: str, sha
     metrics = check_metrics(metrics)
     if metrics is not None:  # absent when there are none: older daemons never see the key
         header["metrics"] = metrics
+    if token_counts is not None:
+        rows_counted = int(global_shape[0]) if global_shape is not None else rows
+        if len(token_counts) != 4 * rows_counted:
+            raise ValueError(f"token_counts has {len(token_counts)} bytes, {rows_counted} rows need {4 * rows_counted}")
+        header["token_counts"] = bytes(token_counts)
     return [_pack(header)] if payload is None else [_pack(header), payload]
 
 
@@ -333,6 +342,18 @@ class _Header:
             if type(k) is not str:
                 raise ProtocolError(f"header: {key} has a non-string key {_short(k)}")
         return value
+
+
+MAX_TENSOR_NAME_CHARS: Final = 64
+_TENSOR_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def check_tensor_name(name: Any) -> str:
+    """Return `name` if it is a usable tensor name (it becomes part of W&B keys: analysis/<name>/...), else raise."""
+    if type(name) is not str or not 0 < len(name) <= MAX_TENSOR_NAME_CHARS or not _TENSOR_NAME.fullmatch(name):
+        raise ProtocolError(f"header: tensor name must be 1-{MAX_TENSOR_NAME_CHARS} characters of A-Z a-z 0-9 _ . -, "
+                            f"got {_short(name)}")
+    return name
 
 
 def check_meta(meta: Any, limits: Limits = DEFAULT_LIMITS, field_name: str = "meta") -> dict[str, Any]:
@@ -428,7 +449,9 @@ def _unpack_header(frame: memoryview, limits: Limits) -> dict:
     try:
         data = msgpack.unpackb(
             frame, raw=False, strict_map_key=True, use_list=True,
-            max_str_len=limits.max_string_bytes, max_bin_len=0, max_ext_len=0,  # no bytes, no ext, no timestamps
+            # bytes only as a snapshot's token_counts (4 per row, checked after), no ext, no timestamps
+            max_str_len=limits.max_string_bytes, max_bin_len=min(4 * limits.max_rows, limits.max_header_bytes),
+            max_ext_len=0,
             # Arrays in a header are a shape (2) and a hello's vocabulary: refused before allocation.
             # (a vocabulary longer than max_rows could not match any snapshot we accept either)
             max_array_len=max(min(limits.max_vocab_tokens, limits.max_rows), 16), max_map_len=limits.max_map_len)
@@ -589,8 +612,15 @@ def _decode_snapshot(frames: Sequence[Any], header: _Header, run: str, seq: int,
     part = _part_geometry(header, dtype, shape)
     # Optional: absent from older publishers' headers.
     metrics = check_metrics(header.data.get("metrics"), limits)
+    counts = header.data.get("token_counts")
+    if counts is not None:
+        counted_rows = part[0][0] if part else shape[0]
+        if type(counts) is not bytes or len(counts) != 4 * counted_rows:
+            raise ProtocolError(f"header: token_counts must be {4 * counted_rows} bytes (uint32 per row), got "
+                                f"{type(counts).__name__} of {len(counts) if isinstance(counts, bytes) else '?'}")
     return Snapshot(run=run, iter=header.int_("iter"), seq=seq,
-                    name=header.str_("name", max_chars=limits.max_tensor_name_chars), dtype=dtype,
+                    name=check_tensor_name(header.str_("name", max_chars=limits.max_tensor_name_chars)), dtype=dtype,
                     shape=tuple(shape), nbytes=nbytes, sent_at=header.float_("sent_at"), payload=payload,
                     shm=shm, publisher=publisher, global_shape=part[0] if part else None,
-                    offset=part[1] if part else None, metrics=metrics, start=part[2] if part else None)
+                    offset=part[1] if part else None, metrics=metrics, start=part[2] if part else None,
+                    token_counts=counts)

@@ -57,10 +57,12 @@ def reference(out: Path, run: str, iters: list[int]) -> list[dict]:
     from analysis_daemon.pipeline import jsonable
 
     torch.set_num_threads(1)  # the daemon runs with --threads 1: same reduction order
-    prev, records, insight = None, [], RunInsight()
+    prev, first, records, insight = None, None, [], RunInsight()
     for it in iters:
         cur = SnapshotData(iter=it, seq=0, name="wte", tensor=torch.load(out / f"{run}-{it}.pt"))
-        records.append(jsonable(analyse(Job(run=run, current=cur, previous=prev, skipped_iters=[], hello=None),
+        first = first or cur  # the daemon keeps the run's first snapshot (drift since init)
+        records.append(jsonable(analyse(Job(run=run, current=cur, previous=prev, skipped_iters=[], hello=None,
+                                            first=first),
                                         AnalysisSettings(), insight_state=insight)))
         prev = cur
     return records

@@ -14,6 +14,7 @@ import re
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -151,6 +152,39 @@ def scalar_metrics(values: dict[str, Any], *, read_device: bool) -> dict[str, fl
     return out
 
 
+OUTPUT_TENSOR = "lm_head"  # the tensor name the callbacks give an untied output embedding (W&B: analysis/lm_head/...)
+
+
+def untied_output_embedding(owners: Any, input_embedding: Any) -> Any | None:
+    """The first `get_output_embeddings()` among `owners` when its weight is not the input embedding's; else None.
+
+    Tied weights (one parameter, or one storage) are sent once, as the input embedding.
+    """
+    for owner in owners:
+        getter = getattr(owner, "get_output_embeddings", None)
+        if getter is None:
+            continue
+        try:
+            out = getter()
+        except NotImplementedError:
+            out = None
+        if out is None:
+            continue
+        try:
+            w_out = effective_weight(out)
+            # the input's published weight, its own parameter and a LoRA wrapper's base weight: a head sharing
+            # any of them is tied (an adapter's merged weight is a new tensor, its base is the shared one)
+            inputs = [effective_weight(input_embedding), getattr(input_embedding, "weight", None),
+                      getattr(getattr(input_embedding, "base_layer", None), "weight", None)]
+            tied = any(isinstance(w, torch.Tensor) and (w is w_out or (w.data_ptr() == w_out.data_ptr()
+                                                                       and w.shape == w_out.shape))
+                       for w in inputs)
+        except Exception:  # noqa: BLE001 - cannot tell (an exotic wrapper): send the input embedding only
+            tied = True
+        return None if tied or w_out.dim() != 2 else out
+    return None
+
+
 class StepPublisher:
     """One EmbeddingPublisher per training: publishes the chosen steps, each step once, with that step's metrics.
 
@@ -181,10 +215,12 @@ class StepPublisher:
 
     def start(self, run: str, vocab: list[str] | None, wandb_info: dict[str, Any] | None,
               meta: dict[str, Any], embedding: Callable[[], Any] | None = None,
-              model: Callable[[], Any] | None = None) -> EmbeddingPublisher:
+              model: Callable[[], Any] | None = None,
+              output: Callable[[], Any] | None = None) -> EmbeddingPublisher:
         """Create the publisher for a new training (closing a previous one); `embedding()` gives the weight.
 
         `model()` (optional) gives the wrapped model: under FSDP1 the embedding is published through it.
+        `output()` gives the untied output embedding or None (published beside it as OUTPUT_TENSOR).
         """
         self.close()
         options = dict(self.options)
@@ -196,6 +232,7 @@ class StepPublisher:
         self._metrics = {}
         self._embedding = embedding
         self._model = model
+        self._output = output
         log.info("embedding monitor: run %s publishing to %s (every_n_steps=%s)", self.publisher.run,
                  self.publisher.endpoint, self.every_n_steps)
         return self.publisher
@@ -228,7 +265,7 @@ class StepPublisher:
         if step is None or self._embedding is None:
             return False
         metrics = dict(self._metrics) if self._metrics_step == step else None
-        return self.publish(self._embedding, step, lambda: metrics)
+        return self.publish(self._embedding, step, lambda: metrics, output=getattr(self, "_output", None))
 
     def drop_pending(self, why: str) -> None:
         """Forget the pending step (its weights are gone), saying why once."""
@@ -238,11 +275,12 @@ class StepPublisher:
 
     def publish(self, embedding: Callable[[], Any], step: int,
                 metrics: Callable[[], dict[str, Any] | None] | None = None,
-                model: Callable[[], Any] | None = None) -> bool:
+                model: Callable[[], Any] | None = None, output: Callable[[], Any] | None = None) -> bool:
         """Publish the embedding at `step` now unless this step was already published; True if handed off.
 
         `metrics()` (called only when publishing) gives the trainer's scalars to send with the snapshot.
         `model()` (optional) is the wrapped model: under FSDP1 the embedding is published through it.
+        `output()`: the untied output embedding or None, sent as tensor OUTPUT_TENSOR at the same step.
         """
         if self.publisher is None or step == self._last_step:
             return False
@@ -253,14 +291,29 @@ class StepPublisher:
             root = (model or self._model or (lambda: None))()
             path = fsdp1_path(root, module)  # FSDP1: its weight is a flat view; the model knows where it lies
             if path is not None:
-                return self.publisher.publish(root, step, metrics=values, embedding=path)
-            return self.publisher.publish(effective_weight(module), step, metrics=values)
+                sent = self.publisher.publish(root, step, metrics=values, embedding=path)
+            else:
+                sent = self.publisher.publish(effective_weight(module), step, metrics=values)
+            head = output() if output is not None else None
+            if head is not None:
+                self.publisher.publish(effective_weight(head), step, name=OUTPUT_TENSOR)
+            return sent
         except Exception:  # noqa: BLE001 - monitoring must never end a training run
             self.failures += 1
             if self.failures == 1:
                 log.exception("embedding monitor: publishing step %d failed; training goes on, later failures "
                               "are only counted (callback.monitor.failures)", step)
             return False
+
+    def count(self, batch: Any) -> None:
+        """Count the batch's `input_ids` (a mapping's entry) for the next snapshot; never raises into training."""
+        ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+        if self.publisher is None or not isinstance(ids, torch.Tensor):
+            return
+        try:
+            self.publisher.count_tokens(ids)
+        except Exception:  # noqa: BLE001 - monitoring must never end a training run
+            self.failures += 1
 
     def close(self) -> None:
         """Close the publisher (sends `end`); safe to call when none is open. A pending step is sent first."""

@@ -20,7 +20,8 @@ from transformers import TrainerCallback
 from protocol.metric_names import hf_log_metrics
 
 from .callbacks import (StepPublisher, active_wandb_info, embedding_rows, first_given, generated_run_name, log,
-                        vocab_of)
+                        untied_output_embedding, vocab_of)
+from .publisher import embedding_weight
 
 __all__ = ["EmbeddingMonitorCallback"]
 
@@ -43,6 +44,13 @@ def input_embeddings(model: Any) -> torch.nn.Module:
     return embedding
 
 
+def _unwrapped(model: Any) -> Any:
+    """The model inside DDP-style `.module` wrappers (what has get_output_embeddings)."""
+    while not hasattr(model, "get_output_embeddings") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def _shared_across_ranks(value: Any) -> Any:
     """Rank 0's `value` on every rank (one broadcast at the start of training; the value itself if not distributed)."""
     dist = torch.distributed
@@ -60,8 +68,10 @@ class EmbeddingMonitorCallback(TrainerCallback):
     """A transformers TrainerCallback that publishes the input embedding to an analysis daemon."""
 
     def __init__(self, endpoint: str | None = None, run: str | None = None,
-                 every_n_steps: int | None = None, *, tokenizer: Any = None, **publisher_options: Any) -> None:
+                 every_n_steps: int | None = None, *, tokenizer: Any = None, output_embeddings: bool = True,
+                 **publisher_options: Any) -> None:
         self.run = run
+        self.output_embeddings = output_embeddings  # also publish an untied get_output_embeddings() as "lm_head"
         self.tokenizer = tokenizer
         self.monitor = StepPublisher(endpoint, every_n_steps, publisher_options)
         self._model: Any = None
@@ -92,7 +102,9 @@ class EmbeddingMonitorCallback(TrainerCallback):
         self.monitor.start(run, vocab, wandb_info, meta={"framework": "transformers",
                                                          "framework_version": transformers.__version__,
                                                          "model": type(model).__name__},
-                           embedding=lambda: input_embeddings(model), model=lambda: model)  # FSDP1: the root
+                           embedding=lambda: input_embeddings(model), model=lambda: model,  # FSDP1: the root
+                           output=(lambda: untied_output_embedding([_unwrapped(model)], input_embeddings(model)))
+                           if self.output_embeddings else None)
         if self.monitor.every_n_steps is None and args.eval_strategy == "no":
             log.info("embedding monitor: no evaluation and no every_n_steps: publishing the first and the last "
                      "step only")

@@ -22,7 +22,8 @@ except ImportError:  # the standalone package of older releases
     import pytorch_lightning as pl
 
 from .callbacks import (StepPublisher, active_wandb_info, embedding_rows, first_given, generated_run_name,
-                        scalar_metrics, vocab_of, wandb_info_of)
+                        scalar_metrics, untied_output_embedding, vocab_of, wandb_info_of)
+from .publisher import embedding_weight
 
 __all__ = ["EmbeddingMonitorCallback"]
 
@@ -69,8 +70,10 @@ class EmbeddingMonitorCallback(pl.Callback):
 
     def __init__(self, endpoint: str | None = None, run: str | None = None,
                  every_n_steps: int | None = None, *, embedding: Any = None, tokenizer: Any = None,
-                 **publisher_options: Any) -> None:
+                 output_embeddings: bool = True, count_tokens: bool = True, **publisher_options: Any) -> None:
         self.run = run
+        self.output_embeddings = output_embeddings  # also publish an untied get_output_embeddings() as "lm_head"
+        self.count_tokens = count_tokens  # count each batch's "input_ids" (drift by token frequency)
         self.embedding = embedding
         self.tokenizer = tokenizer
         self.monitor = StepPublisher(endpoint, every_n_steps, publisher_options)
@@ -119,7 +122,10 @@ class EmbeddingMonitorCallback(pl.Callback):
                            meta={"framework": "lightning", "framework_version": pl.__version__,
                                  "model": type(pl_module).__name__},
                            embedding=lambda: find_embedding(pl_module, self.embedding),
-                           model=lambda: trainer.strategy.model)  # FSDPStrategy: the FSDP1 root
+                           model=lambda: trainer.strategy.model,  # FSDPStrategy: the FSDP1 root
+                           output=(lambda: untied_output_embedding(
+                               [pl_module, *(child for _, child in pl_module.named_children())],
+                               find_embedding(pl_module, self.embedding))) if self.output_embeddings else None)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """The starting weights, at the step training starts from (0, or the restored step on resume)."""
@@ -133,6 +139,8 @@ class EmbeddingMonitorCallback(pl.Callback):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Mark every `every_n_steps`-th optimizer step (with gradient accumulation: once, right after the step)."""
+        if self.count_tokens:
+            self.monitor.count(batch)
         step = int(trainer.global_step)
         if self.monitor.due(step) and self.monitor.wants(step):  # micro-batches after the step: already marked
             self.monitor.defer(step)

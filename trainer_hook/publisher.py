@@ -27,7 +27,8 @@ import torch
 import zmq
 
 from protocol import (DEFAULT_LIMITS, CurveClient, ProtocolError, ShmWriter, check_endpoint, check_meta, check_metrics,
-                      check_run_name, check_wandb_info, connect_publisher, encode_hello, is_local_endpoint, shm_available, wire_dtype)
+                      check_run_name, check_tensor_name, check_wandb_info, connect_publisher, encode_hello,
+                      is_local_endpoint, shm_available, wire_dtype)
 from protocol.endpoints import default_endpoint
 from protocol.runsecret import RUN_TOKEN_KEY, job_secret, run_token
 from protocol.shm import publisher_id as make_publisher_id
@@ -127,7 +128,7 @@ class EmbeddingPublisher:
         endpoint = self.endpoint
         self.run = check_run_name(run or (wandb_info or {}).get("run_name") or (wandb_info or {}).get("name")
                                   or f"{socket.gethostname()}-{os.getpid()}-{time.strftime('%Y%m%d-%H%M%S')}")
-        self.name = name
+        self.name = check_tensor_name(name)
         # The daemon refuses a hello whose meta or wandb map is over the protocol's bounds: say so here.
         check_meta(meta)
         check_wandb_info(wandb_info)
@@ -151,6 +152,10 @@ class EmbeddingPublisher:
         self._dropping = False
         self._last_warning = -_REWARN_AFTER_S
         self._metric_problems_logged: set[str] = set()
+        self._counts: torch.Tensor | None = None  # (rows + 1,) int64 on the ids' device; the last bin: out of range
+        self._count_rows: int | None = None  # rows of the main tensor (known from the first publish or vocab)
+        self._counts_warned = False
+        self._vocab_rows = len(vocab) if vocab is not None else None
         self.metrics_rejected = 0  # metric entries left out of publishes (bad name, value or type)
         self._closed = False
         self._pid = os.getpid()
@@ -310,7 +315,7 @@ class EmbeddingPublisher:
         return job
 
     def publish(self, weight_or_module: Any, iter_num: int, metrics: dict[str, Any] | None = None, *,
-                embedding: str | None = None) -> bool:
+                embedding: str | None = None, name: str | None = None) -> bool:
         """Copy the embedding weight (this rank's shard of it) and hand it off; True if handed off. Never blocks.
 
         Sharded stacks (FSDP2/DTensor, FSDP1, DeepSpeed ZeRO-3, Megatron tensor parallel): call it on every
@@ -320,7 +325,14 @@ class EmbeddingPublisher:
         `metrics`: optional trainer scalars at this iteration (e.g. {"train/loss": 2.31}); the daemon
         keeps them in the result and logs them on the same iteration axis. Invalid entries are left
         out, counted in `metrics_rejected` and logged once per distinct problem; the snapshot still goes.
+        `name`: which of the run's tensors this is (e.g. "lm_head"; None: the publisher's own `name`); the
+        daemon keeps a baseline per tensor, so each drifts against its own previous snapshot.
         """
+        if name is not None:
+            try:
+                check_tensor_name(name)
+            except ProtocolError as exc:
+                return self._drop(f"tensor name refused: {exc}")
         part = self._part(weight_or_module, embedding)
         if part is None or self._sender is None:
             return False  # disabled, closed, or another rank sends this matrix (or this part of it)
@@ -336,9 +348,15 @@ class EmbeddingPublisher:
             connect_deadline = self._connect_deadline
         dtype, shape, nbytes = self._wire_shape(weight)
         self._shm_fallback_check()
-        job = SnapshotJob(iter=int(iter_num), name=self.name, dtype=wire_dtype(dtype), shape=shape,
+        main = name is None or name == self.name
+        if main:  # the counts follow the main tensor's rows (a padded vocabulary may differ from vocab_size=)
+            self._count_rows = int(part.global_shape[0]) if part.global_shape is not None else int(shape[0])
+        job = SnapshotJob(iter=int(iter_num), name=self.name if name is None else name, dtype=wire_dtype(dtype), shape=shape,
                           connect_deadline=connect_deadline, metrics=clean, global_shape=part.global_shape,
                           offset=part.offset, start=part.start)
+        if main and self._counts is not None:
+            # enqueued before the weight's copy and its event: the sender reads both once the event fired
+            job.token_counts = self._take_counts(self._count_rows or 0, pin=weight.is_cuda)
         try:
             # A large snapshot uses the slots/buffers the sender thread prepared (prepare(), or queued by the
             # first publish): fresh pages here would stall this thread (shm slot: ~10 copies), and faulting
@@ -381,6 +399,41 @@ class EmbeddingPublisher:
         sender.jobs.put(job)
         self._prepare_for(part, dtype, shape, nbytes)  # after the job: the other buffers, off this thread
         return True
+
+    def count_tokens(self, input_ids: torch.Tensor, vocab_size: int | None = None) -> None:
+        """Count the tokens of `input_ids` for the next snapshot of the main tensor (then reset). Never syncs.
+
+        One scatter-add on the ids' own device (no host sync: ids outside [0, rows) go to a spare bin
+        instead of being checked). The rows are the main tensor's, known after the first publish, or
+        `vocab_size` / the hello's vocabulary before it; counts before any of these are left out (logged once).
+        """
+        if self._sender is None or self._closed:
+            return
+        rows = self._count_rows or vocab_size or self._vocab_rows
+        if not rows:
+            if not self._counts_warned:
+                self._counts_warned = True
+                log.warning("embedding publisher: count_tokens() before the first publish and without "
+                            "vocab_size=: these counts are left out")
+            return
+        self._count_rows = rows
+        ids = input_ids.detach().reshape(-1).to(torch.int64)
+        counts = self._counts
+        if counts is None or counts.device != ids.device or counts.numel() != rows + 1:
+            counts = self._counts = torch.zeros(rows + 1, dtype=torch.int64, device=ids.device)
+        spare = torch.full_like(ids, rows)
+        counts.scatter_add_(0, torch.where((ids >= 0) & (ids < rows), ids, spare), torch.ones_like(ids))
+
+    def _take_counts(self, rows: int, pin: bool) -> torch.Tensor | None:
+        """The counts since the last snapshot as a CPU tensor (non-blocking from a GPU), and reset them."""
+        counts = self._counts
+        if counts is None or rows < 1:
+            return None
+        n = min(rows, counts.numel() - 1)  # counted with another row count: ids beyond this matrix are left out
+        host = torch.zeros(rows, dtype=torch.int64, pin_memory=pin and counts.is_cuda)
+        host[:n].copy_(counts[:n], non_blocking=pin and counts.is_cuda)  # lands before the copy event fires
+        counts.zero_()  # queued after the copy on the same stream
+        return host
 
     def _metric_problems(self, problems: list[str]) -> None:
         self.metrics_rejected += len(problems)

@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import zmq
@@ -49,6 +49,9 @@ class SnapshotJob:
     global_shape: tuple[int, int] | None = None  # set for one rank's part of a sharded (DTensor) matrix
     offset: tuple[int, int] | None = None
     start: int | None = None  # or the first flat element of an element-range part (1-D shape)
+    # tokens counted since the previous snapshot (int64 CPU tensor, rows of the matrix); for a CUDA count its
+    # copy is non-blocking and lands before `event` fires (so read it only after event.synchronize())
+    token_counts: Any = None
 
 
 @dataclass
@@ -276,7 +279,9 @@ class Sender(threading.Thread):
             return self._fail(job, self.absent_reason())
         common = dict(run=self.run_name, iter=job.iter, seq=self._seq, name=job.name, dtype=job.dtype,
                       shape=job.shape, publisher=self.publisher_id, global_shape=job.global_shape,
-                      offset=job.offset, metrics=job.metrics, start=job.start)
+                      offset=job.offset, metrics=job.metrics, start=job.start,
+                      token_counts=None if job.token_counts is None else
+                      job.token_counts.clamp(max=2**32 - 1).numpy().astype("<u4").tobytes())
         if job.ref is not None:
             ok = self._send(encode_snapshot(shm=job.ref, **common)) is not False
         else:

@@ -39,7 +39,7 @@ from .liveness import DEFAULT_RUN_TIMEOUT_S, Publishers
 from .assembly import DEFAULT_TIMEOUT_S, Assembler, PartRejected
 from .logsafe import RateLimiter, reason_key, safe
 from ..sinks import SinkSet
-from .state import Counters, HelloInfo, Job, RunState, SnapshotData
+from .state import MAX_TENSORS_PER_RUN, Counters, HelloInfo, Job, RunState, SnapshotData, token_counts_of
 from .state_store import StateStore
 from .vocab import CompactVocab
 from ..pipeline import AnalysisSettings, warm_up
@@ -93,9 +93,8 @@ class DaemonConfig:
 
 def _held_bytes(state: RunState) -> int:
     # The baseline, the run's backlog (bounded daemon-wide by --max-pending-bytes) and its vocabulary.
-    total = state.queued_bytes
-    if state.previous is not None:
-        total += state.previous.tensor.numel() * state.previous.tensor.element_size()
+    # Per tensor: its previous snapshot and its first one (drift since initialisation), each counted once.
+    total = state.queued_bytes + state.baseline_bytes()
     vocab = state.hello.vocab if state.hello is not None else None
     return total + (vocab.nbytes() if isinstance(vocab, CompactVocab) else 0)
 
@@ -284,11 +283,9 @@ class Daemon:
                 if state is not None:
                     snap = state.queue.popleft()
                     state.queued_bytes -= snap.nbytes
-                    repeat = state.max_iter if state.max_iter is not None and snap.iter <= state.max_iter else None
-                    job = Job(run=state.run, current=snap, previous=state.previous,
-                              skipped_iters=snap.skipped_before, hello=state.hello, repeat_of=repeat)
-                    state.previous = snap
-                    state.max_iter = snap.iter if repeat is None else state.max_iter
+                    previous, first, repeat, main = state.take(snap, self.config.analysis.since_init)
+                    job = Job(run=state.run, current=snap, previous=previous, skipped_iters=snap.skipped_before,
+                              hello=state.hello, repeat_of=repeat, first=first, default_tensor=main)
                     self._served += 1
                     state.served, state.busy = self._served, True
                     self._source_served[state.owner_source or ""] = self._served
@@ -459,8 +456,17 @@ class Daemon:
             snap.sample_rows = sample  # judged by the whole matrix's shape, like every part of it
         else:
             snap = SnapshotData(iter=msg.iter, seq=msg.seq, name=msg.name, tensor=tensor, sent_at=msg.sent_at,
-                                metrics=msg.metrics, sample_rows=sample)
+                                metrics=msg.metrics, sample_rows=sample, token_counts=token_counts_of(msg))
         budget = self.config.max_pending_bytes
+        with self.cond:
+            state = self._state(run, src)
+            if not state.knows_tensor(snap.name) and len(state.others) + 1 >= MAX_TENSORS_PER_RUN:
+                refused = f"tensor {snap.name!r}: run already sends {MAX_TENSORS_PER_RUN} named tensors"
+            else:
+                refused = None
+        if refused is not None:
+            self._reject(refused, run)
+            return
         with self.cond:
             state = self._state(run, src)
             self.seen_runs.add(run)

@@ -38,7 +38,7 @@ class AnalysisWorker(threading.Thread):
         self.current: Job | None = None  # read by the main thread at shutdown (for its log line)
         self.fraction_done = 0.0
         self._hello_sent: dict[str, Any] = {}
-        self._insight: dict[str, RunInsight] = {}  # per run; only this thread touches it
+        self._insight: dict[tuple[str, str], RunInsight] = {}  # per (run, tensor); only this thread touches it
 
     def _progress_callback(self, job: Job) -> Callable[[float], None]:
         started = time.monotonic()
@@ -100,7 +100,7 @@ class AnalysisWorker(threading.Thread):
 
     def held_runs(self) -> int:
         """Runs this thread keeps insight state or a sent hello for (bounded by the runs the daemon keeps)."""
-        return len(set(self._insight) | set(self._hello_sent))
+        return len({run for run, _ in self._insight} | set(self._hello_sent))
 
     def _lane(self, job: Job) -> None:
         try:
@@ -113,9 +113,10 @@ class AnalysisWorker(threading.Thread):
     def _forget_released_runs(self) -> None:
         # The daemon releases ended runs from memory; drop this thread's per-run state with them.
         live = set(self.daemon_ref.runs)
-        for per_run in (self._insight, self._hello_sent):
-            for run in [r for r in list(per_run) if r not in live]:  # list(): lanes may add runs meanwhile
-                per_run.pop(run, None)
+        for run in [r for r in list(self._hello_sent) if r not in live]:  # list(): lanes may add runs meanwhile
+            self._hello_sent.pop(run, None)
+        for key in [k for k in list(self._insight) if k[0] not in live]:  # per (run, tensor)
+            self._insight.pop(key, None)
         forget = getattr(self.executor, "forget", None)
         if forget is not None:  # the Ray executor's object references of released runs
             forget(live)
@@ -143,9 +144,10 @@ class AnalysisWorker(threading.Thread):
         log.info("run %s iter %d: analysing %s %s (drift vs iter %s)", job.run, job.current.iter,
                  "x".join(map(str, job.current.shape)), job.current.dtype, prev_iter)
         try:
+            key = (job.run, job.current.name)  # drift compares a tensor with its own previous snapshot
             result, state = self.executor.analyse(job, self.settings, self._progress_callback(job),
-                                                  self._insight.get(job.run) or RunInsight(), d.abandon.is_set)
-            self._insight[job.run] = state
+                                                  self._insight.get(key) or RunInsight(), d.abandon.is_set)
+            self._insight[key] = state
         except AnalysisAbandoned as exc:
             log.warning("run %s iter %d: analysis abandoned on shutdown (%s)", job.run,
                         job.current.iter, exc)
@@ -171,7 +173,7 @@ class AnalysisWorker(threading.Thread):
                     d.store.save_hello(job.run, job.hello)
                 except OSError as exc:
                     log.error("state dir: could not save hello of run %s: %s", job.run, exc)
-        if d.store is not None and not job.current.recovered:
+        if d.store is not None and not job.current.recovered and job.default_tensor:  # the main tensor's only
             # On disk before the analysis, promoted to baseline only once its result is delivered:
             # a crash in between leaves the old baseline (which has a record) and this snapshot,
             # analysed again at the next start-up.
@@ -192,7 +194,7 @@ class AnalysisWorker(threading.Thread):
         # The job is finished (by _run_job) only after this: --exit-on-end must not exit between the
         # analysis and the sinks.
         d.sinks.handle(result)
-        if d.store is not None:
+        if d.store is not None and job.default_tensor:
             try:
                 d.store.commit_analysis(job.run, job.current)
             except OSError as exc:

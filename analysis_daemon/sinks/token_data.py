@@ -80,7 +80,9 @@ class TokenDataSink(Sink):
 
     def handle_arrays(self, result: dict[str, Any], arrays: Any) -> None:
         run, iteration = str(result.get("run")), int(result["iter"])
-        tensor = result.get("tensor") if isinstance(result.get("tensor"), str) else None
+        # the run's default tensor keeps the plain directory (what the explorer reads); another gets a suffix
+        named = isinstance(result.get("tensor"), str) and result.get("default_tensor") is False
+        tensor = result["tensor"] if named else None
         base = self.tokens_dir(run)
         final = base / iter_dirname(iteration, tensor)
         tmp = base / f".{final.name}.tmp"

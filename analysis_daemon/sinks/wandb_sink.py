@@ -68,7 +68,16 @@ def metrics_for(result: dict[str, Any], wandb: Any, vocab: list[str] | None = No
     data.update(insight_metrics(result, wandb))
     if result.get("galaxy") is not None or result.get("insight") is not None:  # not with --no-extras
         data.update(galaxy_metrics(result, wandb, vocab))
-    return data
+    return tensor_keys(data, result)
+
+
+def tensor_keys(data: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """A non-default tensor's entries under analysis/<tensor>/...; the trainer's scalars only once (default tensor)."""
+    if result.get("default_tensor", True) or not result.get("tensor"):
+        return data
+    prefix = f"analysis/{result['tensor']}/"
+    return {(key if key == STEP_METRIC else prefix + key.removeprefix("analysis/")): value
+            for key, value in data.items() if key.startswith("analysis/")}
 
 
 def insight_metrics(result: dict[str, Any], wandb: Any) -> dict[str, Any]:
@@ -79,6 +88,14 @@ def insight_metrics(result: dict[str, Any], wandb: Any) -> dict[str, Any]:
     if rows:
         data["analysis/probe_neighbours"] = wandb.Table(
             columns=["probe_id", "probe", "rank", "neighbour_id", "neighbour", "cosine_similarity"], data=rows)
+    ins = result.get("insight") or {}
+    under = ins.get("undertrained")
+    if under:
+        strings = under.get("token_strings")
+        data["analysis/undertrained_tokens"] = wandb.Table(
+            columns=["rank", "token_id", "token", "score"],
+            data=[[rank, int(tid), strings[rank] if strings and rank < len(strings) else None, score]
+                  for rank, (tid, score) in enumerate(ins.get("undertrained_tokens") or [])])
     return data
 
 
