@@ -34,7 +34,7 @@ _SEED_SAMPLE = 4096  # rows whose covariance gives the principal directions the 
 def _distances(z: torch.Tensor, centres: torch.Tensor, z_sq: torch.Tensor) -> torch.Tensor:
     """(V, m) Euclidean distances from every row of `z` to each of `centres` (m, d), in blocks."""
     c_sq = centres.square().sum(dim=1)
-    out = torch.empty(z.shape[0], centres.shape[0])
+    out = torch.empty(z.shape[0], centres.shape[0], device=z.device)
     ct = centres.T.contiguous()
     for a in range(0, z.shape[0], _ROWS):
         block = z[a : a + _ROWS]
@@ -53,7 +53,7 @@ def _seeds(z: torch.Tensor, z_sq: torch.Tensor, never_seen: torch.Tensor | None,
     picks = [zc_norm.topk(k).indices, (-zc_norm).topk(k).indices]
     # principal directions from an evenly spread sample of rows: seeds need directions, not exact ones
     # (O(sample x d^2) instead of O(V d^2))
-    sample = z[torch.linspace(0, v - 1, min(v, _SEED_SAMPLE)).long()] - mean
+    sample = z[torch.linspace(0, v - 1, min(v, _SEED_SAMPLE), device=z.device).long()] - mean
     _, vecs = torch.linalg.eigh((sample.T @ sample).double())
     top = vecs[:, -min(3, vecs.shape[1]):].float()
     projections = z @ top - mean @ top
