@@ -128,9 +128,12 @@ def test_daemon_writes_scalars_histograms_and_projector_at_the_training_iteratio
         assert np.array_equal(matrix, w.numpy())
         rows = tsv_rows(run_dir / entry.metadata_path)
         header, body = rows[0], rows[1:]
-        assert header == ["token", "id", "drift_cosine", "row_norm", "galaxy_cluster"]
+        # the record lists its under-trained tokens (issue 22), so that column is known too
+        assert header == ["token", "id", "drift_cosine", "row_norm", "galaxy_cluster", "undertrained"]
         assert len(body) == 500 and all(len(row) == len(header) for row in body)
         col = {name: [row[k] for row in body] for k, name in enumerate(header)}
+        flagged = {int(t[0]) for t in (r["insight"] or {}).get("undertrained_tokens") or []}
+        assert col["undertrained"] == ["1" if i in flagged else "0" for i in range(500)]
         assert col["id"] == [str(i) for i in range(500)]
         assert col["token"][0] == "tok0" and col["token"][5] == "tab\\there" and col["token"][7] == "nul\\x00byte"
         assert col["token"][6] == "line\\nbreak\\r\\n" and col["token"][10] == "back\\\\slash\\\\t"
