@@ -33,12 +33,13 @@ from protocol.runsecret import take_token
 from protocol.shm import segment_belongs_to
 
 from . import backlog, recovery
-from .cost import CostLimits, plan as plan_cost
+from ..cost import CostLimits, plan as plan_cost
 from .liveness import DEFAULT_RUN_TIMEOUT_S, Publishers
 from .assembly import DEFAULT_TIMEOUT_S, Assembler, PartRejected
-from .logsafe import RateLimiter, reason_key, safe
+from ..safetext import RateLimiter, reason_key, safe
 from ..sinks import SinkSet
-from .state import Counters, HelloInfo, Job, RunState, SnapshotData
+from ..records import Counters, HelloInfo, Job, SnapshotData
+from .state import RunState
 from .state_store import StateStore
 from .vocab import CompactVocab
 from ..pipeline import AnalysisSettings, warm_up

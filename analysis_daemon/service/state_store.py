@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .paths import run_dirname
-from .state import HelloInfo, SnapshotData
+from ..paths import run_dirname, write_atomic
+from ..records import HelloInfo, SnapshotData
 
 log = logging.getLogger("embedding_monitor.daemon")
 
@@ -29,21 +29,6 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 class StateStoreError(ValueError):
     """A state directory entry that cannot be used (corrupt, truncated, unknown format)."""
-
-
-def write_atomic(path: Path, data: Any) -> None:
-    """Write `data` (bytes or any buffer) to `path` whole or not at all: a temporary file, fsync, rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # A full disk must not also fill the state dir with half-written copies of 150 MB snapshots.
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def sweep_temporary_files(root: Path) -> int:

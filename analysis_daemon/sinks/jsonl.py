@@ -21,7 +21,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from ..service.paths import run_dirname
+from ..paths import run_dirname
 from . import Sink
 
 log = logging.getLogger("embedding_monitor.daemon")

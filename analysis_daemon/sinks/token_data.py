@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..service.paths import run_dirname
+from ..paths import run_dirname
 from . import Sink
 
 log = logging.getLogger("embedding_monitor.daemon")
