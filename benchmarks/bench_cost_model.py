@@ -1,4 +1,4 @@
-"""How well `service/cost.py` predicts the time of a whole analysis, over shapes narrow and wide.
+"""How well `cost.py` (analysis_daemon/cost.py) predicts the time of a whole analysis, over shapes narrow and wide.
 
     python benchmarks/bench_cost_model.py [--threads 2] [--scale 1.0]
 
