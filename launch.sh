@@ -23,7 +23,8 @@ embedding-monitor launcher: trainer + analysis daemon, together or on two hosts.
 
 Exit status: the trainer's (the daemon's in daemon mode); 130 on Ctrl-C, 143 on SIGTERM, 129 when the
 terminal closes (SIGHUP): trainer and daemon are stopped cleanly first.
-Environment: RUN (run name), RESULTS_DIR (default runs), PORT (default 5555), DAEMON_THREADS,
+Environment: RUN (run name), RESULTS_DIR (default runs), ENDPOINT (same-host mode; default a private ipc
+socket, see docs/privacy-and-transport.md), PORT (daemon/trainer modes, default 5555), DAEMON_THREADS,
 WANDB_MODE (offline unless you configured wandb), EM_PYTHON (use this interpreter instead of .venv),
 DRAIN_S (default 600: how long the daemon may go on analysing after the trainer finished; then it is
 stopped, and what it had not analysed is named in its log).
@@ -65,7 +66,9 @@ undo_failed_start() {
 
 # Start the daemon in the background and wait (bounded) for its ready line; sets DAEMON_PID.
 # The daemon and its tee ignore SIGHUP: when the terminal closes, launch.sh stops the trainer first and
-# then the daemon with SIGTERM, so the daemon flushes its sinks and logs its "stopped" line.
+# then the daemon with SIGTERM, so the daemon flushes its sinks and logs its "stopped" line. The tee also
+# ignores SIGINT (Ctrl-C reaches the whole process group): it must keep draining the daemon's stdout until
+# the daemon exits, or the summary block of the analysis it finishes hits a closed pipe (a lost result).
 start_daemon() {
     local logfile=$1; shift
     # This start's part of daemon.log begins after what an earlier daemon of the run wrote.
@@ -76,7 +79,7 @@ start_daemon() {
     # log lines and a copy of every block go to daemon.log (./launch.sh tail follows it).
     # shellcheck disable=SC2086
     ( trap '' HUP; exec $DAEMON_PREFIX "$PY" -m analysis_daemon --results-dir "$RESULTS_DIR" \
-        --log-file "$logfile" "$@" ) > >(trap '' HUP; exec tee -a "$logfile.stdout") 2>> "$logfile.stderr" &
+        --log-file "$logfile" "$@" ) > >(trap '' HUP INT; exec tee -a "$logfile.stdout") 2>> "$logfile.stderr" &
     DAEMON_PID=$!
     local waited=0
     until grep -q "ready" "$logfile.stdout" 2>/dev/null; do
@@ -208,7 +211,13 @@ cmd_local() {
     plan_cores
     local run=${RUN:-synthetic-$(date +%Y%m%d-%H%M%S)}
     local logfile="$RESULTS_DIR/$run/daemon.log"
-    local endpoint="tcp://127.0.0.1:$PORT"
+    # Same host: an ipc socket in the user's private (0700) socket directory, never a tcp port another user
+    # could squat; one per launch, so two launches never meet. ENDPOINT overrides it (e.g. tcp://127.0.0.1:5555).
+    local endpoint=${ENDPOINT:-}
+    if [ -z "$endpoint" ]; then
+        endpoint=$("$PY" -m protocol.endpoints) || die "no private socket directory (the error is above); set ENDPOINT"
+        endpoint="${endpoint%/*}/launch-$$.sock"
+    fi
     prepare_run_dir "$RESULTS_DIR/$run"
 
     STOP_SIGNAL="" TRAINER_PID="" DAEMON_PID=""
@@ -248,6 +257,7 @@ cmd_local() {
         fi
     fi
     trap - INT TERM HUP
+    case $endpoint in ipc://*) rm -f "${endpoint#ipc://}" ;; esac  # the daemon is gone: its socket file goes too
     warn_if_results_lost "$logfile"
     if [ -n "$STOP_SIGNAL" ]; then
         local signo; signo=$(signal_number "$STOP_SIGNAL")

@@ -46,7 +46,7 @@ wandb_project = 'embedding-monitor' # the daemon logs its analysis run into the 
 wandb_run_name = '' # '' -> run_name
 # embedding analysis
 analysis = 'zmq' # 'zmq': publish wte to the analysis daemon at every eval; 'none': no hook at all
-analysis_endpoint = 'tcp://127.0.0.1:5555' # where the daemon listens (--listen of analysis-daemon)
+analysis_endpoint = '' # where the daemon listens (its --listen); '' = the private same-host default (an ipc socket in a 0700 dir)
 analysis_send_dtype = 'float32' # 'float16' or 'bfloat16' halve the bytes per snapshot, at some precision
 analysis_curve_client_secret = '' # CurveZMQ (daemon on another host): this trainer's NAME.key_secret file
 analysis_curve_server_public = '' # CurveZMQ: the daemon's public NAME.key file; both '' = no encryption
@@ -274,7 +274,7 @@ publisher = None
 if analysis == 'zmq' and master_process:
     from trainer_hook import EmbeddingPublisher # imported only when used: --analysis=none needs no zmq
     try: # never blocks and needs no daemon yet; it only refuses a bad endpoint or unreadable keys
-        publisher = EmbeddingPublisher(analysis_endpoint, run=run_name, vocab=itos, wandb_info=wandb_info,
+        publisher = EmbeddingPublisher(analysis_endpoint or None, run=run_name, vocab=itos, wandb_info=wandb_info,
                                        send_dtype=getattr(torch, analysis_send_dtype),
                                        curve_client_secret=analysis_curve_client_secret or None,
                                        curve_server_public=analysis_curve_server_public or None,

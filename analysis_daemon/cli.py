@@ -1,6 +1,6 @@
 """Command line of the analysis daemon.
 
-    analysis-daemon --listen tcp://127.0.0.1:5555 --results-dir runs      (same as python -m analysis_daemon)
+    analysis-daemon --results-dir runs                                      (same as python -m analysis_daemon)
     analysis-daemon keygen DIR --name daemon                                (CurveZMQ keypair, via protocol)
     analysis-daemon report runs/my-run -o report.html                       (HTML report of a run's results)
     analysis-daemon report runs/lr-3e-4 runs/lr-1e-3                         (several runs compared on one page)
@@ -60,8 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
                "WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_DIR, WANDB_API_KEY; a trainer's hello message, "
                "when it names a project and group, takes precedence.")
     net = p.add_argument_group("network")
-    net.add_argument("--listen", default="tcp://127.0.0.1:5555", metavar="ENDPOINT",
-                     help="ZeroMQ endpoint to bind (tcp://HOST:PORT or ipc:///path; default: %(default)s)")
+    net.add_argument("--listen", default=None, metavar="ENDPOINT",
+                     help="ZeroMQ endpoint to bind: tcp://HOST:PORT or ipc:///path (default: an ipc socket only this "
+                          "user can reach, $XDG_RUNTIME_DIR/embedding-monitor/daemon.sock, else "
+                          "/tmp/embedding-monitor-UID/daemon.sock, in a directory created with mode 0700 and checked; "
+                          "trainers use the same default). A tcp port is open to every user of the host: use "
+                          "CurveZMQ keys for tcp beyond loopback, and see docs/privacy-and-transport.md")
     net.add_argument("--curve-secret", type=Path, metavar="FILE",
                      help="the daemon's CurveZMQ secret key file (NAME.key_secret from `analysis-daemon "
                           "keygen`); enables authentication and encryption")
@@ -103,6 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--state-dir", type=Path,
                      help="keep each run's last analysed snapshot here so drift continues across a restart "
                           "(read back only when that run reappears)")
+
+    scale = p.add_argument_group("scale (see docs/scale.md)")
+    scale.add_argument("--executor", choices=["inprocess", "ray"], default="inprocess",
+                       help="where each analysis runs: inprocess (this process, one at a time) or ray (a Ray "
+                            "task on the cluster at RAY_ADDRESS, or on a local Ray instance when it is unset; "
+                            "GPU tasks with --device cuda; needs the [ray] extra). Receiving, run state and "
+                            "sinks stay in this daemon (default: %(default)s)")
+    scale.add_argument("--max-concurrent", type=int, metavar="N",
+                       help="--executor ray: at most N analyses at once, one per run at a time (default: what "
+                            "the cluster fits: its CPUs / --threads, or its GPUs with --device cuda)")
 
     life = p.add_argument_group("lifecycle")
     life.add_argument("--exit-on-end", action="store_true",
@@ -180,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
     _ensure_passive_omp(argv)
-    log = setup_logging(args.log_level, args.log_file)
+    log = setup_logging(args.log_level, args.log_file, args.results_mode)
 
     import torch  # noqa: F401  only now: see the module docstring
 
@@ -193,8 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < 1:
             return fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     try:
-        settings = analysis_settings(args)
+        settings = analysis_settings(args, check_device=args.executor != "ray")
         limits, cost = snapshot_limits(args)
+        if args.max_concurrent is not None and args.max_concurrent < 1:
+            raise ValueError(f"--max-concurrent must be at least 1, got {args.max_concurrent}")
     except ValueError as exc:
         return fail(str(exc))
     if not args.run_timeout > 0:
@@ -220,6 +236,14 @@ def main(argv: list[str] | None = None) -> int:
         from dataclasses import replace
         limits = replace(limits, **vocab_overrides)
 
+    from protocol.endpoints import UnsafeEndpoint, default_endpoint, ensure_private_dir, ipc_path, private_dir
+    try:
+        if args.listen is None:
+            args.listen = default_endpoint()  # its directory created 0700 and checked (owner, mode, no symlink)
+        elif ipc_path(args.listen) is not None and ipc_path(args.listen).parent == private_dir():
+            ensure_private_dir()
+    except UnsafeEndpoint as exc:
+        return fail(str(exc))
     curve = None
     if args.curve_secret or args.curve_authorized_dir:
         if not (args.curve_secret and args.curve_authorized_dir):
@@ -229,9 +253,18 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             return fail(str(exc))
 
+    executor = None
+    if args.executor == "ray":
+        from .service.ray_executor import RayExecutor
+        try:
+            executor = RayExecutor(device=settings.device, threads=threads, max_concurrent=args.max_concurrent)
+        except ValueError as exc:
+            return fail(str(exc))
     try:
         sinks = make_sinks(args, settings, threads, close_timeout=None)
     except ValueError as exc:
+        if executor is not None:
+            executor.close()
         return fail(str(exc))
     from protocol import PeerLimits
 
@@ -243,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         reject_log_interval=args.reject_log_interval,
         listen=args.listen, limits=limits, exit_on_end=args.exit_on_end, state_dir=args.state_dir,
         shutdown_grace=args.shutdown_grace, curve=curve, allow_insecure=args.allow_insecure,
-        run_timeout=args.run_timeout, assembly_timeout=args.assembly_timeout, max_pending_bytes=max_pending, analysis=settings)
+        run_timeout=args.run_timeout, assembly_timeout=args.assembly_timeout, max_pending_bytes=max_pending, analysis=settings,
+        executor=executor)
     log.info("starting: %d analysis thread(s), nice +%d, OMP_WAIT_POLICY=%s, sinks: %s", threads,
              max(args.nice, 0), os.environ.get("OMP_WAIT_POLICY"), ", ".join(s.name for s in sinks.sinks))
     try:

@@ -98,6 +98,10 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
                           "V^2/2; mean/std stay exact; N >= V is the exact pass (default: exact)")
     ana.add_argument("--sample-seed", type=int, default=0, metavar="S",
                      help="seed of the sampled rows (the same rows for every snapshot; default: %(default)s)")
+    ana.add_argument("--device", default="cpu", metavar="cpu|cuda|auto",
+                     help="where the math runs: cpu, cuda (or cuda:N; a GPU's blocks are sized to a quarter of "
+                          "its free memory) or auto (cuda when there is one, else cpu); each record names the "
+                          "device and chunk size used (default: %(default)s)")
 
     ins = p.add_argument_group("insight and alerts")
     ins.add_argument("--extras", action=argparse.BooleanOptionalAction, default=True,
@@ -123,6 +127,16 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
     ins.add_argument("--drift-spike-mads", type=float, default=3.0,
                      help="alert when the drift cosine is this many robust std (1.4826 x MAD) below the "
                           "median of the recent drift values (default: %(default)s)")
+    ins.add_argument("--since-init", action=argparse.BooleanOptionalAction, default=True,
+                     help="keep each run's first snapshot (one more V x d in memory, counted in memory_held_bytes) "
+                          "and report drift_since_init against it; it also sharpens the under-trained token search "
+                          "(default: on)")
+    ins.add_argument("--undertrained", action=argparse.BooleanOptionalAction, default=True,
+                     help="search for under-trained tokens (rows training has not moved beyond a common mode; "
+                          "insight.undertrained_tokens); part of --extras (default: on)")
+    ins.add_argument("--undertrained-jump", type=float, default=0.001, metavar="SHARE",
+                     help="alert when the under-trained token count rises by at least this share of the vocabulary "
+                          "(and 8 tokens) since the previous result; 0 turns the alert off (default: %(default)s)")
     ins.add_argument("--partial-collapse-share", type=float, default=0.2, metavar="SHARE",
                      help="alert when a clump of at least this share of the vocabulary are all each other's "
                           "neighbours (cosine > --threshold); 0 turns it off (default: %(default)s)")
@@ -142,8 +156,15 @@ def add_output_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     out = p.add_argument_group("output")
     out.add_argument("--results-dir", type=Path, default=Path("runs"),
                      help="results go to RESULTS_DIR/<run>/analysis.jsonl (default: %(default)s)")
+    from .files import parse_mode
+    out.add_argument("--results-mode", type=parse_mode, default=0o600, metavar="MODE",
+                     help="file mode of the results files (analysis.jsonl) and the log file; their new "
+                          "directories follow it (0600 -> 0700, 0644 -> 0755). Results hold token strings "
+                          "and metrics: they are private by default; 0644 shares them with every user of "
+                          "the host (default: 0600)")
     out.add_argument("--log-file", type=Path,
-                     help="also write the log, and each result's summary block, to this file")
+                     help="also write the log, and each result's summary block, to this file (created "
+                          "with --results-mode)")
     out.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                      help="log level (default: %(default)s)")
     out.add_argument("--no-console", action="store_true",
@@ -187,8 +208,8 @@ def add_tensorboard_options(p: argparse.ArgumentParser) -> None:
                          "matrix's size on disk, V x d x 4 bytes); 0: no projector (default: %(default)s)")
 
 
-def setup_logging(level: str, log_file: Path | None) -> logging.Logger:
-    """stderr (and optionally a file) handlers on the daemon's logger."""
+def setup_logging(level: str, log_file: Path | None, mode: int = 0o600) -> logging.Logger:
+    """stderr (and optionally a file, created with `mode`) handlers on the daemon's logger."""
     logger = logging.getLogger(LOGGER)
     logger.setLevel(level)
     from .safetext import SafeFormatter  # peer-supplied text never reaches the log raw
@@ -196,7 +217,9 @@ def setup_logging(level: str, log_file: Path | None) -> logging.Logger:
     fmt = SafeFormatter("%(asctime)s analysis-daemon %(levelname)s %(message)s")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
+        from .files import dir_mode_for, make_dirs, open_for_append
+        make_dirs(log_file.parent, dir_mode_for(mode))
+        os.close(open_for_append(log_file, mode))  # created with its mode before logging opens it
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
     for h in handlers:
         h.setFormatter(fmt)
@@ -205,8 +228,11 @@ def setup_logging(level: str, log_file: Path | None) -> logging.Logger:
     return logger
 
 
-def analysis_settings(args: argparse.Namespace) -> Any:
-    """The AnalysisSettings of parsed options (from `add_analysis_options`); ValueError names a bad one."""
+def analysis_settings(args: argparse.Namespace, check_device: bool = True) -> Any:
+    """The AnalysisSettings of parsed options (from `add_analysis_options`); ValueError names a bad one.
+
+    `check_device` False (--executor ray): --device names the cluster's device, not this host's.
+    """
     from .metrics.alerts import AlertSettings
     from .pipeline import AnalysisSettings
 
@@ -218,23 +244,35 @@ def analysis_settings(args: argparse.Namespace) -> Any:
         raise ValueError(f"--drift-window must be at least 5, got {args.drift_window}")
     if args.alert_interval < 0 or args.drift_spike_mads <= 0:
         raise ValueError("--alert-interval must be >= 0 and --drift-spike-mads > 0")
+    if not 0 <= args.undertrained_jump <= 1:
+        raise ValueError(f"--undertrained-jump must be in [0, 1] (0: off), got {args.undertrained_jump}")
     if not 0 <= args.partial_collapse_share <= 1:
         raise ValueError(f"--partial-collapse-share must be in [0, 1] (0: off), got {args.partial_collapse_share}")
     if args.galaxy_rows < 0:
         raise ValueError(f"--galaxy-rows must be >= 0 (0: no map), got {args.galaxy_rows}")
     probes = tuple(t.strip() for spec in args.probe for t in spec.split(",") if t.strip())
+    from .metrics.device import DEVICE_CHOICES, resolve_device
+    if check_device:
+        device = resolve_device(args.device, logging.getLogger(LOGGER))  # DeviceUnavailable is a ValueError
+    elif args.device.split(":")[0] not in DEVICE_CHOICES:
+        raise ValueError(f"--device must be cpu, cuda, cuda:N or auto, got {args.device!r}")
+    else:  # the cluster's: auto is decided here, where the daemon runs
+        device = resolve_device(args.device, logging.getLogger(LOGGER)) if args.device == "auto" else args.device
     return AnalysisSettings(
+        device=str(device),
         threshold=args.threshold, chunk_size=args.chunk_size, top_k=args.top_k,
         progress_interval=args.progress_interval, extras=args.extras, knn_k=args.knn_k, probes=probes,
         probe_k=args.probe_k, sample_rows=args.sample_rows, sample_seed=args.sample_seed,
-        galaxy_rows=args.galaxy_rows, galaxy_seed=args.galaxy_seed,
+        galaxy_rows=args.galaxy_rows, galaxy_seed=args.galaxy_seed, since_init=args.since_init,
+        undertrained=args.undertrained,
         # the per-token arrays: for the explorer's token data, and for the TensorBoard projector
         token_data=bool(getattr(args, "token_data", False))
         or (getattr(args, "tensorboard", None) is not None and getattr(args, "tensorboard_projector_keep", 0) > 0),
         alerts=AlertSettings(collapse_mean_sim=args.collapse_mean_sim,
                              collapse_min_rank_fraction=args.collapse_min_rank_fraction,
                              drift_window=args.drift_window, drift_spike_mads=args.drift_spike_mads,
-                             interval=args.alert_interval, partial_collapse_share=args.partial_collapse_share))
+                             interval=args.alert_interval, partial_collapse_share=args.partial_collapse_share,
+                             undertrained_jump=args.undertrained_jump))
 
 
 def set_threads_and_priority(args: argparse.Namespace, log: logging.Logger) -> int:
@@ -273,10 +311,10 @@ def make_sinks(args: argparse.Namespace, settings: Any, threads: int, close_time
         if problem is not None:
             raise ValueError(problem)
         tensorboard = TensorBoardSink(args.tensorboard, projector_keep=args.tensorboard_projector_keep)
-    sinks: list[Sink] = [JsonlSink(args.results_dir)]
+    sinks: list[Sink] = [JsonlSink(args.results_dir, mode=args.results_mode)]
     if args.token_data:
         from .sinks.token_data import TokenDataSink
-        sinks.append(TokenDataSink(args.results_dir, keep=args.token_data_keep))
+        sinks.append(TokenDataSink(args.results_dir, keep=args.token_data_keep, mode=args.results_mode))
     if not args.no_console or args.log_file is not None:
         # The summary blocks also go to the log file, so following the log (`./launch.sh tail`) shows
         # the metrics; the terminal still gets them once, on stdout.

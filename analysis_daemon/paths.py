@@ -1,11 +1,8 @@
-"""File-system names derived from run names (results and state directories), and whole-or-nothing writes."""
+"""File-system names derived from run names (results and state directories)."""
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-from pathlib import Path
-from typing import Any
 
 _SAFE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 _MAX_ESCAPED = 200  # escaped names longer than this are shortened (file names have a 255-byte limit)
@@ -51,18 +48,3 @@ def run_from_dirname(name: str) -> str | None:
             data += name[i].encode("utf-8")
             i += 1
     return data.decode("utf-8", "surrogatepass")
-
-
-def write_atomic(path: Path, data: Any) -> None:
-    """Write `data` (bytes or any buffer) to `path` whole or not at all: a temporary file, fsync, rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # A full disk must not also fill the state dir with half-written copies of 150 MB snapshots.
-        tmp.unlink(missing_ok=True)
-        raise

@@ -62,7 +62,10 @@ class AnalysisSettings:
     alerts: AlertSettings = AlertSettings()
     sample_rows: int | None = None  # sampled geometry from this many rows (None: the exact pass)
     sample_seed: int = 0  # the sample's seed: the same rows for every snapshot of the same size
+    since_init: bool = True  # keep each run's first snapshot: drift since it, and a sharper under-trained search
+    undertrained: bool = True  # the under-trained token search (metrics/undertrained.py; part of the extras)
     token_data: bool = True  # per-token arrays for the explorer (TOKEN_ARRAYS): neighbours, drift, norm, map
+    device: str = "cpu"  # where the math runs: "cpu", "cuda" or "cuda:N" (resolved from --device by the CLI)
 
 
 def jsonable(value: Any) -> Any:
@@ -128,6 +131,7 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     `insight_state` is the run's state between results (previous neighbour lists, alert history); a
     fresh one (no neighbourhood drift, no drift history) when None.
     """
+    from .metrics.device import chunk_rows
     from .metrics.drift import measure_semantic_drift
     from .metrics.geometry import geometry_and_neighbours
 
@@ -135,6 +139,11 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     cur: SnapshotData = job.current
     prev = job.previous
     started = time.monotonic()
+    device = torch.device(settings.device)
+    # Moved to the device once; every metric below reads these (no copy on the CPU).
+    cur_t = cur.tensor.to(device)
+    prev_t = prev.tensor.to(device) if prev is not None and prev.shape == cur.shape else None
+    chunk = chunk_rows(device, int(cur.shape[0]), settings.chunk_size)
     # Rows with non-finite values are left out by the math itself (and counted there); the daemon
     # reports the totals so a diverging run is visible in every result.
     non_finite = _non_finite(cur.tensor)
@@ -150,19 +159,27 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     else:
         t0 = time.monotonic()
         try:
-            drift = measure_semantic_drift(prev.tensor, cur.tensor, top_k=settings.top_k,
-                                           per_token=settings.token_data)
+            grams = {"x": state.grams.get(_gram_key(prev))}
+            drift = measure_semantic_drift(prev_t, cur_t, top_k=settings.top_k, grams=grams,
+                                           per_token=settings.token_data or cur.token_counts is not None,
+                                           device=device)
+            for snap, key in ((prev, "x"), (cur, "y")):  # kept only while in use (pruned below)
+                if grams.get(key) is not None:
+                    state.grams[_gram_key(snap)] = grams[key]
         except Exception as exc:  # a math failure costs this drift, never the daemon
             reason = f"drift failed: {first_line(exc)}"
             log.error("run %s iter %d: %s", job.run, cur.iter, reason)
         drift_seconds = time.monotonic() - t0
     token_drift = drift.pop("per_token_cosine", None) if drift is not None else None
+    counts = cur.token_counts if cur.token_counts is not None and cur.token_counts.numel() == cur.shape[0] else None
     if drift is not None:
         drift = jsonable(drift)
-        for kind in ("most", "least"):
-            strings = _token_strings(drift.get(f"{kind}_drifted_tokens") or [], vocab)
-            if strings is not None:
-                drift[f"{kind}_drifted_token_strings"] = strings
+        _add_token_strings(drift, vocab)
+    t0 = time.monotonic()
+    since_init, since_init_reason = _drift_since_init(job, settings, drift, vocab, state.grams)
+    drift_seconds += time.monotonic() - t0
+    keep = {_gram_key(s) for s in (cur, job.first) if s is not None}  # the next drift's previous, the first
+    state.grams = {k: g for k, g in state.grams.items() if k in keep}
 
     geometry: dict[str, Any] | None = None
     geometry_error: str | None = None
@@ -170,9 +187,10 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     t0 = time.monotonic()
     try:
         geom, neighbours = geometry_and_neighbours(
-            cur.tensor, threshold=settings.threshold, chunk_size=settings.chunk_size,
+            cur_t, threshold=settings.threshold, chunk_size=chunk,
             knn_k=settings.knn_k if settings.extras else 0, progress=progress,
-            sample_rows=_sample_rows(settings.sample_rows, cur.sample_rows), seed=settings.sample_seed)
+            sample_rows=_sample_rows(settings.sample_rows, cur.sample_rows), seed=settings.sample_seed,
+            device=device)
         geometry = jsonable(geom)
         knn_ids = neighbours[0] if neighbours is not None else None
         if neighbours is not None and not geom.get("sampled_rows"):  # sampled: lists for a sample only
@@ -192,12 +210,14 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     if settings.extras:
         t0 = time.monotonic()
         try:
-            insight = _insight(job, settings, state, knn_ids, vocab)
+            insight = _insight(job, settings, state, knn_ids, vocab, cur_t, prev_t)
+            if counts is not None:
+                insight["drift_by_frequency"] = _by_frequency(token_drift, counts)
         except Exception as exc:  # like geometry: costs this section, never the daemon
             insight_error = f"insight failed: {first_line(exc)}"
             log.error("run %s iter %d: %s", job.run, cur.iter, insight_error)
         try:
-            token_stats = _token_stats(job, settings, state, drift, insight)
+            token_stats = _token_stats(job, settings, state, drift, insight, cur_t)
         except Exception as exc:  # costs the per-token figures, never the record
             error = f"token stats failed: {first_line(exc)}"
             insight_error = f"{insight_error}; {error}" if insight_error else error
@@ -208,20 +228,22 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     galaxy, clump, galaxy_error, galaxy_seconds = None, None, None, 0.0
     if settings.extras:
         t0 = time.monotonic()
-        galaxy, clump, galaxy_error = _galaxy_and_clump(job, settings, state, knn_kth, vocab)
+        galaxy, clump, galaxy_error = _galaxy_and_clump(job, settings, state, knn_kth, vocab, cur_t)
         galaxy_seconds = time.monotonic() - t0
 
     token_arrays, token_error = None, None
     if settings.token_data:
         try:
-            token_arrays = _token_arrays(cur.tensor, state, knn_ids if knn_cos is not None else None, knn_cos,
-                                         token_drift)
+            token_arrays = _token_arrays(cur_t, state, knn_ids if knn_cos is not None else None, knn_cos,
+                                         token_drift, snapshot=cur.tensor)
         except Exception as exc:  # costs the explorer's data of this iteration, never the record
             token_error = f"token data failed: {first_line(exc)}"
             log.error("run %s iter %d: %s", job.run, cur.iter, token_error)
 
     record = {
         "run": job.run,
+        "tensor": cur.name,  # which of the run's tensors (state, drift and insight are per tensor)
+        "default_tensor": job.default_tensor,  # the run's main tensor: its W&B keys have no tensor prefix
         "iter": cur.iter,
         "prev_iter": prev.iter if prev is not None else None,
         "seconds": None,  # set last, once the alerts are in
@@ -229,6 +251,9 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
         "drift": drift,
         "geometry": geometry,
         "drift_skipped_reason": reason,
+        "tokens_seen": int(counts.sum()) if counts is not None else None,  # fed since the previous snapshot
+        "drift_since_init": since_init,  # drift from the run's first snapshot (iter `first_iter`) to this one
+        "drift_since_init_skipped_reason": since_init_reason,
         "geometry_error": geometry_error,
         "skipped_iters": list(job.skipped_iters),
         "name": cur.name,
@@ -246,6 +271,8 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
         "clump": clump,  # the partial-collapse clump (clump.py), null when there is none
         "galaxy_error": galaxy_error,
         "galaxy_seconds": round(galaxy_seconds, 6),
+        "device": str(device),  # where the math ran (--device)
+        "chunk_size": chunk,  # rows per block of the pairwise pass there (a GPU's fits its free memory)
         "waited_seconds": round(started - cur.received_mono, 6),
         "sent_at": cur.sent_at,
         "received_at": cur.received_at,
@@ -265,24 +292,102 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     return record
 
 
+def _by_frequency(token_drift: Any, counts: torch.Tensor) -> dict[str, Any] | None:
+    """insight.drift_by_frequency (metrics/frequency.py); None without a per-token drift (first snapshot)."""
+    from .metrics.frequency import drift_by_frequency
+
+    if token_drift is None or token_drift.numel() != counts.numel():
+        return None
+    return jsonable(drift_by_frequency(token_drift, counts))
+
+
+def _gram_key(snap: SnapshotData) -> tuple[int, int, int]:
+    # The object's identity: the cache only holds snapshots still alive (the run's previous and first).
+    return id(snap), snap.iter, snap.seq
+
+
+def _add_token_strings(drift: dict[str, Any], vocab: list[str] | None) -> None:
+    for kind in ("most", "least"):
+        strings = _token_strings(drift.get(f"{kind}_drifted_tokens") or [], vocab)
+        if strings is not None:
+            drift[f"{kind}_drifted_token_strings"] = strings
+
+
+def _initial(job: Job) -> SnapshotData | None:
+    """The run's first snapshot when it is an earlier one of the same shape (the since-init baseline)."""
+    first = job.first
+    if first is None or first is job.current or first.shape != job.current.shape:
+        return None
+    return first
+
+
+def _drift_since_init(job: Job, settings: AnalysisSettings, drift: dict[str, Any] | None,
+                      vocab: list[str] | None, cache: dict[tuple[int, int, int], torch.Tensor]
+                      ) -> tuple[dict[str, Any] | None, str | None]:
+    """The record's "drift_since_init" (the drift section's form plus `first_iter`) and why it is null."""
+    if not settings.since_init:
+        return None, "off (--no-since-init)"
+    first = job.first
+    if first is None:
+        return None, "the run's first snapshot is not known (the daemon restarted after it)"
+    if first is job.current:
+        return None, "first snapshot of this run"
+    if first.shape != job.current.shape:
+        return None, f"shape changed from {first.shape} (iter {first.iter}) to {job.current.shape}"
+    if first is job.previous and drift is not None:
+        out = dict(drift)  # the previous snapshot is the first one: the same numbers, not computed twice
+    else:
+        from .metrics.drift import measure_semantic_drift
+        cur = job.current
+        grams = {"x": cache.get(_gram_key(first)), "y": cache.get(_gram_key(cur))}
+        try:
+            out = jsonable(measure_semantic_drift(first.tensor, cur.tensor, top_k=settings.top_k, grams=grams,
+                                                  device=torch.device(settings.device)))
+            for snap, key in ((first, "x"), (cur, "y")):
+                if grams.get(key) is not None:
+                    cache[_gram_key(snap)] = grams[key]
+        except Exception as exc:  # costs this section, never the record
+            reason = f"drift since init failed: {first_line(exc)}"
+            log.error("run %s iter %d: %s", job.run, job.current.iter, reason)
+            return None, reason
+        _add_token_strings(out, vocab)
+    out["first_iter"] = first.iter
+    return out, None
+
+
+def _undertrained(job: Job, vocab: list[str] | None) -> dict[str, Any]:
+    """The insight section's under-trained entries: {"undertrained": {...}, "undertrained_tokens": [[id, score]]}."""
+    from .metrics.undertrained import find_undertrained
+
+    first = _initial(job)
+    found = find_undertrained(job.current.tensor, initial=first.tensor if first is not None else None)
+    tokens = found.pop("tokens")
+    if first is not None:
+        found["first_iter"] = first.iter
+    if vocab:
+        found["token_strings"] = _token_strings(tokens, vocab)
+    return {"undertrained": found, "undertrained_tokens": tokens}
+
+
 def _token_arrays(weights: torch.Tensor, state: RunInsight, knn_ids: Any, knn_cos: Any,
-                  drift: Any) -> TokenArrays:
+                  drift: Any, snapshot: torch.Tensor | None = None) -> TokenArrays:
     """The per-token arrays of this snapshot; the map is aligned with (and becomes) the run's previous one."""
     from .metrics.token_map import token_coordinates
 
-    xy = token_coordinates(weights, state.token_xy)
+    xy = token_coordinates(weights, state.token_xy, device=weights.device)
     state.token_xy = xy
-    norm = torch.linalg.vector_norm(weights.detach().float(), dim=1)
+    norm = torch.linalg.vector_norm(weights.detach().float(), dim=1).cpu()
     return TokenArrays(knn_ids=knn_ids.to(torch.int32) if knn_ids is not None else None,
                        knn_cos=knn_cos.float() if knn_cos is not None else None,
-                       drift=drift, norm=norm, xy=xy, weights=weights)
+                       drift=drift, norm=norm, xy=xy,
+                       weights=snapshot if snapshot is not None else weights)  # the received one, on the CPU
 
 
 def _insight(job: Job, settings: AnalysisSettings, state: RunInsight, knn_ids: Any,
-             vocab: list[str] | None) -> dict[str, Any]:
+             vocab: list[str] | None, cur_t: torch.Tensor, prev_t: torch.Tensor | None) -> dict[str, Any]:
     from .metrics.insight import compute_insight, resolve_probes
 
-    cur, prev = job.current, job.previous
+    cur = job.current
     probe_ids, unknown = resolve_probes(settings.probes, vocab, cur.tensor.shape[0])
     if unknown and not state.probes_logged:
         log.warning("run %s: probe token(s) not found (%s): %s", job.run,
@@ -293,10 +398,17 @@ def _insight(job: Job, settings: AnalysisSettings, state: RunInsight, knn_ids: A
     if prev_knn is not None and knn_ids is not None and prev_knn.shape != knn_ids.shape:
         prev_knn = None
     insight = jsonable(compute_insight(
-        cur.tensor, prev=prev.tensor if prev is not None else None, knn_ids=knn_ids, prev_knn_ids=prev_knn,
-        probe_ids=probe_ids, vocab=vocab, top_k=settings.top_k, probe_k=settings.probe_k))
+        cur_t, prev=prev_t, knn_ids=knn_ids, prev_knn_ids=prev_knn,
+        probe_ids=probe_ids, vocab=vocab, top_k=settings.top_k, probe_k=settings.probe_k, device=cur_t.device))
     if insight.get("neighbourhood_drift") is not None:
         insight["neighbourhood_drift"]["prev_iter"] = state.knn_iter  # last analysed, not job.previous
+    if settings.undertrained:
+        try:
+            insight.update(jsonable(_undertrained(job, vocab)))
+        except Exception as exc:  # costs these entries, never the rest of the section
+            insight["undertrained"], insight["undertrained_tokens"] = None, None
+            insight["undertrained_error"] = f"under-trained search failed: {first_line(exc)}"
+            log.error("run %s iter %d: %s", job.run, job.current.iter, insight["undertrained_error"])
     return insight
 
 
@@ -314,7 +426,7 @@ def followed_tokens(previous: list[int], probes: list[int], drifted: list[int], 
 
 
 def _token_stats(job: Job, settings: AnalysisSettings, state: RunInsight, drift: dict[str, Any] | None,
-                 insight: dict[str, Any] | None) -> dict[str, Any]:
+                 insight: dict[str, Any] | None, cur: torch.Tensor) -> dict[str, Any]:
     """The record's "token_stats" for the run's followed tokens; updates the run's followed set."""
     from .metrics.insight import token_stats
 
@@ -322,13 +434,12 @@ def _token_stats(job: Job, settings: AnalysisSettings, state: RunInsight, drift:
     for kind in ("most", "least"):
         drifted += [int(p[0]) for p in ((drift or {}).get(f"{kind}_drifted_tokens") or [])[: settings.top_k]]
     probes = [int(p["token_id"]) for p in ((insight or {}).get("probes") or [])]
-    cur = job.current.tensor
     state.followed = followed_tokens(state.followed, probes, drifted, int(cur.shape[0]))
-    return token_stats(cur, state.followed, settings.threshold)
+    return token_stats(cur, state.followed, settings.threshold, device=cur.device)
 
 
 def _galaxy_and_clump(job: Job, settings: AnalysisSettings, state: RunInsight, knn_kth: Any,
-                      vocab: list[str] | None) -> tuple[dict | None, dict | None, str | None]:
+                      vocab: list[str] | None, cur_t: torch.Tensor) -> tuple[dict | None, dict | None, str | None]:
     """The galaxy map (aligned to the run's previous one) and the partial-collapse clump; errors as text."""
     from .metrics.clump import find_clump
     from .metrics.galaxy import galaxy_map
@@ -337,16 +448,18 @@ def _galaxy_and_clump(job: Job, settings: AnalysisSettings, state: RunInsight, k
     galaxy = clump = None
     if settings.galaxy_rows > 0:
         try:
-            galaxy = jsonable(galaxy_map(cur.tensor, rows=settings.galaxy_rows, seed=settings.galaxy_seed,
-                                         threshold=settings.threshold, previous=state.galaxy_prev, vocab=vocab))
+            galaxy = jsonable(galaxy_map(cur_t, rows=settings.galaxy_rows, seed=settings.galaxy_seed,
+                                         threshold=settings.threshold, previous=state.galaxy_prev, vocab=vocab,
+                                         device=cur_t.device))
             state.galaxy_prev = {"iter": cur.iter, "points": galaxy["points"]}
         except Exception as exc:  # costs the map, never the record
             errors.append(f"galaxy failed: {first_line(exc)}")
     if settings.alerts.partial_collapse_share > 0:
         try:
-            clump = find_clump(cur.tensor, threshold=settings.threshold,
+            clump = find_clump(cur_t, threshold=settings.threshold,
                                share=settings.alerts.partial_collapse_share, kth_cosine=knn_kth,
-                               knn_k=settings.knn_k if knn_kth is not None else 0, vocab=vocab)
+                               knn_k=settings.knn_k if knn_kth is not None else 0, vocab=vocab,
+                               device=cur_t.device)
         except Exception as exc:
             errors.append(f"clump search failed: {first_line(exc)}")
     for error in errors:

@@ -48,6 +48,7 @@ class SnapshotData:
     skipped_before: list[int] = field(default_factory=list)  # iterations of the run skipped just before it
     sample_rows: int | None = None  # set when its exact geometry is over --max-cost: sample this many rows
     recovered: bool = False  # read back from --state-dir: it was being analysed when the daemon stopped
+    token_counts: torch.Tensor | None = None  # (V,) int64: tokens the trainer fed since its previous snapshot
 
     @property
     def nbytes(self) -> int:
@@ -86,6 +87,8 @@ class Job:
     skipped_iters: list[int]  # iterations of this run skipped since the last job was taken
     hello: HelloInfo | None
     repeat_of: int | None = None  # the run's highest iteration analysed before, when current.iter is not past it
+    first: SnapshotData | None = None  # the run's first snapshot taken (drift since initialisation); None: off
+    default_tensor: bool = True  # current is the run's main tensor (its W&B keys keep their plain names)
 
 
 @dataclass
@@ -98,4 +101,7 @@ class RunInsight:
     probes_logged: bool = False  # unknown probe tokens are logged once per run
     galaxy_prev: dict[str, Any] | None = None  # {"iter", "points"} of the last map: the next one aligns to it
     followed: list[int] = field(default_factory=list)  # token_stats' tokens so far (bounded): each keeps its line
+    # centred Gram matrices (d x d float64) of the snapshots still in use, by (id, iter, seq): the current one
+    # is the next drift's previous, the first one every since-init drift's (CKA needs both; computed once each)
+    grams: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)
     token_xy: torch.Tensor | None = None  # (V, 2) explorer map coordinates of the last analysed snapshot

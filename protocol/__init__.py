@@ -15,8 +15,11 @@ from .messages import (
     ProtocolError,
     ShmRef,
     Snapshot,
+    check_meta,
     check_metrics,
+    check_wandb_info,
     check_run_name,
+    check_tensor_name,
     decode,
     encode_end,
     encode_heartbeat,
@@ -31,7 +34,8 @@ from .transport import DEFAULT_PEER_LIMITS, PeerLimits, bind_receiver, check_end
 
 __all__ = [
     "DEFAULT_LIMITS", "DTYPE_ITEMSIZE", "KIND_END", "KIND_HEARTBEAT", "KIND_HELLO", "KIND_SNAPSHOT", "PROTOCOL_VERSION",
-    "End", "Heartbeat", "Hello", "Limits", "Message", "ProtocolError", "ShmRef", "Snapshot", "check_metrics", "check_run_name",
+    "End", "Heartbeat", "Hello", "Limits", "Message", "ProtocolError", "ShmRef", "Snapshot", "check_meta", "check_metrics",
+    "check_run_name", "check_tensor_name", "check_wandb_info",
     "decode", "encode_end", "encode_heartbeat", "encode_hello", "encode_snapshot", "CurveClient", "CurveServer",
     "generate_keypair", "ShmReader", "ShmWriter", "pid_alive", "remove_segments_of", "remove_stale_segments", "segments_of",
     "shm_available", "snapshot_tensor", "torch_dtype",

@@ -66,6 +66,17 @@ class Limits:
     # Real vocabularies: GPT-2 50,257 tokens (~0.4 MB), Llama 3 128,256, Gemma 262,144 (~3 MB).
     max_vocab_tokens: int = 1024 * 1024
     max_vocab_bytes: int = 16 * 1024 * 1024  # total UTF-8 bytes of all token strings
+    # The rest of a hello is kept per run too (and written to --state-dir): every field small and flat.
+    max_host_chars: int = 255  # a host name (RFC 1035: 253 with dots)
+    max_publisher_chars: int = 512  # "host/pid/secret"
+    max_tensor_name_chars: int = 200  # a snapshot's tensor name: a key of per-run state, a W&B key part
+    # `meta`: free-form trainer facts (framework, versions, heartbeat): a small JSON-like tree.
+    max_meta_bytes: int = 64 * 1024  # UTF-8 bytes of all its keys and strings together
+    max_meta_items: int = 1024  # keys + values, nested ones included
+    max_meta_depth: int = 3  # the map itself is depth 1; a list or map inside it 2, and so on
+    # `wandb`: the trainer's W&B run (project, entity, group, run id and name, mode): flat, short strings.
+    max_wandb_entries: int = 16
+    max_wandb_value_chars: int = 256
 
     def max_frame_bytes(self) -> int:
         """Largest single ZeroMQ frame a receiver should accept (its ZMQ_MAXMSGSIZE)."""
@@ -109,17 +120,29 @@ class Snapshot:
     seq: int
     name: str
     dtype: str
-    shape: tuple[int, int]
+    shape: tuple[int, ...]  # (V, d); a block part's (rows, cols); an element-range part's (numel,)
     nbytes: int
     sent_at: float
     payload: memoryview | None = field(default=None, repr=False, compare=False)
     shm: ShmRef | None = None
     publisher: str = ""
-    # A part of a sharded matrix: `shape` is the part's, `global_shape` the full matrix's and `offset`
-    # the part's [row, col] in it. Both None for a whole (unsharded) snapshot.
+    # A part of a sharded matrix, in one of two forms (both None for a whole, unsharded snapshot):
+    # - a block: `shape` [rows, cols] is the part's, `offset` its [row, col] in `global_shape`;
+    # - an element range: `shape` is [numel] and the part is the flat elements [start, start + numel)
+    #   of the C-order `global_shape` matrix (an FSDP1 / ZeRO-3 shard; may begin or end mid-row).
+    # A part is never empty: a rank that holds nothing of the matrix sends nothing.
     global_shape: tuple[int, int] | None = None
     offset: tuple[int, int] | None = None
     metrics: dict[str, float | int] | None = None  # the trainer's scalars at this iteration (loss, ...)
+    start: int | None = None  # first flat element of an element-range part
+
+    @property
+    def numel(self) -> int:
+        """Elements in this snapshot (or part)."""
+        return math.prod(self.shape)
+    # Tokens the trainer fed since its previous snapshot: little-endian uint32 per row of the (global)
+    # matrix, validated to exactly 4 x rows bytes (publisher.count_tokens); None when not counted.
+    token_counts: bytes | None = None
 
     @property
     def is_part(self) -> bool:
@@ -187,40 +210,57 @@ def encode_hello(*, run: str, seq: int, pid: int, host: str, vocab: Sequence[str
     """Frames of a `hello` message."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    meta = check_meta(meta)  # ProtocolError (a ValueError) here, not a refusal at the daemon
+    wandb = check_wandb_info(wandb)
     return [_pack({"v": PROTOCOL_VERSION, "kind": KIND_HELLO, "run": run, "seq": seq, "publisher": publisher,
                    "pid": pid, "host": host, "vocab": list(vocab) if vocab is not None else None,
-                   "wandb": wandb, "meta": meta or {}, "rank": rank, "world_size": world_size})]
+                   "wandb": wandb, "meta": meta, "rank": rank, "world_size": world_size})]
 
 
 def encode_snapshot(*, run: str, iter: int, seq: int, name: str, dtype: str, shape: Sequence[int],
                     payload: Any = None, shm: ShmRef | None = None, sent_at: float | None = None,
                     publisher: str = "", global_shape: Sequence[int] | None = None,
-                    offset: Sequence[int] | None = None, metrics: dict[str, float | int] | None = None) -> list[Any]:
+                    offset: Sequence[int] | None = None, metrics: dict[str, float | int] | None = None,
+                    start: int | None = None, token_counts: bytes | None = None) -> list[Any]:
     """Frames of a `snapshot`: [header, payload] inline, or [header] when `shm` names the payload.
 
-    For one rank's part of a sharded matrix pass `global_shape` and `offset` ([row, col] of the part).
+    For one rank's part of a sharded matrix pass `global_shape` and either `offset` ([row, col] of a
+    2-D block of `shape`) or `start` (the first flat element of a 1-D range, `shape` = [numel]).
     `metrics` (optional) must pass `check_metrics`; it raises ProtocolError otherwise.
+    `token_counts` (optional): little-endian uint32 per row of the (global) matrix.
     """
     if (payload is None) == (shm is None):
         raise ValueError("encode_snapshot needs exactly one of payload= or shm=")
     if dtype not in DTYPE_ITEMSIZE:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPE_ITEMSIZE)}")
-    rows, cols = (int(n) for n in shape)
-    nbytes = rows * cols * DTYPE_ITEMSIZE[dtype]
+    dims = [int(n) for n in shape]
+    if len(dims) != (1 if start is not None else 2):
+        raise ValueError(f"shape {list(shape)} must be [numel] for an element range (start=), else [rows, cols]")
+    nbytes = math.prod(dims) * DTYPE_ITEMSIZE[dtype]
     if payload is not None and memoryview(payload).nbytes != nbytes:
         raise ValueError(f"payload has {memoryview(payload).nbytes} bytes, shape {shape} {dtype} needs {nbytes}")
-    if (global_shape is None) != (offset is None):
-        raise ValueError("encode_snapshot needs both global_shape= and offset= for a part, or neither")
-    part = {} if global_shape is None else {"global_shape": [int(n) for n in global_shape],
-                                            "offset": [int(n) for n in offset]}  # type: ignore[union-attr]
+    if (global_shape is None) != (offset is None and start is None) or (offset is not None and start is not None):
+        raise ValueError("encode_snapshot needs both global_shape= and offset= (or start=) for a part, or neither")
+    part: dict[str, Any] = {}
+    if global_shape is not None:
+        part["global_shape"] = [int(n) for n in global_shape]
+        if start is not None:
+            part["start"] = int(start)
+        else:
+            part["offset"] = [int(n) for n in offset]  # type: ignore[union-attr]
     header = {"v": PROTOCOL_VERSION, "kind": KIND_SNAPSHOT, "run": run, "seq": seq, "publisher": publisher,
-              "iter": iter, "name": name, "dtype": dtype, "shape": [rows, cols], "nbytes": nbytes,
+              "iter": iter, "name": name, "dtype": dtype, "shape": dims, "nbytes": nbytes,
               "sent_at": float(time.time() if sent_at is None else sent_at),
               "shm": None if shm is None else {"segment": shm.segment, "offset": shm.offset,
                                                  "slot_seq": shm.slot_seq}, **part}
     metrics = check_metrics(metrics)
     if metrics is not None:  # absent when there are none: older daemons never see the key
         header["metrics"] = metrics
+    if token_counts is not None:
+        rows_counted = int(global_shape[0]) if global_shape is not None else rows
+        if len(token_counts) != 4 * rows_counted:
+            raise ValueError(f"token_counts has {len(token_counts)} bytes, {rows_counted} rows need {4 * rows_counted}")
+        header["token_counts"] = bytes(token_counts)
     return [_pack(header)] if payload is None else [_pack(header), payload]
 
 
@@ -274,7 +314,7 @@ class _Header:
             raise ProtocolError(f"header: {key}={value} is outside [{minimum}, {maximum}]")
         return value
 
-    def str_(self, key: str, *, optional: bool = False) -> str | None:
+    def str_(self, key: str, *, optional: bool = False, max_chars: int | None = None) -> str | None:
         value = self._get(key)
         if value is None and optional:
             return None
@@ -282,6 +322,8 @@ class _Header:
             raise ProtocolError(f"header: {key} must be a string, got {type(value).__name__} {_short(value)}")
         if len(value.encode("utf-8", "surrogatepass")) > self.limits.max_string_bytes:
             raise ProtocolError(f"header: {key} is longer than max_string_bytes={self.limits.max_string_bytes}")
+        if max_chars is not None and len(value) > max_chars:
+            raise ProtocolError(f"header: {key} of {len(value)} characters is longer than {max_chars}")
         return value
 
     def float_(self, key: str) -> float:
@@ -302,6 +344,94 @@ class _Header:
         return value
 
 
+MAX_TENSOR_NAME_CHARS: Final = 64
+_TENSOR_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def check_tensor_name(name: Any) -> str:
+    """Return `name` if it is a usable tensor name (it becomes part of W&B keys: analysis/<name>/...), else raise."""
+    if type(name) is not str or not 0 < len(name) <= MAX_TENSOR_NAME_CHARS or not _TENSOR_NAME.fullmatch(name):
+        raise ProtocolError(f"header: tensor name must be 1-{MAX_TENSOR_NAME_CHARS} characters of A-Z a-z 0-9 _ . -, "
+                            f"got {_short(name)}")
+    return name
+
+
+def check_meta(meta: Any, limits: Limits = DEFAULT_LIMITS, field_name: str = "meta") -> dict[str, Any]:
+    """Return `meta` if it is a hello's bounded meta map, else raise ProtocolError (None gives {}).
+
+    A map with string keys whose values are None, bools, ints, finite floats, strings, or lists and
+    maps of those, at most `max_meta_depth` levels deep, `max_meta_items` keys and values in all and
+    `max_meta_bytes` UTF-8 bytes of keys and strings in all: what a peer sends here is kept for the
+    run's lifetime, so it is bounded whatever the header's size.
+    """
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise ProtocolError(f"header: {field_name} must be a map, got {type(meta).__name__} {_short(meta)}")
+    budget = [limits.max_meta_items, limits.max_meta_bytes]  # items left, bytes left
+
+    def spend(items: int, nbytes: int) -> None:
+        budget[0] -= items
+        budget[1] -= nbytes
+        if budget[0] < 0:
+            raise ProtocolError(f"header: {field_name} has more than max_meta_items={limits.max_meta_items} "
+                                "keys and values")
+        if budget[1] < 0:
+            raise ProtocolError(f"header: {field_name} holds more than max_meta_bytes={limits.max_meta_bytes} "
+                                "bytes of text")
+
+    def walk(value: Any, depth: int, where: str) -> None:
+        # isinstance, not type(): what msgpack packs as a map, array or string (a TorchVersion is a str)
+        is_map = isinstance(value, dict)
+        if is_map or isinstance(value, (list, tuple)):
+            if depth > limits.max_meta_depth:
+                raise ProtocolError(f"header: {where} nests deeper than max_meta_depth={limits.max_meta_depth}")
+            spend(len(value) * (2 if is_map else 1), 0)
+            for key, item in (value.items() if is_map else enumerate(value)):
+                if is_map:
+                    if not isinstance(key, str):
+                        raise ProtocolError(f"header: {where} has a non-string key {_short(key)}")
+                    spend(0, len(key.encode("utf-8", "surrogatepass")))
+                walk(item, depth + 1, f"{where}.{key}" if is_map else f"{where}[{key}]")
+        elif isinstance(value, str):
+            spend(0, len(value.encode("utf-8", "surrogatepass")))
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise ProtocolError(f"header: {where} must be a finite number, got {value}")
+        elif value is not None and not isinstance(value, int):  # bool is an int
+            raise ProtocolError(f"header: {where} has a value of type {type(value).__name__} (allowed: null, "
+                                "bool, number, string, list, map)")
+
+    walk(meta, 1, field_name)
+    return meta
+
+
+def check_wandb_info(info: Any, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any] | None:
+    """Return `info` if it is a hello's W&B map (flat: short string keys, null/bool/number/short string
+    values, at most `max_wandb_entries`), else raise ProtocolError; None stays None."""
+    if info is None:
+        return None
+    if not isinstance(info, dict):
+        raise ProtocolError(f"header: wandb must be a map, got {type(info).__name__} {_short(info)}")
+    if len(info) > limits.max_wandb_entries:
+        raise ProtocolError(f"header: wandb has {len(info)} entries, more than max_wandb_entries="
+                            f"{limits.max_wandb_entries}")
+    for key, value in info.items():
+        if not isinstance(key, str) or not 0 < len(key) <= limits.max_metric_key_chars:
+            raise ProtocolError(f"header: wandb key {_short(key)} must be a string of 1-{limits.max_metric_key_chars} "
+                                "characters")
+        if isinstance(value, str):
+            if len(value) > limits.max_wandb_value_chars:
+                raise ProtocolError(f"header: wandb.{key} is longer than max_wandb_value_chars="
+                                    f"{limits.max_wandb_value_chars}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ProtocolError(f"header: wandb.{key} must be a finite number, got {value}")
+        elif value is not None and not isinstance(value, (int, float)):
+            raise ProtocolError(f"header: wandb.{key} must be null, a bool, a number or a string, got "
+                                f"{type(value).__name__}")
+    return info
+
+
 def check_run_name(run: Any, limits: Limits = DEFAULT_LIMITS) -> str:
     """Return `run` if it is a usable run name (it becomes a directory on the daemon side), else raise."""
     if type(run) is not str or not run:
@@ -319,7 +449,9 @@ def _unpack_header(frame: memoryview, limits: Limits) -> dict:
     try:
         data = msgpack.unpackb(
             frame, raw=False, strict_map_key=True, use_list=True,
-            max_str_len=limits.max_string_bytes, max_bin_len=0, max_ext_len=0,  # no bytes, no ext, no timestamps
+            # bytes only as a snapshot's token_counts (4 per row, checked after), no ext, no timestamps
+            max_str_len=limits.max_string_bytes, max_bin_len=min(4 * limits.max_rows, limits.max_header_bytes),
+            max_ext_len=0,
             # Arrays in a header are a shape (2) and a hello's vocabulary: refused before allocation.
             # (a vocabulary longer than max_rows could not match any snapshot we accept either)
             max_array_len=max(min(limits.max_vocab_tokens, limits.max_rows), 16), max_map_len=limits.max_map_len)
@@ -343,7 +475,7 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
         raise ProtocolError(f"header: kind={_short(kind)} is not one of {list(KINDS)}")
     run = check_run_name(header._get("run"), limits)
     seq = header.int_("seq")
-    publisher = header.str_("publisher")
+    publisher = header.str_("publisher", max_chars=limits.max_publisher_chars)
     if kind == KIND_SNAPSHOT:
         return _decode_snapshot(frames, header, run, seq, publisher)
     if len(frames) != 1:
@@ -367,8 +499,10 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
                     and sum(len(t.encode("utf-8", "surrogatepass")) for t in vocab) > limits.max_vocab_bytes):
                 raise ProtocolError(f"header: vocab strings exceed max_vocab_bytes={limits.max_vocab_bytes}")
         rank, world_size = _rank_and_world(header)
-        return Hello(run=run, seq=seq, pid=header.int_("pid", maximum=2**31), host=header.str_("host"), vocab=vocab,
-                     wandb=header.dict_("wandb", optional=True), meta=header.dict_("meta"), publisher=publisher,
+        return Hello(run=run, seq=seq, pid=header.int_("pid", maximum=2**31),
+                     host=header.str_("host", max_chars=limits.max_host_chars), vocab=vocab,
+                     wandb=check_wandb_info(header._get("wandb"), limits),
+                     meta=check_meta(header._get("meta"), limits), publisher=publisher,
                      rank=rank, world_size=world_size)
     return End(run=run, seq=seq, final_iter=header.int_("final_iter", optional=True),
                published=header.int_("published"), dropped=header.int_("dropped"), publisher=publisher)
@@ -390,10 +524,7 @@ def _pair(header: _Header, key: str) -> tuple[int, int]:
     return value[0], value[1]
 
 
-def _part_geometry(header: _Header, dtype: str, rows: int, cols: int) -> tuple[tuple[int, int], tuple[int, int]] | None:
-    """(global_shape, offset) of a sharded part, validated against the limits and the part's shape; None if whole."""
-    if "global_shape" not in header.data and "offset" not in header.data:
-        return None
+def _global_shape(header: _Header, dtype: str) -> tuple[int, int]:
     limits = header.limits
     g_rows, g_cols = _pair(header, "global_shape")
     if not 1 <= g_rows <= limits.max_rows:
@@ -404,11 +535,34 @@ def _part_geometry(header: _Header, dtype: str, rows: int, cols: int) -> tuple[t
     if g_bytes > limits.max_payload_bytes:
         raise ProtocolError(f"header: global_shape {[g_rows, g_cols]} x {dtype} = {g_bytes} bytes exceeds "
                             f"max_payload_bytes={limits.max_payload_bytes}")
+    return g_rows, g_cols
+
+
+def _part_geometry(header: _Header, dtype: str, shape: list[int]) -> tuple[tuple[int, int], tuple[int, int] | None,
+                                                                            int | None] | None:
+    """(global_shape, offset, start) of a sharded part, validated against the limits and the part's shape; None if whole."""
+    data = header.data
+    if "start" in data:
+        if "offset" in data:
+            raise ProtocolError("header: a part has either offset (a block) or start (an element range), not both")
+        g_rows, g_cols = _global_shape(header, dtype)
+        total = g_rows * g_cols
+        start = header.int_("start", maximum=total - 1)
+        if start + shape[0] > total:
+            raise ProtocolError(f"header: element range [{start}, {start + shape[0]}) does not lie within "
+                                f"global_shape {[g_rows, g_cols]} ({total} elements)")
+        return (g_rows, g_cols), None, start
+    if "global_shape" not in data and "offset" not in data:
+        return None
+    if len(shape) != 2:
+        raise ProtocolError(f"header: shape {shape} of a block part must be [rows, cols]")
+    rows, cols = shape
+    g_rows, g_cols = _global_shape(header, dtype)
     r0, c0 = _pair(header, "offset")
     if r0 < 0 or c0 < 0 or r0 + rows > g_rows or c0 + cols > g_cols:
         raise ProtocolError(f"header: part {[rows, cols]} at offset {[r0, c0]} does not lie within "
                             f"global_shape {[g_rows, g_cols]}")
-    return (g_rows, g_cols), (r0, c0)
+    return (g_rows, g_cols), (r0, c0), None
 
 
 def _decode_snapshot(frames: Sequence[Any], header: _Header, run: str, seq: int, publisher: str) -> Snapshot:
@@ -417,15 +571,21 @@ def _decode_snapshot(frames: Sequence[Any], header: _Header, run: str, seq: int,
     if dtype not in DTYPE_ITEMSIZE:
         raise ProtocolError(f"header: dtype={_short(dtype)} is not one of {sorted(DTYPE_ITEMSIZE)}")
     shape = header._get("shape")
-    if type(shape) is not list or len(shape) != 2 or any(type(n) is not int for n in shape):
-        raise ProtocolError(f"header: shape must be [rows, cols] (2-D, integers), got {_short(shape)}")
-    rows, cols = shape
-    if not 1 <= rows <= limits.max_rows:
-        raise ProtocolError(f"header: shape rows={rows} is outside [1, max_rows={limits.max_rows}]")
-    if not 1 <= cols <= limits.max_cols:
-        raise ProtocolError(f"header: shape cols={cols} is outside [1, max_cols={limits.max_cols}]")
+    if "start" in header.data:  # an element-range part: [numel], checked against global_shape below
+        if type(shape) is not list or len(shape) != 1 or type(shape[0]) is not int:
+            raise ProtocolError(f"header: shape of an element-range part must be [numel] (1 integer), got {_short(shape)}")
+        if not 1 <= shape[0] <= limits.max_rows * limits.max_cols:
+            raise ProtocolError(f"header: shape numel={shape[0]} is outside [1, {limits.max_rows * limits.max_cols}]")
+    else:
+        if type(shape) is not list or len(shape) != 2 or any(type(n) is not int for n in shape):
+            raise ProtocolError(f"header: shape must be [rows, cols] (2-D, integers), got {_short(shape)}")
+        rows, cols = shape
+        if not 1 <= rows <= limits.max_rows:
+            raise ProtocolError(f"header: shape rows={rows} is outside [1, max_rows={limits.max_rows}]")
+        if not 1 <= cols <= limits.max_cols:
+            raise ProtocolError(f"header: shape cols={cols} is outside [1, max_cols={limits.max_cols}]")
     nbytes = header.int_("nbytes")
-    expected = rows * cols * DTYPE_ITEMSIZE[dtype]
+    expected = math.prod(shape) * DTYPE_ITEMSIZE[dtype]
     if nbytes != expected:
         raise ProtocolError(f"header: nbytes={nbytes} does not match shape {shape} x {dtype} = {expected}")
     if nbytes > limits.max_payload_bytes:
@@ -449,10 +609,18 @@ def _decode_snapshot(frames: Sequence[Any], header: _Header, run: str, seq: int,
         shm = ShmRef(segment=segment, offset=sub.int_("offset", maximum=4096), slot_seq=sub.int_("slot_seq"))
         if shm.slot_seq % 2:
             raise ProtocolError(f"header: shm.slot_seq={shm.slot_seq} is odd (slot was mid-write)")
-    part = _part_geometry(header, dtype, rows, cols)
+    part = _part_geometry(header, dtype, shape)
     # Optional: absent from older publishers' headers.
     metrics = check_metrics(header.data.get("metrics"), limits)
-    return Snapshot(run=run, iter=header.int_("iter"), seq=seq, name=header.str_("name"), dtype=dtype,
-                    shape=(rows, cols), nbytes=nbytes, sent_at=header.float_("sent_at"), payload=payload,
+    counts = header.data.get("token_counts")
+    if counts is not None:
+        counted_rows = part[0][0] if part else shape[0]
+        if type(counts) is not bytes or len(counts) != 4 * counted_rows:
+            raise ProtocolError(f"header: token_counts must be {4 * counted_rows} bytes (uint32 per row), got "
+                                f"{type(counts).__name__} of {len(counts) if isinstance(counts, bytes) else '?'}")
+    return Snapshot(run=run, iter=header.int_("iter"), seq=seq,
+                    name=check_tensor_name(header.str_("name", max_chars=limits.max_tensor_name_chars)), dtype=dtype,
+                    shape=tuple(shape), nbytes=nbytes, sent_at=header.float_("sent_at"), payload=payload,
                     shm=shm, publisher=publisher, global_shape=part[0] if part else None,
-                    offset=part[1] if part else None, metrics=metrics)
+                    offset=part[1] if part else None, metrics=metrics, start=part[2] if part else None,
+                    token_counts=counts)

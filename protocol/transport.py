@@ -5,6 +5,7 @@ never waits for a daemon (IMMEDIATE=1: nothing is queued while no daemon is conn
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 from typing import Final
 
@@ -12,6 +13,7 @@ import zmq
 
 from dataclasses import dataclass
 
+from .endpoints import ipc_in_use
 from .gate import ZAP_DOMAIN, Gate
 from .messages import DEFAULT_LIMITS, Limits
 from .security import CurveClient, CurveServer
@@ -100,6 +102,8 @@ def bind_receiver(ctx: zmq.Context, endpoint: str, limits: Limits = DEFAULT_LIMI
             gate.watch(sock)
         if curve is not None:
             curve.apply(ctx, sock)
+        if ipc_in_use(endpoint):
+            raise zmq.ZMQError(errno.EADDRINUSE, f"{endpoint} is in use by a running daemon")
         sock.bind(endpoint)
         if gate is not None:
             gate.bound(sock.getsockopt_string(zmq.LAST_ENDPOINT) or endpoint)

@@ -96,9 +96,9 @@ def send(s: socket.socket, frames: list[bytes]) -> None:
 
 
 def hello(run: str, publisher: str, host: str = "h", vocab=None, rank: int = 0, world: int = 1,
-          meta=None) -> bytes:
+          meta=None, wandb=None) -> bytes:
     return pack({"v": 1, "kind": "hello", "run": run, "seq": 0, "publisher": publisher, "pid": os.getpid(),
-                 "host": host, "vocab": vocab, "wandb": None, "meta": meta or {}, "rank": rank, "world_size": world})
+                 "host": host, "vocab": vocab, "wandb": wandb, "meta": meta or {}, "rank": rank, "world_size": world})
 
 
 def snapshot(run: str, publisher: str, it: int, shape, dtype="float32", shm=None, global_shape=None,
@@ -251,6 +251,68 @@ def flood(port: int, count: int) -> dict:
     return {"sent": count + 1}
 
 
+def fat_hellos(port: int, count: int) -> dict:
+    """`count` hellos under fresh run names, each ~12 MB of nested `meta` and `wandb` maps (no vocabulary)."""
+    s = connect(port)
+    text = "x" * 3000
+    wide = {f"k{i}": text for i in range(4000)}  # 12 MB of strings in one map
+    shapes = [("meta", {"a": {"b": wide}}), ("wandb", {"project": {"nested": wide}}),
+              ("meta", {"l": [[[[[[[[1]]]]]]]] * 1000, "s": text * 20}), ("wandb", {f"k{i}": text for i in range(4000)})]
+    wire = 0
+    for i in range(count):
+        field, value = shapes[i % len(shapes)]
+        body = hello(f"fat-{i}", f"h/{i}/x", **{field: value})
+        send(s, [body])
+        wire += len(body)
+    time.sleep(1.0)
+    s.close()
+    return {"hellos": count, "wire_bytes": wire}
+
+
+def squat(port: int, seconds: float, marker: str) -> dict:
+    """Listen on the daemon's port while it is down, complete the ZMTP handshake as a PULL peer with every
+    trainer that connects, and count what each sends after it (a hello would carry `marker`, its run name)."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", port))
+    srv.listen(16)
+    srv.settimeout(0.2)
+    print(json.dumps({"listening": port}), flush=True)
+    handshakes = after = 0
+    seen_marker = False
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            conn, _ = srv.accept()
+        except socket.timeout:
+            continue
+        conn.settimeout(0.5)
+        try:
+            conn.sendall(GREETING + _command(b"READY", b"\x0bSocket-Type" + struct.pack(">I", 4) + b"PULL"))
+            _recv_exact(conn, 64)  # its greeting
+            head = _recv_exact(conn, 2)
+            size = head[1] if head[0] == 0x04 else struct.unpack(">Q", head[1:] + _recv_exact(conn, 7))[0]
+            _recv_exact(conn, size)  # its READY: the handshake is complete on both sides now
+            handshakes += 1
+            data = b""
+            while time.monotonic() < deadline:
+                try:
+                    chunk = conn.recv(65536)
+                except socket.timeout:
+                    continue
+                if not chunk:
+                    break
+                data += chunk
+            after += len(data)
+            seen_marker = seen_marker or marker.encode() in data
+        except (OSError, ConnectionError) as exc:
+            print("squat:", repr(exc), file=sys.stderr, flush=True)
+        finally:
+            conn.close()
+    srv.close()
+    return {"handshakes": handshakes, "bytes_after_handshake": after, "saw_run_name": seen_marker}
+
+
 def read_secrets(port: int, directory: str, seconds: float) -> dict:
     """Try, for `seconds`, to read every *.key_secret file appearing in `directory` (the keygen race)."""
     tried = stolen = 0
@@ -396,7 +458,7 @@ COMMANDS = {"read-secrets": (read_secrets, [str, float]), "shm-truncate": (shm_t
             "oversized": (oversized, [int]), "flood": (flood, [int]),
             "raw-flood": (raw_flood, [int, float]), "idle-flood": (idle_flood, [int, float]),
             "hellos": (hellos, [int, str]), "join": (join, [str, float]), "names": (names, [int, int, int]),
-            "parts": (parts, [int, int, int])}
+            "parts": (parts, [int, int, int]), "fat-hellos": (fat_hellos, [int]), "squat": (squat, [float, str])}
 
 
 def main() -> int:

@@ -24,7 +24,6 @@ from tests.test_daemon import DaemonProc, wait_for
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 SNIPPETS = DOCS / "snippets"
-DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"  # what the snippets show; replaced by the test daemon's endpoint
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -108,12 +107,23 @@ def test_every_page_is_in_the_nav_and_every_included_snippet_exists():
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
     """One real daemon for every snippet (each snippet has its own run name)."""
-    from tests.conftest import free_tcp_port
+
+    from protocol.endpoints import default_endpoint
 
     tmp = tmp_path_factory.mktemp("docs-daemon")
+    # The snippets use the default endpoint (a private socket under $XDG_RUNTIME_DIR): this test's own.
+    runtime = tmp / "xdg"
+    runtime.mkdir(mode=0o700)
     env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp),
-               OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
-    d = DaemonProc(tmp, env, f"tcp://127.0.0.1:{free_tcp_port()}", "--no-wandb", "--galaxy-rows", "0")
+               OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1", XDG_RUNTIME_DIR=str(runtime))
+    old = os.environ.get("XDG_RUNTIME_DIR")
+    os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+    try:
+        endpoint = default_endpoint()
+    finally:
+        os.environ.pop("XDG_RUNTIME_DIR") if old is None else os.environ.__setitem__("XDG_RUNTIME_DIR", old)
+    d = DaemonProc(tmp, env, endpoint, "--no-wandb", "--galaxy-rows", "0")
+    d.runtime_dir = runtime
     yield d
     d.kill()
 
@@ -123,7 +133,7 @@ def run_snippets(daemon: DaemonProc, tmp_path: Path, launches: dict[str, list[st
     daemon; a launch of several snippets runs them one after the other in the same processes (torchrun
     starts once). Returns each launch's output by label."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
+               TOKENIZERS_PARALLELISM="false", XDG_RUNTIME_DIR=str(daemon.runtime_dir))
     runner = tmp_path / "run_snippets.py"
     runner.write_text("import runpy, sys\nfor path in sys.argv[1:]:\n    runpy.run_path(path, run_name='__main__')\n")
     procs = {}
@@ -132,9 +142,9 @@ def run_snippets(daemon: DaemonProc, tmp_path: Path, launches: dict[str, list[st
         scripts = []
         for name in (c for c in command if c.endswith(".py")):
             source = (SNIPPETS / name).read_text()
-            assert DEFAULT_ENDPOINT in source or name == "math_only.py"
+            assert "tcp://" not in source  # the snippets reach the daemon at its default private endpoint
             scripts.append(tmp_path / name)
-            scripts[-1].write_text(source.replace(DEFAULT_ENDPOINT, daemon.endpoint))
+            scripts[-1].write_text(source)
         out = open(tmp_path / f"{label}.log", "w")
         procs[label] = (subprocess.Popen([*prefix, str(runner), *map(str, scripts)], cwd=tmp_path, env=env,
                                          stdout=out, stderr=subprocess.STDOUT), out)

@@ -112,7 +112,9 @@ def test_full_disk_keeps_every_line_whole_retries_and_counts_the_lost(
         send_and_wait(d, push, run, 7, ws[7])
         records = lines_of(path)
         assert [r["iter"] for r in records] == list(range(8))
-        assert records[-1]["daemon_counters"]["lost"] == 0
+        counters = records[-1]["daemon_counters"]
+        # the results file retried and lost nothing; the token data of iterations 3-6 was not retried
+        assert counters["lost_by_sink"].get("jsonl", 0) == 0 and counters["lost"] == counters["lost_by_sink"]["token-data"]
         assert all(r["drift"] is not None for r in records[1:])
         assert "results file: writable again; 4 held result(s) written" in d.log()
 
@@ -127,9 +129,22 @@ def test_full_disk_keeps_every_line_whole_retries_and_counts_the_lost(
         missing = len(analysed(d, run)) - len(records)
         assert missing == 2
         line = stopped_line(d)
-        assert f"analysed=10 skipped=0 rejected=0 lost={missing} (jsonl={missing})" in line
+        assert "analysed=10 skipped=0 rejected=0 lost=" in line
+        total, by_sink = lost_by_sink(line)
+        # the results file lost the two held at exit; the explorer's token data (not retried) lost what
+        # was analysed while the disk was full, and left no half-written iteration behind
+        assert by_sink["jsonl"] == missing and by_sink.get("token-data", 0) >= 1 and total == sum(by_sink.values())
+        assert not [p for p in (fs / "runs").rglob("*") if p.name.startswith(".") and p.name.endswith(".tmp")]
         assert "results file: 2 result(s) could not be written and are lost (runs: full)" in d.log()
         assert list(state.rglob("*.tmp")) == []
+
+
+def lost_by_sink(line: str) -> tuple[int, dict[str, int]]:
+    """The total and per-sink counts of a stopped line's `lost=N (sink=n, ...)`."""
+    m = re.search(r"lost=(\d+)(?: \(([^)]*)\))?", line)
+    assert m, line
+    pairs = [kv.split("=") for kv in (m.group(2) or "").split(", ") if "=" in kv]
+    return int(m.group(1)), {k: int(v) for k, v in pairs}
 
 
 @pytest.mark.skipif(_mount_problem() is not None, reason=str(_mount_problem()))
@@ -162,7 +177,8 @@ def test_read_only_results_dir_counts_every_result_as_lost(start_daemon, push, t
         push.send_multipart(encode_end(run="ro-run", seq=99, final_iter=3, published=4, dropped=0))
         assert d.wait_exit() == 0
         assert not (fs / "runs" / "ro-run").exists()
-        assert "lost=4 (jsonl=4)" in stopped_line(d)
+        total, by_sink = lost_by_sink(stopped_line(d))
+        assert by_sink == {"jsonl": 4, "token-data": 4} and total == 8
         assert d.log().count("results file: cannot write") == 1
         # The counter also travels with the results the other sinks got: the console block's source.
         assert "Read-only file system" in d.log()

@@ -75,8 +75,10 @@ class Pacer(TrainerCallback):
     """After ours: keeps a reference of the weights at each expected step; where the next step begins (our
     callback has sent the previous one by then) waits until the daemon analysed every snapshot so far."""
 
-    def __init__(self, daemon: DaemonProc | None, run: str, expected: list[int], every_n: int | None = None) -> None:
+    def __init__(self, daemon: DaemonProc | None, run: str, expected: list[int], every_n: int | None = None,
+                 tensors: int = 1) -> None:
         self.daemon, self.run, self.expected, self.every_n = daemon, run, expected, every_n
+        self.tensors = tensors  # records per step (2: an untied output embedding is published as lm_head too)
         self.refs: dict[int, torch.Tensor] = {}
 
     def _at(self, state: Any, model: Any) -> None:
@@ -86,7 +88,7 @@ class Pacer(TrainerCallback):
 
     def _wait(self) -> None:
         if self.daemon is not None and self.refs:
-            self.daemon.wait_results(self.run, len(self.refs))
+            self.daemon.wait_results(self.run, self.tensors * len(self.refs))
 
     def on_train_begin(self, args, state, control, model=None, **kw):
         self._at(state, model)
@@ -191,7 +193,7 @@ def test_gpt2_tied_every_n_eval_and_end_once_each_with_vocab_and_wandb(
 def test_llama_untied_publishes_the_input_embedding_not_the_head(start_daemon, tmp_path: Path) -> None:
     d = start_daemon("--exit-on-end", "--no-wandb")
     expected = [0, 2, 4]  # start, evals at 2 and 4; the end (4) is not sent twice
-    pacer = Pacer(d, "llama-untied", expected)
+    pacer = Pacer(d, "llama-untied", expected, tensors=2)
     model = llama()
     head0 = model.get_output_embeddings().weight.detach().clone()
     trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2),
@@ -200,7 +202,11 @@ def test_llama_untied_publishes_the_input_embedding_not_the_head(start_daemon, t
                                  pacer])
     trainer.train()
     assert d.wait_exit() == 0
-    results = d.results("llama-untied")
+    records = d.results("llama-untied")
+    results = [r for r in records if r["tensor"] != "lm_head"]
+    head = [r for r in records if r["tensor"] == "lm_head"]  # the untied head: its own tensor, its own drift chain
+    assert [r["iter"] for r in head] == expected and [r["prev_iter"] for r in head] == [None, *expected[:-1]]
+    assert not any(r["default_tensor"] for r in head)
     check_results(results, pacer.refs, expected, exact=True)
     assert not torch.equal(model.get_output_embeddings().weight, head0)  # the head trained too, separately
     assert results[-1]["drift"]["least_drifted_token_strings"][0].startswith("w")
@@ -214,7 +220,7 @@ def test_lora_wrapped_model_publishes_the_adapted_embedding(start_daemon, tmp_pa
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"],
                                                       init_lora_weights="gaussian"))
     expected = [0, 3, 6]
-    pacer = Pacer(d, "lora", expected, every_n=3)
+    pacer = Pacer(d, "lora", expected, every_n=3, tensors=2)  # llama is untied: its head goes too
     trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=6, label_names=["labels"]),
                       train_dataset=Tokens(), processing_class=tokenizer(),
                       callbacks=[EmbeddingMonitorCallback(d.endpoint, run="lora", every_n_steps=3), pacer])
@@ -222,7 +228,7 @@ def test_lora_wrapped_model_publishes_the_adapted_embedding(start_daemon, tmp_pa
     assert d.wait_exit() == 0
     # The base weight never moves; what the model computes with (base + LoRA delta) does, and that is published.
     assert torch.equal(base.get_input_embeddings().base_layer.weight, frozen)
-    check_results(d.results("lora"), pacer.refs, expected, exact=False)
+    check_results([r for r in d.results("lora") if r["tensor"] != "lm_head"], pacer.refs, expected, exact=False)
 
 
 def test_ddp_two_processes_one_run_name_each_step_once(start_daemon, env: dict[str, str], tmp_path: Path) -> None:

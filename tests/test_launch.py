@@ -180,6 +180,8 @@ def test_a_failed_daemon_start_leaves_nothing_behind(mode, tmp_path, subprocess_
 
     port = free_tcp_port()
     env = _launch_env(subprocess_env, tmp_path, port)
+    if not mode:  # the local mode listens on a private ipc socket by default: make it use the busy port
+        env["ENDPOINT"] = f"tcp://127.0.0.1:{port}"
     runs = tmp_path / "runs"
     runs.mkdir()
     (runs / ".current").write_text("earlier-run\n")

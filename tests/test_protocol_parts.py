@@ -89,3 +89,58 @@ def test_global_shape_bytes_are_limited_before_assembly_allocates():
 def test_part_payload_bytes_must_match_the_part_shape():
     with pytest.raises(ProtocolError, match="frame has 44 bytes, header nbytes=48"):
         decode([part_frames()[0], bytes(44)])
+
+
+# --- element-range parts: the flat elements [start, start + numel) of the C-order matrix ------------
+
+def range_frames(**overrides):
+    """A range part: elements 14..25 (12 of them, from mid-row 4 to mid-row 8) of a 10 x 3 matrix."""
+    return snapshot_frames(**{"shape": (12,), "payload": bytes(48), "global_shape": (10, 3), "start": 14,
+                              **overrides})
+
+
+def test_range_part_round_trip():
+    snap = decode(range_frames())
+    assert snap.is_part and snap.start == 14 and snap.offset is None and snap.shape == (12,)
+    assert snap.numel == 12 and snap.nbytes == 48 and snap.global_shape == (10, 3)
+    block = decode(part_frames())
+    assert block.start is None and block.numel == 12
+
+
+def test_encoder_refuses_a_range_with_an_offset_or_a_2d_shape():
+    with pytest.raises(ValueError, match="both global_shape= and offset= \\(or start=\\)"):
+        range_frames(offset=(0, 0))
+    with pytest.raises(ValueError, match="must be \\[numel\\] for an element range"):
+        range_frames(shape=(4, 3))
+    with pytest.raises(ValueError, match="both global_shape= and offset="):
+        range_frames(global_shape=None)
+
+
+HOSTILE_RANGES = {
+    "range past the end": (dict(start=19), "element range [19, 31) does not lie within global_shape [10, 3] (30 elements)"),
+    "start past the end": (dict(start=30), "start=30 is outside [0, 29]"),
+    "negative start": (dict(start=-1), "start=-1 is outside [0, 29]"),
+    "start a float": (dict(start=1.0), "start must be an integer, got float"),
+    "start a bool": (dict(start=True), "start must be an integer, got bool"),
+    "empty range": (dict(shape=[0], nbytes=0), "shape numel=0 is outside [1,"),
+    "huge claim": (dict(shape=[2**40], nbytes=2**42), "shape numel=1099511627776 is outside [1, 274877906944]"),
+    "2-D shape": (dict(shape=[4, 3]), "shape of an element-range part must be [numel] (1 integer), got [4, 3]"),
+    "numel a string": (dict(shape=["12"]), "must be [numel] (1 integer)"),
+    "start and offset": (dict(offset=[0, 0]), "either offset (a block) or start (an element range), not both"),
+    "start without global": (dict(global_shape=None), "missing key 'global_shape'"),
+    "nbytes lies": (dict(nbytes=40), "nbytes=40 does not match shape [12] x float32 = 48"),
+    "global too large": (dict(global_shape=[2**22, 2**16]), "bytes exceeds max_payload_bytes="),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_RANGES))
+def test_hostile_range_parts_are_rejected(case):
+    changes, expected = HOSTILE_RANGES[case]
+    with pytest.raises(ProtocolError) as info:
+        decode(with_header(range_frames(), **changes))
+    assert expected in str(info.value)
+
+
+def test_range_payload_bytes_must_match():
+    with pytest.raises(ProtocolError, match="frame has 44 bytes, header nbytes=48"):
+        decode([range_frames()[0], bytes(44)])

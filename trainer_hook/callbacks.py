@@ -14,11 +14,14 @@ import re
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
 
 from .publisher import EmbeddingPublisher, embedding_weight
+from .sharding import vocab_rows
+from .stacks import fsdp1_path
 
 log = logging.getLogger("embedding_monitor.hook")
 
@@ -119,6 +122,13 @@ def effective_weight(module: Any) -> torch.Tensor:
     return weight
 
 
+def embedding_rows(module: Any, model: Any = None) -> int:
+    """Rows of the full embedding matrix (the vocabulary size) under any supported stack; `model` is the wrapped model."""
+    if fsdp1_path(model, module) is not None and hasattr(module, "num_embeddings"):
+        return int(module.num_embeddings)  # its weight is this rank's flat view
+    return vocab_rows(embedding_weight(module))
+
+
 def scalar_metrics(values: dict[str, Any], *, read_device: bool) -> dict[str, float | int]:
     """The one-number entries of a framework's metrics dict as Python numbers.
 
@@ -142,6 +152,39 @@ def scalar_metrics(values: dict[str, Any], *, read_device: bool) -> dict[str, fl
     return out
 
 
+OUTPUT_TENSOR = "lm_head"  # the tensor name the callbacks give an untied output embedding (W&B: analysis/lm_head/...)
+
+
+def untied_output_embedding(owners: Any, input_embedding: Any) -> Any | None:
+    """The first `get_output_embeddings()` among `owners` when its weight is not the input embedding's; else None.
+
+    Tied weights (one parameter, or one storage) are sent once, as the input embedding.
+    """
+    for owner in owners:
+        getter = getattr(owner, "get_output_embeddings", None)
+        if getter is None:
+            continue
+        try:
+            out = getter()
+        except NotImplementedError:
+            out = None
+        if out is None:
+            continue
+        try:
+            w_out = effective_weight(out)
+            # the input's published weight, its own parameter and a LoRA wrapper's base weight: a head sharing
+            # any of them is tied (an adapter's merged weight is a new tensor, its base is the shared one)
+            inputs = [effective_weight(input_embedding), getattr(input_embedding, "weight", None),
+                      getattr(getattr(input_embedding, "base_layer", None), "weight", None)]
+            tied = any(isinstance(w, torch.Tensor) and (w is w_out or (w.data_ptr() == w_out.data_ptr()
+                                                                       and w.shape == w_out.shape))
+                       for w in inputs)
+        except Exception:  # noqa: BLE001 - cannot tell (an exotic wrapper): send the input embedding only
+            tied = True
+        return None if tied or w_out.dim() != 2 else out
+    return None
+
+
 class StepPublisher:
     """One EmbeddingPublisher per training: publishes the chosen steps, each step once, with that step's metrics.
 
@@ -152,7 +195,7 @@ class StepPublisher:
     travels with the snapshot, and none measured at another step does.
     """
 
-    def __init__(self, endpoint: str, every_n_steps: int | None, publisher_options: dict[str, Any]) -> None:
+    def __init__(self, endpoint: str | None, every_n_steps: int | None, publisher_options: dict[str, Any]) -> None:
         self.endpoint = endpoint
         self.every_n_steps = check_every_n_steps(every_n_steps)
         self.options = dict(publisher_options)
@@ -160,6 +203,7 @@ class StepPublisher:
         self.failures = 0  # publishes that raised (logged once, then counted)
         self._last_step: int | None = None
         self._embedding: Callable[[], Any] | None = None
+        self._model: Callable[[], Any] | None = None  # the wrapped model (FSDP1: publish through it)
         self.pending: int | None = None  # the step marked for publishing, not sent yet
         self._metrics_step: int | None = None
         self._metrics: dict[str, Any] = {}  # what was measured at _metrics_step
@@ -170,8 +214,14 @@ class StepPublisher:
         return self.publisher is not None
 
     def start(self, run: str, vocab: list[str] | None, wandb_info: dict[str, Any] | None,
-              meta: dict[str, Any], embedding: Callable[[], Any] | None = None) -> EmbeddingPublisher:
-        """Create the publisher for a new training (closing a previous one); `embedding()` gives the weight."""
+              meta: dict[str, Any], embedding: Callable[[], Any] | None = None,
+              model: Callable[[], Any] | None = None,
+              output: Callable[[], Any] | None = None) -> EmbeddingPublisher:
+        """Create the publisher for a new training (closing a previous one); `embedding()` gives the weight.
+
+        `model()` (optional) gives the wrapped model: under FSDP1 the embedding is published through it.
+        `output()` gives the untied output embedding or None (published beside it as OUTPUT_TENSOR).
+        """
         self.close()
         options = dict(self.options)
         options.setdefault("vocab", vocab)
@@ -181,8 +231,10 @@ class StepPublisher:
         self._last_step = self.pending = self._metrics_step = None
         self._metrics = {}
         self._embedding = embedding
+        self._model = model
+        self._output = output
         log.info("embedding monitor: run %s publishing to %s (every_n_steps=%s)", self.publisher.run,
-                 self.endpoint, self.every_n_steps)
+                 self.publisher.endpoint, self.every_n_steps)
         return self.publisher
 
     def due(self, step: int) -> bool:
@@ -213,7 +265,7 @@ class StepPublisher:
         if step is None or self._embedding is None:
             return False
         metrics = dict(self._metrics) if self._metrics_step == step else None
-        return self.publish(self._embedding, step, lambda: metrics)
+        return self.publish(self._embedding, step, lambda: metrics, output=getattr(self, "_output", None))
 
     def drop_pending(self, why: str) -> None:
         """Forget the pending step (its weights are gone), saying why once."""
@@ -222,17 +274,30 @@ class StepPublisher:
         self.pending = None
 
     def publish(self, embedding: Callable[[], Any], step: int,
-                metrics: Callable[[], dict[str, Any] | None] | None = None) -> bool:
+                metrics: Callable[[], dict[str, Any] | None] | None = None,
+                model: Callable[[], Any] | None = None, output: Callable[[], Any] | None = None) -> bool:
         """Publish the embedding at `step` now unless this step was already published; True if handed off.
 
         `metrics()` (called only when publishing) gives the trainer's scalars to send with the snapshot.
+        `model()` (optional) is the wrapped model: under FSDP1 the embedding is published through it.
+        `output()`: the untied output embedding or None, sent as tensor OUTPUT_TENSOR at the same step.
         """
         if self.publisher is None or step == self._last_step:
             return False
         self._last_step = step  # also on a drop: the same weights are not worth a second try
         try:
-            return self.publisher.publish(effective_weight(embedding()), step,
-                                          metrics=(metrics() or None) if metrics else None)
+            module = embedding()
+            values = (metrics() or None) if metrics else None
+            root = (model or self._model or (lambda: None))()
+            path = fsdp1_path(root, module)  # FSDP1: its weight is a flat view; the model knows where it lies
+            if path is not None:
+                sent = self.publisher.publish(root, step, metrics=values, embedding=path)
+            else:
+                sent = self.publisher.publish(effective_weight(module), step, metrics=values)
+            head = output() if output is not None else None
+            if head is not None:
+                self.publisher.publish(effective_weight(head), step, name=OUTPUT_TENSOR)
+            return sent
         except Exception:  # noqa: BLE001 - monitoring must never end a training run
             self.failures += 1
             if self.failures == 1:
@@ -240,11 +305,21 @@ class StepPublisher:
                               "are only counted (callback.monitor.failures)", step)
             return False
 
+    def count(self, batch: Any) -> None:
+        """Count the batch's `input_ids` (a mapping's entry) for the next snapshot; never raises into training."""
+        ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+        if self.publisher is None or not isinstance(ids, torch.Tensor):
+            return
+        try:
+            self.publisher.count_tokens(ids)
+        except Exception:  # noqa: BLE001 - monitoring must never end a training run
+            self.failures += 1
+
     def close(self) -> None:
         """Close the publisher (sends `end`); safe to call when none is open. A pending step is sent first."""
         if self.pending is not None:
             self.flush()
         publisher, self.publisher = self.publisher, None
-        self._embedding = None
+        self._embedding = self._model = None
         if publisher is not None:
             publisher.close()

@@ -1,7 +1,7 @@
 """Hugging Face Trainer callback: watch the input embedding of any `transformers` model in one line.
 
     from trainer_hook.hf import EmbeddingMonitorCallback
-    trainer = Trainer(..., callbacks=[EmbeddingMonitorCallback("tcp://127.0.0.1:5555", every_n_steps=500)])
+    trainer = Trainer(..., callbacks=[EmbeddingMonitorCallback(every_n_steps=500)])  # the daemon's default endpoint
 
 Publishes `model.get_input_embeddings()` at the start of training, at every evaluation, every
 `every_n_steps` optimizer steps when given, and at the last step (each step once, at `state.global_step`),
@@ -19,7 +19,8 @@ from transformers import TrainerCallback
 
 from protocol.metric_names import hf_log_metrics
 
-from .callbacks import StepPublisher, active_wandb_info, first_given, generated_run_name, log, vocab_of
+from .callbacks import (StepPublisher, active_wandb_info, embedding_rows, first_given, generated_run_name, log,
+                        untied_output_embedding, vocab_of)
 from .publisher import embedding_weight
 
 __all__ = ["EmbeddingMonitorCallback"]
@@ -43,6 +44,13 @@ def input_embeddings(model: Any) -> torch.nn.Module:
     return embedding
 
 
+def _unwrapped(model: Any) -> Any:
+    """The model inside DDP-style `.module` wrappers (what has get_output_embeddings)."""
+    while not hasattr(model, "get_output_embeddings") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def _shared_across_ranks(value: Any) -> Any:
     """Rank 0's `value` on every rank (one broadcast at the start of training; the value itself if not distributed)."""
     dist = torch.distributed
@@ -59,9 +67,11 @@ def _shared_across_ranks(value: Any) -> Any:
 class EmbeddingMonitorCallback(TrainerCallback):
     """A transformers TrainerCallback that publishes the input embedding to an analysis daemon."""
 
-    def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", run: str | None = None,
-                 every_n_steps: int | None = None, *, tokenizer: Any = None, **publisher_options: Any) -> None:
+    def __init__(self, endpoint: str | None = None, run: str | None = None,
+                 every_n_steps: int | None = None, *, tokenizer: Any = None, output_embeddings: bool = True,
+                 **publisher_options: Any) -> None:
         self.run = run
+        self.output_embeddings = output_embeddings  # also publish an untied get_output_embeddings() as "lm_head"
         self.tokenizer = tokenizer
         self.monitor = StepPublisher(endpoint, every_n_steps, publisher_options)
         self._model: Any = None
@@ -87,12 +97,14 @@ class EmbeddingMonitorCallback(TrainerCallback):
         wandb_info = active_wandb_info() if "wandb" in (args.report_to or []) else None
         run = self.run or args.run_name or None
         run, wandb_info = _shared_across_ranks((run or generated_run_name("hf"), wandb_info))
-        rows = int(embedding_weight(embedding).shape[0])  # a DTensor's shape is the global one
+        rows = embedding_rows(embedding, model)  # the global rows (DTensor, ZeRO-3, FSDP1)
         vocab = vocab_of(first_given(self.tokenizer, processing_class, tokenizer), rows)
         self.monitor.start(run, vocab, wandb_info, meta={"framework": "transformers",
                                                          "framework_version": transformers.__version__,
                                                          "model": type(model).__name__},
-                           embedding=lambda: input_embeddings(model))
+                           embedding=lambda: input_embeddings(model), model=lambda: model,  # FSDP1: the root
+                           output=(lambda: untied_output_embedding([_unwrapped(model)], input_embeddings(model)))
+                           if self.output_embeddings else None)
         if self.monitor.every_n_steps is None and args.eval_strategy == "no":
             log.info("embedding monitor: no evaluation and no every_n_steps: publishing the first and the last "
                      "step only")

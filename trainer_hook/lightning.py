@@ -1,7 +1,7 @@
 """Lightning callback: watch a LightningModule's token embedding in one line.
 
     from trainer_hook.lightning import EmbeddingMonitorCallback
-    trainer = Trainer(..., callbacks=[EmbeddingMonitorCallback("tcp://127.0.0.1:5555", every_n_steps=500)])
+    trainer = Trainer(..., callbacks=[EmbeddingMonitorCallback(every_n_steps=500)])  # the daemon's default endpoint
 
 Publishes the input embedding when training starts (after any checkpoint is restored), at every
 validation (not the sanity check), every `every_n_steps` optimizer steps when given, and at the end, each
@@ -21,8 +21,8 @@ try:
 except ImportError:  # the standalone package of older releases
     import pytorch_lightning as pl
 
-from .callbacks import (StepPublisher, active_wandb_info, first_given, generated_run_name, scalar_metrics, vocab_of,
-                        wandb_info_of)
+from .callbacks import (StepPublisher, active_wandb_info, embedding_rows, first_given, generated_run_name,
+                        scalar_metrics, untied_output_embedding, vocab_of, wandb_info_of)
 from .publisher import embedding_weight
 
 __all__ = ["EmbeddingMonitorCallback"]
@@ -68,10 +68,12 @@ def _logger_run(trainer: Any) -> tuple[str | None, dict[str, Any] | None]:
 class EmbeddingMonitorCallback(pl.Callback):
     """A Lightning Callback that publishes the token embedding to an analysis daemon."""
 
-    def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", run: str | None = None,
+    def __init__(self, endpoint: str | None = None, run: str | None = None,
                  every_n_steps: int | None = None, *, embedding: Any = None, tokenizer: Any = None,
-                 **publisher_options: Any) -> None:
+                 output_embeddings: bool = True, count_tokens: bool = True, **publisher_options: Any) -> None:
         self.run = run
+        self.output_embeddings = output_embeddings  # also publish an untied get_output_embeddings() as "lm_head"
+        self.count_tokens = count_tokens  # count each batch's "input_ids" (drift by token frequency)
         self.embedding = embedding
         self.tokenizer = tokenizer
         self.monitor = StepPublisher(endpoint, every_n_steps, publisher_options)
@@ -107,7 +109,7 @@ class EmbeddingMonitorCallback(pl.Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """Open the publisher: find the embedding, agree on the run name across ranks, vocabulary, W&B run."""
         self._module, self._seen = pl_module, {}
-        rows = int(embedding_weight(find_embedding(pl_module, self.embedding)).shape[0])  # fail before training
+        rows = embedding_rows(find_embedding(pl_module, self.embedding), trainer.strategy.model)  # fail before training
         name, wandb_info = (None, None)
         if trainer.is_global_zero:
             name, wandb_info = _logger_run(trainer)
@@ -119,7 +121,11 @@ class EmbeddingMonitorCallback(pl.Callback):
         self.monitor.start(run, vocab_of(tokenizer, rows), wandb_info,
                            meta={"framework": "lightning", "framework_version": pl.__version__,
                                  "model": type(pl_module).__name__},
-                           embedding=lambda: find_embedding(pl_module, self.embedding))
+                           embedding=lambda: find_embedding(pl_module, self.embedding),
+                           model=lambda: trainer.strategy.model,  # FSDPStrategy: the FSDP1 root
+                           output=(lambda: untied_output_embedding(
+                               [pl_module, *(child for _, child in pl_module.named_children())],
+                               find_embedding(pl_module, self.embedding))) if self.output_embeddings else None)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """The starting weights, at the step training starts from (0, or the restored step on resume)."""
@@ -133,6 +139,8 @@ class EmbeddingMonitorCallback(pl.Callback):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Mark every `every_n_steps`-th optimizer step (with gradient accumulation: once, right after the step)."""
+        if self.count_tokens:
+            self.monitor.count(batch)
         step = int(trainer.global_step)
         if self.monitor.due(step) and self.monitor.wants(step):  # micro-batches after the step: already marked
             self.monitor.defer(step)

@@ -1,6 +1,6 @@
 """EmbeddingPublisher: hand embedding snapshots to the analysis daemon without ever blocking training.
 
-    publisher = EmbeddingPublisher("tcp://127.0.0.1:5555", run="my-run")
+    publisher = EmbeddingPublisher(run="my-run")   # the daemon's default endpoint: a private ipc socket
     publisher.publish(raw_model.transformer.wte.weight, iter_num)  # True: handed off, False: dropped
     publisher.publish(wte, iter_num, metrics={"train/loss": 2.31, "val/loss": 2.40})  # optional scalars
     publisher.close()                                               # also runs at interpreter exit
@@ -26,14 +26,16 @@ from typing import Any
 import torch
 import zmq
 
-from protocol import (DEFAULT_LIMITS, CurveClient, ProtocolError, ShmWriter, check_endpoint, check_metrics,
-                      check_run_name, connect_publisher, encode_hello, is_local_endpoint, shm_available, wire_dtype)
+from protocol import (DEFAULT_LIMITS, CurveClient, ProtocolError, ShmWriter, check_endpoint, check_meta, check_metrics,
+                      check_run_name, check_tensor_name, check_wandb_info, connect_publisher, encode_hello,
+                      is_local_endpoint, shm_available, wire_dtype)
+from protocol.endpoints import default_endpoint
 from protocol.runsecret import RUN_TOKEN_KEY, job_secret, run_token
 from protocol.shm import publisher_id as make_publisher_id
 
 from . import signals
 from .sender import EndJob, PrepareJob, Sender, SnapshotJob
-from .sharding import Part, dist_rank_and_world, find_weight, local_part
+from .sharding import Part, dist_rank_and_world, find_weight, locate
 from .staging import EventFactory, StagingPool, cuda_event
 
 log = logging.getLogger("embedding_monitor.hook")
@@ -113,7 +115,7 @@ def clean_metrics(metrics: Any) -> tuple[dict[str, float | int] | None, list[str
 class EmbeddingPublisher:
     """Sends embedding snapshots to an analysis daemon; never blocks, drops and counts instead."""
 
-    def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", run: str | None = None, *,
+    def __init__(self, endpoint: str | None = None, run: str | None = None, *,
                  vocab: Sequence[str] | None = None, wandb_info: dict | None = None,
                  send_dtype: torch.dtype | None = None, max_in_flight: int = 2,
                  shared_memory: bool | None = None, curve_client_secret: str | os.PathLike | None = None,
@@ -121,10 +123,15 @@ class EmbeddingPublisher:
                  enabled: bool | None = None, name: str = "wte", meta: dict | None = None,
                  shm_reclaim_s: float = 120.0, connect_grace_s: float = 2.0, heartbeat_s: float = 5.0,
                  run_secret: str | None = None, _event_factory: EventFactory | None = None) -> None:
-        self.endpoint = endpoint
+        # Default: the private same-host socket (protocol.endpoints), the daemon's default --listen too.
+        self.endpoint = endpoint or default_endpoint()
+        endpoint = self.endpoint
         self.run = check_run_name(run or (wandb_info or {}).get("run_name") or (wandb_info or {}).get("name")
                                   or f"{socket.gethostname()}-{os.getpid()}-{time.strftime('%Y%m%d-%H%M%S')}")
-        self.name = name
+        self.name = check_tensor_name(name)
+        # The daemon refuses a hello whose meta or wandb map is over the protocol's bounds: say so here.
+        check_meta(meta)
+        check_wandb_info(wandb_info)
         self.send_dtype = send_dtype
         if send_dtype is not None:
             wire_dtype(send_dtype)  # fail now, not at the first publish
@@ -145,6 +152,10 @@ class EmbeddingPublisher:
         self._dropping = False
         self._last_warning = -_REWARN_AFTER_S
         self._metric_problems_logged: set[str] = set()
+        self._counts: torch.Tensor | None = None  # (rows + 1,) int64 on the ids' device; the last bin: out of range
+        self._count_rows: int | None = None  # rows of the main tensor (known from the first publish or vocab)
+        self._counts_warned = False
+        self._vocab_rows = len(vocab) if vocab is not None else None
         self.metrics_rejected = 0  # metric entries left out of publishes (bad name, value or type)
         self._closed = False
         self._pid = os.getpid()
@@ -184,12 +195,12 @@ class EmbeddingPublisher:
             shared_memory = is_local_endpoint(endpoint) and shm_available()
         elif shared_memory and not shm_available():
             raise ValueError("shared_memory=True but /dev/shm is not available here; pass shared_memory=False")
+        hello_meta = check_meta({"name": name, "endpoint": endpoint, "shared_memory": bool(shared_memory),
+                                 "torch": torch.__version__, "heartbeat_s": heartbeat_s, **(meta or {})})
         self._writer = ShmWriter(max_in_flight, reclaim_after_s=shm_reclaim_s) if shared_memory else None
         self._pool = StagingPool(max_in_flight)
         host, vocab_list = socket.gethostname(), list(vocab) if vocab is not None else None
-        hello_meta = {"name": name, "endpoint": endpoint, "shared_memory": bool(shared_memory),
-                      "torch": torch.__version__, "heartbeat_s": heartbeat_s, **(meta or {})}
-        hello_meta[RUN_TOKEN_KEY] = self._run_token
+        hello_meta[RUN_TOKEN_KEY] = self._run_token  # taken out by the daemon before the hello is kept
         # The id carries the secret whose hash names our shared-memory segments: the daemon accepts a
         # segment only from the publisher that created it (protocol.shm.segment_belongs_to).
         publisher_id = make_publisher_id(host, self._pid, self._writer.secret if self._writer else secrets.token_hex(16))
@@ -208,6 +219,8 @@ class EmbeddingPublisher:
                             counters=lambda: (self._published, self._dropped, self._last_iter),
                             heartbeat_s=heartbeat_s)
             sender.endpoint = endpoint  # for its reconnect after a refused handshake
+            # Same host without a CurveZMQ key to prove the daemon: the listener's owner must be us (or root).
+            sender.verify_listener = curve is None and not allow_insecure and is_local_endpoint(endpoint)
             sock.connect(endpoint)  # only now: the sender's monitor is attached and sees the handshake
         except zmq.ZMQError as exc:  # e.g. "tcp://host:port" with a bad port or an unknown transport
             ctx.destroy(linger=0)
@@ -264,32 +277,32 @@ class EmbeddingPublisher:
 
     # ------------------------------------------------------------ publishing
 
-    def prepare(self, weight_or_module: Any, timeout: float = 60.0) -> bool:
+    def prepare(self, weight_or_module: Any, timeout: float = 60.0, *, embedding: str | None = None) -> bool:
         """Before the training loop: connect, and allocate and fault in every buffer the weight's snapshots need.
 
         The work runs on the sender thread; this waits up to `timeout` s for it (0: do not wait) and
         returns whether it finished. From then on every publish costs one copy, the first included.
         Raises the same one-line error publish() would for a weight that cannot be sent.
         """
-        part = self._part(weight_or_module)
+        part = self._part(weight_or_module, embedding)
         if part is None:
             return True  # nothing to send from this rank
         job = self._prepare_for(part, *self._wire_shape(part.local))
         return job is None or job.done.wait(max(0.0, timeout))
 
-    def _part(self, weight_or_module: Any) -> Part | None:
+    def _part(self, weight_or_module: Any, embedding: str | None = None) -> Part | None:
         if not self._shards_allowed or self._closed:
             return None
-        part = local_part(find_weight(weight_or_module), sends_plain=self.enabled)
+        part = locate(weight_or_module, self.enabled, embedding)
         if part is not None and self._sender is None and not self._closed:
             self._start(**self._start_args)  # a rank other than 0 holding a shard: connect now
         return part
 
-    def _wire_shape(self, weight: torch.Tensor) -> tuple[torch.dtype, tuple[int, int], int]:
+    def _wire_shape(self, weight: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...], int]:
         dtype = self.send_dtype or (weight.dtype if weight.dtype in (torch.float32, torch.float16, torch.bfloat16)
                                     else torch.float32)
-        shape = (int(weight.shape[0]), int(weight.shape[1]))
-        return dtype, shape, shape[0] * shape[1] * dtype.itemsize
+        shape = tuple(int(n) for n in weight.shape)  # (V, d), a block's (rows, cols), an element range's (numel,)
+        return dtype, shape, weight.numel() * dtype.itemsize
 
     def _prepare_for(self, part: Part, dtype: torch.dtype, shape: tuple[int, int], nbytes: int) -> PrepareJob | None:
         # Once per size: the sender thread creates and faults in the shm slots / staging buffers, so
@@ -301,14 +314,26 @@ class EmbeddingPublisher:
         self._sender.jobs.put(job)
         return job
 
-    def publish(self, weight_or_module: Any, iter_num: int, metrics: dict[str, Any] | None = None) -> bool:
-        """Copy the embedding weight (this rank's shard of a DTensor) and hand it off; True if handed off. Never blocks.
+    def publish(self, weight_or_module: Any, iter_num: int, metrics: dict[str, Any] | None = None, *,
+                embedding: str | None = None, name: str | None = None) -> bool:
+        """Copy the embedding weight (this rank's shard of it) and hand it off; True if handed off. Never blocks.
+
+        Sharded stacks (FSDP2/DTensor, FSDP1, DeepSpeed ZeRO-3, Megatron tensor parallel): call it on every
+        rank; each sends its own piece. FSDP1 with the embedding inside a larger unit: pass the FSDP model
+        and `embedding=` the embedding's path ("transformer.wte"), since its bare weight is a flat view.
 
         `metrics`: optional trainer scalars at this iteration (e.g. {"train/loss": 2.31}); the daemon
         keeps them in the result and logs them on the same iteration axis. Invalid entries are left
         out, counted in `metrics_rejected` and logged once per distinct problem; the snapshot still goes.
+        `name`: which of the run's tensors this is (e.g. "lm_head"; None: the publisher's own `name`); the
+        daemon keeps a baseline per tensor, so each drifts against its own previous snapshot.
         """
-        part = self._part(weight_or_module)
+        if name is not None:
+            try:
+                check_tensor_name(name)
+            except ProtocolError as exc:
+                return self._drop(f"tensor name refused: {exc}")
+        part = self._part(weight_or_module, embedding)
         if part is None or self._sender is None:
             return False  # disabled, closed, or another rank sends this matrix (or this part of it)
         weight = part.local
@@ -323,9 +348,15 @@ class EmbeddingPublisher:
             connect_deadline = self._connect_deadline
         dtype, shape, nbytes = self._wire_shape(weight)
         self._shm_fallback_check()
-        job = SnapshotJob(iter=int(iter_num), name=self.name, dtype=wire_dtype(dtype), shape=shape,
+        main = name is None or name == self.name
+        if main:  # the counts follow the main tensor's rows (a padded vocabulary may differ from vocab_size=)
+            self._count_rows = int(part.global_shape[0]) if part.global_shape is not None else int(shape[0])
+        job = SnapshotJob(iter=int(iter_num), name=self.name if name is None else name, dtype=wire_dtype(dtype), shape=shape,
                           connect_deadline=connect_deadline, metrics=clean, global_shape=part.global_shape,
-                          offset=part.offset)
+                          offset=part.offset, start=part.start)
+        if main and self._counts is not None:
+            # enqueued before the weight's copy and its event: the sender reads both once the event fired
+            job.token_counts = self._take_counts(self._count_rows or 0, pin=weight.is_cuda)
         try:
             # A large snapshot uses the slots/buffers the sender thread prepared (prepare(), or queued by the
             # first publish): fresh pages here would stall this thread (shm slot: ~10 copies), and faulting
@@ -335,7 +366,17 @@ class EmbeddingPublisher:
             prep = self._prepared if self._prepared is not None and self._prepared.nbytes == nbytes else None
             ready = prep is not None and prep.done.is_set()
             use_shm = sender.shm_enabled and not weight.is_cuda and self._event_factory is None and (ready or not big)
-            if not use_shm:
+            if use_shm:
+                job.slot = sender.shm_slot(nbytes)
+                if job.slot is None and sender.shm_enabled:
+                    return self._drop("every shared-memory slot is still held by the daemon")
+                use_shm = job.slot is not None  # None here: /dev/shm failed, this one goes over the socket
+            if use_shm:
+                view = torch.frombuffer(job.slot.payload(), dtype=torch.uint8)
+                _copy_into(view, weight, dtype, shape)
+                del view  # the slot's mapping must not stay exported
+                job.ref = self._writer.commit(job.slot)
+            else:
                 fresh_ok = not big or ready or (prep is None and nbytes <= _FRESH_MAX_BYTES)
                 job.staged = self._pool.acquire(nbytes, pin=weight.is_cuda, allocate=fresh_ok)
                 if job.staged is None:
@@ -350,20 +391,49 @@ class EmbeddingPublisher:
                 if weight.is_cuda or self._event_factory is not None:
                     job.event = (self._event_factory or cuda_event)()
                     job.event.record()  # fires after the DMA; the sender thread waits on it, not us
-            else:
-                job.slot = self._writer.acquire(nbytes)
-                if job.slot is None:
-                    return self._drop("every shared-memory slot is still held by the daemon")
-                view = torch.frombuffer(job.slot.payload(), dtype=torch.uint8)
-                _copy_into(view, weight, dtype, shape)
-                del view  # the slot's mapping must not stay exported
-                job.ref = self._writer.commit(job.slot)
-        except OSError as exc:  # e.g. /dev/shm full: go inline over the socket from now on
-            self._disable_shm(f"shared memory failed ({exc.strerror}); sending payloads over the socket")
+        except OSError as exc:  # a slot that failed after it was taken: go inline over the socket from now on
+            if job.slot is not None:
+                self._writer.release(job.slot)
+            self._disable_shm(f"shared memory failed ({exc.strerror or exc}); sending payloads over the socket")
             return self._drop("shared memory failed")
         sender.jobs.put(job)
         self._prepare_for(part, dtype, shape, nbytes)  # after the job: the other buffers, off this thread
         return True
+
+    def count_tokens(self, input_ids: torch.Tensor, vocab_size: int | None = None) -> None:
+        """Count the tokens of `input_ids` for the next snapshot of the main tensor (then reset). Never syncs.
+
+        One scatter-add on the ids' own device (no host sync: ids outside [0, rows) go to a spare bin
+        instead of being checked). The rows are the main tensor's, known after the first publish, or
+        `vocab_size` / the hello's vocabulary before it; counts before any of these are left out (logged once).
+        """
+        if self._sender is None or self._closed:
+            return
+        rows = self._count_rows or vocab_size or self._vocab_rows
+        if not rows:
+            if not self._counts_warned:
+                self._counts_warned = True
+                log.warning("embedding publisher: count_tokens() before the first publish and without "
+                            "vocab_size=: these counts are left out")
+            return
+        self._count_rows = rows
+        ids = input_ids.detach().reshape(-1).to(torch.int64)
+        counts = self._counts
+        if counts is None or counts.device != ids.device or counts.numel() != rows + 1:
+            counts = self._counts = torch.zeros(rows + 1, dtype=torch.int64, device=ids.device)
+        spare = torch.full_like(ids, rows)
+        counts.scatter_add_(0, torch.where((ids >= 0) & (ids < rows), ids, spare), torch.ones_like(ids))
+
+    def _take_counts(self, rows: int, pin: bool) -> torch.Tensor | None:
+        """The counts since the last snapshot as a CPU tensor (non-blocking from a GPU), and reset them."""
+        counts = self._counts
+        if counts is None or rows < 1:
+            return None
+        n = min(rows, counts.numel() - 1)  # counted with another row count: ids beyond this matrix are left out
+        host = torch.zeros(rows, dtype=torch.int64, pin_memory=pin and counts.is_cuda)
+        host[:n].copy_(counts[:n], non_blocking=pin and counts.is_cuda)  # lands before the copy event fires
+        counts.zero_()  # queued after the copy on the same stream
+        return host
 
     def _metric_problems(self, problems: list[str]) -> None:
         self.metrics_rejected += len(problems)
@@ -380,9 +450,8 @@ class EmbeddingPublisher:
             self._disable_shm("the daemon never released a shared-memory slot; sending payloads over the socket")
 
     def _disable_shm(self, why: str) -> None:
-        if self._sender is not None and self._sender.shm_enabled:
-            self._sender.shm_enabled = False
-            log.warning("embedding publisher: %s", why)
+        if self._sender is not None:
+            self._sender.disable_shm(why)
 
     # ------------------------------------------------------------ shutdown
 

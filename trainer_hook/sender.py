@@ -12,13 +12,14 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from protocol import ShmRef, ShmWriter, encode_end, encode_heartbeat, encode_snapshot
+from protocol.endpoints import UnsafeEndpoint, check_listener
 
 from .staging import CopyEvent, StagingBuffer, StagingPool
 
@@ -36,7 +37,7 @@ class SnapshotJob:
     iter: int
     name: str
     dtype: str
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     staged: StagingBuffer | None = None
     event: CopyEvent | None = None
     slot: object | None = None
@@ -47,6 +48,10 @@ class SnapshotJob:
     metrics: dict[str, float | int] | None = None  # already checked by the publisher (clean_metrics)
     global_shape: tuple[int, int] | None = None  # set for one rank's part of a sharded (DTensor) matrix
     offset: tuple[int, int] | None = None
+    start: int | None = None  # or the first flat element of an element-range part (1-D shape)
+    # tokens counted since the previous snapshot (int64 CPU tensor, rows of the matrix); for a CUDA count its
+    # copy is non-blocking and lands before `event` fires (so read it only after event.synchronize())
+    token_counts: Any = None
 
 
 @dataclass
@@ -85,6 +90,7 @@ class Sender(threading.Thread):
         # from then on "not connected" means gone or refused, not "still connecting".
         self.settled = False
         self.shm_enabled = writer is not None
+        self._shm_lock = threading.Lock()  # disable_shm may run on the training thread and on this one
         self._need_hello = True
         # Why nothing can be sent, for the drop message: a daemon that refused our CURVE key is not "absent".
         self.refused = False
@@ -94,6 +100,10 @@ class Sender(threading.Thread):
         # libzmq does not reconnect after a ZAP refusal; we do, slowly, so a key authorised later (the
         # daemon reloads its keys on SIGHUP) or a free connection place is picked up without a restart.
         self.endpoint: str | None = None  # set by the publisher
+        # Set by the publisher when no CurveZMQ key proves the daemon: every handshake is followed by a look
+        # at who owns the listener (protocol.endpoints.check_listener); another user's gets nothing.
+        self.verify_listener = False
+        self.untrusted: str | None = None  # why the listener reached last was refused (None: not refused)
         self.retry_after_refusal_s = 2.0
         self._retry_at: float | None = None
         self._seq = 0
@@ -117,6 +127,8 @@ class Sender(threading.Thread):
             except zmq.ZMQError:
                 return
             if event & _UP_EVENTS:
+                if self._refuse_untrusted_listener():
+                    continue
                 self.connected = self.settled = True
                 self.refused = self.full = self.mismatch = False
                 self._need_hello = True  # a (re)started daemon has not seen our hello
@@ -147,6 +159,31 @@ class Sender(threading.Thread):
                     self.writer.expire()
                 self.connected = False
 
+    def _refuse_untrusted_listener(self) -> bool:
+        # Before the first byte (hello, secret, payload) goes out: is the listener ours? A port squatted by
+        # another user while the daemon was down is dropped at once and tried again later.
+        if not self.verify_listener or self.endpoint is None:
+            return False
+        try:
+            check_listener(self.endpoint)
+        except UnsafeEndpoint as exc:
+            why = str(exc)
+        else:
+            if self.untrusted is not None:
+                log.warning("embedding publisher: the listener on %s is ours again; sending", self.endpoint)
+            self.untrusted = None
+            return False
+        try:
+            self.sock.disconnect(self.endpoint)  # drops the pipe: nothing can be sent to it
+        except zmq.ZMQError:
+            pass
+        if self.untrusted is None:  # one line per episode, not one per retry
+            log.warning("embedding publisher: refused: %s", why)
+        self.untrusted = why
+        self.connected, self.settled = False, True
+        self._retry_at = time.monotonic() + self.retry_after_refusal_s
+        return True
+
     def _retry_connect(self) -> None:
         if self._retry_at is None or time.monotonic() < self._retry_at or self.endpoint is None:
             return
@@ -170,6 +207,27 @@ class Sender(threading.Thread):
         self._pending = still
         if self.writer is not None:
             self.writer.note_released()
+
+    def shm_slot(self, nbytes: int) -> object | None:
+        """A shared-memory slot for `nbytes`, or None: all held by the daemon (`shm_enabled` still True: drop),
+        or /dev/shm failed (full, gone; `shm_enabled` now False: send this snapshot over the socket).
+
+        The one fallback of both paths: the training thread (CPU tensors) and this thread (CUDA copies).
+        """
+        assert self.writer is not None
+        try:
+            return self.writer.acquire(nbytes)
+        except OSError as exc:
+            self.disable_shm(f"shared memory failed ({exc.strerror or exc}); sending payloads over the socket")
+            return None
+
+    def disable_shm(self, why: str) -> None:
+        """Send payloads inline over the socket from now on; says so in one line, once."""
+        with self._shm_lock:
+            if not self.shm_enabled:
+                return
+            self.shm_enabled = False
+        log.warning("embedding publisher: %s", why)
 
     def _send(self, frames: list, *, track: bool = False) -> zmq.MessageTracker | bool:
         for attempt in (0, 1):
@@ -201,22 +259,29 @@ class Sender(threading.Thread):
         if job.event is not None:
             job.event.synchronize()  # the device-to-host copy has landed in the staging buffer
         if job.staged is not None and self.shm_enabled and self.writer is not None:
-            job.slot = self.writer.acquire(job.staged.nbytes)
-            if job.slot is None:
+            job.slot = self.shm_slot(job.staged.nbytes)
+            if job.slot is None and self.shm_enabled:
                 self.pool.release(job.staged)
                 self.on_drop("every shared-memory slot is still held by the daemon")
                 return
-            np.copyto(np.frombuffer(job.slot.payload(), dtype=np.uint8), job.staged.data.numpy())
-            job.ref = self.writer.commit(job.slot)
-            self.pool.release(job.staged)
-            job.staged = None
+            if job.slot is not None:
+                np.copyto(np.frombuffer(job.slot.payload(), dtype=np.uint8), job.staged.data.numpy())
+                job.ref = self.writer.commit(job.slot)
+                self.pool.release(job.staged)
+                job.staged = None
+            # else /dev/shm failed: the staged copy goes inline below, like every later one
         if job.connect_deadline is not None:
             self._await_first_connection(job.connect_deadline)
+        self._poll_monitor()
+        if not self.connected:  # a pipe whose handshake we have not judged yet (listener owner) gets nothing
+            return self._fail(job, self.absent_reason())
         if self._need_hello and not self._send_hello():
             return self._fail(job, self.absent_reason())
         common = dict(run=self.run_name, iter=job.iter, seq=self._seq, name=job.name, dtype=job.dtype,
                       shape=job.shape, publisher=self.publisher_id, global_shape=job.global_shape,
-                      offset=job.offset, metrics=job.metrics)
+                      offset=job.offset, metrics=job.metrics, start=job.start,
+                      token_counts=None if job.token_counts is None else
+                      job.token_counts.clamp(max=2**32 - 1).numpy().astype("<u4").tobytes())
         if job.ref is not None:
             ok = self._send(encode_snapshot(shm=job.ref, **common)) is not False
         else:
@@ -240,6 +305,8 @@ class Sender(threading.Thread):
 
     def absent_reason(self) -> str:
         """Why a snapshot cannot go out now (for the drop warning)."""
+        if self.untrusted is not None:
+            return "the listener on the daemon's address belongs to another user (refused, retrying)"
         if self.refused and self.mismatch and self.curve_client:
             return ("it has no CurveZMQ keys and we use them (drop curve_client_secret=/curve_server_public=, or "
                     "start the daemon with --curve-secret and --curve-authorized-dir)")
@@ -262,9 +329,13 @@ class Sender(threading.Thread):
     def _prepare(self, job: PrepareJob) -> None:
         started = time.monotonic()
         try:
+            made = 0
             if self.writer is not None and self.shm_enabled and not job.pin:
-                made = self.writer.prepare(job.nbytes)
-            else:
+                try:
+                    made = self.writer.prepare(job.nbytes)
+                except OSError as exc:  # /dev/shm full: the same fallback as a publish's (socket from now on)
+                    self.disable_shm(f"shared memory failed ({exc.strerror or exc}); sending payloads over the socket")
+            if not self.shm_enabled or self.writer is None or job.pin:
                 made = self.pool.prepare(job.nbytes, pin=job.pin)
         except (OSError, RuntimeError) as exc:  # e.g. /dev/shm or pinned memory short: publish copes later
             log.warning("embedding publisher: could not prepare snapshot buffers ahead (%s)", exc)

@@ -2,7 +2,8 @@
 
 A DTensor (FSDP2's `fully_shard`, tensor parallel, `distribute_tensor`) is sent as parts: each rank
 sends only the block it holds, with the global shape and the block's offset, found by DTensor's own
-`compute_local_shape_and_global_offset`. No collective, no gather: the daemon assembles the parts.
+`compute_local_shape_and_global_offset`. FSDP1, DeepSpeed ZeRO-3 and Megatron tensor-parallel weights
+are located by stacks.py. No collective, no gather: the daemon assembles the parts.
 Everything publish cannot send is refused here, at the first publish, with one line saying what to do.
 """
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 import torch
 
+from . import stacks
+
 
 class UnpublishableWeight(ValueError):
     """The weight cannot be sent as it is; the message says what to pass instead."""
@@ -21,11 +24,15 @@ class UnpublishableWeight(ValueError):
 
 @dataclass(frozen=True)
 class Part:
-    """The block this rank sends: `local` (2-D), and where it lies in the full matrix (None: it is the full matrix)."""
+    """What this rank sends: `local`, and where it lies in the full matrix (global_shape None: it is the full matrix).
+
+    A block is 2-D at `offset` [row, col]; an element range is 1-D, the flat elements from `start` on.
+    """
 
     local: torch.Tensor
     global_shape: tuple[int, int] | None = None
     offset: tuple[int, int] | None = None
+    start: int | None = None
 
 
 def dist_rank_and_world() -> tuple[int, int]:
@@ -54,13 +61,44 @@ def _is_fsdp1(obj: Any) -> bool:
     return any(c.__name__ == "FullyShardedDataParallel" for c in type(obj).__mro__)
 
 
-_FSDP1_HINT = ("FSDP1 (FullyShardedDataParallel) flattens parameters, so the embedding cannot be sent: "
-               "publish on rank 0 inside `with FSDP.summon_full_params(model, writeback=False):`, or use "
-               "FSDP2 (`fully_shard`), whose parameters every rank can publish")
+_FSDP1_HINT = ("FSDP1 (FullyShardedDataParallel) flattens parameters, so a FlatParameter does not say where the "
+               "embedding lies: " + stacks.FSDP1_PATH_HINT)
+
+
+def locate(obj: Any, sends_plain: bool, embedding: str | None = None) -> Part | None:
+    """What this rank sends of the embedding `obj` (a weight, an embedding module, or an FSDP1 model with `embedding=` its path)."""
+    try:
+        if stacks.is_fsdp1_module(obj) and (embedding is not None or _wraps_weight(obj)):
+            piece = stacks.fsdp1_piece(obj, embedding, sends_plain)
+            return None if piece is None else Part(piece[0], piece[1], start=piece[2])
+        if embedding is not None:
+            if not isinstance(obj, torch.nn.Module):
+                raise UnpublishableWeight(f"embedding={embedding!r} names a submodule, but {type(obj).__name__} "
+                                          "is not a module: pass the model")
+            obj = obj.get_submodule(stacks.clean_name(embedding))
+        return local_part(find_weight(obj), sends_plain, module=obj)
+    except (stacks.StackError, AttributeError) as exc:
+        raise UnpublishableWeight(str(exc)) from None
+
+
+def _wraps_weight(unit: Any) -> bool:
+    # An FSDP1 unit around the embedding itself: its own FlatParameter holds a parameter named "weight".
+    handle = getattr(unit, "_handle", None)
+    return handle is not None and "weight" in handle.flat_param._fqns
+
+
+def vocab_rows(weight: torch.Tensor) -> int:
+    """Rows of the full (V, d) matrix of a weight from find_weight (a ZeRO-3 weight's own shape is a placeholder)."""
+    if stacks.is_zero3(weight):
+        return int(weight.ds_shape[0])
+    return int(weight.shape[0])  # a DTensor's shape is the global one
 
 
 def find_weight(obj: Any) -> torch.Tensor:
-    """The (V, d) weight of a tensor, an nn.Embedding / module with .weight, or a module with main_weight.weight."""
+    """The (V, d) weight of a tensor, an nn.Embedding / module with .weight, or a module with main_weight.weight.
+
+    A stack's sharded parameter (ZeRO-3, Megatron tensor parallel) is returned as it is, for local_part.
+    """
     if _is_fsdp1(obj):
         raise UnpublishableWeight(_FSDP1_HINT)
     if isinstance(obj, torch.Tensor):
@@ -74,21 +112,35 @@ def find_weight(obj: Any) -> torch.Tensor:
                         "or a module with .weight or .main_weight.weight")
     if _is_fsdp1(weight):
         raise UnpublishableWeight(_FSDP1_HINT)
+    if stacks.is_zero3(weight):  # its own data is an empty placeholder outside forward
+        return weight
+    hint = None if is_dtensor(weight) else stacks.fsdp1_view_hint(weight, None if obj is weight else obj)
+    if hint is not None:
+        raise UnpublishableWeight(hint)
     if weight.is_meta or (is_dtensor(weight) and weight.to_local().is_meta):
         raise UnpublishableWeight("the embedding weight is on the meta device (not materialised yet): publish "
                                   "after model.to_empty(device=...) and weight initialisation or loading")
     if weight.dim() != 2 or not weight.is_floating_point():
         raise UnpublishableWeight(f"embedding weight must be a 2-D floating tensor (V, d), got shape "
-                                  f"{tuple(weight.shape)} {weight.dtype}: pass the embedding's weight itself")
-    return weight.detach()
+                                  f"{tuple(weight.shape)} {weight.dtype}: pass the embedding's weight itself"
+                                  + ("; if it is an FSDP1 parameter (a flat view), " + stacks.FSDP1_PATH_HINT
+                                     if weight.dim() == 1 and stacks.fsdp1_loaded() else ""))
+    return weight if stacks.is_megatron_tp(weight) else weight.detach()
 
 
-def local_part(weight: torch.Tensor, sends_plain: bool) -> Part | None:
+def local_part(weight: torch.Tensor, sends_plain: bool, module: Any = None) -> Part | None:
     """What this rank sends of `weight` (from find_weight); None when another rank sends it (or it is empty).
 
-    A plain tensor is the whole matrix on every rank (single process, DDP): it is sent where
-    `sends_plain` (the publisher's `enabled`, rank 0 by default).
+    A plain tensor is the whole matrix on every rank (single process, DDP, ZeRO-1/2): it is sent where
+    `sends_plain` (the publisher's `enabled`, rank 0 by default). `module` (optional) is the module
+    that holds `weight`, for the stacks that record the shard's position there.
     """
+    if stacks.is_zero3(weight):
+        piece = stacks.zero3_piece(weight)
+        return None if piece is None else Part(piece[0], piece[1], start=piece[2])
+    if stacks.is_megatron_tp(weight):
+        where = stacks.megatron_piece(weight, module)
+        return None if where is None else Part(weight.detach(), where[0], where[1])
     if not is_dtensor(weight):
         return Part(weight) if sends_plain else None
     from torch.distributed.tensor import Replicate, Shard

@@ -9,6 +9,9 @@
   does not turn float noise into alerts.
 - partial_collapse: a clump (clump.py) of at least `partial_collapse_share` of the valid rows whose
   members are each other's neighbours, named with its size, share and first members.
+- undertrained_jump: the count of under-trained tokens (undertrained.py) rose by at least
+  max(`_MIN_UNDERTRAINED_JUMP`, `undertrained_jump` x rows) since the run's previous result: a part of the
+  vocabulary stopped being trained (a data pipeline change, a tokenizer mismatch) or the group first formed.
 Every alert goes into its result's "alerts" list; `notified` says whether it also went to the log
 and wandb.alert, which happens at most once per kind per run every `interval` seconds.
 """
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _MIN_SPREAD = 1e-4  # cosine units
+_MIN_UNDERTRAINED_JUMP = 8  # tokens: a rise smaller than this is not worth a notification
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class AlertSettings:
     drift_spike_mads: float = 3.0
     partial_collapse_share: float = 0.2  # clump of at least this share of the vocabulary; 0 turns it off
     interval: float = 300.0  # seconds between notifications of one kind for one run
+    undertrained_jump: float = 0.001  # share of the rows the under-trained count must rise by; 0 turns it off
 
 
 @dataclass
@@ -41,6 +46,7 @@ class RunAlerts:
 
     drift_history: deque[float] = field(default_factory=deque)
     last_notified: dict[str, float] = field(default_factory=dict)
+    undertrained_count: int | None = None  # the previous result's under-trained count
 
 
 def _alert(kind: str, metric: str, value: float, bound: float, message: str) -> dict[str, Any]:
@@ -82,6 +88,16 @@ def check(result: dict[str, Any], settings: AlertSettings, state: RunAlerts, now
                             f"iter {it}: {clump['size']:,} tokens, {clump['fraction']:.0%} of the vocabulary, "
                             f"in one clump (cosine > {clump['threshold']} between {clump['mutual']:.0%} of "
                             f"its members' pairs, checked on {clump['sampled_members']} of them): {names}, ..."))
+    under = (result.get("insight") or {}).get("undertrained") or {}
+    count = under.get("count")
+    if count is not None:
+        before = state.undertrained_count
+        bound = max(_MIN_UNDERTRAINED_JUMP, settings.undertrained_jump * shape[0])
+        if settings.undertrained_jump > 0 and before is not None and count - before >= bound:
+            found.append(_alert("undertrained_jump", "insight.undertrained.count", count, before + bound,
+                                f"iter {it}: {count:,} tokens look under-trained, {count - before:,} more than "
+                                f"at the previous result ({under.get('method')}; see insight.undertrained_tokens)"))
+        state.undertrained_count = count
     cos = (result.get("drift") or {}).get("average_cosine_similarity")
     if cos is not None:
         history = list(state.drift_history)

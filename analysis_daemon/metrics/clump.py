@@ -39,15 +39,16 @@ def sample_size(share: float, candidates: int) -> int:
 
 @torch.no_grad()
 def find_clump(weights: torch.Tensor, *, threshold: float, share: float, kth_cosine: torch.Tensor | None = None,
-               knn_k: int = 0, seed: int = 0, vocab: Sequence[str] | None = None) -> dict[str, Any] | None:
+               knn_k: int = 0, seed: int = 0, vocab: Sequence[str] | None = None,
+               device: torch.device | str = "cpu") -> dict[str, Any] | None:
     """The largest confirmed clump of at least ceil(share x valid rows) tokens, or None (see the module doc).
 
     `kth_cosine` (V,): each row's k-th nearest-neighbour cosine from the geometry pass (nan: none), with
-    k = `knn_k`; None when the pass kept no neighbour lists.
+    k = `knn_k`; None when the pass kept no neighbour lists. The products run on `device`.
     """
     if not 0 < share <= 1:
         raise ValueError(f"share must be in (0, 1], got {share}")
-    w = weights.detach().to("cpu", torch.float32)
+    w = weights.detach().to(device, torch.float32)
     norms = torch.linalg.vector_norm(w, dim=1)
     valid = torch.isfinite(norms) & (norms > 0)  # a finite positive norm: every entry finite, not all zero
     n = int(valid.sum())
@@ -56,21 +57,21 @@ def find_clump(weights: torch.Tensor, *, threshold: float, share: float, kth_cos
         return None
     candidates = valid
     if kth_cosine is not None and knn_k >= 1 and s - 1 >= knn_k:
-        candidates = valid & (kth_cosine > threshold)  # nan (no k-th neighbour) compares False
+        candidates = valid & (kth_cosine.to(w.device) > threshold)  # nan (no k-th neighbour) compares False
     cand_ids = torch.nonzero(candidates).squeeze(1)
     if cand_ids.numel() < s:
         return None
 
     r = sample_size(share, int(cand_ids.numel()))
     gen = torch.Generator().manual_seed(seed)
-    pick = cand_ids[torch.randperm(cand_ids.numel(), generator=gen)[:r]]
+    pick = cand_ids[torch.randperm(cand_ids.numel(), generator=gen, device="cpu")[:r].to(w.device)]
     inv = torch.where(valid, 1.0 / norms, 0.0)
 
     def neighbour_rows(rows: torch.Tensor) -> torch.Tensor:
         """(len(rows), V) bool: which rows are neighbours of each of `rows` (invalid rows and itself never)."""
         out = (w[rows] * inv[rows, None]) @ w.T * inv > threshold
         out &= valid
-        out[torch.arange(rows.numel()), rows] = False
+        out[torch.arange(rows.numel(), device=w.device), rows] = False
         return out
 
     # Exact neighbour counts of the sampled rows, a block at a time: memory stays O(_BLOCK x V).

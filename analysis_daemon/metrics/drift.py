@@ -26,7 +26,7 @@ class DriftShapeMismatch(ValueError):
 
 def _finite_rows(x: torch.Tensor) -> torch.Tensor:
     """Which rows of `x` are all finite: one summing pass, the exact check only where a row sum is not finite."""
-    finite = torch.ones(x.shape[0], dtype=torch.bool)
+    finite = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     suspect = ~torch.isfinite(x.sum(dim=1))  # a non-finite entry always spoils the sum; overflow may too
     if suspect.any():
         finite[suspect] = torch.isfinite(x[suspect]).all(dim=1)
@@ -53,7 +53,7 @@ class _Centred:
     def __init__(self, x: torch.Tensor) -> None:
         self.x = x
         self.scale = _power_of_two_scale(x)
-        acc = torch.zeros(x.shape[1], dtype=torch.float64)  # float64 sums, no float64 copy of x
+        acc = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)  # float64 sums, no float64 copy of x
         for a in range(0, x.shape[0], _ROWS):
             acc += x[a : a + _ROWS].sum(dim=0, dtype=torch.float64)
         self.mean = acc / (x.shape[0] * self.scale)  # in scaled units
@@ -67,13 +67,55 @@ class _Centred:
         return rows - self.mean32
 
 
+def linear_cka_from_grams(cross: torch.Tensor, gram_x: torch.Tensor, gram_y: torch.Tensor) -> float | None:
+    """Linear CKA = ||Y_c^T X_c||_F^2 / (||X_c^T X_c||_F ||Y_c^T Y_c||_F) from the three d x d products.
+
+    Kornblith et al. 2019, eq. for linear CKA in the feature (d x d) form: O(V d^2), never V x V. 1 for
+    Y = s X Q + b (Q orthogonal, s != 0); None when either centred matrix is zero (no direction at all).
+    """
+    den = float(torch.linalg.matrix_norm(gram_x)) * float(torch.linalg.matrix_norm(gram_y))
+    if not den > 0 or not math.isfinite(den):
+        return None
+    return min(1.0, max(0.0, float(cross.square().sum()) / den))  # in [0, 1]; rounding may step past 1
+
+
+def common_mode_shift(cx: "_Centred", cy: "_Centred") -> dict[str, float | None]:
+    """The mean row's change and size (Bis et al. 2021, "Too Much in Common"), apart from the Procrustes drift.
+
+    `mean_shift`: ||mean(Y) - mean(X)||; `mean_shift_relative`: that / the average row norm of Y;
+    `mean_norm_ratio` / `prev_mean_norm_ratio`: ||mean row|| / average row norm of Y / of X (0: no common
+    direction; 1: every row is the same vector). Procrustes drift centres both snapshots, so a shift of
+    every row by one vector is invisible to it and shows here.
+    """
+    mx, my = cx.mean * cx.scale, cy.mean * cy.scale
+    avg_x, avg_y = _average_row_norm(cx), _average_row_norm(cy)
+    shift = float(torch.linalg.vector_norm(my - mx))
+    return {"mean_shift": shift,
+            "mean_shift_relative": shift / avg_y if avg_y > 0 else None,
+            "mean_norm_ratio": float(torch.linalg.vector_norm(my)) / avg_y if avg_y > 0 else None,
+            "prev_mean_norm_ratio": float(torch.linalg.vector_norm(mx)) / avg_x if avg_x > 0 else None}
+
+
+def _average_row_norm(c: "_Centred") -> float:
+    total = 0.0
+    for a in range(0, c.x.shape[0], _ROWS):
+        rows = c.x[a : a + _ROWS]
+        if c.scale != 1.0:
+            rows = rows * (1.0 / c.scale)
+        total += float(torch.linalg.vector_norm(rows, dim=1).double().sum())
+    return total * c.scale / max(c.x.shape[0], 1)
+
+
 def _token_list(ids: torch.Tensor, cos: torch.Tensor) -> list[list]:
     """[[token_id, cosine], ...] as plain Python numbers (JSON-ready)."""
     return [[int(i), float(c)] for i, c in zip(ids.tolist(), cos.tolist())]
 
 
 @torch.no_grad()
-def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 50, *, per_token: bool = False) -> dict:
+def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 50, *, per_token: bool = False,
+                           cka: bool = True, common_mode: bool = True,
+                           grams: dict[str, torch.Tensor] | None = None,
+                           device: torch.device | str = "cpu") -> dict:
     """Per-token drift from snapshot `prev` (X) to snapshot `curr` (Y), both (V, d), after Procrustes alignment.
 
     Contract:
@@ -87,10 +129,16 @@ def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 
     - `most_drifted_tokens`: the top_k lowest cosines, ascending; `least_drifted_tokens`: the top_k
       highest, descending; each a list of [token_id, cosine] with token_id the row index in the input;
       ties keep token order. Averages are None (and lists empty) when no row qualifies.
+    - `linear_cka` (with `cka`): linear CKA of the centred finite rows (`linear_cka_from_grams`); the
+      `common_mode` figures (with `common_mode`): see `common_mode_shift`.
+    - `grams`: an in/out cache of the centred Gram matrices X_c^T X_c ("x") and Y_c^T Y_c ("y"), float64
+      d x d: given ones are used instead of computed (a snapshot's Gram is the same in the next drift and
+      in the drift since init), computed ones are stored. Used only when every row is finite.
     Inputs may be float16/bfloat16/float32/float64; the work is float32 with float64 sums (float64 values
     beyond float32's range count as non-finite).
     With `per_token`, the result also holds "per_token_cosine": a (V,) float32 tensor of every token's
     cosine, NaN where a token has none (non-finite or degenerate rows); not JSON, for the caller to store.
+    The math runs on `device` (metrics/device.py); every value returned is on the CPU.
     """
     if prev.dim() != 2 or curr.dim() != 2 or prev.shape != curr.shape:
         raise DriftShapeMismatch(
@@ -99,8 +147,8 @@ def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be a non-negative integer, got {top_k!r}")
     v, d = prev.shape
-    x = prev.detach().to("cpu", torch.float32)  # no copy when it already is a float32 CPU tensor
-    y = curr.detach().to("cpu", torch.float32)
+    x = prev.detach().to(device, torch.float32)  # no copy when it already is float32 on `device`
+    y = curr.detach().to(device, torch.float32)
     finite = _finite_rows(x) & _finite_rows(y)
     n = int(finite.sum())
     result: dict = {
@@ -112,8 +160,12 @@ def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 
         "most_drifted_tokens": [],
         "least_drifted_tokens": [],
     }
+    if cka:
+        result["linear_cka"] = None
+    if common_mode:
+        result["common_mode"] = None
     if per_token:
-        result["per_token_cosine"] = torch.full((v,), float("nan"), dtype=torch.float32)
+        result["per_token_cosine"] = torch.full((v,), float("nan"), dtype=torch.float32, device="cpu")
     if n == 0:
         return result
     ids = None
@@ -121,18 +173,36 @@ def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 
         ids = finite.nonzero().squeeze(1)
         x, y = x[ids], y[ids]
     cx, cy = _Centred(x), _Centred(y)
+    if common_mode:
+        result["common_mode"] = common_mode_shift(cx, cy)
 
     # X_c^T Y_c is d x d: float32 chunk products summed in float64; its SVD in float64 is cheap.
-    m = torch.zeros(d, d, dtype=torch.float64)
+    # The Gram matrices X_c^T X_c and Y_c^T Y_c of the same chunks give linear CKA (when asked for).
+    dev = x.device
+    m = torch.zeros(d, d, dtype=torch.float64, device=dev)
+    cache = grams if grams is not None and ids is None else None  # cached Grams cover every row
+    known = {k: cache[k].to(dev) / scale**2 for k, scale in (("x", cx.scale), ("y", cy.scale))
+             if cache is not None and cache.get(k) is not None and tuple(cache[k].shape) == (d, d)}
+    gx = known.get("x", torch.zeros(d, d, dtype=torch.float64, device=dev)) if cka else None
+    gy = known.get("y", torch.zeros(d, d, dtype=torch.float64, device=dev)) if cka else None
     for a in range(0, n, _ROWS):
-        m += (cx.chunk(a).T @ cy.chunk(a)).double()
+        xa, ya = cx.chunk(a), cy.chunk(a)
+        m += (xa.T @ ya).double()
+        if gx is not None and "x" not in known:
+            gx += (xa.T @ xa).double()
+        if gy is not None and "y" not in known:
+            gy += (ya.T @ ya).double()
+    if gx is not None and gy is not None:
+        result["linear_cka"] = linear_cka_from_grams(m, gx, gy)
+        if cache is not None:
+            cache["x"], cache["y"] = (gx * cx.scale**2).cpu(), (gy * cy.scale**2).cpu()  # kept on the CPU
     u, _, vh = torch.linalg.svd(m)
     rot = (u @ vh).float()
 
-    dot = torch.empty(n, dtype=torch.float64)
-    norm_x = torch.empty(n, dtype=torch.float64)
-    norm_y = torch.empty(n, dtype=torch.float64)
-    dist = torch.empty(n, dtype=torch.float64)
+    dot = torch.empty(n, dtype=torch.float64, device=x.device)
+    norm_x = torch.empty(n, dtype=torch.float64, device=x.device)
+    norm_y = torch.empty(n, dtype=torch.float64, device=x.device)
+    dist = torch.empty(n, dtype=torch.float64, device=x.device)
     for a in range(0, n, _ROWS):
         xr = cx.chunk(a) @ rot
         yc = cy.chunk(a)
@@ -158,7 +228,7 @@ def measure_semantic_drift(prev: torch.Tensor, curr: torch.Tensor, top_k: int = 
     token_ids = keep if ids is None else ids[keep]
     result["average_cosine_similarity"] = float(cos.mean())
     if per_token:
-        result["per_token_cosine"][token_ids] = cos.float()
+        result["per_token_cosine"][token_ids.cpu()] = cos.float().cpu()
     k = min(top_k, cos.numel())
     order = torch.sort(cos, stable=True).indices
     result["most_drifted_tokens"] = _token_list(token_ids[order[:k]], cos[order[:k]])

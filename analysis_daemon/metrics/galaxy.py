@@ -35,16 +35,16 @@ MEMBERS_LISTED = 10  # members named per cluster, largest row norm first
 def subset_ids(v: int, rows: int, seed: int) -> torch.Tensor:
     """Row ids of the map: all of range(v) when v <= rows, else `rows` ids drawn with `seed`, sorted."""
     if v <= rows:
-        return torch.arange(v)
+        return torch.arange(v, device="cpu")
     gen = torch.Generator().manual_seed(seed)
-    return torch.randperm(v, generator=gen)[:rows].sort().values
+    return torch.randperm(v, generator=gen, device="cpu")[:rows].sort().values
 
 
 def _components(adj: torch.Tensor) -> torch.Tensor:
     """Connected-component label (smallest member index) of each node of a symmetric bool adjacency."""
     n = adj.shape[0]
-    labels = torch.arange(n, dtype=torch.int32)
-    big = torch.tensor(n, dtype=torch.int32)
+    labels = torch.arange(n, dtype=torch.int32, device=adj.device)
+    big = torch.tensor(n, dtype=torch.int32, device=adj.device)
     while True:
         # each node takes the smallest label among itself and its neighbours, then follows the labels
         # to their roots (pointer jumping): O(log n) rounds on typical graphs, at most n
@@ -80,8 +80,8 @@ def _top2(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if m <= 2 * _BLOCK:  # tiny: the exact decomposition is cheap
         evals, evecs = torch.linalg.eigh(c)
     else:
-        gen = torch.Generator().manual_seed(0)  # fixed start: the same input gives the same map
-        basis = torch.linalg.qr(torch.randn(m, q, generator=gen, dtype=c.dtype)).Q
+        gen = torch.Generator().manual_seed(0)  # fixed start: the same input gives the same map, any device
+        basis = torch.linalg.qr(torch.randn(m, q, generator=gen, dtype=c.dtype, device="cpu").to(c.device)).Q
         threads = torch.get_num_threads()
         # Products this small are dominated by waking the thread pool (~50 ms each on a busy machine
         # against ~2 ms on one thread): run them on this thread alone.
@@ -101,7 +101,7 @@ def _project(x: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
     """(n, 2) PCA coordinates of the rows of x (float64, centred) and the two axes' variance shares."""
     n, d = x.shape
     if n < 2:
-        return torch.zeros(n, 2, dtype=torch.float64), [0.0, 0.0]
+        return torch.zeros(n, 2, dtype=torch.float64, device=x.device), [0.0, 0.0]
     if n < d:  # n x n Gram: its eigenvectors scaled by sqrt(eigenvalue) are the coordinates
         gram = x @ x.T
         top, vecs = _top2(gram)
@@ -114,7 +114,8 @@ def _project(x: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
         total = float(cov.diagonal().sum())
     shares = [float(v) / total if total > 0 else 0.0 for v in top]
     if coords.shape[1] < 2:  # d == 1
-        coords = torch.cat([coords, torch.zeros(n, 2 - coords.shape[1], dtype=torch.float64)], dim=1)
+        coords = torch.cat([coords, torch.zeros(n, 2 - coords.shape[1], dtype=torch.float64, device=x.device)],
+                           dim=1)
         shares += [0.0] * (2 - len(shares))
     return coords, shares
 
@@ -143,9 +144,11 @@ def _stable_ids(members: list[torch.Tensor], prev_cluster: dict[int, int]) -> li
 
 @torch.no_grad()
 def galaxy_map(weights: torch.Tensor, *, rows: int = DEFAULT_ROWS, seed: int = 0, threshold: float = 0.7,
-               previous: dict[str, Any] | None = None, vocab: Sequence[str] | None = None) -> dict[str, Any]:
+               previous: dict[str, Any] | None = None, vocab: Sequence[str] | None = None,
+               device: torch.device | str = "cpu") -> dict[str, Any]:
     """The record's "galaxy" section for snapshot `weights` (V, d); see the module docstring.
 
+    The projection and the neighbour graph are computed on `device`; the section is plain Python values.
     `previous`: this run's previous galaxy section (for the alignment and the cluster ids), or None.
     """
     if weights.dim() != 2:
@@ -154,37 +157,38 @@ def galaxy_map(weights: torch.Tensor, *, rows: int = DEFAULT_ROWS, seed: int = 0
         raise ValueError(f"rows must be at least 1, got {rows}")
     v = weights.shape[0]
     ids = subset_ids(v, rows, seed)
-    w = weights[ids].detach().to("cpu", torch.float64)
+    w = weights[ids.to(weights.device)].detach().to(device, torch.float64)
     valid = torch.isfinite(w).all(dim=1) & (w != 0).any(dim=1)
-    ids, w = ids[valid], w[valid]
+    ids, w = ids[valid.cpu()], w[valid]
     n = int(ids.numel())
 
     coords, shares = _project(w - w.mean(dim=0) if n else w)
+    coords = coords.cpu()
     prev_xy = {int(p[0]): (p[1], p[2]) for p in (previous or {}).get("points") or []}
     shared = [i for i, t in enumerate(ids.tolist()) if t in prev_xy]
     aligned_to = None
     if len(shared) >= 2:
         p = coords[shared]
-        q = torch.tensor([prev_xy[int(ids[i])] for i in shared], dtype=torch.float64)
+        q = torch.tensor([prev_xy[int(ids[i])] for i in shared], dtype=torch.float64, device="cpu")
         coords = coords @ _procrustes_2d(p, q)
         aligned_to = (previous or {}).get("iter")
     elif n:
         signs = torch.where(coords.gather(0, coords.abs().argmax(dim=0, keepdim=True)) < 0, -1.0, 1.0)
         coords = coords * signs
 
-    norms = torch.linalg.vector_norm(w, dim=1)
+    norms = torch.linalg.vector_norm(w, dim=1).cpu()
     centred = w - w.mean(dim=0) if n else w
     # a row at the mean has no direction: its zero vector has cosine 0 with everyone (a singleton)
     unit = (centred / torch.linalg.vector_norm(centred, dim=1, keepdim=True).clamp(min=1e-300)).float()
     adj = unit @ unit.T > threshold
     adj.fill_diagonal_(False)
-    roots = _components(adj) if n else torch.zeros(0, dtype=torch.int32)
+    roots = _components(adj).cpu() if n else torch.zeros(0, dtype=torch.int32, device="cpu")
     uniq, inverse, sizes = torch.unique(roots, return_inverse=True, return_counts=True)
     groups = [torch.nonzero(inverse == g).squeeze(1) for g in range(len(uniq)) if sizes[g] >= 2]
     groups.sort(key=lambda g: (-g.numel(), int(g[0])))  # largest first, then by first token
     prev_cluster = {int(p[0]): int(p[3]) for p in (previous or {}).get("points") or []}
     cluster_ids = _stable_ids([ids[g] for g in groups], prev_cluster)
-    point_cluster = torch.full((n,), -1, dtype=torch.int64)
+    point_cluster = torch.full((n,), -1, dtype=torch.int64, device="cpu")
     clusters = []
     for cid, g in zip(cluster_ids, groups):
         point_cluster[g] = cid

@@ -47,7 +47,7 @@ def _finite_rows(w: torch.Tensor, row_reduction: torch.Tensor) -> torch.Tensor:
     A non-finite entry always makes the row's reduction non-finite, so only those rows need the exact
     (three-pass) isfinite check; a finite row whose reduction overflowed is found finite there.
     """
-    finite = torch.ones(w.shape[0], dtype=torch.bool)
+    finite = torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
     suspect = ~torch.isfinite(row_reduction)
     if suspect.any():
         finite[suspect] = torch.isfinite(w[suspect]).all(dim=1)
@@ -55,8 +55,9 @@ def _finite_rows(w: torch.Tensor, row_reduction: torch.Tensor) -> torch.Tensor:
 
 
 def _valid_unit_rows(weights: torch.Tensor, extra_cols: int = 0,
-                     index: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, int, int]:
-    """Pack the L2-normalised valid rows of `weights` into a new float32 (n, d + extra_cols) buffer.
+                     index: list[torch.Tensor] | None = None,
+                     device: torch.device | str = "cpu") -> tuple[torch.Tensor, int, int]:
+    """Pack the L2-normalised valid rows of `weights` into a new float32 (n, d + extra_cols) buffer on `device`.
 
     Returns (buffer, nonfinite_rows, zero_rows); the first n rows of the buffer are the unit rows, in
     the original order, with zeros in the extra columns. When `index` is a list, the original row
@@ -66,17 +67,17 @@ def _valid_unit_rows(weights: torch.Tensor, extra_cols: int = 0,
     """
     _check_weights(weights)
     v, d = weights.shape
-    out = torch.empty(v, d + extra_cols, dtype=torch.float32)
+    out = torch.empty(v, d + extra_cols, dtype=torch.float32, device=device)
     out[:, d:] = 0.0
     n = nonfinite = zero = 0
     for a in range(0, v, _PREP_ROWS):
-        w = weights[a : a + _PREP_ROWS].detach().to("cpu", torch.float32)
+        w = weights[a : a + _PREP_ROWS].detach().to(device, torch.float32)
         norms = torch.linalg.vector_norm(w, dim=1)
         finite = _finite_rows(w, norms)
         unsafe = finite & ~(norms.isfinite() & (norms > 1e-18))
         w = w / norms[:, None]  # unsafe rows come out inf/nan here and are redone just below
         if unsafe.any():  # rare: norms in float64, where squares of float32 values never overflow/underflow
-            w64 = weights[a : a + _PREP_ROWS][unsafe].detach().to("cpu", torch.float64)
+            w64 = weights[a : a + _PREP_ROWS].detach().to(device)[unsafe].to(torch.float64)
             norms64 = torch.linalg.vector_norm(w64, dim=1, keepdim=True)
             w[unsafe] = torch.where(norms64 > 0, w64 / norms64, 0.0).float()
             norms[unsafe] = (norms64.squeeze(1) > 0).float()
@@ -104,9 +105,9 @@ def _moments_of_unit_rows(u: torch.Tensor) -> tuple[int, float | None, float | N
     pairs = n * (n - 1)
     if n < 2:
         return pairs, None, None
-    row_sum = torch.zeros(d, dtype=torch.float64)
-    sq_norms = torch.empty(n, dtype=torch.float64)
-    gram = torch.zeros(min(n, d), min(n, d), dtype=torch.float64)
+    row_sum = torch.zeros(d, dtype=torch.float64, device=u.device)
+    sq_norms = torch.empty(n, dtype=torch.float64, device=u.device)
+    gram = torch.zeros(min(n, d), min(n, d), dtype=torch.float64, device=u.device)
     if n < d:  # small n: the n x n Gram matrix has the same Frobenius norm and costs less
         u64 = u.double()
         torch.mm(u64, u64.T, out=gram)
@@ -127,13 +128,13 @@ def _moments_of_unit_rows(u: torch.Tensor) -> tuple[int, float | None, float | N
 
 
 @torch.no_grad()
-def pairwise_moments(weights: torch.Tensor) -> dict:
+def pairwise_moments(weights: torch.Tensor, *, device: torch.device | str = "cpu") -> dict:
     """Mean and std (ddof=1) of all pairwise cosines of the valid rows, in O(V d^2) instead of O(V^2 d).
 
     Pairs are ordered, i != j, as in `analyze_embedding_geometry`; with fewer than 2 valid rows there
     are no pairs and mean/std are None.
     """
-    u, nonfinite, zero = _valid_unit_rows(weights)
+    u, nonfinite, zero = _valid_unit_rows(weights, device=device)
     pairs, mean, std = _moments_of_unit_rows(u)
     return {
         "rows": int(weights.shape[0]),
@@ -192,14 +193,15 @@ class _NearestNeighbours:
     # too coarse (cosines bunched in a few bins, as in a collapsed embedding): compare exact values.
     _COARSE = 1 / 2
 
-    def __init__(self, n: int, k: int, m_max: int) -> None:
+    def __init__(self, n: int, k: int, m_max: int, device: torch.device | str = "cpu") -> None:
         self.k = max(0, min(k, n - 1))
-        self.vals = torch.full((n, self.k), -math.inf, dtype=torch.float32)
-        self.idx = torch.full((n, self.k), -1, dtype=torch.int64)
+        self.device = torch.device(device)
+        self.vals = torch.full((n, self.k), -math.inf, dtype=torch.float32, device=device)
+        self.idx = torch.full((n, self.k), -1, dtype=torch.int64, device=device)
         size = min(m_max, n) * n
-        self.mask = torch.zeros(-(-size // 8) * 8, dtype=torch.bool)  # padded to whole 8-byte words
-        self.tmp = torch.empty(size, dtype=torch.uint8)  # thresholds, then a mask
-        self.col_thr = torch.empty(n, dtype=torch.uint8)
+        self.mask = torch.zeros(-(-size // 8) * 8, dtype=torch.bool, device=device)  # whole 8-byte words
+        self.tmp = torch.empty(size, dtype=torch.uint8, device=device)  # thresholds, then a mask
+        self.col_thr = torch.empty(n, dtype=torch.uint8, device=device)
 
     def _merge(self, rows: slice | torch.Tensor, vals: torch.Tensor, idx: torch.Tensor) -> None:
         """Merge (len(rows), any) candidate `vals` / `idx` into the lists of `rows` (a slice or sorted ids)."""
@@ -227,20 +229,20 @@ class _NearestNeighbours:
         bits = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
         local = targets - base
         perm = torch.argsort((local << 32) | ((1 << 31) - 1 - bits))
-        present = torch.zeros(self.vals.shape[0] - base, dtype=torch.bool)
+        present = torch.zeros(self.vals.shape[0] - base, dtype=torch.bool, device=self.device)
         present.index_fill_(0, local, True)
         uniq = torch.nonzero(present).squeeze(1)
         group = (torch.cumsum(present, 0) - 1).index_select(0, local.index_select(0, perm))
         u = uniq.numel()
         counts = torch.bincount(group, minlength=u)
         starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(perm.numel()) - starts.index_select(0, group)
+        rank = torch.arange(perm.numel(), device=self.device) - starts.index_select(0, group)
         # Each target's k best candidates, into a (u, k) table padded with -inf.
         keep = torch.nonzero(rank < k).squeeze(1)
         slot = group.index_select(0, keep) * k + rank.index_select(0, keep)
         src = perm.index_select(0, keep)
-        cand_vals = torch.full((u * k,), -math.inf, dtype=torch.float32)
-        cand_ids = torch.full((u * k,), -1, dtype=torch.int64)
+        cand_vals = torch.full((u * k,), -math.inf, dtype=torch.float32, device=self.device)
+        cand_ids = torch.full((u * k,), -1, dtype=torch.int64, device=self.device)
         cand_vals.index_copy_(0, slot, vals.index_select(0, src))
         cand_ids.index_copy_(0, slot, ids.index_select(0, src))
         # The lists are full (finite), so the -inf padding never enters the top k.
@@ -314,12 +316,14 @@ class _NearestNeighbours:
 
     def result(self, index: torch.Tensor, rows: int, k_scale: float, c: float,
                want: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, cosines), both (rows, want): original row ids (-1: none) and cosines (nan: none)."""
-        ids = torch.full((rows, want), -1, dtype=torch.int32)
-        cos = torch.full((rows, want), math.nan, dtype=torch.float32)
+        """(ids, cosines), both (rows, want), on the CPU: original row ids (-1: none) and cosines (nan: none)."""
+        ids = torch.full((rows, want), -1, dtype=torch.int32, device="cpu")
+        cos = torch.full((rows, want), math.nan, dtype=torch.float32, device="cpu")
         found = torch.isfinite(self.vals)
-        ids[index, : self.k] = torch.where(found, index[self.idx.clamp(min=0)], -1).to(torch.int32)
-        cos[index, : self.k] = torch.where(found, (self.vals - c) / k_scale, math.nan)
+        index_dev = index.to(self.device)
+        cpu_index = index.cpu()
+        ids[cpu_index, : self.k] = torch.where(found, index_dev[self.idx.clamp(min=0)], -1).to(torch.int32).cpu()
+        cos[cpu_index, : self.k] = torch.where(found, (self.vals - c) / k_scale, math.nan).cpu()
         return ids, cos
 
 
@@ -342,12 +346,13 @@ def _triangle_pass(
     n, inner = packed.shape
     packed[:, d] = 1.0
     m_max = min(chunk_size, n)
-    a_buf = torch.zeros(m_max, inner, dtype=torch.float32)
+    dev = packed.device
+    a_buf = torch.zeros(m_max, inner, dtype=torch.float32, device=dev)
     a_buf[:, d] = c
     # One block buffer each, reused: no 100 MB allocation (and its page faults) per chunk.
-    x_buf = torch.empty(m_max * n, dtype=torch.float32)
-    q_buf = torch.empty(m_max * n, dtype=torch.uint8)
-    gt_buf = None if aligned else torch.empty(m_max * n, dtype=torch.bool)
+    x_buf = torch.empty(m_max * n, dtype=torch.float32, device=dev)
+    q_buf = torch.empty(m_max * n, dtype=torch.uint8, device=dev)
+    gt_buf = None if aligned else torch.empty(m_max * n, dtype=torch.bool, device=dev)
     above = 0
     total_work = n * (n + 1) // 2
     done = 0
@@ -388,6 +393,7 @@ def analyze_embedding_geometry(
     progress: Callable[[float], None] | None = None,
     sample_rows: int | None = None,
     seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> dict:
     """Histogram, mean/std and neighbour density of all pairwise cosines of the rows of `weights` (V, d).
 
@@ -407,9 +413,10 @@ def analyze_embedding_geometry(
     rows drawn with `seed`, each against all rows (cost N x V instead of V^2 / 2); the result gains
     `sampled_rows`, `sampled_pairs`, `sample_seed` and `confidence_95` (95% intervals), mean and std stay
     exact (sampled.py). N >= the valid rows is the exact pass.
+    `device`: where the math runs (cpu, cuda, ...; metrics/device.py); the result is plain Python values.
     """
     return geometry_and_neighbours(weights, threshold, chunk_size, knn_k=0, progress=progress,
-                                   sample_rows=sample_rows, seed=seed)[0]
+                                   sample_rows=sample_rows, seed=seed, device=device)[0]
 
 
 @torch.no_grad()
@@ -422,13 +429,14 @@ def geometry_and_neighbours(
     progress: Callable[[float], None] | None = None,
     sample_rows: int | None = None,
     seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> tuple[dict, tuple[torch.Tensor, torch.Tensor] | None]:
     """`analyze_embedding_geometry`'s dict plus every row's `knn_k` nearest rows by cosine, from the same pass.
 
     The second value is None when knn_k == 0, else (ids, cosines), both (V, knn_k): original row ids,
     best first, self excluded, -1 / nan where there is none (invalid rows, fewer than knn_k + 1 valid
     rows). Ties at the k-th place are broken arbitrarily. With `sample_rows`, only the sampled rows
-    have lists (see `analyze_embedding_geometry`).
+    have lists (see `analyze_embedding_geometry`). The math runs on `device`; the lists come back on the CPU.
     """
     if sample_rows is not None and (isinstance(sample_rows, bool) or not isinstance(sample_rows, int)
                                     or sample_rows < 1):
@@ -448,12 +456,13 @@ def geometry_and_neighbours(
     d = weights.shape[1]
     inner = -(-(d + 1) // _INNER_ALIGN) * _INNER_ALIGN
     index_parts: list[torch.Tensor] = []
-    packed, nonfinite, zero = _valid_unit_rows(weights, extra_cols=inner - d, index=index_parts)
+    device = torch.device(device)
+    packed, nonfinite, zero = _valid_unit_rows(weights, extra_cols=inner - d, index=index_parts, device=device)
     n = packed.shape[0]
-    knn = _NearestNeighbours(n, knn_k, chunk_size) if knn_k else None
+    knn = _NearestNeighbours(n, knn_k, chunk_size, device) if knn_k else None
     pairs, mean, std = _moments_of_unit_rows(packed[:, :d])
 
-    counts = torch.zeros(256, dtype=torch.int64)
+    counts = torch.zeros(256, dtype=torch.int64, device=device)
     # Default threshold: on a bin edge j, "cos > threshold" is "floor(x) >= off + j" up to rounding, so
     # the bincount already holds the count; elsewhere one extra comparison pass per block is needed.
     edge = k * (threshold - lo)
@@ -461,26 +470,28 @@ def geometry_and_neighbours(
     x_threshold = k * threshold + c
     above_threshold = 0
     if sample_rows is not None and sample_rows < n:
-        index = torch.cat(index_parts) if index_parts else torch.zeros(0, dtype=torch.int64)
+        index = torch.cat(index_parts) if index_parts else torch.zeros(0, dtype=torch.int64, device=device)
         return sampled_geometry(packed, index, int(weights.shape[0]), d, (k, c, off, HIST_BINS), threshold,
                                 off + round(edge) if aligned else None, (pairs, mean, std), (nonfinite, zero),
                                 sample_rows, seed, chunk_size, knn_k, progress)
 
     if n >= 2:
-        threads = torch.get_num_threads()
+        # The pool splits the CPU's single-core bincount over torch's threads; a GPU's bincount is parallel.
+        threads = torch.get_num_threads() if device.type == "cpu" else 1
         with ThreadPoolExecutor(threads - 1) if threads > 1 else nullcontext() as pool:
             above_threshold = _triangle_pass(
                 packed, d, k, c, chunk_size, counts, x_threshold, aligned, pool, threads, progress, knn
             )
+    counts = counts.cpu()
     if aligned:
         above_threshold = int(counts[off + round(edge) :].sum())
 
     hist = counts[off : off + HIST_BINS].clone()
     hist[-1] += counts[off + HIST_BINS]  # cos == 1 up to rounding: the closed last bin
-    edges = torch.linspace(lo, hi, HIST_BINS + 1, dtype=torch.float64)
+    edges = torch.linspace(lo, hi, HIST_BINS + 1, dtype=torch.float64, device="cpu")
     neighbours = None
     if knn is not None:
-        index = torch.cat(index_parts) if index_parts else torch.zeros(0, dtype=torch.int64)
+        index = torch.cat(index_parts) if index_parts else torch.zeros(0, dtype=torch.int64, device=device)
         neighbours = knn.result(index, int(weights.shape[0]), k, c, knn_k)
     return {
         "rows": int(weights.shape[0]),

@@ -45,9 +45,9 @@ class Spectrum:
         return self._eig
 
 
-def _blocks(weights: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+def _blocks(weights: torch.Tensor, device: torch.device | str) -> Iterator[tuple[int, torch.Tensor]]:
     for a in range(0, weights.shape[0], _ROWS):
-        yield a, weights[a : a + _ROWS].detach().to("cpu", torch.float32)
+        yield a, weights[a : a + _ROWS].detach().to(device, torch.float32)
 
 
 def _valid_rows(w: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
@@ -68,16 +68,16 @@ _GRAM_SLABS = 4
 
 
 @torch.no_grad()
-def spectrum(weights: torch.Tensor) -> Spectrum:
-    """W^T W, row norms and the sum of unit rows of the valid rows of `weights` (V, d), in one pass."""
+def spectrum(weights: torch.Tensor, *, device: torch.device | str = "cpu") -> Spectrum:
+    """W^T W, row norms and the sum of unit rows of the valid rows of `weights` (V, d), in one pass on `device`."""
     if weights.dim() != 2:
         raise ValueError(f"embedding weights must be 2-D (V, d), got shape {list(weights.shape)}")
     d = weights.shape[1]
-    gram = torch.zeros(d, d, dtype=torch.float64)
-    unit_sum = torch.zeros(d, dtype=torch.float64)
+    gram = torch.zeros(d, d, dtype=torch.float64, device=device)
+    unit_sum = torch.zeros(d, dtype=torch.float64, device=device)
     edges = sorted({d * r // _GRAM_SLABS for r in range(_GRAM_SLABS + 1)})
     norms, valid = [], []
-    for _, w in _blocks(weights):
+    for _, w in _blocks(weights, device):
         ok = _valid_rows(w, torch.linalg.vector_norm(w, dim=1))
         valid.append(ok)
         w = w[ok] if not bool(ok.all()) else w
@@ -88,8 +88,8 @@ def spectrum(weights: torch.Tensor) -> Spectrum:
         norms.append(nrm)
         unit_sum += torch.mv(w.T, (1.0 / nrm).float()).double()  # sum of w_i/|w_i|, no V x d temporary
     gram = torch.triu(gram) + torch.triu(gram, diagonal=1).T  # exactly symmetric: eigh reads one triangle
-    return Spectrum(gram, torch.cat(norms) if norms else torch.zeros(0, dtype=torch.float64),
-                    unit_sum, torch.cat(valid) if valid else torch.zeros(0, dtype=torch.bool))
+    return Spectrum(gram, torch.cat(norms) if norms else torch.zeros(0, dtype=torch.float64, device=device),
+                    unit_sum, torch.cat(valid) if valid else torch.zeros(0, dtype=torch.bool, device=device))
 
 
 def effective_rank(singular_values: torch.Tensor) -> float | None:
@@ -109,8 +109,8 @@ def isotropy(weights: torch.Tensor, spec: Spectrum) -> dict[str, float | None]:
     if n == 0 or not bool(torch.isfinite(spec.gram).all()):
         return {"partition_ratio": None, "mean_unit_vector_norm": None}
     c = spec.eigh()[1].float()
-    log_z = torch.full((c.shape[1],), -math.inf, dtype=torch.float64)
-    for a, w in _blocks(weights):
+    log_z = torch.full((c.shape[1],), -math.inf, dtype=torch.float64, device=c.device)
+    for a, w in _blocks(weights, c.device):
         ok = spec.valid[a : a + w.shape[0]]
         w = w[ok] if not bool(ok.all()) else w  # no copy of the block when every row is valid
         if w.shape[0]:
@@ -127,7 +127,7 @@ _EIG_NOISE = 1e-6
 def singular_values(spec: Spectrum) -> torch.Tensor:
     """Singular values of the valid raw rows, from the eigenvalues of W^T W (rounding noise zeroed)."""
     if not bool(torch.isfinite(spec.gram).all()):  # float32 products overflowed (entries beyond ~1e19)
-        return torch.zeros(0, dtype=torch.float64)
+        return torch.zeros(0, dtype=torch.float64, device=spec.gram.device)
     eig = spec.eigh()[0]
     if eig.numel() == 0:
         return eig
@@ -138,6 +138,7 @@ def row_norm_stats(norms: torch.Tensor, bins: int = NORM_BINS) -> dict[str, Any]
     """min/mean/max and a `bins`-bin histogram (on [min, max], last bin closed) of the row norms."""
     if norms.numel() == 0:
         return None
+    norms = norms.cpu()  # torch.histogram runs on the CPU only (and V values are cheap to move)
     lo, hi = float(norms.min()), float(norms.max())
     if hi <= lo:  # all equal: one bin's worth of width around the value keeps the edges increasing
         lo, hi = lo - 0.5, hi + 0.5
@@ -168,7 +169,7 @@ def neighbourhood_overlap(prev_ids: torch.Tensor, cur_ids: torch.Tensor) -> torc
         raise ValueError(f"neighbour lists differ in shape: {list(prev_ids.shape)} vs {list(cur_ids.shape)}")
     k = cur_ids.shape[1]
     if k == 0:
-        return torch.full((cur_ids.shape[0],), math.nan)
+        return torch.full((cur_ids.shape[0],), math.nan, device=cur_ids.device)
     shared = (prev_ids[:, :, None] == cur_ids[:, None, :]).any(dim=2).sum(dim=1).float() / k
     complete = (prev_ids >= 0).all(dim=1) & (cur_ids >= 0).all(dim=1)
     return torch.where(complete, shared, math.nan)
@@ -176,21 +177,21 @@ def neighbourhood_overlap(prev_ids: torch.Tensor, cur_ids: torch.Tensor) -> torc
 
 @torch.no_grad()
 def probe_neighbours(weights: torch.Tensor, probe_ids: Sequence[int], k: int = 10,
-                     spec: Spectrum | None = None) -> list[list[tuple[int, float]]]:
+                     spec: Spectrum | None = None, *, device: torch.device | str = "cpu") -> list[list[tuple[int, float]]]:
     """For each probe row, its k most cosine-similar other valid rows as (id, cosine), best first.
 
     `spec` (from `spectrum(weights)`) saves normalising every row: its norms divide the raw products.
     """
     if not probe_ids:
         return []
-    p = weights[list(probe_ids)].detach().to("cpu", torch.float32)
+    p = weights[list(probe_ids)].detach().to(device, torch.float32)
     p_ok = _valid_rows(p)
     p = p / torch.linalg.vector_norm(p, dim=1, keepdim=True).clamp(min=1e-30)
     if spec is not None:
-        inv_norm = torch.zeros(weights.shape[0])
+        inv_norm = torch.zeros(weights.shape[0], device=device)
         inv_norm[spec.valid] = (1.0 / spec.norms).float()
-    sims = torch.empty(weights.shape[0], len(probe_ids))
-    for a, w in _blocks(weights):
+    sims = torch.empty(weights.shape[0], len(probe_ids), device=device)
+    for a, w in _blocks(weights, device):
         if spec is not None:
             ok = spec.valid[a : a + w.shape[0]]
             s = (w @ p.T) * inv_norm[a : a + w.shape[0], None]
@@ -242,19 +243,20 @@ def _token(vocab: Sequence[str] | None, tid: int) -> str | None:
 def compute_insight(cur: torch.Tensor, *, prev: torch.Tensor | None = None,
                     knn_ids: torch.Tensor | None = None, prev_knn_ids: torch.Tensor | None = None,
                     probe_ids: Sequence[int] = (), vocab: Sequence[str] | None = None,
-                    top_k: int = 50, probe_k: int = 10) -> dict[str, Any]:
+                    top_k: int = 50, probe_k: int = 10, device: torch.device | str = "cpu") -> dict[str, Any]:
     """The result record's "insight" section (plain JSON types) for snapshot `cur`.
 
     `prev`: the previous snapshot (frozen rows; None or another shape: null). `knn_ids` / `prev_knn_ids`:
     this and the previous analysed snapshot's neighbour lists (V, k) from `geometry_and_neighbours`
-    (neighbourhood drift; null when either is missing or their shapes differ).
+    (neighbourhood drift; null when either is missing or their shapes differ). The math runs on `device`.
     """
-    spec = spectrum(cur)
+    cur = cur.detach().to(device)  # once: every pass below reads it (no copy when it is there already)
+    spec = spectrum(cur, device=device)
     out: dict[str, Any] = {"effective_rank": effective_rank(singular_values(spec)),
                            "isotropy": isotropy(cur, spec), "row_norms": row_norm_stats(spec.norms)}
     out["frozen_tokens"] = None
     if prev is not None and prev.shape == cur.shape:
-        ids = torch.nonzero(frozen_rows(prev, cur)).squeeze(1)
+        ids = torch.nonzero(frozen_rows(prev.detach().to(device), cur)).squeeze(1).cpu()
         out["frozen_tokens"] = {"count": int(ids.numel()), "token_ids": ids[:top_k].tolist()}
         if vocab:
             out["frozen_tokens"]["token_strings"] = [_token(vocab, int(t)) for t in ids[:top_k]]
@@ -277,7 +279,7 @@ def compute_insight(cur: torch.Tensor, *, prev: torch.Tensor | None = None,
     out["probes"] = [
         {"token_id": tid, "token": _token(vocab, tid),
          "neighbours": [[nid, _token(vocab, nid), cos] for nid, cos in found]}
-        for tid, found in zip(probe_ids, probe_neighbours(cur, list(probe_ids), probe_k, spec))
+        for tid, found in zip(probe_ids, probe_neighbours(cur, list(probe_ids), probe_k, spec, device=device))
     ]
     return out
 
@@ -288,7 +290,8 @@ def _sig(x: float, digits: int = 6) -> float | None:
 
 
 @torch.no_grad()
-def token_stats(weights: torch.Tensor, token_ids: Sequence[int], threshold: float) -> dict[str, Any]:
+def token_stats(weights: torch.Tensor, token_ids: Sequence[int], threshold: float, *,
+                device: torch.device | str = "cpu") -> dict[str, Any]:
     """Per followed token: its row's L2 norm and its neighbourhood size, as the record's "token_stats".
 
     Neighbourhood size = number of other valid rows with cosine > `threshold` (geometry's
@@ -305,15 +308,15 @@ def token_stats(weights: torch.Tensor, token_ids: Sequence[int], threshold: floa
     ids = list(dict.fromkeys(int(t) for t in token_ids if 0 <= int(t) < rows))
     if not ids:
         return {"threshold": threshold, "tokens": []}
-    p = weights[ids].detach().to("cpu", torch.float32)
+    p = weights[ids].detach().to(device, torch.float32)
     norms = torch.linalg.vector_norm(p.double(), dim=1)  # float64: a float32 norm could overflow
     p_ok = _valid_rows(p)
     p = p / torch.linalg.vector_norm(p, dim=1, keepdim=True).clamp(min=1e-30)
     p[~p_ok] = 0.0  # no NaN into the product; these tokens get a null size anyway
     pt = p.T.contiguous()
-    counts = torch.zeros(len(ids), dtype=torch.int64)
-    where = torch.tensor(ids)
-    for a, w in _blocks(weights):
+    counts = torch.zeros(len(ids), dtype=torch.int64, device=device)
+    where = torch.tensor(ids, device=device)
+    for a, w in _blocks(weights, device):
         ok = _valid_rows(w, torch.linalg.vector_norm(w, dim=1))
         u = w / torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp(min=1e-30)
         above = (u @ pt) > threshold  # (block rows, n)

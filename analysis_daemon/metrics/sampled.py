@@ -32,7 +32,7 @@ _SELF: Final = 255  # uint8 bin given to a row's similarity with itself: never a
 def sample_index(n: int, sample_rows: int, seed: int) -> torch.Tensor:
     """Sorted positions of `sample_rows` of `n` rows, drawn uniformly without replacement from `seed`."""
     gen = torch.Generator().manual_seed(int(seed))
-    return torch.randperm(n, generator=gen)[: min(sample_rows, n)].sort().values
+    return torch.randperm(n, generator=gen, device="cpu")[: min(sample_rows, n)].sort().values
 
 
 def interval(per_row: torch.Tensor, n: int, lo: float, hi: float) -> tuple[float, list[float]]:
@@ -49,6 +49,17 @@ def interval(per_row: torch.Tensor, n: int, lo: float, hi: float) -> tuple[float
         return mean, [lo, hi]
     se = math.sqrt(max(0.0, (1.0 - m / n) * float(values.var(correction=1)) / m))
     return mean, [max(lo, mean - Z_95 * se), min(hi, mean + Z_95 * se)]
+
+
+def row_bincounts(q: torch.Tensor, batched: bool) -> torch.Tensor:
+    """(m, 256) counts of each row of the uint8 block `q`: one bincount per row (CPU), or one bincount
+    over (row, bin) pairs (`batched`: a GPU, where m small kernel launches would cost more)."""
+    m = q.shape[0]
+    if not batched:
+        return torch.stack([torch.bincount(q[r], minlength=256) for r in range(m)]) if m else \
+            torch.zeros(0, 256, dtype=torch.int64, device=q.device)
+    flat = q.to(torch.int64) + 256 * torch.arange(m, device=q.device)[:, None]
+    return torch.bincount(flat.view(-1), minlength=256 * m).view(m, 256)
 
 
 @torch.no_grad()
@@ -72,18 +83,20 @@ def sampled_pass(
     is counted directly).
     """
     n, inner = packed.shape
+    dev = packed.device
+    sample = sample.to(dev)
     packed[:, d] = 1.0
     m_all = sample.numel()
-    hist = torch.zeros(m_all, 256, dtype=torch.int64)
-    above = torch.zeros(m_all, dtype=torch.int64)
+    hist = torch.zeros(m_all, 256, dtype=torch.int64, device=dev)
+    above = torch.zeros(m_all, dtype=torch.int64, device=dev)
     kk = min(knn_k, n - 1)
-    knn_vals = torch.empty(m_all, kk, dtype=torch.float32) if knn_k else None
-    knn_ids = torch.empty(m_all, kk, dtype=torch.int64) if knn_k else None
+    knn_vals = torch.empty(m_all, kk, dtype=torch.float32, device=dev) if knn_k else None
+    knn_ids = torch.empty(m_all, kk, dtype=torch.int64, device=dev) if knn_k else None
     m_max = min(chunk_size, m_all)
-    a_buf = torch.zeros(m_max, inner, dtype=torch.float32)
+    a_buf = torch.zeros(m_max, inner, dtype=torch.float32, device=dev)
     a_buf[:, d] = c
-    x_buf = torch.empty(m_max * n, dtype=torch.float32)
-    q_buf = torch.empty(m_max * n, dtype=torch.uint8)
+    x_buf = torch.empty(m_max * n, dtype=torch.float32, device=dev)
+    q_buf = torch.empty(m_max * n, dtype=torch.uint8, device=dev)
     for r0 in range(0, m_all, m_max):
         rows = sample[r0 : r0 + m_max]
         m = rows.numel()
@@ -93,10 +106,10 @@ def sampled_pass(
         torch.mm(a, packed.T, out=x)
         q = q_buf[: m * n].view(m, n)
         q.copy_(x)  # floor, as in the exact pass (x > 0)
-        local = torch.arange(m)
+        local = torch.arange(m, device=dev)
         q[local, rows] = _SELF  # a row is not its own neighbour: its bin is dropped below
-        for r in range(m):  # one bincount per row: its own counts are what the interval needs
-            hist[r0 + r] = torch.bincount(q[r], minlength=256)
+        # each row's own counts: what the interval needs
+        hist[r0 : r0 + m] = row_bincounts(q, batched=dev.type != "cpu")
         x[local, rows] = -math.inf
         if above_bin is None:
             above[r0 : r0 + m] = (x > x_threshold).sum(dim=1)
@@ -108,8 +121,8 @@ def sampled_pass(
     hist[:, _SELF] = 0
     if above_bin is not None:
         above = hist[:, above_bin:].sum(dim=1)
-    knn = (knn_ids, knn_vals) if knn_vals is not None else None
-    return hist, above, knn
+    knn = (knn_ids.cpu(), knn_vals.cpu()) if knn_vals is not None and knn_ids is not None else None
+    return hist.cpu(), above.cpu(), knn
 
 
 def estimates(hist: torch.Tensor, above: torch.Tensor, n: int, off: int, bins: int) -> dict:
@@ -179,10 +192,11 @@ def sampled_geometry(
     lo, hi = HIST_RANGE
     neighbours = None
     if knn_k:
-        ids = torch.full((rows, knn_k), -1, dtype=torch.int32)
-        cos = torch.full((rows, knn_k), math.nan, dtype=torch.float32)
+        ids = torch.full((rows, knn_k), -1, dtype=torch.int32, device="cpu")
+        cos = torch.full((rows, knn_k), math.nan, dtype=torch.float32, device="cpu")
         assert knn is not None
         knn_ids, knn_vals = knn
+        index = index.cpu()
         targets = index[sample]
         kk = knn_ids.shape[1]
         ids[targets, :kk] = index[knn_ids].to(torch.int32)
@@ -204,7 +218,7 @@ def sampled_geometry(
         },
         "global_sparsity": {
             "histogram_counts": est["histogram_counts"],
-            "histogram_bins": torch.linspace(lo, hi, bins + 1, dtype=torch.float64).tolist(),
+            "histogram_bins": torch.linspace(lo, hi, bins + 1, dtype=torch.float64, device="cpu").tolist(),
             "mean_similarity": mean,
             "std_similarity": std,
             "below_range_count": est["below_range_count"],

@@ -50,9 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint files or directories")
     p.add_argument("--run", help="run name for the results directory and W&B (default: the name of the "
                                  "first PATH, a file's directory)")
-    p.add_argument("--tensor", metavar="NAME",
-                   help="name of the embedding tensor when it has none of the usual names "
-                        "(transformer.wte.weight, model.embed_tokens.weight, ...)")
+    p.add_argument("--tensor", metavar="NAME", action="append",
+                   help="name of a tensor to analyse, when the embedding has none of the usual names "
+                        "(transformer.wte.weight, model.embed_tokens.weight, ...); repeatable: each tensor "
+                        "drifts against its own previous checkpoint, the first is the run's default tensor "
+                        "(e.g. --tensor model.embed_tokens.weight --tensor lm_head.weight)")
     add_limit_options(p)
     add_analysis_options(p)
     add_output_options(p)
@@ -125,7 +127,7 @@ class ProgressBar:
 
 def main(args: argparse.Namespace) -> int:
     """Run a replay from parsed options; the exit status."""
-    setup_logging(args.log_level, args.log_file)
+    setup_logging(args.log_level, args.log_file, args.results_mode)
     from .checkpoints import CheckpointError, expand, order
 
     try:
@@ -165,10 +167,12 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _replay(run: str, checkpoints: list[Any], tensor_name: str | None, settings: Any,
+def _replay(run: str, checkpoints: list[Any], tensor_names: list[str] | None, settings: Any,
             sinks: Any, limits: Any, cost: Any) -> list[tuple[Path, str]]:
     """Analyse `checkpoints` in order into `sinks`; the (path, reason) of each one that failed.
 
+    `tensor_names`: the tensors to read from each checkpoint (the first is the run's default tensor);
+    None or empty: the embedding found by its usual names. Each tensor drifts against its own previous.
     `limits` bound what is read of each checkpoint, `cost` what its analysis may cost (as in the daemon).
     """
     from .checkpoints import CheckpointError, read_embedding
@@ -178,15 +182,17 @@ def _replay(run: str, checkpoints: list[Any], tensor_name: str | None, settings:
     from ..cost import plan as plan_cost
 
     counters = Counters()
-    insight = RunInsight()
-    previous: SnapshotData | None = None
+    wanted: list[str | None] = list(dict.fromkeys(tensor_names or [])) or [None]
+    insight = {name: RunInsight() for name in wanted}
+    previous: dict[str | None, SnapshotData] = {}
+    first: dict[str | None, SnapshotData] = {}  # drift since initialisation is measured against it
     hello_sent = False
     vocabs: dict[Path, Any] = {}  # per directory: checkpoint-500/ and checkpoint-1000/ share one
     sources: set[Path] = set()
     failures: list[tuple[Path, str]] = []
-    bar = ProgressBar(len(checkpoints))
-    for k, ckpt in enumerate(checkpoints):
-        bar.start(k, ckpt.path.name)
+    bar = ProgressBar(len(checkpoints) * len(wanted))
+    for k, (ckpt, tensor_name) in enumerate((c, t) for c in checkpoints for t in wanted):
+        bar.start(k, ckpt.path.name if len(wanted) == 1 else f"{ckpt.path.name} {tensor_name}")
         try:
             if ckpt.error:
                 raise CheckpointError(ckpt.error)
@@ -228,17 +234,21 @@ def _replay(run: str, checkpoints: list[Any], tensor_name: str | None, settings:
         snap = SnapshotData(iter=int(ckpt.iter), seq=k, name=emb.name, tensor=emb.tensor, metrics=emb.metrics,
                             sample_rows=sample)
         del emb
-        job = Job(run=run, current=snap, previous=previous, skipped_iters=[], hello=hello)
-        result = analyse(job, settings, bar.update, insight)
+        if tensor_name not in first and settings.since_init:
+            first[tensor_name] = snap
+        job = Job(run=run, current=snap, previous=previous.get(tensor_name), skipped_iters=[], hello=hello,
+                  first=first.get(tensor_name), default_tensor=tensor_name == wanted[0])
+        result = analyse(job, settings, bar.update, insight[tensor_name])
         counters.analysed += 1
         result["counters"] = counters.as_dict()
         result["daemon_counters"] = counters.as_dict()
-        # as the daemon reports it: what is held until the next result (this snapshot, the next baseline)
-        result["memory_held_bytes"] = snap.tensor.numel() * snap.tensor.element_size()
+        previous[tensor_name] = snap  # the next drift is measured against the last checkpoint that could be read
+        # as the daemon reports it: what is held until the next result (every tensor's baselines)
+        held = {id(s): s.nbytes for s in (*previous.values(), *first.values())}
+        result["memory_held_bytes"] = sum(held.values())
         result["checkpoint"] = str(ckpt.path)
         result["iter_source"] = ckpt.iter_source
         sinks.handle(result)
-        previous = snap  # the next drift is measured against the last checkpoint that could be read
         del job
     bar.finish()
     summary = counters.as_dict()

@@ -26,6 +26,7 @@ from .records import vocabulary as _vocabulary, with_breaks
 from .galaxy import galaxy_section
 from .history import history_section
 from .svg import PALETTE, Chart, Heatmap, Series, esc, fmt, heatmap, line_chart
+from ..files import PRIVATE_FILE_MODE, parse_mode, write_atomic as write_file_atomic
 
 RESULTS_NAME = "analysis.jsonl"
 REPORT_NAME = "report.html"
@@ -57,13 +58,14 @@ def resolve_results_path(arg: Path) -> Path:
     return arg
 
 
-def load_results(path: Path, run: str | None = None, *, every_run: bool = False,
+def load_results(path: Path, run: str | None = None, tensor: str | None = None, *, every_run: bool = False,
                  per_tensor: bool = False) -> Results:
     """Read a results file, skipping (and counting) lines that are not usable records.
 
     One record per iteration (a repeated iteration keeps the one with drift, else the newer line);
     `per_tensor`: one per (tensor, iteration); `every_run`: a file holding several runs is no error,
-    one record per (run, ...). Records come in iteration order.
+    one record per (run, ...). Records come in iteration order. `tensor`: only that tensor's records
+    (records carry "tensor"); None: every tensor with `per_tensor`, else the run's default tensor.
     """
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -96,6 +98,8 @@ def load_results(path: Path, run: str | None = None, *, every_run: bool = False,
         if _int(rec, "iter") is None:
             skip(lineno, "no integer 'iter'")
             continue
+        if (rec.get("tensor") != tensor) if tensor is not None else (not per_tensor and rec.get("default_tensor") is False):
+            continue  # another tensor of the run: a report shows one tensor (--tensor NAME picks it)
         name = rec.get("run") if isinstance(rec.get("run"), str) else ""
         runs[name] = runs.get(name, 0) + 1
         parsed.append((lineno, rec))
@@ -410,6 +414,44 @@ def insight_section(page: Page) -> str:
          "no neighbourhood drift (needs two snapshots)")]) + "</section>")
 
 
+def research_section(page: Page) -> str:
+    """Linear CKA, drift since the first snapshot, the common mode and the under-trained token count."""
+    cka = _chart(page, "Linear CKA (1 = same geometry up to rotation, scale and shift)", "CKA",
+                 _run_series(page, "vs previous", _at("drift", "linear_cka"))
+                 + _run_series(page, "vs first snapshot", _at("drift_since_init", "linear_cka"),
+                               dash=METRIC_DASHES[1] if page.multi else ""))
+    since = _chart(page, "Drift since the first snapshot: average cosine similarity", "cosine",
+                   _run_series(page, "since init", _at("drift_since_init", "average_cosine_similarity")))
+    common = _chart(page, "Common mode: mean row shift / average row norm, and |mean row| / average row norm",
+                    "ratio", _run_series(page, "shift since previous", _at("drift", "common_mode", "mean_shift_relative"))
+                    + _run_series(page, "|mean| ratio", _at("drift", "common_mode", "mean_norm_ratio"),
+                                  dash=METRIC_DASHES[1] if page.multi else ""))
+    under = _chart(page, "Under-trained tokens (a tight group training has not moved)", "tokens",
+                   _run_series(page, "under-trained", _at("insight", "undertrained", "count"), digits=0))
+    return ('<section id="research"><h2>CKA, drift since initialisation, common mode, under-trained tokens</h2>'
+            "<p>See docs/research-metrics.md for the definitions and how to read them.</p>" + _charts([
+                (_has(page, "drift", "linear_cka"), line_chart(cka), "no linear CKA (needs two snapshots)"),
+                (_has(page, "drift_since_init", "average_cosine_similarity"), line_chart(since),
+                 "no drift since the first snapshot (first snapshot only, or --no-since-init)"),
+                (_has(page, "drift", "common_mode", "mean_norm_ratio"), line_chart(common),
+                 "no common-mode figures (needs two snapshots)"),
+                (_has(page, "insight", "undertrained", "count"), line_chart(under),
+                 "no under-trained search in these results (--no-undertrained or --no-extras)")]) + "</section>")
+
+
+def _undertrained_block(records: list[dict[str, Any]], vocab: dict[int, str]) -> str:
+    """The latest result's under-trained tokens, most confident first."""
+    with_search = [r for r in records if isinstance(_get(r, "insight", "undertrained"), dict)]
+    if not with_search:
+        return ""
+    r = with_search[-1]
+    under = r["insight"]["undertrained"]
+    how = "change since the first snapshot" if under.get("method") == "since_init" else "weights alone"
+    return (f'<h2>Under-trained tokens at iter {r["iter"]}: {esc(under.get("count"))} ({how})</h2><div class="row">'
+            + _pairs_table("Most certain first (score 1 = the group's centre)", r["insight"].get("undertrained_tokens"),
+                           under.get("token_strings"), vocab, "score") + "</div>")
+
+
 def _pairs_table(title: str, pairs: Any, strings: Any, vocab: dict[int, str], value: str) -> str:
     if not isinstance(pairs, list) or not pairs:
         return _note(f"{title}: not in the latest result.")
@@ -551,9 +593,10 @@ def build_report(results: Results | list[Results]) -> str:
         f"<title>{title}</title><style>{_CSS}</style></head><body>",
         f"<h1>{title}</h1>", legend,
         header_section(page), alerts_section(page), metrics_section(page), drift_section(page),
-        geometry_section(page), insight_section(page),
+        geometry_section(page), insight_section(page), research_section(page),
         history_section(page, vocabs), galaxy_section(page, vocabs),
         _per_run(page, "tokens", lambda v: _tokens_block(v.records, vocabs[v.label])),
+        _per_run(page, "undertrained", lambda v: _undertrained_block(v.records, vocabs[v.label])),
         _per_run(page, "probes", lambda v: _probes_block(v.records, vocabs[v.label])),
         f'<p class="foot">Generated by analysis-daemon report on {esc(time.strftime("%Y-%m-%d %H:%M:%S %Z"))} '
         f"from {esc(sources)}. Hover a point for its value.</p></body></html>\n"])
@@ -574,6 +617,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"where to write the page (default: {REPORT_NAME} next to the results file; with several "
                         f"runs {COMPARE_NAME} in their common parent directory)")
     p.add_argument("--run", metavar="NAME", help="the run to report when a file holds several")
+    p.add_argument("--tensor", metavar="NAME",
+                   help="the tensor to report when the run sent several (e.g. lm_head); default: the run's "
+                        "main tensor (the first it sent)")
+    p.add_argument("--mode", type=parse_mode, default=PRIVATE_FILE_MODE, metavar="MODE",
+                   help="file mode of the page: it shows token strings and metrics, so it is private by "
+                        "default; 0644 lets every user of the host read it (default: 0600)")
     return p
 
 
@@ -584,14 +633,12 @@ def _default_output(paths: list[Path]) -> Path:
     return Path(os.path.commonpath([str(p.resolve().parent) for p in paths])) / COMPARE_NAME
 
 
-def write_atomic(out: Path, text: str) -> None:
-    """Write the page to a temporary file beside `out`, then rename: never a half-written report."""
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+def write_atomic(out: Path, text: str, mode: int = PRIVATE_FILE_MODE) -> None:
+    """Write the page (file mode `mode`) to a temporary file beside `out`, then rename: never a half-written report."""
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
+        write_file_atomic(out, text.encode("utf-8"), mode, fsync=False,
+                          tmp=out.with_name(f".{out.name}.{os.getpid()}.tmp"))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise ReportError(f"cannot write {out}: {exc.strerror or exc}") from exc
 
 
@@ -605,9 +652,9 @@ def main(argv: list[str] | None = None) -> int:
         paths = [resolve_results_path(r) for r in args.results]
         if len({p.resolve() for p in paths}) < len(paths):
             raise ReportError("the same results file is given twice: pass each run once")
-        results = [load_results(path, args.run) for path in paths]
+        results = [load_results(path, args.run, args.tensor) for path in paths]
         out = args.output or _default_output(paths)
-        write_atomic(out, build_report(results))
+        write_atomic(out, build_report(results), args.mode)
     except ReportError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2

@@ -1,32 +1,51 @@
 """Assembling sharded snapshots: the parts of one iteration, one per rank, into the full matrix.
 
-Each rank of an FSDP2 / tensor-parallel trainer sends only the block it holds (protocol: `global_shape`
-and `offset` of a part). Per run at most one iteration is being assembled: its full-size buffer is
-allocated at its first part and filled block by block. It is complete when the blocks, which may not
-overlap, cover the whole matrix; then it is analysed exactly like an unsharded snapshot. It is dropped,
-with a logged and counted reason, when a part of a newer iteration arrives first, when it stays
-incomplete past `timeout_s` (a rank died, a part was dropped at a full queue), or when the run ends
-(every rank's publisher sent `end` or is gone: liveness.py).
+Each rank of an FSDP / ZeRO-3 / tensor-parallel trainer sends only what it holds (protocol: a part is
+either a 2-D block at an `offset` or a flat element range `[start, start + numel)` of the C-order matrix;
+a full-width block is an element range too). Per run at most one iteration is being assembled: its
+full-size buffer is allocated at its first part (whose `global_shape` the protocol has bounded) and
+filled part by part. A part that overlaps one already placed is rejected with both parts named, so
+when the parts' elements add up to the matrix's, every element was covered exactly once; only then is
+it analysed, exactly like an unsharded snapshot. An iteration is dropped, with a logged and counted
+reason, when a part of a newer iteration arrives first, when it stays incomplete past `timeout_s` (a
+rank died, a part was dropped at a full queue), or when the run ends (every rank's publisher sent
+`end` or is gone: liveness.py).
 
 Only the daemon's receive thread calls into this module.
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from protocol import Snapshot
+from protocol import DEFAULT_LIMITS, Snapshot
 
 log = logging.getLogger("embedding_monitor.daemon")
 
 DEFAULT_TIMEOUT_S = 120.0  # an iteration's parts normally arrive within a second of each other
+# Parts of one iteration: one per rank. Element ranges are checked for overlap by bisection; 2-D blocks
+# that are not full-width (column sharding) pairwise, so their number is bounded far lower.
+MAX_PARTS = DEFAULT_LIMITS.max_world_size
+MAX_BLOCKS = 1024
 
 
 class PartRejected(ValueError):
     """A part that cannot belong to the iteration being assembled (overlap, shape or dtype mismatch)."""
+
+
+def _block_hits_range(block: tuple[int, int, int, int], start: int, end: int, width: int) -> bool:
+    """Whether the 2-D block (r0, c0, rows, cols) of a matrix `width` wide shares an element with [start, end)."""
+    r0, c0, rows, cols = block
+    first, last = max(r0, start // width), min(r0 + rows - 1, (end - 1) // width)
+    if first > last:
+        return False
+    if last - first >= 2:  # a whole row of the range lies inside the block's rows
+        return True
+    return any(r * width + c0 < end and start < r * width + c0 + cols for r in {first, last})
 
 
 @dataclass
@@ -38,14 +57,42 @@ class _Assembly:
     buffer: torch.Tensor
     started: float
     sent_at: float
+    # Element ranges placed so far, sorted by start: (start, end, what, publisher); full-width blocks are
+    # ranges too (`what` names the part as it was sent, for the overlap message).
+    ranges: list[tuple[int, int, str, str]] = field(default_factory=list)
     blocks: list[tuple[int, int, int, int, str]] = field(default_factory=list)  # r0, c0, rows, cols, publisher
     covered: int = 0  # elements filled so far
     metrics: dict | None = None  # the trainer metrics of the lowest-ranked part that carried any (rank 0's)
     metrics_rank: int | None = None
 
+    @property
+    def parts(self) -> int:
+        return len(self.ranges) + len(self.blocks)
+
     def progress(self) -> str:
         total = self.global_shape[0] * self.global_shape[1]
-        return f"{len(self.blocks)} part(s) covering {100.0 * self.covered / total:.1f}% of {list(self.global_shape)}"
+        return f"{self.parts} part(s) covering {100.0 * self.covered / total:.1f}% of {list(self.global_shape)}"
+
+    def overlap(self, start: int, end: int, block: tuple[int, int, int, int] | None) -> str | None:
+        """What the new part (flat [start, end), or the 2-D `block`) overlaps among the parts placed; None if nothing."""
+        width = self.global_shape[1]
+        if block is None:
+            i = bisect.bisect_left(self.ranges, (start,))
+            for s, e, what, who in self.ranges[max(0, i - 1):i + 1]:
+                if s < end and start < e:
+                    return f"the {what} already received from {who or '?'}"
+            hits = [b for b in self.blocks if _block_hits_range(b[:4], start, end, width)]
+        else:
+            for s, e, what, who in self.ranges:
+                if _block_hits_range(block, s, e, width):
+                    return f"the {what} already received from {who or '?'}"
+            r0, c0, rows, cols = block
+            hits = [b for b in self.blocks
+                    if r0 < b[0] + b[2] and b[0] < r0 + rows and c0 < b[1] + b[3] and b[1] < c0 + cols]
+        if hits:
+            b_r0, b_c0, b_rows, b_cols, who = hits[0]
+            return f"the part {[b_rows, b_cols]} at {[b_r0, b_c0]} already received from {who or '?'}"
+        return None
 
 
 @dataclass
@@ -76,7 +123,7 @@ class Assembler:
         Reasons for dropped iterations go to `counted_drop`. The iteration's trainer metrics are rank 0's
         (the lowest rank that sent any), as every logger keeps them, whatever order the parts arrive in.
         """
-        assert msg.global_shape is not None and msg.offset is not None
+        assert msg.global_shape is not None and (msg.offset is not None or msg.start is not None)
         now = time.monotonic()
         current = self._current.get(run)
         if current is not None and msg.iter > current.iter:
@@ -92,23 +139,39 @@ class Assembler:
             raise PartRejected(f"part of iter {msg.iter} is {msg.name} {list(msg.global_shape)} {msg.dtype}, the "
                                f"iteration's other parts are {current.name} {list(current.global_shape)} "
                                f"{current.dtype}")
-        r0, c0 = msg.offset
-        rows, cols = msg.shape
-        for b_r0, b_c0, b_rows, b_cols, who in current.blocks:
-            if r0 < b_r0 + b_rows and b_r0 < r0 + rows and c0 < b_c0 + b_cols and b_c0 < c0 + cols:
-                raise PartRejected(f"part {[rows, cols]} at {[r0, c0]} of iter {msg.iter} overlaps the part "
-                                   f"{[b_rows, b_cols]} at {[b_r0, b_c0]} already received from {who or '?'}")
-        current.buffer[r0:r0 + rows, c0:c0 + cols].copy_(part)
-        current.blocks.append((r0, c0, rows, cols, msg.publisher))
-        current.covered += rows * cols
+        width = current.global_shape[1]
+        if msg.start is not None:
+            start, block, what = msg.start, None, f"elements [{msg.start}, {msg.start + msg.numel})"
+        else:
+            (r0, c0), (rows, cols) = msg.offset, msg.shape
+            full_width = c0 == 0 and cols == width
+            start, block = r0 * width, None if full_width else (r0, c0, rows, cols)
+            what = f"part {[rows, cols]} at {[r0, c0]}"
+        end = start + msg.numel
+        if current.parts >= MAX_PARTS or (block is not None and len(current.blocks) >= MAX_BLOCKS):
+            raise PartRejected(f"{what} of iter {msg.iter}: the iteration already has {current.parts} parts "
+                               f"(at most {MAX_PARTS}, {MAX_BLOCKS} of them narrower than the matrix)")
+        clash = current.overlap(start, end, block)
+        if clash is not None:
+            raise PartRejected(f"{what} of iter {msg.iter} overlaps {clash}")
+        if block is None:
+            current.buffer.view(-1)[start:end].copy_(part.reshape(-1))
+            bisect.insort(current.ranges, (start, end, what, msg.publisher))
+        else:
+            r0, c0, rows, cols = block
+            current.buffer[r0:r0 + rows, c0:c0 + cols].copy_(part)
+            current.blocks.append((*block, msg.publisher))
+        current.covered += msg.numel
         current.sent_at = max(current.sent_at, msg.sent_at)
         if msg.metrics and (current.metrics_rank is None or rank < current.metrics_rank):
             current.metrics, current.metrics_rank = dict(msg.metrics), rank
+        # No part overlaps another, so once the parts' elements add up to the matrix's, each element is
+        # covered exactly once: no gap is left.
         if current.covered < current.global_shape[0] * current.global_shape[1]:
             return None
         del self._current[run]
         return Complete(iter=current.iter, name=current.name, tensor=current.buffer, sent_at=current.sent_at,
-                        parts=len(current.blocks), metrics=current.metrics)
+                        parts=current.parts, metrics=current.metrics)
 
     def _start(self, run: str, msg: Snapshot, now: float) -> _Assembly:
         from protocol import torch_dtype

@@ -7,7 +7,7 @@ order, late but at their own iteration, skipped only past the budget. It also wa
 (liveness.py): a run whose publishers all went silent or died is closed as if it had sent `end`.
 The worker (worker.py) takes one job at a time, runs round-robin, and feeds the sinks.
 
-Run it with: python -m analysis_daemon --listen tcp://127.0.0.1:5555 --results-dir runs
+Run it with: python -m analysis_daemon --results-dir runs   (listens on the private ipc socket, protocol/endpoints.py)
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from protocol import (DEFAULT_LIMITS, DEFAULT_PEER_LIMITS, End, Gate, Heartbeat,
 from protocol.messages import DTYPE_ITEMSIZE
 from protocol.peers import OWN_UID, Source
 from protocol.runsecret import take_token
+from protocol.endpoints import default_endpoint
 from protocol.shm import segment_belongs_to
 
 from . import backlog, recovery
@@ -39,7 +40,7 @@ from .assembly import DEFAULT_TIMEOUT_S, Assembler, PartRejected
 from ..safetext import RateLimiter, reason_key, safe
 from ..sinks import SinkSet
 from ..records import Counters, HelloInfo, Job, SnapshotData
-from .state import RunState
+from .state import MAX_TENSORS_PER_RUN, RunState, token_counts_of
 from .state_store import StateStore
 from .vocab import CompactVocab
 from ..pipeline import AnalysisSettings, warm_up
@@ -71,7 +72,7 @@ _LOCAL = Source(f"uid:{OWN_UID}", f"uid {OWN_UID}")
 class DaemonConfig:
     """Everything the daemon needs from the command line."""
 
-    listen: str = "tcp://127.0.0.1:5555"
+    listen: str = field(default_factory=lambda: default_endpoint(create=False))  # cli.py creates its directory
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
     limits: Limits = DEFAULT_LIMITS
     exit_on_end: bool = False
@@ -88,13 +89,13 @@ class DaemonConfig:
     max_per_source: int = 32  # connections one other user (uid) or remote address may hold
     cost: CostLimits = field(default_factory=CostLimits)  # one snapshot's analysis cost and memory
     allow_uids: tuple[int, ...] = ()  # besides our own uid, owners whose shared-memory segments we read
+    executor: Any = None  # service.executor.Executor that runs the analyses (None: in this process, one at a time)
 
 
 def _held_bytes(state: RunState) -> int:
     # The baseline, the run's backlog (bounded daemon-wide by --max-pending-bytes) and its vocabulary.
-    total = state.queued_bytes
-    if state.previous is not None:
-        total += state.previous.tensor.numel() * state.previous.tensor.element_size()
+    # Per tensor: its previous snapshot and its first one (drift since initialisation), each counted once.
+    total = state.queued_bytes + state.baseline_bytes()
     vocab = state.hello.vocab if state.hello is not None else None
     return total + (vocab.nbytes() if isinstance(vocab, CompactVocab) else 0)
 
@@ -121,7 +122,8 @@ class Daemon:
         self.stop_requested = False  # set by SIGTERM/SIGINT: stop receiving, then shut down
         self.stopping = False  # the worker takes no new job once this is set
         self.abandon = threading.Event()  # the running analysis gives up at its next progress call
-        self.seen_runs: set[str] = set()  # runs that said hello/snapshot to this process
+        self.seen_runs: set[str] = set()  # runs that said hello/snapshot to this process (released ones leave)
+        self._seen_any = False  # --exit-on-end waits for a first run, even once every run was released
         self._ended_order: list[str] = []  # closed runs still in memory, oldest first
         self.publishers = Publishers(config.run_timeout)
         self._served = 0  # jobs handed out; each run remembers when it was served last (round-robin)
@@ -135,7 +137,7 @@ class Daemon:
         self._source_served: dict[str, int] = {}  # source -> when the worker last took one of its jobs
         self.gate.log_interval = config.reject_log_interval
         self.reject_log = RateLimiter(log, config.reject_log_interval)
-        self.worker = AnalysisWorker(self, config.analysis)
+        self.worker = AnalysisWorker(self, config.analysis, config.executor)
         self.assembler = Assembler(config.assembly_timeout)  # sharded runs: parts -> full matrices
         if self.store is not None:
             self._restore()
@@ -282,11 +284,9 @@ class Daemon:
                 if state is not None:
                     snap = state.queue.popleft()
                     state.queued_bytes -= snap.nbytes
-                    repeat = state.max_iter if state.max_iter is not None and snap.iter <= state.max_iter else None
-                    job = Job(run=state.run, current=snap, previous=state.previous,
-                              skipped_iters=snap.skipped_before, hello=state.hello, repeat_of=repeat)
-                    state.previous = snap
-                    state.max_iter = snap.iter if repeat is None else state.max_iter
+                    previous, first, repeat, main = state.take(snap, self.config.analysis.since_init)
+                    job = Job(run=state.run, current=snap, previous=previous, skipped_iters=snap.skipped_before,
+                              hello=state.hello, repeat_of=repeat, first=first, default_tensor=main)
                     self._served += 1
                     state.served, state.busy = self._served, True
                     self._source_served[state.owner_source or ""] = self._served
@@ -329,9 +329,21 @@ class Daemon:
                     del self.runs[old]
                     self.publishers.forget_run(old)
                     self._hello_publishers.pop(old, None)
+                    # a released run that --exit-on-end waited for still counts as "a run that connected"
+                    self._seen_any = self._seen_any or (old in self.seen_runs and self._waits_for(old_state))
+                    self.seen_runs.discard(old)
                     log.info("run %s: state released from memory (%d newer ended runs kept)", old,
                              _KEEP_ENDED_RUNS)
             self.cond.notify_all()
+
+    def held_runs(self) -> dict[str, int]:
+        """How many runs each per-run map holds now: bounded by the open runs plus _KEEP_ENDED_RUNS ended ones."""
+        with self.lock:
+            held = {"runs": len(self.runs), "seen": len(self.seen_runs),
+                    "publishers": len({p.run for p in self.publishers.of_all()}),
+                    "hello_publishers": len(self._hello_publishers), "assemblies": len(self.assembler.runs())}
+        held["worker"] = self.worker.held_runs()
+        return held
 
     def _run_summary(self, state: RunState) -> dict[str, Any]:
         summary: dict[str, Any] = dict(state.counters.as_dict())
@@ -445,8 +457,17 @@ class Daemon:
             snap.sample_rows = sample  # judged by the whole matrix's shape, like every part of it
         else:
             snap = SnapshotData(iter=msg.iter, seq=msg.seq, name=msg.name, tensor=tensor, sent_at=msg.sent_at,
-                                metrics=msg.metrics, sample_rows=sample)
+                                metrics=msg.metrics, sample_rows=sample, token_counts=token_counts_of(msg))
         budget = self.config.max_pending_bytes
+        with self.cond:
+            state = self._state(run, src)
+            if not state.knows_tensor(snap.name) and len(state.others) + 1 >= MAX_TENSORS_PER_RUN:
+                refused = f"tensor {snap.name!r}: run already sends {MAX_TENSORS_PER_RUN} named tensors"
+            else:
+                refused = None
+        if refused is not None:
+            self._reject(refused, run)
+            return
         with self.cond:
             state = self._state(run, src)
             self.seen_runs.add(run)
@@ -618,8 +639,8 @@ class Daemon:
         # remote peers; another local user's runs neither hold it open nor count as "a run that connected".
         with self.lock:
             runs = [r for r in self.seen_runs if r not in self.runs or self._waits_for(self.runs[r])]
-            if not runs:
-                return False
+            if not runs:  # none yet, or every one that connected has ended and been released
+                return self._seen_any
             return all(r not in self.runs or (self.runs[r].closed and self.runs[r].idle()) for r in runs)
 
     def _waits_for(self, state: RunState) -> bool:
@@ -751,7 +772,12 @@ class Daemon:
                     self.store.note_not_analysed(run, iters)
                 except OSError as exc:
                     log.error("state dir: could not note the unanalysed iterations of run %s: %s", run, exc)
+        sinks = list(self.sinks.sinks)
         self.sinks.close()
+        # Per-run state still held (the open runs and the last few ended ones; the sinks: none once closed):
+        # flat however many runs were served.
+        held = {**self.held_runs(), **{f"sink_{s.name}": len(s.held_runs()) for s in sinks}}
+        log.info("per-run state at exit: %s", " ".join(f"{k}={v}" for k, v in held.items()))
         self.reject_log.flush()
         with self.lock:
             totals = self.totals.as_dict()

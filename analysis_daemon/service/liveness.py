@@ -96,6 +96,10 @@ class Publishers:
         """The registered publisher of (run as sent, id), if any."""
         return self._by_key.get((run, publisher))
 
+    def of_all(self) -> list[Publisher]:
+        """Every publisher in the table."""
+        return list(self._by_key.values())
+
     def of_run(self, run: str) -> list[Publisher]:
         """Publishers whose messages go to `run`."""
         return [p for p in self._by_key.values() if p.run == run]

@@ -2,7 +2,7 @@
 
 Layout, one directory per run: `snapshot-<iter>-<seq>.bin` (the raw C-order bytes) and `state.json`
 (a small sidecar naming that file, its dtype, shape and byte count, plus the hello info). Both are
-written to a temporary name, fsynced and renamed, and the sidecar is renamed last, so a crash at
+private (0600, directories 0700), written to a temporary name, fsynced and renamed, and the sidecar is renamed last, so a crash at
 any point leaves either the old complete state or the new one. No pickle anywhere.
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from ..paths import run_dirname, write_atomic
+from ..files import PRIVATE_DIR_MODE, make_dirs, write_atomic  # private (0600), whatever the umask
+from ..paths import run_dirname
 from ..records import HelloInfo, SnapshotData
 
 log = logging.getLogger("embedding_monitor.daemon")
@@ -63,7 +64,11 @@ class StateStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        # Raw embeddings and vocabularies: the directories are 0700 and every file 0600 (files.py).
+        make_dirs(self.root, PRIVATE_DIR_MODE)
+        if self.root.stat().st_mode & 0o077:
+            log.warning("state dir %s is open to other users (mode %o); the files in it are private (0600) "
+                        "anyway", self.root, self.root.stat().st_mode & 0o777)
         removed = sweep_temporary_files(self.root)
         if removed:
             log.info("state dir: removed %d stale temporary file(s) of an interrupted write", removed)
@@ -71,9 +76,7 @@ class StateStore:
         self._lock = threading.Lock()
 
     def _run_dir(self, run: str) -> Path:
-        d = self.root / run_dirname(run)
-        d.mkdir(parents=True, exist_ok=True)
-        return d
+        return make_dirs(self.root / run_dirname(run), PRIVATE_DIR_MODE)
 
     def _read_sidecar(self, run_dir: Path) -> dict[str, Any]:
         path = run_dir / "state.json"

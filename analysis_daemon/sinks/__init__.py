@@ -1,7 +1,7 @@
 """Where results go: one small interface, one module per destination.
 
 A sink gets every result dict (`handle`), hears a run's hello info (`run_hello`), hears when a run has ended (`run_ended`) and is closed once
-at shutdown (`close`). `SinkSet` fans out to all of them (all calls come from the worker thread); a sink that raises is logged once and
+at shutdown (`close`). Whatever a sink keeps per run it releases at `run_ended` (`held_runs` says what is left). `SinkSet` fans out to all of them (all calls come from the worker thread); a sink that raises is logged once and
 dropped, and the others go on. Adding a destination means adding one module here.
 
 Nothing is lost silently: a sink that could not deliver a result calls `count_lost`, and `SinkSet` keeps
@@ -38,6 +38,11 @@ class Sink:
 
     def close(self) -> None:
         """Flush and release everything; called once at shutdown."""
+
+    def held_runs(self) -> set[str]:
+        """Runs this sink keeps state for now (any thread): a run's state goes when it ends, so a
+        long-lived daemon does not grow with the runs it has served."""
+        return set()
 
     def count_lost(self, n: int = 1) -> None:
         """Report `n` results this sink could not deliver (any thread)."""
@@ -103,6 +108,10 @@ class SinkSet:
     def run_ended(self, run: str, summary: dict[str, Any]) -> None:
         """Tell every sink that `run` ended."""
         self._call("run_ended", run, summary)
+
+    def held_runs(self) -> dict[str, int]:
+        """Per sink, how many runs it keeps state for (for the daemon's per-run state line)."""
+        return {sink.name: len(sink.held_runs()) for sink in list(self.sinks)}
 
     def close(self) -> None:
         """Close every sink (errors logged, never raised)."""

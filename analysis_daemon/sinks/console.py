@@ -29,6 +29,43 @@ def _label(token_id: int, token: str | None) -> str:
     return repr(token) if token is not None else f"#{token_id}"
 
 
+def research_drift_lines(drift: dict[str, Any]) -> list[str]:
+    """The [Drift] line of linear CKA and the common mode (the mean row's shift, apart from Procrustes)."""
+    common = drift.get("common_mode") or {}
+    if drift.get("linear_cka") is None and not common:
+        return []
+    return [f"  [Drift] Linear CKA {_num(drift.get('linear_cka'), '.4f')} (1 = same geometry up to rotation, "
+            f"scale and shift); mean row moved {_num(common.get('mean_shift'), '.4g')} "
+            f"({_num(common.get('mean_shift_relative'), '.3f')} of the average row norm; the Procrustes drift "
+            f"ignores it), mean row / average row norm {_num(common.get('mean_norm_ratio'), '.3f')} "
+            f"(0 = no common direction)"]
+
+
+def undertrained_line(ins: dict[str, Any]) -> list[str]:
+    """One [Insight] line: how many tokens look under-trained, by which evidence, and the most certain ones."""
+    under = ins.get("undertrained")
+    if not under:
+        return [f"  [Insight] under-trained search failed: {ins['undertrained_error']}"] if ins.get(
+            "undertrained_error") else []
+    how = ("change since the first snapshot" if under.get("method") == "since_init" else "weights alone")
+    text = f"  [Insight] Under-trained tokens {under['count']} (a tight group training has not moved; {how}"
+    if under["count"]:
+        text += (f", {under.get('separation'):.3g}x apart from the rest): "
+                 + _tokens(ins.get("undertrained_tokens") or [], under.get("token_strings")))
+    return [text + (")" if not under["count"] else "")]
+
+
+def frequency_line(result: dict[str, Any], by_freq: dict[str, Any] | None) -> list[str]:
+    """One [Insight] line: drift by token frequency (Spearman's rho and the bins' mean drift cosine)."""
+    if not by_freq:
+        return []
+    bins = ", ".join(("never seen" if b["min_count"] == 0 else f"{b['min_count']}+")
+                     + f" ({b['tokens']}) {_num(b['mean_drift_cosine'], '.3f')}" for b in by_freq["bins"][:6])
+    return [f"  [Insight] Drift by frequency ({result.get('tokens_seen')} tokens fed since the previous snapshot): "
+            f"Spearman count vs drift {_num(by_freq.get('spearman_count_vs_drift'), '+.3f')} (< 0: frequent "
+            f"tokens drift less); mean drift cosine by count: {bins}"]
+
+
 def insight_lines(result: dict[str, Any]) -> list[str]:
     """Up to three [Insight] lines (spectrum, neighbourhoods, probes) and one [Alert] line per alert."""
     lines: list[str] = []
@@ -57,6 +94,8 @@ def insight_lines(result: dict[str, Any]) -> list[str]:
             probes.append(f"{_label(p['token_id'], p['token'])} -> {near or 'none'}")
         if probes:
             lines.append("  [Insight] Probes (nearest tokens by cosine): " + "; ".join(probes))
+        lines.extend(undertrained_line(ins))
+        lines.extend(frequency_line(result, ins.get("drift_by_frequency")))
     elif result.get("insight_error"):
         lines.append(f"  [Insight] not measured: {result['insight_error']}")
     lines.extend(galaxy_lines(result))
@@ -83,7 +122,8 @@ def galaxy_lines(result: dict[str, Any]) -> list[str]:
 
 def format_result(result: dict[str, Any]) -> str:
     """The summary block for one result: the spec's names, each with what it measures beside it."""
-    lines = [f"--- ASYNC ANALYSIS RESULTS FOR ITERATION {result['iter']} (run {safe(result['run'])}) ---"]
+    tensor = "" if result.get("default_tensor", True) else f", tensor {safe(str(result.get('tensor')))}"
+    lines = [f"--- ASYNC ANALYSIS RESULTS FOR ITERATION {result['iter']} (run {safe(result['run'])}{tensor}) ---"]
     if result.get("metrics"):  # what the trainer sent with the snapshot: loss beside the drift
         lines.append("  [Trainer] " + ", ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}"
                                                 for k, v in result["metrics"].items()))
@@ -97,8 +137,15 @@ def format_result(result: dict[str, Any]) -> str:
                                                                          drift.get("most_drifted_token_strings")))
         lines.append("  [Drift] Least drifted (highest cosine): " + _tokens(
             drift.get("least_drifted_tokens") or [], drift.get("least_drifted_token_strings")))
+        lines.extend(research_drift_lines(drift))
     else:
         lines.append(f"  [Drift] not measured: {result.get('drift_skipped_reason')}")
+    since = result.get("drift_since_init")
+    if since:
+        lines.append(f"  [Drift] since iter {since.get('first_iter')} (the run's first snapshot): Average Cosine "
+                     f"Similarity {_num(since.get('average_cosine_similarity'), '.4f')}, Linear CKA "
+                     f"{_num(since.get('linear_cka'), '.4f')}, mean row moved "
+                     f"{_num((since.get('common_mode') or {}).get('mean_shift'), '.4g')}")
     geom = result.get("geometry")
     if geom:
         density, sparsity = geom["local_density"], geom["global_sparsity"]

@@ -21,6 +21,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from ..files import PRIVATE_FILE_MODE, dir_mode_for, make_dirs, open_for_append
 from ..paths import run_dirname
 from . import Sink
 
@@ -46,8 +47,10 @@ class JsonlSink(Sink):
     name = "jsonl"
 
     def __init__(self, results_dir: str | Path, max_pending_records: int = MAX_PENDING_RECORDS,
-                 max_pending_bytes: int = MAX_PENDING_BYTES) -> None:
+                 max_pending_bytes: int = MAX_PENDING_BYTES, mode: int = PRIVATE_FILE_MODE) -> None:
         self.results_dir = Path(results_dir)
+        # Results name tokens and hold the run's metrics: private (0600, directories 0700) by default.
+        self.mode = mode
         self.max_pending_records = max_pending_records
         self.max_pending_bytes = max_pending_bytes
         self._fds: dict[str, int] = {}
@@ -65,8 +68,8 @@ class JsonlSink(Sink):
         fd = self._fds.get(run)
         if fd is None:
             path = self.path_for(run)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            make_dirs(path.parent, dir_mode_for(self.mode))
+            fd = open_for_append(path, self.mode)
             try:
                 _repair_tail(fd, path)
             except OSError:
@@ -183,6 +186,10 @@ class JsonlSink(Sink):
             self._end_episode(held)
         if not any(r == run for r, _, _ in self._pending):
             self._close_fd(run)
+
+    def held_runs(self) -> set[str]:
+        """Runs with an open results file or records waiting for the disk (worker thread's view)."""
+        return set(self._fds) | {run for run, _, _ in list(self._pending)}
 
     def close(self) -> None:
         """Retry the held results once more, count what is still unwritten as lost, close every file."""

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..safetext import first_line
-from ..paths import write_atomic
+from ..files import write_atomic
 
 log = logging.getLogger("embedding_monitor.daemon")
 

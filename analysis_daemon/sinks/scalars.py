@@ -37,6 +37,16 @@ def scalar_metrics(result: dict[str, Any]) -> dict[str, float | int]:
     drift = _dict(result.get("drift"))
     data[PREFIX + "drift_cosine_sim"] = drift.get("average_cosine_similarity")
     data[PREFIX + "drift_euclidean"] = drift.get("average_euclidean_distance")
+    common = _dict(drift.get("common_mode"))  # research metrics (docs/research-metrics.md)
+    data[PREFIX + "drift_linear_cka"] = drift.get("linear_cka")
+    data[PREFIX + "mean_shift"] = common.get("mean_shift")
+    data[PREFIX + "mean_shift_relative"] = common.get("mean_shift_relative")
+    data[PREFIX + "mean_norm_ratio"] = common.get("mean_norm_ratio")
+    since = _dict(result.get("drift_since_init"))
+    data[PREFIX + "drift_since_init_cosine_sim"] = since.get("average_cosine_similarity")
+    data[PREFIX + "drift_since_init_euclidean"] = since.get("average_euclidean_distance")
+    data[PREFIX + "drift_since_init_linear_cka"] = since.get("linear_cka")
+    data[PREFIX + "tokens_seen"] = result.get("tokens_seen")
     geom = _dict(result.get("geometry"))
     if geom:
         density, sparsity = _dict(geom.get("local_density")), _dict(geom.get("global_sparsity"))
@@ -58,7 +68,10 @@ def scalar_metrics(result: dict[str, Any]) -> dict[str, float | int]:
                      PREFIX + "knn_mean_overlap": _dict(ins.get("neighbourhood_drift")).get("mean_overlap"),
                      PREFIX + "frozen_tokens": _dict(ins.get("frozen_tokens")).get("count"),
                      PREFIX + "row_norm_min": norms.get("min"), PREFIX + "row_norm_mean": norms.get("mean"),
-                     PREFIX + "row_norm_max": norms.get("max")})
+                     PREFIX + "row_norm_max": norms.get("max"),
+                     PREFIX + "undertrained_count": _dict(ins.get("undertrained")).get("count"),
+                     PREFIX + "drift_frequency_spearman":
+                         _dict(ins.get("drift_by_frequency")).get("spearman_count_vs_drift")})
     if result.get("galaxy") is not None or result.get("insight") is not None:  # not with --no-extras
         clump, galaxy = result.get("clump"), _dict(result.get("galaxy"))
         data[PREFIX + "clump_fraction"] = _dict(clump).get("fraction") if clump else 0.0

@@ -231,6 +231,10 @@ class TensorBoardSink(Sink):
             del self._projectors[key]
         self._vocab.pop(run, None)
 
+    def held_runs(self) -> set[str]:
+        """Runs with a vocabulary, an open event file or a projector kept."""
+        return set(self._vocab) | {k[0] for k in self._files} | {k[0] for k in self._projectors}
+
     def close(self) -> None:
         """Close every event file (each result was made durable when it was written)."""
         for key in list(self._files):

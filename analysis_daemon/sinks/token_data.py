@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..files import PRIVATE_FILE_MODE, dir_mode_for, make_dirs, write_atomic
 from ..paths import run_dirname
 from . import Sink
 
@@ -41,13 +42,8 @@ def iter_dirname(iteration: int, tensor: str | None = None) -> str:
     return base if not tensor else f"{base}-{run_dirname(tensor)}"
 
 
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _write_json(path: Path, value: Any, mode: int = PRIVATE_FILE_MODE) -> None:
+    write_atomic(path, json.dumps(value).encode("utf-8"), mode, tmp=path.with_name(f".{path.name}.tmp"))
 
 
 class TokenDataSink(Sink):
@@ -55,10 +51,11 @@ class TokenDataSink(Sink):
 
     name = "token-data"
 
-    def __init__(self, results_dir: str | Path, keep: int = DEFAULT_KEEP) -> None:
+    def __init__(self, results_dir: str | Path, keep: int = DEFAULT_KEEP, mode: int = PRIVATE_FILE_MODE) -> None:
         if keep < 1:
             raise ValueError(f"--token-data-keep must be at least 1, got {keep}")
         self.results_dir = Path(results_dir)
+        self.mode = mode  # token strings and neighbour lists: private like the results (--results-mode)
         self.keep = keep
         self._vocab: dict[str, list[str | None] | None] = {}  # per run, until its first write
         self._failing = False
@@ -77,20 +74,26 @@ class TokenDataSink(Sink):
     def run_ended(self, run: str, summary: dict[str, Any]) -> None:
         self._vocab.pop(run, None)
 
+    def held_runs(self) -> set[str]:
+        """Runs whose vocabulary waits for their first write."""
+        return set(self._vocab)
+
     def handle_arrays(self, result: dict[str, Any], arrays: Any) -> None:
         run, iteration = str(result.get("run")), int(result["iter"])
-        tensor = result.get("tensor") if isinstance(result.get("tensor"), str) else None
+        # the run's default tensor keeps the plain directory (what the explorer reads); another gets a suffix
+        named = isinstance(result.get("tensor"), str) and result.get("default_tensor") is False
+        tensor = result["tensor"] if named else None
         base = self.tokens_dir(run)
         final = base / iter_dirname(iteration, tensor)
         tmp = base / f".{final.name}.tmp"
         try:
-            base.mkdir(parents=True, exist_ok=True)
+            make_dirs(base, dir_mode_for(self.mode))
             if run in self._vocab:
                 vocab = self._vocab.pop(run)
                 if vocab is not None:
-                    _write_json(base / "vocab.json", vocab)
+                    _write_json(base / "vocab.json", vocab, self.mode)
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
+            make_dirs(tmp, dir_mode_for(self.mode))
             files = {"norm": arrays.norm, "xy": arrays.xy, "drift": arrays.drift,
                      "knn_ids": arrays.knn_ids, "knn_cos": arrays.knn_cos}
             written = 0
@@ -98,14 +101,15 @@ class TokenDataSink(Sink):
                 if tensor_value is None:
                     continue
                 path = tmp / f"{name}.npy"
-                with open(path, "wb") as f:
+                with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.mode), "wb") as f:
+                    os.fchmod(f.fileno(), self.mode)  # exactly the mode, whatever the umask
                     np.save(f, tensor_value.detach().cpu().numpy(), allow_pickle=False)
                     f.flush()
                     os.fsync(f.fileno())
                 written += path.stat().st_size
             rows = int(arrays.norm.shape[0])
             k = int(arrays.knn_ids.shape[1]) if arrays.knn_ids is not None else 0
-            _write_json(tmp / "meta.json", {"iter": iteration, "tensor": tensor, "rows": rows, "k": k,
+            _write_json(tmp / "meta.json", mode=self.mode, value={"iter": iteration, "tensor": tensor, "rows": rows, "k": k,
                                             "shape": result.get("shape"), "bytes": written,
                                             "prev_iter": result.get("prev_iter")})
             if final.exists():  # a repeated iteration (a resumed trainer): the newest analysis wins

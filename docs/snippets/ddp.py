@@ -12,7 +12,7 @@ model = DDP(torch.nn.Sequential(torch.nn.Embedding(vocab_size, width), torch.nn.
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
 wte = model.module[0]
 
-publisher = EmbeddingPublisher("tcp://127.0.0.1:5555", run="ddp-run")  # on every rank, same run name
+publisher = EmbeddingPublisher(run="ddp-run")  # on every rank, same run name
 publisher.prepare(wte)
 for iter_num in range(21):
     tokens = torch.randint(vocab_size, (8, 9))

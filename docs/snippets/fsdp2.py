@@ -14,7 +14,7 @@ fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
 wte = model[0]
 
-publisher = EmbeddingPublisher("tcp://127.0.0.1:5555", run="fsdp2-run")  # on every rank, same run name
+publisher = EmbeddingPublisher(run="fsdp2-run")  # on every rank, same run name
 publisher.prepare(wte)                                                    # every rank, before the loop
 for iter_num in range(21):
     tokens = torch.randint(vocab_size, (8, 9))

@@ -9,5 +9,5 @@ train = [{"input_ids": ids, "labels": ids} for ids in torch.randint(256, (64, 16
 args = TrainingArguments(output_dir="hf-out", max_steps=6, per_device_train_batch_size=8, report_to=[],
                          save_strategy="no", use_cpu=True)
 trainer = Trainer(model=model, args=args, train_dataset=train,
-                  callbacks=[EmbeddingMonitorCallback("tcp://127.0.0.1:5555", run="hf-run", every_n_steps=3)])
+                  callbacks=[EmbeddingMonitorCallback(run="hf-run", every_n_steps=3)])
 trainer.train()  # publishes at step 0, 3 and 6 (the end), then sends `end`

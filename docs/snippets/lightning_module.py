@@ -28,5 +28,5 @@ class TinyLM(L.LightningModule):
 data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randint(256, (64, 16))), batch_size=8)
 trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
                     enable_progress_bar=False, enable_model_summary=False,
-                    callbacks=[EmbeddingMonitorCallback("tcp://127.0.0.1:5555", run="lightning-run", every_n_steps=3)])
+                    callbacks=[EmbeddingMonitorCallback(run="lightning-run", every_n_steps=3)])
 trainer.fit(TinyLM(), data)  # publishes at step 0, 3 and 6 (the end), then sends `end`

@@ -8,7 +8,7 @@ model = torch.nn.Sequential(torch.nn.Embedding(vocab_size, width), torch.nn.Line
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
 wte = model[0]  # the token embedding; in nanoGPT: raw_model.transformer.wte
 
-publisher = EmbeddingPublisher("tcp://127.0.0.1:5555", run="my-run")  # never blocks, even with no daemon up
+publisher = EmbeddingPublisher(run="my-run")  # never blocks, even with no daemon up
 publisher.prepare(wte)                                                 # before the loop: buffers made ahead
 for iter_num in range(31):
     tokens = torch.randint(vocab_size, (16, 9))
