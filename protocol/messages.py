@@ -257,7 +257,7 @@ def encode_snapshot(*, run: str, iter: int, seq: int, name: str, dtype: str, sha
     if metrics is not None:  # absent when there are none: older daemons never see the key
         header["metrics"] = metrics
     if token_counts is not None:
-        rows_counted = int(global_shape[0]) if global_shape is not None else rows
+        rows_counted = int(global_shape[0]) if global_shape is not None else dims[0]
         if len(token_counts) != 4 * rows_counted:
             raise ValueError(f"token_counts has {len(token_counts)} bytes, {rows_counted} rows need {4 * rows_counted}")
         header["token_counts"] = bytes(token_counts)
