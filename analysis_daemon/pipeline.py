@@ -17,16 +17,10 @@ from typing import Any, Callable
 import torch
 
 from .metrics.alerts import AlertSettings, RunAlerts, check as check_alerts
-from .service.logsafe import first_line
-from .service.state import Job, RunInsight, SnapshotData
+from .records import TOKEN_ARRAYS, Job, RunInsight, SnapshotData
+from .safetext import first_line
 
 log = logging.getLogger("embedding_monitor.daemon")
-
-
-# The record key under which `analyse` hands the per-token arrays (a TokenArrays) to the sinks. SinkSet
-# takes it out of the record before any sink sees the record, so it never reaches JSON, and gives it to
-# the sinks that store arrays (sinks/token_data.py).
-TOKEN_ARRAYS = "_token_arrays"
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""How well `service/cost.py` predicts the time of a whole analysis, over shapes narrow and wide.
+"""How well `cost.py` (analysis_daemon/cost.py) predicts the time of a whole analysis, over shapes narrow and wide.
 
     python benchmarks/bench_cost_model.py [--threads 2] [--scale 1.0]
 
@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from analysis_daemon.pipeline import AnalysisSettings, analyse  # noqa: E402
-from analysis_daemon.service.cost import estimate_cost, estimate_memory  # noqa: E402
-from analysis_daemon.service.state import Job, SnapshotData  # noqa: E402
+from analysis_daemon.cost import estimate_cost, estimate_memory  # noqa: E402
+from analysis_daemon.records import Job, SnapshotData  # noqa: E402
 
 # (rows, cols, sample_rows): narrow first (the case the old model underestimated), then wide
 SHAPES = [

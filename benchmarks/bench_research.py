@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
 from analysis_daemon.metrics.drift import measure_semantic_drift  # noqa: E402
 from analysis_daemon.metrics.undertrained import find_undertrained  # noqa: E402
 from analysis_daemon.pipeline import AnalysisSettings, analyse  # noqa: E402
-from analysis_daemon.service.state import Job, RunInsight, SnapshotData  # noqa: E402
+from analysis_daemon.records import Job, RunInsight, SnapshotData  # noqa: E402
 from benchmarks.bench_analysis import make_embeddings  # noqa: E402
 
 

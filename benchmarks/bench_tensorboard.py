@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from analysis_daemon.pipeline import TOKEN_ARRAYS, AnalysisSettings, analyse  # noqa: E402
-from analysis_daemon.service.state import HelloInfo, Job, RunInsight, SnapshotData  # noqa: E402
+from analysis_daemon.records import HelloInfo, Job, RunInsight, SnapshotData  # noqa: E402
 from analysis_daemon.sinks.tensorboard_sink import TensorBoardSink  # noqa: E402
 from benchmarks.bench_analysis import make_embeddings  # noqa: E402
 

@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:
 
 from analysis_daemon.metrics.insight import token_stats  # noqa: E402
 from analysis_daemon.pipeline import AnalysisSettings, analyse  # noqa: E402
-from analysis_daemon.service.state import Job, RunInsight, SnapshotData  # noqa: E402
+from analysis_daemon.records import Job, RunInsight, SnapshotData  # noqa: E402
 from benchmarks.bench_analysis import make_embeddings  # noqa: E402
 
 

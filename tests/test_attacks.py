@@ -142,7 +142,7 @@ def test_attacks_through_messages_and_shared_memory(start_daemon, attacker_scrip
     assert "writable by group or others" in log
     assert "cannot hold" in log or "truncated" in log
     assert "was not created by this snapshot's publisher" in log
-    from analysis_daemon.service.cost import CostLimits, plan
+    from analysis_daemon.cost import CostLimits, plan
     _, sample = plan(131072, 2, CostLimits(max_cost=6e10, max_memory=600 * MiB))
     assert sample is not None and sample >= 1000
     assert f"is over --max-cost 6e+10: analysing it sampled from {sample} rows" in log

@@ -10,7 +10,8 @@ import torch
 import zmq
 
 from analysis_daemon.service.backlog import enqueue, next_run, parse_bytes, trim
-from analysis_daemon.service.state import RunState, SnapshotData
+from analysis_daemon.records import SnapshotData
+from analysis_daemon.service.state import RunState
 from analysis_daemon.service.state_store import StateStore
 from protocol import encode_end
 from tests.conftest import free_tcp_port

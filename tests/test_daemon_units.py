@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 import torch
 
-from analysis_daemon.service.paths import run_dirname
+from analysis_daemon.paths import run_dirname
 from analysis_daemon.sinks import Sink, SinkSet
 from analysis_daemon.sinks.console import format_result
 from analysis_daemon.sinks.jsonl import JsonlSink
 from analysis_daemon.sinks.wandb_sink import wandb_run_settings
-from analysis_daemon.service.state import HelloInfo, SnapshotData
+from analysis_daemon.records import HelloInfo, SnapshotData
 from analysis_daemon.service.state_store import StateStore
 from analysis_daemon.pipeline import jsonable
 

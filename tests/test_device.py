@@ -19,7 +19,7 @@ import torch
 from analysis_daemon.metrics.device import DeviceUnavailable, chunk_rows, resolve_device
 from analysis_daemon.metrics.sampled import row_bincounts
 from analysis_daemon.pipeline import TOKEN_ARRAYS, AnalysisSettings, analyse
-from analysis_daemon.service.state import HelloInfo, Job, RunInsight, SnapshotData
+from analysis_daemon.records import HelloInfo, Job, RunInsight, SnapshotData
 
 HAS_CUDA = torch.cuda.is_available()
 # Keys that differ between two runs of the same analysis: clocks, and where it ran.

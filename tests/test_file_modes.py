@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from analysis_daemon.cli import build_parser
-from analysis_daemon.service.files import dir_mode_for, parse_mode
+from analysis_daemon.files import dir_mode_for, parse_mode
 from tests.test_daemon import WAIT_S, env, start_daemon, wait_for  # noqa: F401
 from trainer_hook import EmbeddingPublisher
 

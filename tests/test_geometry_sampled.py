@@ -10,7 +10,7 @@ import torch
 from analysis_daemon import analyze_embedding_geometry
 from analysis_daemon.metrics.geometry import geometry_and_neighbours
 from analysis_daemon.metrics.sampled import sample_index
-from analysis_daemon.service.state import HelloInfo, Job, RunInsight, SnapshotData
+from analysis_daemon.records import HelloInfo, Job, RunInsight, SnapshotData
 from analysis_daemon.pipeline import AnalysisSettings, analyse
 
 EDGES = np.linspace(-0.5, 1.0, 101)

@@ -16,7 +16,7 @@ ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
 from analysis_daemon.pipeline import TOKEN_ARRAYS  # noqa: E402
 from analysis_daemon.service.executor import InProcessExecutor, TaskLost  # noqa: E402
 from analysis_daemon.service.ray_executor import RayExecutor, _analyse_task  # noqa: E402
-from analysis_daemon.service.state import RunInsight  # noqa: E402
+from analysis_daemon.records import RunInsight  # noqa: E402
 from tests.test_device import jobs, settings_for, strip  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)

@@ -476,7 +476,7 @@ def test_torch_files_are_bounded_before_the_embedding_is_copied(tmp_path: Path) 
 
 
 def test_over_max_cost_a_checkpoint_is_sampled_or_refused_like_a_live_snapshot(replay_here, tmp_path: Path) -> None:
-    from analysis_daemon.service.cost import CostLimits, plan
+    from analysis_daemon.cost import CostLimits, plan
     d = tmp_path / "narrow"
     d.mkdir()
     for step in (1, 2):

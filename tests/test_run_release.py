@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from analysis_daemon.service.daemon import _KEEP_ENDED_RUNS
-from analysis_daemon.service.state import HelloInfo
+from analysis_daemon.records import HelloInfo
 from analysis_daemon.sinks.console import ConsoleSink
 from analysis_daemon.sinks.jsonl import JsonlSink
 from analysis_daemon.sinks.wandb_sink import WandbSink

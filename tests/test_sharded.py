@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from analysis_daemon.service.assembly import Assembler, PartRejected
-from analysis_daemon.service.state import Job, RunInsight, SnapshotData
+from analysis_daemon.records import Job, RunInsight, SnapshotData
 from analysis_daemon.pipeline import AnalysisSettings, analyse
 from protocol import decode, encode_snapshot
 from tests.test_daemon import DaemonProc, wait_for

@@ -14,9 +14,9 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from analysis_daemon.service.cost import CostLimits, check, estimate_cost, estimate_memory, plan
-from analysis_daemon.service.logsafe import RateLimiter, SafeFormatter, reason_key, safe
-from analysis_daemon.service.paths import run_dirname, run_from_dirname
+from analysis_daemon.cost import CostLimits, check, estimate_cost, estimate_memory, plan
+from analysis_daemon.safetext import RateLimiter, SafeFormatter, reason_key, safe
+from analysis_daemon.paths import run_dirname, run_from_dirname
 from analysis_daemon.service.vocab import CompactVocab
 from tests.test_daemon import WAIT_S, env, start_daemon, wait_for  # noqa: F401
 from trainer_hook import EmbeddingPublisher

@@ -24,7 +24,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.projector import projector_config_pb2  # noqa: E402
 
 from analysis_daemon.pipeline import TOKEN_ARRAYS, AnalysisSettings, TokenArrays, analyse  # noqa: E402
-from analysis_daemon.service.state import HelloInfo, Job, RunInsight, SnapshotData  # noqa: E402
+from analysis_daemon.records import HelloInfo, Job, RunInsight, SnapshotData  # noqa: E402
 from analysis_daemon.sinks import SinkSet  # noqa: E402
 from analysis_daemon.sinks.scalars import histograms, scalar_metrics  # noqa: E402
 from analysis_daemon.sinks.projector import CONFIG_NAME, MAX_TOKEN_CHARS, tsv_cell  # noqa: E402
@@ -272,7 +272,8 @@ def test_missing_tensorboard_is_one_error_line_for_the_daemon_and_replay(tmp_pat
 
 
 def test_negative_projector_keep_is_refused_before_any_sink_starts() -> None:
-    from analysis_daemon.cli import build_parser, make_sinks
+    from analysis_daemon.cli import build_parser
+    from analysis_daemon.options import make_sinks
 
     args = build_parser().parse_args(["--tensorboard", "tb", "--tensorboard-projector-keep", "-1"])
     with pytest.raises(ValueError, match=r"^--tensorboard-projector-keep must be >= 0 \(0: no projector\), got -1$"):

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """Run the explorer until interrupted; the exit status."""
-    from ..cli import fail
+    from ..options import fail
 
     args = build_parser().parse_args(argv)
     try:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..service.paths import run_from_dirname
+from ..paths import run_from_dirname
 from ..sinks.token_data import ITER_DIGITS, MAX_TOKEN_CHARS
 
 MAX_JSON_BYTES = 64 * 1024 * 1024  # vocab.json of a 1M-token vocabulary is ~20 MB

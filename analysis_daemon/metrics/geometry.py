@@ -24,8 +24,9 @@ from typing import Callable, Final
 
 import torch
 
-HIST_BINS: Final = 100
-HIST_RANGE: Final = (-0.5, 1.0)
+from .bins import HIST_BINS, HIST_RANGE
+from .sampled import sampled_geometry
+
 # Rows are normalised and packed this many at a time, to bound the float32/float64 temporaries.
 _PREP_ROWS: Final = 4096
 # Padding the matmul's inner dimension to a multiple of 16 floats keeps the rows 64-byte aligned.
@@ -469,7 +470,6 @@ def geometry_and_neighbours(
     x_threshold = k * threshold + c
     above_threshold = 0
     if sample_rows is not None and sample_rows < n:
-        from .sampled import sampled_geometry
         index = torch.cat(index_parts) if index_parts else torch.zeros(0, dtype=torch.int64, device=device)
         return sampled_geometry(packed, index, int(weights.shape[0]), d, (k, c, off, HIST_BINS), threshold,
                                 off + round(edge) if aligned else None, (pairs, mean, std), (nonfinite, zero),

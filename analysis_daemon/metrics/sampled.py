@@ -23,6 +23,8 @@ from typing import Callable, Final
 
 import torch
 
+from .bins import HIST_RANGE
+
 Z_95: Final = 1.959963984540054  # two-sided 95% quantile of the standard normal
 _SELF: Final = 255  # uint8 bin given to a row's similarity with itself: never a real bin (see geometry._bin_map)
 
@@ -187,8 +189,6 @@ def sampled_geometry(
                                     knn_k, progress)
     est = estimates(hist, above, n, off, bins)
     pairs, mean, std = moments
-    from .geometry import HIST_RANGE  # here: geometry imports this module lazily, not at its top
-
     lo, hi = HIST_RANGE
     neighbours = None
     if knn_k:

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from ..cli import (add_analysis_options, add_limit_options, add_output_options, analysis_settings, fail,
-                  make_sinks, set_threads_and_priority, setup_logging, snapshot_limits)
+from ..options import (add_analysis_options, add_limit_options, add_output_options, analysis_settings, fail,
+                       make_sinks, set_threads_and_priority, setup_logging, snapshot_limits)
 
 log = logging.getLogger("embedding_monitor.daemon")
 
@@ -177,9 +177,9 @@ def _replay(run: str, checkpoints: list[Any], tensor_names: list[str] | None, se
     """
     from .checkpoints import CheckpointError, read_embedding
     from .vocab_files import load_vocab
-    from ..service.state import Counters, HelloInfo, Job, RunInsight, SnapshotData
+    from ..records import Counters, HelloInfo, Job, RunInsight, SnapshotData
     from ..pipeline import analyse
-    from ..service.cost import plan as plan_cost
+    from ..cost import plan as plan_cost
 
     counters = Counters()
     wanted: list[str | None] = list(dict.fromkeys(tensor_names or [])) or [None]

@@ -26,7 +26,7 @@ from .records import vocabulary as _vocabulary, with_breaks
 from .galaxy import galaxy_section
 from .history import history_section
 from .svg import PALETTE, Chart, Heatmap, Series, esc, fmt, heatmap, line_chart
-from ..service.files import PRIVATE_FILE_MODE, parse_mode, write_atomic as write_file_atomic
+from ..files import PRIVATE_FILE_MODE, parse_mode, write_atomic as write_file_atomic
 
 RESULTS_NAME = "analysis.jsonl"
 REPORT_NAME = "report.html"

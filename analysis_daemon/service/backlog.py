@@ -19,7 +19,8 @@ import os
 import re
 from collections.abc import Iterable
 
-from .state import RunState, SnapshotData
+from ..records import SnapshotData
+from .state import RunState
 
 _MAX_DEFAULT = 8 * 1024**3
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}

@@ -34,12 +34,13 @@ from protocol.endpoints import default_endpoint
 from protocol.shm import segment_belongs_to
 
 from . import backlog, recovery
-from .cost import CostLimits, plan as plan_cost
+from ..cost import CostLimits, plan as plan_cost
 from .liveness import DEFAULT_RUN_TIMEOUT_S, Publishers
 from .assembly import DEFAULT_TIMEOUT_S, Assembler, PartRejected
-from .logsafe import RateLimiter, reason_key, safe
+from ..safetext import RateLimiter, reason_key, safe
 from ..sinks import SinkSet
-from .state import MAX_TENSORS_PER_RUN, Counters, HelloInfo, Job, RunState, SnapshotData, token_counts_of
+from ..records import Counters, HelloInfo, Job, SnapshotData
+from .state import MAX_TENSORS_PER_RUN, RunState, token_counts_of
 from .state_store import StateStore
 from .vocab import CompactVocab
 from ..pipeline import AnalysisSettings, warm_up

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable, Protocol
 
 from ..pipeline import AnalysisSettings, analyse
-from .state import Job, RunInsight
+from ..records import Job, RunInsight
 
 
 class TaskLost(Exception):

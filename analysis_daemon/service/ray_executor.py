@@ -23,9 +23,9 @@ from typing import Any, Callable
 import torch
 
 from ..pipeline import TOKEN_ARRAYS, AnalysisAbandoned, AnalysisSettings, analyse
+from ..records import Job, RunInsight
+from ..safetext import first_line
 from .executor import InProcessExecutor, TaskLost
-from .logsafe import first_line
-from .state import Job, RunInsight
 
 log = logging.getLogger("embedding_monitor.daemon")
 

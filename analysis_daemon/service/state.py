@@ -1,4 +1,4 @@
-"""Per-run state of the analysis daemon: what it holds for each trainer run, and its counters.
+"""Per-run state of the analysis daemon: what it holds for each trainer run (the records it holds: records.py).
 
 The receive loop and the worker thread share these objects under one lock (`Daemon.lock`); nothing
 here locks by itself, so every mutation happens in one place with the lock held.
@@ -13,54 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-
-@dataclass
-class Counters:
-    """Message counters, per run and daemon-wide; written into every result and logged at exit."""
-
-    received: int = 0  # snapshots accepted (decoded, validated, copied out)
-    analysed: int = 0  # snapshots whose analysis finished and reached the sinks
-    skipped: int = 0  # snapshots dropped from the backlog past --max-pending-bytes (never analysed)
-    rejected: int = 0  # messages refused (undecodable, invalid, unusable payload)
-    incomplete: int = 0  # sharded iterations dropped because not all their parts arrived in time
-
-    def as_dict(self) -> dict[str, int]:
-        """The counters as a plain dict (JSON/W&B friendly)."""
-        return {"received": self.received, "analysed": self.analysed,
-                "skipped": self.skipped, "rejected": self.rejected, "incomplete": self.incomplete}
-
-
-@dataclass
-class SnapshotData:
-    """One received snapshot, already copied out of the wire buffer or shared-memory slot."""
-
-    iter: int
-    seq: int
-    name: str
-    tensor: torch.Tensor  # V x d, the dtype it was sent in (float32/float16/bfloat16)
-    received_at: float = field(default_factory=time.time)  # wall clock, for the result record
-    received_mono: float = field(default_factory=time.monotonic)  # for the waited_seconds figure
-    sent_at: float | None = None  # publisher's wall clock, when it said
-    metrics: dict[str, float | int] | None = None  # trainer scalars sent with the snapshot (validated)
-    skipped_before: list[int] = field(default_factory=list)  # iterations of the run skipped just before it
-    sample_rows: int | None = None  # set when its exact geometry is over --max-cost: sample this many rows
-    recovered: bool = False  # read back from --state-dir: it was being analysed when the daemon stopped
-    token_counts: torch.Tensor | None = None  # (V,) int64: tokens the trainer fed since its previous snapshot
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the tensor (what it costs the backlog budget)."""
-        return self.tensor.numel() * self.tensor.element_size()
-
-    @property
-    def shape(self) -> list[int]:
-        """The tensor's shape as a list."""
-        return list(self.tensor.shape)
-
-    @property
-    def dtype(self) -> str:
-        """The tensor's dtype name without the `torch.` prefix."""
-        return str(self.tensor.dtype).removeprefix("torch.")
+from ..records import Counters, HelloInfo, SnapshotData
 
 
 def token_counts_of(msg: Any) -> torch.Tensor | None:
@@ -68,32 +21,6 @@ def token_counts_of(msg: Any) -> torch.Tensor | None:
     if msg.token_counts is None:
         return None
     return torch.from_numpy(np.frombuffer(msg.token_counts, dtype="<u4").astype(np.int64))
-
-
-
-@dataclass
-class HelloInfo:
-    """What the trainer said about itself in its `hello` message."""
-
-    pid: int | None = None
-    host: str | None = None
-    vocab: list[str] | None = None
-    wandb: dict[str, Any] | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Job:
-    """One unit of work for the worker: analyse `current`, drift against `previous` (if any)."""
-
-    run: str
-    current: SnapshotData
-    previous: SnapshotData | None
-    skipped_iters: list[int]  # iterations of this run skipped since the last job was taken
-    hello: HelloInfo | None
-    repeat_of: int | None = None  # the run's highest iteration analysed before, when current.iter is not past it
-    first: SnapshotData | None = None  # the run's first snapshot taken (drift since initialisation); None: off
-    default_tensor: bool = True  # current is the run's main tensor (its W&B keys keep their plain names)
 
 
 MAX_TENSORS_PER_RUN = 8  # named tensors one run may send (each holds up to two V x d baselines)
@@ -170,19 +97,3 @@ class TensorBaseline:
     previous: SnapshotData | None = None
     first: SnapshotData | None = None
     max_iter: int | None = None
-
-
-@dataclass
-class RunInsight:
-    """What the worker keeps per run between results for the insight metrics and alerts (worker thread only)."""
-
-    knn_iter: int | None = None  # iteration whose neighbour lists `knn_ids` are
-    knn_ids: torch.Tensor | None = None  # (V, k) int32 neighbour ids of the last analysed snapshot
-    alerts: Any = None  # alerts.RunAlerts, created on first use
-    probes_logged: bool = False  # unknown probe tokens are logged once per run
-    galaxy_prev: dict[str, Any] | None = None  # {"iter", "points"} of the last map: the next one aligns to it
-    followed: list[int] = field(default_factory=list)  # token_stats' tokens so far (bounded): each keeps its line
-    # centred Gram matrices (d x d float64) of the snapshots still in use, by (id, iter, seq): the current one
-    # is the next drift's previous, the first one every since-init drift's (CKA needs both; computed once each)
-    grams: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)
-    token_xy: torch.Tensor | None = None  # (V, 2) explorer map coordinates of the last analysed snapshot

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from .files import PRIVATE_DIR_MODE, make_dirs, write_atomic  # private (0600), whatever the umask
-from .paths import run_dirname
-from .state import HelloInfo, SnapshotData
+from ..files import PRIVATE_DIR_MODE, make_dirs, write_atomic  # private (0600), whatever the umask
+from ..paths import run_dirname
+from ..records import HelloInfo, SnapshotData
 
 log = logging.getLogger("embedding_monitor.daemon")
 

@@ -11,23 +11,61 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from ..pipeline import AnalysisAbandoned, AnalysisSettings
+from ..records import Job, RunInsight
 from .executor import Executor, InProcessExecutor, TaskLost
-from .state import Job, RunInsight
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from ..sinks import SinkSet
+    from .state_store import StateStore
 
 log = logging.getLogger("embedding_monitor.daemon")
+
+
+class JobSource(Protocol):
+    """What the worker needs of the daemon (daemon.Daemon is one): jobs, the sinks, the state dir, callbacks.
+
+    A narrow interface, so that the worker does not import the daemon (which starts it): the methods
+    take the daemon's lock themselves.
+    """
+
+    @property
+    def abandon(self) -> threading.Event:
+        """Set at shutdown: the running analysis gives up at its next progress call."""
+
+    @property
+    def sinks(self) -> SinkSet:
+        """Where results, hellos and run ends go."""
+
+    @property
+    def store(self) -> StateStore | None:
+        """The --state-dir store, or None."""
+
+    @property
+    def runs(self) -> Mapping[str, Any]:
+        """The runs the daemon still holds in memory (the worker forgets its state of the others)."""
+
+    def next_task(self) -> Job | tuple[str, dict[str, Any]] | None:
+        """The next job, a (run, summary) to close, or None to exit. Blocks."""
+
+    def add_counters(self, job: Job, result: dict[str, Any]) -> None:
+        """Count `result` as analysed and write the counters into it (called before the sinks)."""
+
+    def job_finished(self, job: Job) -> None:
+        """The worker is done with `job` (result delivered to the sinks, or abandoned)."""
+
+    def mark_closed(self, run: str) -> None:
+        """The sinks have been told that `run` ended."""
 
 
 class AnalysisWorker(threading.Thread):
     """The one thread that runs analyses and calls the sinks, in order, one result at a time."""
 
-    def __init__(self, daemon: "Daemon", settings: AnalysisSettings, executor: Executor | None = None) -> None:
+    def __init__(self, daemon: JobSource, settings: AnalysisSettings, executor: Executor | None = None) -> None:
         super().__init__(name="analysis-worker", daemon=True)
         self.daemon_ref = daemon
         self.settings = settings

@@ -92,7 +92,7 @@ class SinkSet:
         The per-token arrays (pipeline.TOKEN_ARRAYS) are taken out first: the record every sink sees is
         plain JSON; the sinks that store arrays get them through `handle_arrays` afterwards.
         """
-        from ..pipeline import TOKEN_ARRAYS
+        from ..records import TOKEN_ARRAYS
 
         arrays = result.pop(TOKEN_ARRAYS, None)
         for name in self.disabled:

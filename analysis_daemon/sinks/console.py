@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
-from ..service.logsafe import safe
+from ..safetext import safe
 from . import Sink
 
 log = logging.getLogger("embedding_monitor.daemon")

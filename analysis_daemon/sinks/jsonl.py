@@ -21,8 +21,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from ..service.files import PRIVATE_FILE_MODE, dir_mode_for, make_dirs, open_for_append
-from ..service.paths import run_dirname
+from ..files import PRIVATE_FILE_MODE, dir_mode_for, make_dirs, open_for_append
+from ..paths import run_dirname
 from . import Sink
 
 log = logging.getLogger("embedding_monitor.daemon")

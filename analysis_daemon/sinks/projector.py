@@ -20,8 +20,8 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
-from ..service.logsafe import first_line
-from ..service.state_store import write_atomic
+from ..safetext import first_line
+from ..files import write_atomic
 
 log = logging.getLogger("embedding_monitor.daemon")
 

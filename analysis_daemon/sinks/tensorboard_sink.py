@@ -30,8 +30,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from ..service.logsafe import first_line
-from ..service.paths import run_dirname
+from ..safetext import first_line
+from ..paths import run_dirname
 from . import Sink
 from .projector import Projector
 from .scalars import histograms, scalar_metrics

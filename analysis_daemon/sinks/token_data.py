@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from ..service.files import PRIVATE_FILE_MODE, dir_mode_for, make_dirs, write_atomic
-from ..service.paths import run_dirname
+from ..files import PRIVATE_FILE_MODE, dir_mode_for, make_dirs, write_atomic
+from ..paths import run_dirname
 from . import Sink
 
 log = logging.getLogger("embedding_monitor.daemon")

@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any
 
-from ..service.logsafe import first_line
+from ..safetext import first_line
 from . import Sink
 from .scalars import STEP_KEY, histograms, scalar_metrics
 
