@@ -145,6 +145,9 @@ def test_daemon_with_ray_executor_writes_the_in_process_records(cluster, tmp_pat
     for run in runs:
         local, remote = out["inprocess"][run], out["ray"][run]
         assert [r["iter"] for r in remote] == [0, 100, 200]  # the run's order kept
+        for a_rec, b_rec in zip(local, remote):  # name the differing keys first: a record is large
+            a_rec, b_rec = strip(a_rec), strip(b_rec)
+            assert [k for k in a_rec if k not in skip and a_rec[k] != b_rec.get(k)] == []
         assert [{k: v for k, v in strip(r).items() if k not in skip} for r in local] == \
             [{k: v for k, v in strip(r).items() if k not in skip} for r in remote]
     assert ray.is_initialized()  # the daemon disconnected from the module's instance, did not stop it

@@ -33,14 +33,22 @@ _WAIT_S = 0.5  # how often a waiting worker checks for shutdown
 
 
 def _analyse_task(job: Job, current: torch.Tensor, previous: torch.Tensor | None, vocab: Any,
-                  settings: AnalysisSettings, state: RunInsight, threads: int) -> tuple[dict[str, Any], RunInsight]:
-    """Body of the Ray task: rebuild the job around the tensors from the object store and analyse it."""
+                  settings: AnalysisSettings, state: RunInsight, threads: int,
+                  first_is: str | None = None, first: torch.Tensor | None = None) -> tuple[dict[str, Any], RunInsight]:
+    """Body of the Ray task: rebuild the job around the tensors from the object store and analyse it.
+
+    `first_is` says which snapshot the run's first one is ("current", "previous", "own": `first`, or None),
+    so the job's identities survive the trip (the pipeline tells "this is the first snapshot" by identity).
+    """
     torch.set_num_threads(max(1, threads))
     # received_mono arrives as the seconds waited so far (monotonic clocks differ between hosts)
     cur = replace(job.current, tensor=current, received_mono=time.monotonic() - job.current.received_mono)
     prev = replace(job.previous, tensor=previous) if job.previous is not None and previous is not None else None
     hello = replace(job.hello, vocab=vocab) if job.hello is not None else None
-    record = analyse(replace(job, current=cur, previous=prev, hello=hello), settings, None, state)
+    first_snap = {"current": cur, "previous": prev}.get(first_is or "")
+    if first_is == "own" and job.first is not None and first is not None:
+        first_snap = replace(job.first, tensor=first)
+    record = analyse(replace(job, current=cur, previous=prev, hello=hello, first=first_snap), settings, None, state)
     arrays = record.get(TOKEN_ARRAYS)
     if arrays is not None:  # the snapshot itself: the daemon has it already, it need not travel back
         arrays.weights = None
@@ -93,6 +101,7 @@ class RayExecutor:
         self._refs: dict[str, tuple[torch.Tensor, Any]] = {}  # run -> (its last snapshot's tensor, object ref)
         self.puts = 0  # snapshot tensors put into the object store
         self._vocab_refs: dict[str, tuple[int, Any]] = {}  # run -> (id of its hello, ref of its vocabulary)
+        self._first_refs: dict[str, tuple[torch.Tensor, Any]] = {}  # run -> (its first snapshot's tensor, ref)
         log.info("executor: Ray at %s, %d CPU(s) %d GPU(s); up to %d analyses at once (%s per task)",
                  address or "a local instance", cpus, gpus, self.slots, "1 GPU" if self.gpu else f"{self.threads} CPU(s)")
 
@@ -124,7 +133,7 @@ class RayExecutor:
 
     def forget(self, runs: set[str]) -> None:
         """Drop the object references of runs no longer in the daemon (their bytes leave the store)."""
-        for table in (self._refs, self._vocab_refs):
+        for table in (self._refs, self._vocab_refs, self._first_refs):
             for run in [r for r in list(table) if r not in runs]:  # list(): lanes may add runs meanwhile
                 table.pop(run, None)
 
@@ -158,13 +167,23 @@ class RayExecutor:
                 return self._fall_back(first_line(exc)).analyse(job, settings, progress, state, should_stop)
             raise TaskLost(f"could not put the snapshot into Ray's object store: {first_line(exc)}") from exc
         waited = time.monotonic() - job.current.received_mono
+        first_is, first_ref = None, None
+        if job.first is not None:  # the run's first snapshot (drift since init): by identity, or put once
+            first_is = "current" if job.first is job.current else "previous" if job.first is job.previous else "own"
+            if first_is == "own":
+                cached = self._first_refs.get(job.run)
+                if cached is None or cached[0] is not job.first.tensor:
+                    cached = (job.first.tensor, self.ray.put(job.first.tensor))
+                    self._first_refs[job.run] = cached
+                first_ref = cached[1]
         shell = replace(job, current=replace(job.current, tensor=torch.empty(0), received_mono=waited),
                         previous=replace(job.previous, tensor=torch.empty(0)) if job.previous else None,
+                        first=replace(job.first, tensor=torch.empty(0)) if job.first is not None else None,
                         hello=replace(job.hello, vocab=None) if job.hello is not None else None)
         reasons = []
         for attempt in (1, 2):
             try:
-                ref = self._remote.remote(shell, cur, prev, vocab, settings, state, self.threads)
+                ref = self._remote.remote(shell, cur, prev, vocab, settings, state, self.threads, first_is, first_ref)
                 record, new_state = self._wait(ref, should_stop)
                 arrays = record.get(TOKEN_ARRAYS)
                 if arrays is not None:
