@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import re
 import subprocess
 import sys
@@ -147,13 +148,14 @@ def run_snippets(daemon: DaemonProc, tmp_path: Path, launches: dict[str, list[st
             scripts[-1].write_text(source)
         out = open(tmp_path / f"{label}.log", "w")
         procs[label] = (subprocess.Popen([*prefix, str(runner), *map(str, scripts)], cwd=tmp_path, env=env,
-                                         stdout=out, stderr=subprocess.STDOUT), out)
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True), out)
     logs = {}
     for label, (proc, out) in procs.items():
         try:
             code = proc.wait(240)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too, not only the launcher
+            proc.wait()
             code = "timeout"
         out.close()
         logs[label] = (tmp_path / f"{label}.log").read_text()
