@@ -97,7 +97,9 @@ def test_keyless_peers_cannot_crowd_out_a_curve_trainer_and_both_sides_say_why(
         keyless = __import__("trainer_hook").EmbeddingPublisher(tcp_endpoint, run="keyless", shared_memory=False)
         try:
             wait_for("the trainer's line", lambda: "refused the handshake" in caplog.text)
-            wait_for("the daemon's line", lambda: "refused the handshake of 127.0.0.1 (uid 0)" in d.log(), proc=d)
+            # the source is named once the gate has placed the connection; under load the ZAP request can come
+            # first, and the line names "an unknown peer" (it is still said at once, and once)
+            wait_for("the daemon's line", lambda: "refused the handshake of" in d.log(), proc=d)
         finally:
             keyless.close()
     assert ("it requires CurveZMQ keys and we have none: pass curve_client_secret= and curve_server_public="
@@ -120,7 +122,7 @@ def test_keyless_peers_cannot_crowd_out_a_curve_trainer_and_both_sides_say_why(
     assert d.wait_exit() == 0
     gate = gate_counters(d.log())
     assert len(d.results("curved")) == 10 and gate["refused_source"] > 0
-    assert d.log().count("refused the handshake of 127.0.0.1 (uid 0)") == 1  # said once, not per retry
+    assert d.log().count("refused the handshake of") == 1  # said once, not per retry
     print(f"\nCURVE daemon, keyless flood of {out['connections_opened']} connections: authorised trainer 10/10; "
           f"gate {gate}")
 

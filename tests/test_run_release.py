@@ -41,6 +41,8 @@ def minimal_result(run: str, it: int) -> dict:
 def test_every_sink_releases_a_run_when_it_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    import wandb
+    wandb.teardown()  # wandb reads WANDB_DIR once per process: an earlier test's setup would keep its own dir
     sinks = [WandbSink(default_project="release-test"), JsonlSink(tmp_path / "runs"),
              ConsoleSink(stream=io.StringIO(), to_stdout=False)]
     runs = [f"r{i}" for i in range(3)]
