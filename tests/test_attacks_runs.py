@@ -122,7 +122,11 @@ def test_keyless_peers_cannot_crowd_out_a_curve_trainer_and_both_sides_say_why(
     assert d.wait_exit() == 0
     gate = gate_counters(d.log())
     assert len(d.results("curved")) == 10 and gate["refused_source"] > 0
-    assert d.log().count("refused the handshake of") == 1  # said once, not per retry
+    # said once per source, not per retry (the trainer retried for seconds): at most one line naming it and,
+    # when the refusal came before the gate placed the connection, one naming "an unknown peer"
+    named = d.log().count("refused the handshake of 127.0.0.1 (uid 0)")
+    unknown = d.log().count("refused the handshake of an unknown peer")
+    assert named <= 1 and unknown <= 1 and named + unknown >= 1
     print(f"\nCURVE daemon, keyless flood of {out['connections_opened']} connections: authorised trainer 10/10; "
           f"gate {gate}")
 
