@@ -19,6 +19,8 @@ import os
 import re
 from collections.abc import Iterable
 
+import torch
+
 from ..records import SnapshotData
 from .state import RunState
 
@@ -53,10 +55,22 @@ def human(nbytes: int) -> str:
     return f"{size:.1f} GiB"
 
 
+def add_counts(snap: SnapshotData, counts: torch.Tensor) -> bool:
+    """Add a skipped snapshot's token counts to `snap`'s (same rows); False when `snap` cannot take them."""
+    mine = snap.token_counts
+    if mine is None or mine.numel() != counts.numel():
+        return False
+    snap.token_counts = mine + counts
+    return True
+
+
 def enqueue(state: RunState, snap: SnapshotData) -> None:
     """Queue `snap` for analysis; iterations skipped since the run's last queued snapshot go with it."""
     snap.skipped_before = state.skipped_iters + snap.skipped_before
     state.skipped_iters = []
+    carried = state.skipped_counts.pop(snap.name, None)
+    if carried is not None and not add_counts(snap, carried):
+        state.skipped_counts[snap.name] = carried  # e.g. this one carries no counts: the next one may
     state.queue.append(snap)
     state.queued_bytes += snap.nbytes
 
@@ -83,6 +97,12 @@ def trim(runs: Iterable[RunState], budget: int, keep: SnapshotData,
             later.skipped_before = iters + later.skipped_before  # shown in the next result of the run
         else:
             state.skipped_iters = iters + state.skipped_iters
+        if victim.token_counts is not None:  # the tokens it counted are not lost with it
+            same = next((q for q in state.queue if q.name == victim.name and q.token_counts is not None), None)
+            if same is None or not add_counts(same, victim.token_counts):
+                held = state.skipped_counts.get(victim.name)
+                state.skipped_counts[victim.name] = victim.token_counts if held is None or \
+                    held.numel() != victim.token_counts.numel() else held + victim.token_counts
         skipped.append((state, victim))
     return skipped
 
