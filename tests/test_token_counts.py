@@ -118,3 +118,161 @@ def test_counts_of_dropped_snapshots_reach_the_next_record(start_daemon, tcp_end
         seen += r["tokens_seen"]
         assert seen == (r["iter"] + 2) * 24, records
     print(f"{pub.dropped} dropped by the trainer, {records[-1]['counters']['skipped']} skipped by the daemon")
+
+
+def test_compiled_model_counts_without_a_graph_break_or_recompile(start_daemon, tcp_endpoint: str) -> None:  # noqa: F811
+    """torch.compile traces the hook into the graph (aot_eager: dynamo and AOTAutograd as in production);
+    publishing resets the counts in place, which neither breaks the graph nor recompiles it. Gradient
+    accumulation: every micro-batch is counted."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from tests.test_training_stacks import BATCH, SEQ, VOCAB, Tiny, batch, train
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = Tiny()
+    d = start_daemon("--galaxy-rows", "0")
+    pub = publisher_for(tcp_endpoint, "compiled")
+    pub.watch_tokens(model.tok_embeddings)  # before the first compiled call, as the callbacks do
+    compiled = torch.compile(model, backend="aot_eager")
+    train(model, 1, None, step_fn=compiled)  # compiles forward and backward
+    frames = dict(counters["frames"])
+    assert frames.get("ok", 0) >= 1 and sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    posted: list[int] = []
+
+    def publish(where: str, step: int, loss: float) -> None:
+        if where == "post":
+            assert pub.publish(model.tok_embeddings, len(posted))
+            posted.append(step)
+            d.wait_results("compiled", len(posted))
+
+    with torch._dynamo.config.patch(error_on_recompile=True):  # any recompilation from here on raises
+        train(model, 3, publish, step_fn=compiled, accumulate=2)
+    assert dict(counters["frames"]) == frames and sum(counters["graph_break"].values()) == 0
+    assert not counters["recompiles"], dict(counters["recompiles"])
+    pub.close()
+    records = d.results("compiled")
+    # the compile step (1 batch) and then 2 micro-batches per step, in train()'s order of batch()es
+    fed = [[batch(0)], [batch(0), batch(1)], [batch(2), batch(3)], [batch(4), batch(5)]]
+    fed[1] = fed[0] + fed[1]
+    del fed[0]
+    for r, batches in zip(records, fed, strict=True):
+        ref = bincount([b[:, :-1] for b in batches], VOCAB)
+        assert r["tokens_seen"] == len(batches) * BATCH * SEQ == int(ref.sum())
+        if r["drift"] is not None:
+            assert r["insight"]["drift_by_frequency"]["never_seen"] == int((ref == 0).sum())
+
+
+class Recorder:
+    """A data collator that keeps every batch it builds: training batches (length SEQ) and evaluation ones
+    (shorter sequences) apart, in the order the Trainer asked for them."""
+
+    def __init__(self, train_len: int) -> None:
+        self.train_len, self.train, self.eval = train_len, [], []
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        ids = torch.stack([f["input_ids"] for f in features])
+        (self.train if ids.shape[1] == self.train_len else self.eval).append(ids.clone())
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+def test_hf_trainer_records_count_the_training_batches_since_the_previous_snapshot(start_daemon,  # noqa: F811
+                                                                                   tmp_path: Path) -> None:
+    pytest.importorskip("transformers", reason="the hf extra is not installed")
+    from tests.test_hf_callback import SEQ, V as HF_V, Pacer, Tokens, gpt2, training_args
+    from transformers import Trainer
+
+    from trainer_hook.hf import EmbeddingMonitorCallback
+
+    class Short(Tokens):  # evaluation data: shorter sequences, so the recorder tells them apart
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            x = super().__getitem__(i + 1000)["input_ids"][: SEQ - 4]
+            return {"input_ids": x, "labels": x}
+
+    class Paced(Pacer):  # waits for each record, without Pacer's reference forward (a training-mode one)
+        def _at(self, state, model) -> None:
+            if state.global_step in self.expected:
+                self.refs[state.global_step] = None
+
+    d = start_daemon("--exit-on-end", "--no-wandb", "--galaxy-rows", "0")
+    expected = [0, 2, 4, 5]  # start, every 2 steps (with an evaluation), the last step
+    pacer = Paced(d, "hf-counts", expected)
+    recorder = Recorder(SEQ)
+    args = training_args(tmp_path, max_steps=5, gradient_accumulation_steps=2, eval_strategy="steps",
+                         eval_steps=2, run_name="hf-counts")
+    trainer = Trainer(model=gpt2(), args=args, train_dataset=Tokens(), eval_dataset=Short(), data_collator=recorder,
+                      callbacks=[EmbeddingMonitorCallback(d.endpoint, every_n_steps=2), pacer])
+    trainer.train()
+    assert d.wait_exit() == 0
+    records = d.results("hf-counts")
+    assert [r["iter"] for r in records] == expected
+    # (the data loader may collate one batch ahead of training: only the first 2 x 5 were trained on)
+    assert len(recorder.train) >= 2 * 5 and len(recorder.eval) >= 2  # evaluation ran, on its own batches
+    # optimizer step s (1-based) trained on micro-batches 2(s-1) and 2s-1; a snapshot of step s leaves before
+    # step s+1's first forward, so it counts the training batches of the steps since the previous snapshot
+    for r, prev in zip(records, [0, *expected]):
+        batches = recorder.train[2 * prev:2 * r["iter"]]
+        ref = bincount(batches, HF_V)
+        assert r["tokens_seen"] == sum(b.numel() for b in batches) == int(ref.sum()), (r["iter"], r["tokens_seen"])
+        if r["drift"] is not None:
+            assert r["insight"]["drift_by_frequency"]["never_seen"] == int((ref == 0).sum())
+    assert not trainer.model.get_input_embeddings()._forward_pre_hooks  # removed at the end of training
+
+
+def test_lightning_counts_tuple_batches_in_training_not_validation(start_daemon) -> None:  # noqa: F811
+    """Lightning with gradient accumulation and validation: tuple batches (no "input_ids" key) are counted where
+    they meet the embedding; the sanity check and validation are not. count_tokens=False sends no counts."""
+    pl = pytest.importorskip("lightning.pytorch", reason="the lightning extra is not installed")
+    from tests.test_lightning_callback import V as PL_V, TinyLM
+    from trainer_hook.lightning import EmbeddingMonitorCallback
+
+    d = start_daemon("--no-wandb", "--galaxy-rows", "0")
+    data = torch.randint(0, PL_V, (64, 8), generator=torch.Generator().manual_seed(0))
+    train_batches: list[torch.Tensor] = []
+    val_batches: list[int] = []
+
+    def recorded(batch: list) -> list[torch.Tensor]:
+        ids = torch.stack([row[0] for row in batch])
+        train_batches.append(ids)
+        return [ids]
+
+    class Paced(pl.Callback):  # after ours: each snapshot analysed before the next batch (none is dropped)
+        def __init__(self, run: str, ours: EmbeddingMonitorCallback) -> None:
+            self.run, self.ours, self.pub = run, ours, None
+
+        def on_train_start(self, trainer, module):
+            self.pub = self.ours.publisher
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            d.wait_results(self.run, self.pub.published)
+
+    def fit(run: str, steps: int, **options) -> list[dict]:
+        train_batches.clear()
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=4, collate_fn=recorded)
+        val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data[:8]), batch_size=4,
+                                          collate_fn=lambda rows: val_batches.append(len(rows)) or
+                                          [torch.stack([row[0] for row in rows])])
+        cb = EmbeddingMonitorCallback(d.endpoint, run=run, every_n_steps=2, **options)
+        paced = Paced(run, cb)
+        trainer = pl.Trainer(max_steps=steps, accumulate_grad_batches=2, val_check_interval=4, limit_val_batches=2,
+                             num_sanity_val_steps=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                             callbacks=[cb, paced])
+        trainer.fit(TinyLM(), loader, val)
+        assert paced.pub.dropped == 0
+        wait_for(f"{run}'s end", lambda: f"run {run}: end" in d.log())
+        return d.results(run)
+
+    records = fit("pl-counts", 4)
+    assert len(val_batches) == 1 + 2 + 2  # the sanity check's batch and two validations ran, uncounted
+    assert [r["iter"] for r in records] == [0, 2, 4]
+    for r, prev in zip(records, [0, 0, 2]):
+        batches = train_batches[2 * prev:2 * r["iter"]]
+        assert r["tokens_seen"] == sum(b[:, :-1].numel() for b in batches), r["iter"]  # TinyLM feeds x[:, :-1]
+        if r["drift"] is not None:
+            ref = bincount([b[:, :-1] for b in batches], PL_V)
+            assert r["insight"]["drift_by_frequency"]["never_seen"] == int((ref == 0).sum())
+    off = fit("pl-off", 2, count_tokens=False)
+    assert [r["iter"] for r in off] == [0, 2] and all(r["tokens_seen"] is None for r in off)
