@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tests.test_daemon import wait_for
-from tests.test_daemon import env, publisher_for, start_daemon  # noqa: F401 (fixtures)
+from tests.test_daemon import env, publisher_for, start_daemon, wait_for  # noqa: F401 (fixtures)
+from tests.test_sharded import daemons  # noqa: F401 (fixture)
 from trainer_hook import EmbeddingPublisher
 
 pytestmark = pytest.mark.timeout(180)
@@ -276,3 +276,69 @@ def test_lightning_counts_tuple_batches_in_training_not_validation(start_daemon)
             assert r["insight"]["drift_by_frequency"]["never_seen"] == int((ref == 0).sum())
     off = fit("pl-off", 2, count_tokens=False)
     assert [r["iter"] for r in off] == [0, 2] and all(r["tokens_seen"] is None for r in off)
+
+
+def test_sharded_parts_carry_their_ranks_counts_summed_once_per_batch(daemons, subprocess_env: dict,  # noqa: F811
+                                                                       tmp_path: Path) -> None:
+    """2 torchrun gloo ranks: FSDP2 data parallel (each rank its own batches: the parts' counts are summed) and
+    Megatron TP=2 (one batch per TP group: counted once, not twice)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    scenarios = {"fsdp-counts": 101} | ({"mg-counts": 102} if importlib.util.find_spec("megatron") else {})
+    d = daemons("--galaxy-rows", "0")
+    out = tmp_path / "fed"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "count_ranks.py"), d.endpoint, str(out), str(d.results_dir), *scenarios]
+    proc = subprocess.run(cmd, env={**subprocess_env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    for run, rows in scenarios.items():
+        records = d.wait_results(run, 2)
+        assert [r["iter"] for r in records] == [0, 1]
+        for r in records:
+            fed = [torch.load(out / f"{run}-{rank}-{r['iter']}.pt") for rank in (0, 1)]
+            if run == "mg-counts":
+                assert torch.equal(fed[0], fed[1])  # one TP group, one batch
+                fed = fed[:1]
+            ref = bincount(fed, rows)
+            assert r["tokens_seen"] == int(ref.sum()) == sum(f.numel() for f in fed), (run, r["iter"])
+            if r["drift"] is not None:
+                assert r["insight"]["drift_by_frequency"]["never_seen"] == int((ref == 0).sum())
+        assert records[-1]["counters"]["incomplete"] == 0 and records[-1]["counters"]["rejected"] == 0
+
+
+def test_assembly_sums_the_parts_counts_and_refuses_a_wrong_length_before_any_work() -> None:
+    """Made by the protocol's own encoder and decoder; a hand-made Snapshot gets past the decoder's check."""
+    import dataclasses
+
+    import numpy as np
+
+    from analysis_daemon.service.assembly import Assembler, PartRejected
+    from protocol import decode, encode_snapshot
+
+    full = torch.arange(6 * 2, dtype=torch.float32).view(6, 2)
+
+    def part(start: int, end: int, counts: list[int] | None, publisher: str):
+        data = full.reshape(-1)[start:end].clone()
+        raw = None if counts is None else np.asarray(counts, dtype="<u4").tobytes()
+        return decode(encode_snapshot(run="r", iter=1, seq=0, name="wte", dtype="float32", shape=(end - start,),
+                                      payload=data.numpy().tobytes(), global_shape=(6, 2), start=start,
+                                      publisher=publisher, token_counts=raw)), data
+
+    asm, drops = Assembler(timeout_s=60), []
+    assert asm.add("r", *part(0, 5, [1, 0, 2, 0, 0, 2**32 - 1], "a"), drops) is None
+    assert asm.add("r", *part(5, 9, None, "b"), drops) is None  # e.g. a TP rank other than 0: no counts
+    done = asm.add("r", *part(9, 12, [0, 3, 0, 0, 1, 1], "c"), drops)
+    assert done is not None and torch.equal(done.tensor, full) and drops == []
+    assert done.token_counts.tolist() == [1, 3, 2, 0, 1, 2**32]  # summed in int64: no wrap-around
+    # counts for another row count (the decoder refuses them: test_research_metrics.py) are refused by the
+    # assembler too, before it allocates anything
+    msg, data = part(0, 5, None, "a")
+    with pytest.raises(PartRejected, match="token counts of 20 bytes, the matrix's 6 rows need 24"):
+        asm.add("r", dataclasses.replace(msg, iter=2, token_counts=b"\0" * 20), data, drops)
+    assert not asm.has("r") and asm.in_progress() == 0
