@@ -120,7 +120,8 @@ def test_counts_of_dropped_snapshots_reach_the_next_record(start_daemon, tcp_end
     print(f"{pub.dropped} dropped by the trainer, {records[-1]['counters']['skipped']} skipped by the daemon")
 
 
-def test_compiled_model_counts_without_a_graph_break_or_recompile(start_daemon, tcp_endpoint: str) -> None:  # noqa: F811
+def test_compiled_model_counts_without_a_graph_break_or_recompile(start_daemon,  # noqa: F811
+                                                                   tcp_endpoint: str) -> None:
     """torch.compile traces the hook into the graph (aot_eager: dynamo and AOTAutograd as in production);
     publishing resets the counts in place, which neither breaks the graph nor recompiles it. Gradient
     accumulation: every micro-batch is counted."""

@@ -6,7 +6,9 @@
 Publishes `model.get_input_embeddings()` at the start of training, at every evaluation, every
 `every_n_steps` optimizer steps when given, and at the last step (each step once, at `state.global_step`),
 then sends `end`. Each snapshot carries what the Trainer logged at its own step, named as the Trainer's
-W&B integration names it (`train/loss`, `train/learning_rate`, `eval/loss`, ...; docs/training-metrics.md).
+W&B integration names it (`train/loss`, `train/learning_rate`, `eval/loss`, ...; docs/training-metrics.md),
+and the token ids the input embedding saw in training since the previous snapshot (a forward pre-hook,
+`publisher.watch_tokens`; `count_tokens=False` turns it off).
 The only module of the project that imports `transformers`.
 """
 from __future__ import annotations

@@ -9,7 +9,9 @@ step once at `trainer.global_step`, then sends `end`. Each snapshot carries the 
 `trainer.callback_metrics` (what the module logged with `self.log`, under its own names) that changed at
 its step: a validation's metrics go with the step that was validated (docs/training-metrics.md). The embedding is `pl_module.get_input_embeddings()`,
 else that of a direct submodule that has one (e.g. a wrapped transformers model), else `embedding=`
-(a module, a tensor or an attribute path such as "model.embed_tokens"). The only module of the project
+(a module, a tensor or an attribute path such as "model.embed_tokens"). The token ids that embedding sees
+in training forwards are counted (a forward pre-hook, whatever the batch looks like; not validation) and
+travel with each snapshot; `count_tokens=False` turns it off. The only module of the project
 that imports Lightning (`lightning`, or the older `pytorch_lightning` package when that is what is installed).
 """
 from __future__ import annotations

@@ -121,7 +121,7 @@ class CountHook:
 
 
 def watch(module: torch.nn.Module, counts: TokenCounts, rows: int, device: torch.device | None) -> RemovableHandle:
-    """Register the counting pre-hook on `module` (counts allocated now, on `device`, so a compiled graph sees one tensor)."""
+    """Register the counting pre-hook on `module`; the counts are allocated now, on `device` (one tensor for good)."""
     if device is not None:
         counts.ensure(rows, device)
     return module.register_forward_pre_hook(counts.hook(rows), with_kwargs=True)
