@@ -263,8 +263,7 @@ def test_lightning_counts_tuple_batches_in_training_not_validation(start_daemon)
                              callbacks=[cb, paced])
         trainer.fit(TinyLM(), loader, val)
         assert paced.pub.dropped == 0
-        wait_for(f"{run}'s end", lambda: f"run {run}: end" in d.log())
-        return d.results(run)
+        return d.wait_results(run, paced.pub.published)
 
     records = fit("pl-counts", 4)
     assert len(val_batches) == 1 + 2 + 2  # the sanity check's batch and two validations ran, uncounted
