@@ -33,9 +33,12 @@ def add_ids(counts: torch.Tensor, ids: torch.Tensor) -> None:
     counts.scatter_add_(0, torch.where(inside, flat, rows), torch.ones_like(flat))
 
 
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)  # private: a torch without it counts twice
+
+
 def in_backward() -> bool:
     """Whether autograd's engine is running now (a forward run inside backward is a checkpoint's recomputation)."""
-    return torch._C._current_graph_task_id() != -1
+    return _graph_task_id is not None and _graph_task_id() != -1
 
 
 class TokenCounts:
