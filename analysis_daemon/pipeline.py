@@ -264,7 +264,8 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
         "drift": drift,
         "geometry": geometry,
         "drift_skipped_reason": reason,
-        "tokens_seen": int(counts.sum()) if counts is not None else None,  # fed since the previous snapshot
+        # fed since the previous analysed snapshot (a snapshot skipped from the backlog hands its counts on)
+        "tokens_seen": int(counts.sum()) if counts is not None else None,
         "drift_since_init": since_init,  # drift from the run's first snapshot (iter `first_iter`) to this one
         "drift_since_init_skipped_reason": since_init_reason,
         "geometry_error": geometry_error,
