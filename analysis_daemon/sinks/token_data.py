@@ -34,7 +34,7 @@ from . import Sink
 
 log = logging.getLogger("embedding_monitor.daemon")
 
-DEFAULT_KEEP = 50  # iterations per run: about 240 MB at 50304 tokens with k = 10 (4.8 MB each)
+DEFAULT_KEEP = 50  # iterations per run: about 250 MB at 50304 tokens with k = 10 (5.0 MB each; 5.6 with counts)
 MAX_TOKEN_CHARS = 200  # as the galaxy map: a hostile vocabulary cannot blow up the files
 ITER_DIGITS = 12  # zero-padded directory names sort as iterations
 
