@@ -223,8 +223,9 @@ def test_neighbourhood_sizes_match_a_float64_reference(dense: bool, monkeypatch:
     for threshold in (0.7, 0.6123, -0.3):
         expected, margin = reference_sizes(w, threshold)
         assert margin > tol, (threshold, margin, tol)  # no pair within rounding of the threshold: exact counts
-        for chunk in (37, 1000):  # 16 blocks of 37 rows and one of 8; one block (the square alone)
-            geo, _, sizes = geometry_neighbours_and_sizes(torch.from_numpy(w), threshold, chunk, knn_k=0)
+        for chunk, knn_k in ((37, 3), (1000, 0)):  # 16 blocks of 37 rows and one of 8 (with neighbour lists,
+            # whose block mask the sizes borrow); one block (the square alone)
+            geo, _, sizes = geometry_neighbours_and_sizes(torch.from_numpy(w), threshold, chunk, knn_k=knn_k)
             assert sizes.dtype == torch.int32 and sizes.tolist() == expected.tolist(), (threshold, chunk)
             # ordered pairs: each pair counts once for each of its rows, so the sizes add up to the pair count
             assert int(sizes[sizes >= 0].sum()) == geo["local_density"]["neighbor_pairs"]

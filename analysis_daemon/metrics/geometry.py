@@ -342,12 +342,15 @@ class _RowsAbove:
     # Above this fraction of nonzero 8-byte words, dense row/column sums are cheaper than the hits.
     _DENSE = 1 / 16
 
-    def __init__(self, n: int, m_max: int, above_bin: int | None, device: torch.device | str = "cpu") -> None:
+    def __init__(self, n: int, m_max: int, above_bin: int | None, device: torch.device | str = "cpu",
+                 buffer: torch.Tensor | None = None) -> None:
         self.counts = torch.zeros(n, dtype=torch.int64, device=device)
         self.bin = above_bin  # aligned threshold: the first uint8 bin above it; None: x > x_threshold
         size = min(m_max, n) * n
-        self._mask = torch.zeros(-(-size // 8) * 8, dtype=torch.bool, device=device) if above_bin is not None \
-            else None
+        self._mask = None
+        if above_bin is not None:  # `buffer`: the neighbour lists' block mask, free again before they use it
+            self._mask = buffer if buffer is not None and buffer.numel() >= size and buffer.dtype == torch.bool \
+                else torch.empty(size, dtype=torch.bool, device=device)
 
     def mask_of(self, m: int, cols: int) -> torch.Tensor:
         """The (m, cols) view of the reusable mask buffer (aligned thresholds only)."""
@@ -564,7 +567,8 @@ def geometry_neighbours_and_sizes(
                                 off + round(edge) if aligned else None, (pairs, mean, std), (nonfinite, zero),
                                 sample_rows, seed, chunk_size, knn_k, progress, sizes=sizes)
 
-    rows_above = _RowsAbove(n, chunk_size, off + round(edge) if aligned else None, device) if sizes else None
+    rows_above = _RowsAbove(n, chunk_size, off + round(edge) if aligned else None, device,
+                            buffer=knn.mask if knn is not None else None) if sizes else None
     if n >= 2:
         # The pool splits the CPU's single-core bincount over torch's threads; a GPU's bincount is parallel.
         threads = torch.get_num_threads() if device.type == "cpu" else 1
