@@ -37,7 +37,7 @@ class TokenArrays:
     # (V,) int32 neighbourhood size: rows with cosine above the threshold, from the geometry pass; -1 where
     # not known (invalid rows; with sampled geometry, rows outside the sample)
     nbhd: torch.Tensor | None = None
-    tokens_seen: torch.Tensor | None = None  # (V,) uint32 tokens the trainer fed since its previous snapshot
+    tokens_seen: torch.Tensor | None = None  # (V,) uint32 tokens fed since the previous analysed snapshot
     tokens_total: torch.Tensor | None = None  # (V,) int64 tokens fed in total since `tokens_total_since`
     tokens_total_since: int | None = None  # the iteration whose counts the total starts with (see RunInsight)
 
