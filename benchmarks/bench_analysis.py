@@ -170,22 +170,44 @@ def run_part(args: argparse.Namespace) -> dict:
     if args.part == "sizes":
         # The explorer's per-token neighbourhood sizes: the daemon's pass (neighbour lists on) without and
         # with them, alternating (and swapping which goes first) so both see the same load; the sizes must
-        # add up to the pair count. One threshold per entry: this input has no pair above the default 0.7,
-        # so lower ones give a sparse (~4 per token, on a bin edge) and a denser (~46, off the edges) mask.
+        # add up to the pair count. On a loaded machine whole passes vary by tens of percent, so the sizes'
+        # own work is also timed inside the pass, block by block (torch's CPU ops are synchronous): that
+        # share of the same run is the figure load cannot blur. One threshold per entry: this input has no
+        # pair above the default 0.7, so lower ones give a sparse (~3 per token, on a bin edge) and a
+        # denser (~36, off the edges) mask; 0.0 a dense one (half the pairs: a collapsed embedding).
+        from analysis_daemon.metrics import geometry
+        own, depth = [0.0], [0]
+
+        def timed(method):
+            def run(*a, **kw):  # only the outermost call counts: add_bins calls add_block itself
+                depth[0] += 1
+                t0 = time.perf_counter()
+                try:
+                    return method(*a, **kw)
+                finally:
+                    depth[0] -= 1
+                    if depth[0] == 0:
+                        own[0] += time.perf_counter() - t0
+            return run
+        for name in ("add_bins", "add_block"):
+            setattr(geometry._RowsAbove, name, timed(getattr(geometry._RowsAbove, name)))
         out["thresholds"] = []
         for threshold in args.sizes_thresholds:
             times: dict[bool, list[float]] = {False: [], True: []}
+            shares = []
             for r in range(args.repeats):
                 for sizes_on in ((False, True) if r % 2 == 0 else (True, False)):
+                    own[0] = 0.0
                     t0 = time.perf_counter()
                     geo, _, got = geometry_neighbours_and_sizes(w, threshold=threshold, chunk_size=args.chunk_size,
                                                                 knn_k=10, sizes=sizes_on)
                     times[sizes_on].append(time.perf_counter() - t0)
                     if sizes_on:
+                        shares.append((own[0], times[True][-1]))
                         sizes, pairs = got, geo["local_density"]["neighbor_pairs"]
                         assert int(sizes.sum()) == pairs, (int(sizes.sum()), pairs)
             out["thresholds"].append({"threshold": threshold, "without": times[False], "with_sizes": times[True],
-                                      "pairs": pairs, "max_size": int(sizes.max()),
+                                      "own": shares, "pairs": pairs, "max_size": int(sizes.max()),
                                       "isolated": int((sizes == 0).sum())})
         return out
     t0 = time.perf_counter()
@@ -244,7 +266,7 @@ def main() -> None:
     p.add_argument("--skip-extras", action="store_true", help="skip part (f)")
     p.add_argument("--skip-galaxy", action="store_true", help="skip part (g)")
     p.add_argument("--skip-sizes", action="store_true", help="skip part (h)")
-    p.add_argument("--sizes-thresholds", type=lambda t: [float(x) for x in t.split(",")], default=[0.7, 0.4, 0.35],
+    p.add_argument("--sizes-thresholds", type=lambda t: [float(x) for x in t.split(",")], default=[0.7, 0.4, 0.35, 0.0],
                    help="thresholds of part (h), comma-separated")
     p.add_argument("--part", choices=["geometry", "ours", "drift", "seed", "extras", "galaxy", "sizes"],
                    help=argparse.SUPPRESS)
@@ -301,14 +323,16 @@ def main() -> None:
               f"rounds analysis/map/search: {rounds} s)")
     if not args.skip_sizes:
         sz = spawn(args, "sizes", v)
-        print("(h) per-token neighbourhood sizes: the pass with neighbour lists, without / with them")
+        print("(h) per-token neighbourhood sizes: the pass with neighbour lists, without / with them, and the")
+        print("    sizes' own work timed inside the pass (its share of that pass's time; target: a few percent)")
         for t in sz["thresholds"]:
             a, b = min(t["without"]), min(t["with_sizes"])
             rounds = ", ".join(f"{x:.2f}/{y:.2f}" for x, y in zip(t["without"], t["with_sizes"]))
-            print(f"    threshold {t['threshold']:<5} {a:7.2f} s / {b:7.2f} s  ratio {b / a:6.3f}  "
-                  f"({t['pairs'] / v:.1f} per token = sum of sizes / V, largest {t['max_size']}, "
-                  f"{t['isolated']} with none; rounds {rounds} s)")
-        print(f"    (best of {args.repeats} each; target: a few percent)")
+            own = ", ".join(f"{o:.2f} s = {o / total:.1%}" for o, total in t["own"])
+            print(f"    threshold {t['threshold']:<5} {a:7.2f} s / {b:7.2f} s (ratio {b / a:.3f});  own work {own}")
+            print(f"        {t['pairs'] / v:.1f} per token = sum of sizes / V, largest {t['max_size']}, "
+                  f"{t['isolated']} with none; rounds without/with {rounds} s")
+        print(f"    (whole passes: best of {args.repeats} each, interleaved)")
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

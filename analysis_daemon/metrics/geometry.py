@@ -352,10 +352,12 @@ class _RowsAbove:
             self._mask = buffer if buffer is not None and buffer.numel() >= size and buffer.dtype == torch.bool \
                 else torch.empty(size, dtype=torch.bool, device=device)
 
-    def mask_of(self, m: int, cols: int) -> torch.Tensor:
-        """The (m, cols) view of the reusable mask buffer (aligned thresholds only)."""
-        assert self._mask is not None
-        return self._mask[: m * cols].view(m, cols)
+    def add_bins(self, q: torch.Tensor, r0: int, m: int) -> None:
+        """Count the block from its uint8 bins `q` (aligned threshold): "above" is q >= the threshold's
+        bin, exactly as the pass's bincount counts it, so the sizes add up to its pair count."""
+        assert self._mask is not None and self.bin is not None
+        cols = q.shape[1]
+        self.add_block(torch.ge(q, self.bin, out=self._mask[: m * cols].view(m, cols)), r0, m)
 
     def add_block(self, g: torch.Tensor, r0: int, m: int) -> None:
         """Count the contiguous (m, cols) above-threshold mask `g` of the block of rows r0:r0+m."""
@@ -439,8 +441,8 @@ def _triangle_pass(
             above -= int(torch.count_nonzero(xs.diagonal() > x_threshold))
             if rows_above is not None:
                 rows_above.add_block(gt, r0, m)
-        elif rows_above is not None:  # aligned: "above" is q >= the threshold's bin, as the bincount counts it
-            rows_above.add_block(torch.ge(q, rows_above.bin, out=rows_above.mask_of(m, cols)), r0, m)
+        elif rows_above is not None:
+            rows_above.add_bins(q, r0, m)
         if knn is not None:  # last: it may overwrite the diagonal of x
             knn.add_block(x, q, r0, m)
         done += m * cols - m * (m - 1) // 2
