@@ -6,7 +6,7 @@
   const $ = (id) => document.getElementById(id);
   const params = new URLSearchParams(location.search);
   const state = { run: params.get("run"), iters: [], index: 0, points: new Map(), vocab: null,
-                  token: null, neighbours: [], view: null, drag: null, drawnOnce: false };
+                  token: null, info: null, neighbours: [], view: null, drag: null, drawnOnce: false };
   const PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
                    "#9c755f", "#bab0ac", "#86bcb6", "#d37295", "#fabfd2", "#8cd17d", "#b6992d", "#499894"];
 
@@ -159,6 +159,7 @@
       chart($("chart-drift"), info.iters, info.drift_cosine);
       chart($("chart-norm"), info.iters, info.norm);
       chart($("chart-nbhd"), info.iters, info.neighbourhood_size);
+      state.info = info;
       seen(info);
       await showNeighbours();
       await compare();
@@ -174,9 +175,14 @@
   }
 
   function seen(info) {
-    // the newest iteration with a count: the run's total, and what the last snapshot added
-    let last = -1;
-    (info.tokens_total || []).forEach((v, i) => { if (v !== null) last = i; });
+    // at the selected iteration (else the newest one counted): the run's total, and what that snapshot added
+    if (!info) return;
+    const totals = info.tokens_total || [];
+    let last = info.iters.indexOf(iter());
+    if (last < 0 || totals[last] === null || totals[last] === undefined) {
+      last = -1;
+      totals.forEach((v, i) => { if (v !== null) last = i; });
+    }
     $("token-seen").textContent = last < 0 ? "tokens seen: not counted (the trainer sent no token counts)"
       : `tokens seen: ${info.tokens_total[last].toLocaleString("en")} in total since iteration ` +
         `${info.tokens_total_since[last]} (${(info.tokens_seen[last] ?? 0).toLocaleString("en")} in the ` +
@@ -233,7 +239,12 @@
     ctx.fillStyle = "#6b7785"; ctx.font = "11px system-ui";
     if (!pts.length) { ctx.fillText("no values", pad, h / 2); return; }
     let y0 = Math.min(...pts.map((p) => p[1])), y1 = Math.max(...pts.map((p) => p[1]));
-    if (y1 - y0 < 1e-9) { y0 -= Math.abs(y0) * 0.01 + 1e-6; y1 += Math.abs(y1) * 0.01 + 1e-6; }
+    const counts = pts.every((p) => Number.isInteger(p[1]));  // neighbourhood sizes: whole numbers
+    if (y1 - y0 < 1e-9) {
+      if (counts) { y0 = Math.max(0, y0 - 1); y1 += 1; }
+      else { y0 -= Math.abs(y0) * 0.01 + 1e-6; y1 += Math.abs(y1) * 0.01 + 1e-6; }
+    }
+    const label = (v) => (counts ? String(v) : v.toPrecision(6));
     const x0 = xs[0], x1 = xs[xs.length - 1] === x0 ? x0 + 1 : xs[xs.length - 1];
     const px = (x) => pad + (w - 2 * pad) * (x - x0) / (x1 - x0), py = (y) => h - pad - (h - 2 * pad) * (y - y0) / (y1 - y0);
     ctx.strokeStyle = "#4e79a7"; ctx.fillStyle = "#4e79a7"; ctx.beginPath();
@@ -241,7 +252,7 @@
     ctx.stroke();
     for (const [x, y] of pts) { ctx.beginPath(); ctx.arc(px(x), py(y), 2, 0, 2 * Math.PI); ctx.fill(); }
     ctx.fillStyle = "#1d232b";
-    ctx.fillText(y1.toPrecision(6), pad, 11); ctx.fillText(y0.toPrecision(6), pad, h - 2);
+    ctx.fillText(label(y1), pad, 11); ctx.fillText(label(y0), pad, h - 2);
     const cur = iter();
     if (cur !== undefined) { ctx.strokeStyle = "#e15759"; ctx.beginPath(); ctx.moveTo(px(cur), 0); ctx.lineTo(px(cur), h); ctx.stroke(); }
   }
@@ -304,7 +315,7 @@
       state.index = parseInt($("slider").value, 10);
       $("iter-label").textContent = String(iter());
       await draw();
-      if (state.token !== null) { await showNeighbours(); draw(); }
+      if (state.token !== null) { await showNeighbours(); seen(state.info); draw(); }
     });
     $("colour").addEventListener("change", () => {
       const u = new URL(location.href);
@@ -315,7 +326,7 @@
     $("cmp-a").addEventListener("change", compare);
     $("cmp-b").addEventListener("change", compare);
     $("search-form").addEventListener("submit", (e) => { e.preventDefault(); const v = $("search").value; if (v !== "") selectToken(v); });
-    $("run").addEventListener("change", async () => { state.run = $("run").value; state.token = null; await loadRun(); });
+    $("run").addEventListener("change", async () => { state.run = $("run").value; state.token = null; state.info = null; await loadRun(); });
   }
 
   async function main() {
