@@ -316,6 +316,10 @@ class EmbeddingPublisher:
         self._sender.jobs.put(job)
         return job
 
+    # Called inside a torch.compile'd function, Dynamo would trace into the publisher (locks, ctypes, the
+    # sender's queue): dozens of frames compiled and several graph breaks. Disabled, it is one graph break
+    # and the publish runs eagerly, as it would outside.
+    @torch.compiler.disable(reason="embedding-monitor publishes outside the graph")
     def publish(self, weight_or_module: Any, iter_num: int, metrics: dict[str, Any] | None = None, *,
                 embedding: str | None = None, name: str | None = None) -> bool:
         """Copy the embedding weight (this rank's shard of it) and hand it off; True if handed off. Never blocks.
