@@ -37,7 +37,7 @@ class TokenArrays:
     # (V,) int32 neighbourhood size: rows with cosine above the threshold, from the geometry pass; -1 where
     # not known (invalid rows; with sampled geometry, rows outside the sample)
     nbhd: torch.Tensor | None = None
-    tokens_seen: torch.Tensor | None = None  # (V,) uint32 tokens fed since the previous analysed snapshot
+    tokens_seen: torch.Tensor | None = None  # (V,) int64 tokens fed since the previous analysed snapshot
     tokens_total: torch.Tensor | None = None  # (V,) int64 tokens fed in total since `tokens_total_since`
     tokens_total_since: int | None = None  # the iteration whose counts the total starts with (see RunInsight)
 
@@ -397,14 +397,9 @@ def _add_token_counts(arrays: TokenArrays, state: RunInsight, counts: torch.Tens
         if state.tokens_total is None or int(state.tokens_total.numel()) != rows:
             state.tokens_total, state.tokens_total_since = torch.zeros(rows, dtype=torch.int64), iteration
         state.tokens_total = state.tokens_total + counts  # a new tensor: the last arrays keep theirs
-        arrays.tokens_seen = _as_uint32(counts)
+        arrays.tokens_seen = counts  # int64: a count is never capped (summed parts, skipped snapshots)
     if state.tokens_total is not None and int(state.tokens_total.numel()) == rows:
         arrays.tokens_total, arrays.tokens_total_since = state.tokens_total, state.tokens_total_since
-
-
-def _as_uint32(counts: torch.Tensor) -> torch.Tensor:
-    """int64 counts (< 2^32: the wire sends uint32) as a uint32 tensor."""
-    return counts.clamp(0, 2**32 - 1).to(torch.uint32)
 
 
 def _token_arrays(weights: torch.Tensor, state: RunInsight, knn_ids: Any, knn_cos: Any,

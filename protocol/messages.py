@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Union
 
 import msgpack
+import numpy as np
 
 PROTOCOL_VERSION: Final[int] = 1
 
@@ -140,8 +141,9 @@ class Snapshot:
     def numel(self) -> int:
         """Elements in this snapshot (or part)."""
         return math.prod(self.shape)
-    # Tokens the trainer fed since its previous snapshot: little-endian uint32 per row of the (global)
-    # matrix, validated to exactly 4 x rows bytes (publisher.count_tokens); None when not counted.
+    # Tokens the trainer fed since its previous snapshot: little-endian uint32 (or, when a count needs
+    # it, uint64) per row of the (global) matrix, validated to 4 or 8 x rows bytes (pack_token_counts);
+    # None when not counted. `unpack_token_counts` reads it.
     token_counts: bytes | None = None
 
     @property
@@ -217,6 +219,37 @@ def encode_hello(*, run: str, seq: int, pid: int, host: str, vocab: Sequence[str
                    "wandb": wandb, "meta": meta, "rank": rank, "world_size": world_size})]
 
 
+# A token count is at most this: 2^46 (7e13, several times the tokens of the largest training runs), so
+# the daemon's int64 sum over 65536 ranks' parts (max_world_size) and many skipped snapshots never overflows.
+TOKEN_COUNT_MAX: Final = 2**46
+
+
+def pack_token_counts(counts: Any) -> bytes:
+    """Token counts (one non-negative integer per row, a numpy array or a CPU tensor) for a snapshot header.
+
+    Little-endian uint32 per row while every count fits (the usual case: half the bytes), else uint64:
+    a count is never capped. Counts above TOKEN_COUNT_MAX raise ValueError.
+    """
+    values = np.asarray(counts).astype(np.int64, copy=False).reshape(-1)
+    top = int(values.max()) if values.size else 0
+    if values.size and int(values.min()) < 0 or top > TOKEN_COUNT_MAX:
+        raise ValueError(f"token counts must lie in [0, {TOKEN_COUNT_MAX}]")
+    return values.astype("<u4" if top <= 0xFFFFFFFF else "<u8").tobytes()
+
+
+def unpack_token_counts(data: bytes, rows: int) -> np.ndarray:
+    """The (rows,) int64 counts of a header's token_counts; ProtocolError when length or range is wrong."""
+    if len(data) == 4 * rows:
+        return np.frombuffer(data, dtype="<u4").astype(np.int64)
+    if len(data) != 8 * rows:
+        raise ProtocolError(f"header: token_counts must be {4 * rows} (uint32) or {8 * rows} (uint64) bytes for "
+                            f"{rows} rows, got {len(data)}")
+    wide = np.frombuffer(data, dtype="<u8")
+    if wide.size and int(wide.max()) > TOKEN_COUNT_MAX:
+        raise ProtocolError(f"header: a token count exceeds {TOKEN_COUNT_MAX}")
+    return wide.astype(np.int64)
+
+
 def encode_snapshot(*, run: str, iter: int, seq: int, name: str, dtype: str, shape: Sequence[int],
                     payload: Any = None, shm: ShmRef | None = None, sent_at: float | None = None,
                     publisher: str = "", global_shape: Sequence[int] | None = None,
@@ -227,7 +260,7 @@ def encode_snapshot(*, run: str, iter: int, seq: int, name: str, dtype: str, sha
     For one rank's part of a sharded matrix pass `global_shape` and either `offset` ([row, col] of a
     2-D block of `shape`) or `start` (the first flat element of a 1-D range, `shape` = [numel]).
     `metrics` (optional) must pass `check_metrics`; it raises ProtocolError otherwise.
-    `token_counts` (optional): little-endian uint32 per row of the (global) matrix.
+    `token_counts` (optional): `pack_token_counts` of one count per row of the (global) matrix.
     """
     if (payload is None) == (shm is None):
         raise ValueError("encode_snapshot needs exactly one of payload= or shm=")
@@ -258,8 +291,9 @@ def encode_snapshot(*, run: str, iter: int, seq: int, name: str, dtype: str, sha
         header["metrics"] = metrics
     if token_counts is not None:
         rows_counted = int(global_shape[0]) if global_shape is not None else dims[0]
-        if len(token_counts) != 4 * rows_counted:
-            raise ValueError(f"token_counts has {len(token_counts)} bytes, {rows_counted} rows need {4 * rows_counted}")
+        if len(token_counts) not in (4 * rows_counted, 8 * rows_counted):
+            raise ValueError(f"token_counts has {len(token_counts)} bytes, {rows_counted} rows need "
+                             f"{4 * rows_counted} (uint32) or {8 * rows_counted} (uint64)")
         header["token_counts"] = bytes(token_counts)
     return [_pack(header)] if payload is None else [_pack(header), payload]
 
@@ -449,8 +483,8 @@ def _unpack_header(frame: memoryview, limits: Limits) -> dict:
     try:
         data = msgpack.unpackb(
             frame, raw=False, strict_map_key=True, use_list=True,
-            # bytes only as a snapshot's token_counts (4 per row, checked after), no ext, no timestamps
-            max_str_len=limits.max_string_bytes, max_bin_len=min(4 * limits.max_rows, limits.max_header_bytes),
+            # bytes only as a snapshot's token_counts (4 or 8 per row, checked after), no ext, no timestamps
+            max_str_len=limits.max_string_bytes, max_bin_len=min(8 * limits.max_rows, limits.max_header_bytes),
             max_ext_len=0,
             # Arrays in a header are a shape (2) and a hello's vocabulary: refused before allocation.
             # (a vocabulary longer than max_rows could not match any snapshot we accept either)
@@ -615,9 +649,9 @@ def _decode_snapshot(frames: Sequence[Any], header: _Header, run: str, seq: int,
     counts = header.data.get("token_counts")
     if counts is not None:
         counted_rows = part[0][0] if part else shape[0]
-        if type(counts) is not bytes or len(counts) != 4 * counted_rows:
-            raise ProtocolError(f"header: token_counts must be {4 * counted_rows} bytes (uint32 per row), got "
-                                f"{type(counts).__name__} of {len(counts) if isinstance(counts, bytes) else '?'}")
+        if type(counts) is not bytes:
+            raise ProtocolError(f"header: token_counts must be bytes, got {type(counts).__name__}")
+        unpack_token_counts(counts, counted_rows)  # length and range; raises ProtocolError
     return Snapshot(run=run, iter=header.int_("iter"), seq=seq,
                     name=check_tensor_name(header.str_("name", max_chars=limits.max_tensor_name_chars)), dtype=dtype,
                     shape=tuple(shape), nbytes=nbytes, sent_at=header.float_("sent_at"), payload=payload,

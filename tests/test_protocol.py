@@ -129,6 +129,25 @@ def test_heartbeat_round_trip_and_validation(pipe):
         decode([msgpack.packb(good), b"x"])
 
 
+def test_token_counts_are_uint32_until_a_count_needs_uint64_and_never_capped():
+    from protocol import pack_token_counts, unpack_token_counts
+    from protocol.messages import TOKEN_COUNT_MAX
+    small, big = np.array([0, 7, 2**32 - 1, 3]), np.array([0, 7, 2**32, 6_000_000_000])
+    assert len(pack_token_counts(small)) == 16 and len(pack_token_counts(big)) == 32  # 4 rows: 4 or 8 bytes each
+    for counts in (small, big, np.array([0, 0, 0, TOKEN_COUNT_MAX])):
+        got = decode(snapshot_frames(token_counts=pack_token_counts(counts))).token_counts
+        assert unpack_token_counts(got, 4).tolist() == counts.tolist()
+    for bad in (np.array([0, 0, 0, TOKEN_COUNT_MAX + 1]), np.array([0, -1, 0, 0])):
+        with pytest.raises(ValueError, match="token counts must lie in"):
+            pack_token_counts(bad)  # the sender refuses; the receiver refuses what another sender packs
+    hostile = np.array([0, 0, 0, 2**63 + 5], dtype="<u8").tobytes()  # would wrap negative as int64
+    with pytest.raises(ProtocolError, match="a token count exceeds"):
+        decode(with_header(snapshot_frames(), token_counts=hostile))
+    for nbytes in (12, 20, 0):  # neither 4 nor 8 bytes a row
+        with pytest.raises(ProtocolError, match="token_counts must be 16 \\(uint32\\) or 32 \\(uint64\\) bytes"):
+            decode(with_header(snapshot_frames(), token_counts=bytes(nbytes)))
+
+
 def test_shm_snapshot_has_only_a_header():
     ref = ShmRef(segment="emon-123-0123abcd0123abcd0123abcd-0-1", offset=64, slot_seq=4)
     frames = encode_snapshot(run="r", iter=1, seq=2, name="wte", dtype="float16", shape=(10, 4), shm=ref)

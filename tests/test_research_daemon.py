@@ -171,3 +171,48 @@ def test_token_counts_travel_with_the_next_snapshot_and_are_reset(start_daemon, 
     rows = {row["analysis/iter"]: row for row in wandb_history.history(run_file) if "analysis/tokens_seen" in row}
     assert rows[10]["analysis/tokens_seen"] == 97
     assert rows[10]["analysis/drift_frequency_spearman"] == pytest.approx(got["spearman_count_vs_drift"])
+
+
+def test_counts_past_uint32_reach_the_record_and_the_token_data_uncapped(start_daemon, tcp_endpoint: str) -> None:  # noqa: F811
+    # A trainer whose counts outgrew uint32 (many ranks' sums, a long daemon outage carried on) sends them as
+    # uint64; the daemon keeps them as they are, in the record and in tokens_seen.npy. A count over the
+    # protocol's bound is refused as a malformed message, counted, and the daemon goes on.
+    import numpy as np
+    import zmq
+
+    from protocol import encode_end, encode_snapshot, pack_token_counts
+
+    d = start_daemon("--exit-on-end", "--galaxy-rows", "0")
+    g = torch.Generator().manual_seed(3)
+    mats = [torch.randn(50, 8, generator=g) for _ in range(3)]
+    counts = np.zeros(50, dtype=np.int64)
+    counts[[0, 7]] = [6_000_000_000, 5]
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.connect(tcp_endpoint)
+    try:
+        def send(it: int, w: torch.Tensor, token_counts: bytes | None) -> None:
+            sock.send_multipart(encode_snapshot(run="wide", iter=it, seq=it, name="wte", dtype="float32",
+                                                shape=list(w.shape), payload=w.numpy().tobytes(),
+                                                token_counts=token_counts))
+
+        send(0, mats[0], None)
+        d.wait_results("wide", 1)
+        send(1, mats[1], np.concatenate([np.zeros(49), [2**47]]).astype("<u8").tobytes())  # over 2^46: refused
+        send(2, mats[2], pack_token_counts(counts))
+        d.wait_results("wide", 2)
+        sock.send_multipart(encode_end(run="wide", seq=3, final_iter=2, published=3, dropped=0))
+        assert d.wait_exit() == 0  # every sink (the token data too) has finished
+    finally:
+        sock.close()
+        ctx.term()
+    records = d.results("wide")
+    assert [r["iter"] for r in records] == [0, 2]
+    assert records[1]["tokens_seen"] == 6_000_000_005
+    assert "a token count exceeds" in d.log()
+    assert "rejected=1" in d.log()
+    seen = np.load(d.results_dir / "wide" / "tokens" / f"{2:012d}" / "tokens_seen.npy")
+    assert seen.dtype == np.int64 and seen.tolist() == counts.tolist()
+    total = np.load(d.results_dir / "wide" / "tokens" / f"{2:012d}" / "tokens_total.npy")
+    assert total.tolist() == counts.tolist()

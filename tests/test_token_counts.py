@@ -74,6 +74,33 @@ def test_watch_counts_training_forwards_once_and_never_raises(caplog: pytest.Log
         offline_publisher().watch_tokens(emb.weight)
 
 
+def test_a_second_watch_on_another_row_count_is_refused_and_the_first_keeps_counting(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Two hooks on different row counts would restart the counts at each other's forwards (all but the last
+    # batch lost, silently): the second is refused with a line, the first counts on; once removed, another may.
+    a, b = nn.Embedding(V, 4), nn.Embedding(V + 2, 4)
+    pub = offline_publisher()
+    first = pub.watch_tokens(a)
+    with caplog.at_level(logging.WARNING, logger="embedding_monitor.hook"):
+        refused = pub.watch_tokens(b)
+    assert f"watch_tokens on {V + 2} rows refused: already counting for {V} rows" in caplog.text
+    fed = [torch.randint(0, V, (2, 3)) for _ in range(3)]
+    for ids in fed:
+        a(ids)
+        b(torch.randint(0, V + 2, (4,)))  # not counted: its hook was refused
+    assert pub._tokens.counts[:V].tolist() == bincount(fed).tolist()
+    refused.remove()  # a no-op handle
+    first.remove()
+    pub.watch_tokens(b)  # now the only one: counts start over for V + 2 rows
+    b(torch.tensor([V + 1]))
+    assert pub._tokens.counts.numel() == V + 3 and int(pub._tokens.counts[V + 1]) == 1
+    pub.close(timeout=0.2)
+    off = offline_publisher(enabled=False)  # a publisher that never sends counts nothing (and must not raise)
+    off.watch_tokens(a).remove()
+    assert not a._forward_pre_hooks
+    off.close(timeout=0.2)
+
+
 def test_counts_of_dropped_snapshots_reach_the_next_record(start_daemon, tcp_endpoint: str) -> None:  # noqa: F811
     """No daemon at first: one snapshot is dropped by the sender thread after it was queued (the connection
     grace ran out), the next one on the training thread before its copy; both leave their counts for the

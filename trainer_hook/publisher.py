@@ -12,6 +12,7 @@ event. Everything else (waiting for the event, sending, recycling buffers) is th
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import logging
 import os
@@ -37,7 +38,7 @@ from . import signals
 from .sender import EndJob, PrepareJob, Sender, SnapshotJob
 from .sharding import Part, dist_rank_and_world, find_weight, locate, vocab_rows
 from .staging import EventFactory, StagingPool, cuda_event
-from .tokens import TokenCounts, module_device, watch
+from .tokens import TokenCounts, hook_registered, module_device, no_hook, watch
 
 log = logging.getLogger("embedding_monitor.hook")
 
@@ -157,6 +158,7 @@ class EmbeddingPublisher:
         self._count_rows: int | None = None  # rows of the main tensor (known from the first publish or vocab)
         self._counts_warned = False
         self._token_hooks: list[Any] = []  # watch_tokens' handles, removed at close
+        self._watched_rows: int | None = None  # the row count the hooks count for (one at a time)
         self._vocab_rows = len(vocab) if vocab is not None else None
         self.metrics_rejected = 0  # metric entries left out of publishes (bad name, value or type)
         self._closed = False
@@ -316,6 +318,10 @@ class EmbeddingPublisher:
         self._sender.jobs.put(job)
         return job
 
+    # Called inside a torch.compile'd function, Dynamo would trace into the publisher (locks, ctypes, the
+    # sender's queue): dozens of frames compiled and several graph breaks. Disabled, it is one graph break
+    # and the publish runs eagerly, as it would outside.
+    @torch.compiler.disable(reason="embedding-monitor publishes outside the graph")
     def publish(self, weight_or_module: Any, iter_num: int, metrics: dict[str, Any] | None = None, *,
                 embedding: str | None = None, name: str | None = None) -> bool:
         """Copy the embedding weight (this rank's shard of it) and hand it off; True if handed off. Never blocks.
@@ -396,7 +402,12 @@ class EmbeddingPublisher:
                     job.token_counts = self._take_counts(part, pin=weight.is_cuda, like=weight.device)
                 if weight.is_cuda or self._event_factory is not None:
                     job.event = (self._event_factory or cuda_event)()
-                    job.event.record()  # fires after the DMA; the sender thread waits on it, not us
+                    # Recorded on the weight's device's current stream, where its copy was queued (record()
+                    # uses the current device's: a model on cuda:1 without set_device would otherwise get an
+                    # event on cuda:0 that can fire before the copy lands). It fires after the DMA; the
+                    # sender thread waits on it, not us.
+                    with torch.cuda.device(weight.device) if weight.is_cuda else contextlib.nullcontext():
+                        job.event.record()
         except OSError as exc:  # a slot that failed after it was taken: go inline over the socket from now on
             if job.slot is not None:
                 self._writer.release(job.slot)
@@ -443,11 +454,18 @@ class EmbeddingPublisher:
             rows = getattr(embedding, "num_embeddings", None)
             rows = int(rows) if isinstance(rows, int) else vocab_rows(find_weight(embedding))
         if self._closed or not self._shards_allowed:
-            return torch.utils.hooks.RemovableHandle({})  # this rank never sends: nothing to count for
+            return no_hook()  # this rank never sends: nothing to count for
+        watched = self._watched_rows
+        if watched is not None and watched != rows and any(map(hook_registered, self._token_hooks)):
+            # One count per row of one matrix: a second hook on another row count would restart the counts at
+            # every forward of either (each discarding the other's). Keep the first; say so once here.
+            log.warning("embedding publisher: watch_tokens on %d rows refused: already counting for %d rows "
+                        "(remove that handle first)", rows, watched)
+            return no_hook()
         if self._count_rows is not None and self._count_rows != rows:
             log.warning("embedding publisher: watch_tokens on %d rows, the main tensor has %d; counting %d", rows,
                         self._count_rows, rows)
-        self._count_rows = rows
+        self._count_rows = self._watched_rows = rows
         handle = watch(embedding, self._tokens, rows, module_device(embedding))
         self._token_hooks.append(handle)
         return handle

@@ -18,7 +18,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from protocol import ShmRef, ShmWriter, encode_end, encode_heartbeat, encode_snapshot
+from protocol import ShmRef, ShmWriter, encode_end, encode_heartbeat, encode_snapshot, pack_token_counts
 from protocol.endpoints import UnsafeEndpoint, check_listener
 
 from .staging import CopyEvent, StagingBuffer, StagingPool
@@ -310,8 +310,7 @@ class Sender(threading.Thread):
         common = dict(run=self.run_name, iter=job.iter, seq=self._seq, name=job.name, dtype=job.dtype,
                       shape=job.shape, publisher=self.publisher_id, global_shape=job.global_shape,
                       offset=job.offset, metrics=job.metrics, start=job.start,
-                      token_counts=None if job.token_counts is None else
-                      job.token_counts.clamp(max=2**32 - 1).numpy().astype("<u4").tobytes())
+                      token_counts=None if job.token_counts is None else pack_token_counts(job.token_counts.numpy()))
         if job.ref is not None:
             ok = self._send(encode_snapshot(shm=job.ref, **common)) is not False
         else:

@@ -17,6 +17,7 @@ break and no recompilation.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -128,6 +129,17 @@ def watch(module: torch.nn.Module, counts: TokenCounts, rows: int, device: torch
     if device is not None:
         counts.ensure(rows, device)
     return module.register_forward_pre_hook(counts.hook(rows), with_kwargs=True)
+
+
+def no_hook() -> RemovableHandle:
+    """A handle that registered nothing (its remove() does nothing), for a watch that counts nothing."""
+    return RemovableHandle(OrderedDict())  # the handle keeps a weak reference: a plain dict cannot have one
+
+
+def hook_registered(handle: RemovableHandle) -> bool:
+    """Whether `handle`'s hook is still registered (not removed, its module alive)."""
+    hooks = handle.hooks_dict_ref()
+    return hooks is not None and handle.id in hooks
 
 
 def module_device(module: Any) -> torch.device | None:

@@ -151,7 +151,7 @@ class RunData:
                             knn_ids=_load(where / "knn_ids.npy", (rows, k), "int32") if k else None,
                             knn_cos=_load(where / "knn_cos.npy", (rows, k), "float32") if k else None,
                             nbhd=_load(where / "nbhd.npy", (rows,), "int32"),
-                            tokens_seen=_load(where / "tokens_seen.npy", (rows,), "uint32"),
+                            tokens_seen=_load(where / "tokens_seen.npy", (rows,), "int64"),
                             tokens_total=_load(where / "tokens_total.npy", (rows,), "int64"))
         since = meta.get("tokens_total_since")
         if isinstance(since, int) and not isinstance(since, bool) and arrays.tokens_total is not None:

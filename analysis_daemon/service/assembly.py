@@ -22,10 +22,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from protocol import DEFAULT_LIMITS, Snapshot
+from protocol import DEFAULT_LIMITS, Snapshot, unpack_token_counts
 
 log = logging.getLogger("embedding_monitor.daemon")
 
@@ -130,10 +129,12 @@ class Assembler:
         """
         assert msg.global_shape is not None and (msg.offset is not None or msg.start is not None)
         counts = msg.token_counts
-        if counts is not None and (type(counts) is not bytes or len(counts) != 4 * msg.global_shape[0]):
+        if counts is not None and (type(counts) is not bytes or len(counts) not in (4 * msg.global_shape[0],
+                                                                                8 * msg.global_shape[0])):
             # the protocol checked this already; a part is refused before it costs anything if not
             raise PartRejected(f"part of iter {msg.iter}: token counts of {len(counts)} bytes, the matrix's "
-                               f"{msg.global_shape[0]} rows need {4 * msg.global_shape[0]}")
+                               f"{msg.global_shape[0]} rows need {4 * msg.global_shape[0]} (uint32) or "
+                               f"{8 * msg.global_shape[0]} (uint64)")
         now = time.monotonic()
         current = self._current.get(run)
         if current is not None and msg.iter > current.iter:
@@ -175,8 +176,8 @@ class Assembler:
         current.sent_at = max(current.sent_at, msg.sent_at)
         if msg.metrics and (current.metrics_rank is None or rank < current.metrics_rank):
             current.metrics, current.metrics_rank = dict(msg.metrics), rank
-        if counts is not None:  # uint32 per row, at most MAX_PARTS of them: the int64 sum cannot overflow
-            mine = torch.from_numpy(np.frombuffer(counts, dtype="<u4").astype(np.int64))
+        if counts is not None:  # each count <= 2^46 (protocol), at most MAX_PARTS = 2^16 parts: the int64 sum cannot overflow
+            mine = torch.from_numpy(unpack_token_counts(counts, msg.global_shape[0]))
             current.token_counts = mine if current.token_counts is None else current.token_counts.add_(mine)
         # No part overlaps another, so once the parts' elements add up to the matrix's, each element is
         # covered exactly once: no gap is left.

@@ -10,17 +10,19 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
+
+from protocol import unpack_token_counts
 
 from ..records import Counters, HelloInfo, SnapshotData
 
 
 def token_counts_of(msg: Any) -> torch.Tensor | None:
-    """A snapshot's token counts (validated to 4 bytes a row by the protocol) as an int64 tensor, or None."""
+    """A snapshot's token counts (validated by the protocol: uint32 or uint64 a row) as an int64 tensor, or None."""
     if msg.token_counts is None:
         return None
-    return torch.from_numpy(np.frombuffer(msg.token_counts, dtype="<u4").astype(np.int64))
+    rows = msg.global_shape[0] if msg.global_shape is not None else msg.shape[0]
+    return torch.from_numpy(unpack_token_counts(msg.token_counts, rows))
 
 
 MAX_TENSORS_PER_RUN = 8  # named tensors one run may send (each holds up to two V x d baselines)

@@ -8,7 +8,7 @@ Each analysed iteration gets a directory of plain `.npy` arrays (no pickles; rea
     norm.npy      (V,)   float32  row norm
     xy.npy        (V, 2) float32  map coordinates, aligned across iterations
     nbhd.npy      (V,)   int32    neighbourhood size: tokens with cosine above the threshold (-1: not known)
-    tokens_seen.npy  (V,) uint32  tokens the trainer fed since its previous snapshot (only when it counted)
+    tokens_seen.npy  (V,) int64   tokens the trainer fed since the previous analysed snapshot (only when it counted)
     tokens_total.npy (V,) int64   tokens fed in total since meta.json's `tokens_total_since` (when counted)
     meta.json     iteration, shape, k, bytes, threshold, tokens_total_since
 and the run gets `tokens/vocab.json` (the trainer's token strings, each cut to 200 characters) once.

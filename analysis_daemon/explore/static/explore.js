@@ -145,7 +145,7 @@
       flag: "orange: flagged under-trained; grey: the record lists none",
       frequency: Number.isFinite(p.freq[0])
         ? `tokens fed in total, log scale: dark blue 1 … yellow ${p.freqMax.toLocaleString("en")}; magenta: never seen`
-        : "frequency: the trainer counted no tokens for this iteration (publisher.count_tokens)",
+        : "frequency: the trainer counted no tokens for this iteration (the callbacks count by default; a plain loop: publisher.watch_tokens(embedding))",
     }[mode];
     $("legend").textContent = text;
   }
