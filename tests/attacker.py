@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import select
 import socket
 import struct
 import sys
@@ -333,9 +334,26 @@ def read_secrets(port: int, directory: str, seconds: float) -> dict:
     return {"tried": tried, "stolen": stolen}
 
 
+_stdin_open = True
+
+
+def _stop_asked() -> bool:
+    """Whether the test wrote `stop` to our stdin (it has seen what it needed): a flood ends early. End of
+    file or no stdin (a benchmark's terminal) leaves only the time bound."""
+    global _stdin_open
+    try:
+        if not _stdin_open or not select.select([sys.stdin], [], [], 0)[0]:
+            return False
+        line = sys.stdin.readline()
+    except (OSError, ValueError):
+        line = ""
+    _stdin_open = bool(line)
+    return line.strip() == "stop"
+
+
 def _hold(port: int, count: int, seconds: float, greet: bool) -> dict:
-    """Keep `count` connections open for `seconds`, reopening each one the daemon drops; with `greet`
-    they send the ZMTP greeting and READY (idle ZeroMQ peers), else nothing at all."""
+    """Keep `count` connections open for `seconds` (or until stdin closes), reopening each one the daemon
+    drops; with `greet` they send the ZMTP greeting and READY (idle ZeroMQ peers), else nothing at all."""
     def opened() -> socket.socket:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setblocking(False)
@@ -347,7 +365,7 @@ def _hold(port: int, count: int, seconds: float, greet: bool) -> dict:
     total, reopened = count, 0
     deadline = time.monotonic() + seconds
     announced = False
-    while time.monotonic() < deadline:  # bounded: `seconds`
+    while time.monotonic() < deadline and not (announced and _stop_asked()):  # bounded: `seconds`
         time.sleep(0.2)
         for i, s in enumerate(socks):
             dropped = False
