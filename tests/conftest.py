@@ -42,16 +42,21 @@ def tcp_endpoint() -> str:
     return f"tcp://127.0.0.1:{free_tcp_port()}"
 
 
-@pytest.fixture
-def subprocess_env(tmp_path: Path) -> dict[str, str]:
-    """Environment for child processes: repo on the path, wandb offline into tmp_path."""
+def child_env(tmp: Path) -> dict[str, str]:
+    """Environment for child processes: repo on the path, wandb offline into `tmp`."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     env["WANDB_MODE"] = "offline"
     env["WANDB_SILENT"] = "true"
-    env["WANDB_DIR"] = str(tmp_path)
+    env["WANDB_DIR"] = str(tmp)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@pytest.fixture
+def subprocess_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for child processes: repo on the path, wandb offline into tmp_path."""
+    return child_env(tmp_path)
 
 
 @pytest.fixture(autouse=True)
