@@ -200,8 +200,33 @@ def big_vocab(port: int, tokens: int) -> dict:
     return {"wire_bytes": len(body)}
 
 
+_stdin_open = True
+
+
+def _stop_asked() -> bool:
+    """Whether the test wrote `stop` to our stdin (it has seen what it needed): a flood ends early. End of
+    file or no stdin (a benchmark's terminal) leaves only the time bound."""
+    global _stdin_open
+    try:
+        if not _stdin_open or not select.select([sys.stdin], [], [], 0)[0]:
+            return False
+        line = sys.stdin.readline()
+    except (OSError, ValueError):
+        line = ""
+    _stdin_open = bool(line)
+    return line.strip() == "stop"
+
+
+def _pause(seconds: float) -> None:
+    """Sleep `seconds`, or less if the test says stop."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not _stop_asked():
+        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+
 def idle_peers(port: int, count: int, hold: float) -> dict:
-    """`count` connections that send the greeting and READY (where the daemon accepts them), then nothing."""
+    """`count` connections that send the greeting and READY (where the daemon accepts them), then nothing for
+    `hold` seconds (or until `stop` on stdin)."""
     socks, failed = [], 0
     for _ in range(count):  # non-blocking connects: a full accept backlog must not stall us
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -215,7 +240,7 @@ def idle_peers(port: int, count: int, hold: float) -> dict:
         except OSError:
             failed += 1  # still in the accept backlog, or already dropped: idle all the same
     print(json.dumps({"opened": len(socks), "greeting_not_sent": failed}), flush=True)
-    time.sleep(hold)
+    _pause(hold)  # or until the test has measured what it needed
     alive = 0
     for s in socks:
         try:
@@ -332,23 +357,6 @@ def read_secrets(port: int, directory: str, seconds: float) -> dict:
                 except OSError:
                     pass
     return {"tried": tried, "stolen": stolen}
-
-
-_stdin_open = True
-
-
-def _stop_asked() -> bool:
-    """Whether the test wrote `stop` to our stdin (it has seen what it needed): a flood ends early. End of
-    file or no stdin (a benchmark's terminal) leaves only the time bound."""
-    global _stdin_open
-    try:
-        if not _stdin_open or not select.select([sys.stdin], [], [], 0)[0]:
-            return False
-        line = sys.stdin.readline()
-    except (OSError, ValueError):
-        line = ""
-    _stdin_open = bool(line)
-    return line.strip() == "stop"
 
 
 def _hold(port: int, count: int, seconds: float, greet: bool) -> dict:
