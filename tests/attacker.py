@@ -297,7 +297,8 @@ def fat_hellos(port: int, count: int) -> dict:
 
 def squat(port: int, seconds: float, marker: str) -> dict:
     """Listen on the daemon's port while it is down, complete the ZMTP handshake as a PULL peer with every
-    trainer that connects, and count what each sends after it (a hello would carry `marker`, its run name)."""
+    trainer that connects, and count what each sends after it (a hello would carry `marker`, its run name).
+    A line after each connection the trainer closed says how many there were; `stop` on stdin ends it early."""
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(("127.0.0.1", port))
@@ -307,7 +308,7 @@ def squat(port: int, seconds: float, marker: str) -> dict:
     handshakes = after = 0
     seen_marker = False
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not _stop_asked():
         try:
             conn, _ = srv.accept()
         except socket.timeout:
@@ -331,6 +332,7 @@ def squat(port: int, seconds: float, marker: str) -> dict:
                 data += chunk
             after += len(data)
             seen_marker = seen_marker or marker.encode() in data
+            print(json.dumps({"handshakes": handshakes}), flush=True)
         except (OSError, ConnectionError) as exc:
             print("squat:", repr(exc), file=sys.stderr, flush=True)
         finally:
