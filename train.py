@@ -281,6 +281,7 @@ if analysis == 'zmq' and master_process:
                                        allow_insecure=analysis_allow_insecure)
     except (ValueError, OSError) as e:
         sys.exit(f"Error: analysis hook: {e} (or train without it: --analysis=none)")
+    publisher.watch_tokens(raw_model.transformer.wte) # counts the ids of training forwards: drift by token frequency
 
 # Ctrl-C or SIGTERM: finish this iteration, then stop as if max_iters were reached, so the last state is
 # still evaluated, saved and handed to the daemon and everything closes cleanly; a second Ctrl-C aborts.

@@ -34,11 +34,23 @@ class TokenArrays:
     xy: torch.Tensor  # (V, 2) float32 map coordinates, aligned with the run's previous ones
     # the (V, d) snapshot itself, not copied: the TensorBoard projector shows it (not in nbytes: not stored)
     weights: torch.Tensor | None = None
+    # (V,) int32 neighbourhood size: rows with cosine above the threshold, from the geometry pass; -1 where
+    # not known (invalid rows; with sampled geometry, rows outside the sample)
+    nbhd: torch.Tensor | None = None
+    tokens_seen: torch.Tensor | None = None  # (V,) uint32 tokens fed since the previous analysed snapshot
+    tokens_total: torch.Tensor | None = None  # (V,) int64 tokens fed in total since `tokens_total_since`
+    tokens_total_since: int | None = None  # the iteration whose counts the total starts with (see RunInsight)
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        """The arrays the token data keeps on disk, by file name (without .npy); absent ones left out."""
+        arrays = {"norm": self.norm, "xy": self.xy, "drift": self.drift, "knn_ids": self.knn_ids,
+                  "knn_cos": self.knn_cos, "nbhd": self.nbhd, "tokens_seen": self.tokens_seen,
+                  "tokens_total": self.tokens_total}
+        return {name: t for name, t in arrays.items() if t is not None}
 
     def nbytes(self) -> int:
         """Bytes the arrays hold (what one iteration costs on disk, give or take the file headers)."""
-        return sum(t.numel() * t.element_size() for t in (self.knn_ids, self.knn_cos, self.drift, self.norm, self.xy)
-                   if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.stored().values())
 
 
 class AnalysisAbandoned(Exception):
@@ -133,7 +145,7 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     """
     from .metrics.device import chunk_rows
     from .metrics.drift import measure_semantic_drift
-    from .metrics.geometry import geometry_and_neighbours
+    from .metrics.geometry import geometry_neighbours_and_sizes
 
     state = insight_state if insight_state is not None else RunInsight()
     cur: SnapshotData = job.current
@@ -183,14 +195,14 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
 
     geometry: dict[str, Any] | None = None
     geometry_error: str | None = None
-    knn_ids = knn_kth = knn_cos = None
+    knn_ids = knn_kth = knn_cos = nbhd = None
     t0 = time.monotonic()
     try:
-        geom, neighbours = geometry_and_neighbours(
+        geom, neighbours, nbhd = geometry_neighbours_and_sizes(
             cur_t, threshold=settings.threshold, chunk_size=chunk,
             knn_k=settings.knn_k if settings.extras else 0, progress=progress,
             sample_rows=_sample_rows(settings.sample_rows, cur.sample_rows), seed=settings.sample_seed,
-            device=device)
+            device=device, sizes=settings.token_data)
         geometry = jsonable(geom)
         knn_ids = neighbours[0] if neighbours is not None else None
         if neighbours is not None and not geom.get("sampled_rows"):  # sampled: lists for a sample only
@@ -235,7 +247,8 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
     if settings.token_data:
         try:
             token_arrays = _token_arrays(cur_t, state, knn_ids if knn_cos is not None else None, knn_cos,
-                                         token_drift, snapshot=cur.tensor)
+                                         token_drift, snapshot=cur.tensor, nbhd=nbhd)
+            _add_token_counts(token_arrays, state, counts, cur.iter)
         except Exception as exc:  # costs the explorer's data of this iteration, never the record
             token_error = f"token data failed: {first_line(exc)}"
             log.error("run %s iter %d: %s", job.run, cur.iter, token_error)
@@ -251,7 +264,8 @@ def analyse(job: Job, settings: AnalysisSettings, progress: Callable[[float], No
         "drift": drift,
         "geometry": geometry,
         "drift_skipped_reason": reason,
-        "tokens_seen": int(counts.sum()) if counts is not None else None,  # fed since the previous snapshot
+        # fed since the previous analysed snapshot (a snapshot skipped from the backlog hands its counts on)
+        "tokens_seen": int(counts.sum()) if counts is not None else None,
         "drift_since_init": since_init,  # drift from the run's first snapshot (iter `first_iter`) to this one
         "drift_since_init_skipped_reason": since_init_reason,
         "geometry_error": geometry_error,
@@ -369,8 +383,32 @@ def _undertrained(job: Job, vocab: list[str] | None) -> dict[str, Any]:
     return {"undertrained": found, "undertrained_tokens": tokens}
 
 
+def _add_token_counts(arrays: TokenArrays, state: RunInsight, counts: torch.Tensor | None, iteration: int) -> None:
+    """This snapshot's token counts and the run's running total into `arrays`; updates the total.
+
+    The total lives in the run's insight state (this worker's, in memory): it starts with the first
+    snapshot that carries counts (`tokens_total_since`), starts over when the vocabulary size changes,
+    and after a daemon restart starts over from the first counted snapshot the new daemon analyses.
+    A snapshot without counts carries the total on unchanged (nothing was counted for it).
+    """
+    rows = int(arrays.norm.shape[0])
+    if counts is not None:
+        counts = counts.detach().to("cpu", torch.int64)
+        if state.tokens_total is None or int(state.tokens_total.numel()) != rows:
+            state.tokens_total, state.tokens_total_since = torch.zeros(rows, dtype=torch.int64), iteration
+        state.tokens_total = state.tokens_total + counts  # a new tensor: the last arrays keep theirs
+        arrays.tokens_seen = _as_uint32(counts)
+    if state.tokens_total is not None and int(state.tokens_total.numel()) == rows:
+        arrays.tokens_total, arrays.tokens_total_since = state.tokens_total, state.tokens_total_since
+
+
+def _as_uint32(counts: torch.Tensor) -> torch.Tensor:
+    """int64 counts (< 2^32: the wire sends uint32) as a uint32 tensor."""
+    return counts.clamp(0, 2**32 - 1).to(torch.uint32)
+
+
 def _token_arrays(weights: torch.Tensor, state: RunInsight, knn_ids: Any, knn_cos: Any,
-                  drift: Any, snapshot: torch.Tensor | None = None) -> TokenArrays:
+                  drift: Any, snapshot: torch.Tensor | None = None, nbhd: torch.Tensor | None = None) -> TokenArrays:
     """The per-token arrays of this snapshot; the map is aligned with (and becomes) the run's previous one."""
     from .metrics.token_map import token_coordinates
 
@@ -380,7 +418,8 @@ def _token_arrays(weights: torch.Tensor, state: RunInsight, knn_ids: Any, knn_co
     return TokenArrays(knn_ids=knn_ids.to(torch.int32) if knn_ids is not None else None,
                        knn_cos=knn_cos.float() if knn_cos is not None else None,
                        drift=drift, norm=norm, xy=xy,
-                       weights=snapshot if snapshot is not None else weights)  # the received one, on the CPU
+                       weights=snapshot if snapshot is not None else weights,  # the received one, on the CPU
+                       nbhd=nbhd if nbhd is not None and int(nbhd.numel()) == int(norm.numel()) else None)
 
 
 def _insight(job: Job, settings: AnalysisSettings, state: RunInsight, knn_ids: Any,

@@ -105,3 +105,7 @@ class RunInsight:
     # is the next drift's previous, the first one every since-init drift's (CKA needs both; computed once each)
     grams: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)
     token_xy: torch.Tensor | None = None  # (V, 2) explorer map coordinates of the last analysed snapshot
+    # (V,) int64 tokens the trainer fed in total, from the snapshot counts analysed since iteration
+    # `tokens_total_since` (in memory only: a restarted daemon starts a new total; pipeline._add_token_counts)
+    tokens_total: torch.Tensor | None = None
+    tokens_total_since: int | None = None

@@ -1,8 +1,9 @@
 """Benchmark of the analysis core: geometry against its matmul floor, peak memory, drift, and the seed's sketch.
 
 Run:  .venv/bin/python benchmarks/bench_analysis.py [--vocab 50304 --dim 768] [--seed-vocab N | --skip-seed]
-      [--skip-core] [--skip-extras] [--skip-galaxy]
-      (f) alone: --skip-core --skip-seed --skip-galaxy; (g) alone: --skip-core --skip-seed --skip-extras
+      [--skip-core] [--skip-extras] [--skip-galaxy] [--skip-sizes]
+      (f) alone: --skip-core --skip-seed --skip-galaxy --skip-sizes; (g) alone: --skip-core --skip-seed
+      --skip-extras --skip-sizes; (h) alone: --skip-core --skip-seed --skip-extras --skip-galaxy
 
 Every part runs in a fresh subprocess, so each peak RSS (ru_maxrss) belongs to that part alone; the
 input (a seeded low-rank-plus-noise matrix with a shared offset, like trained token embeddings) is built
@@ -32,7 +33,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from analysis_daemon.metrics.drift import measure_semantic_drift  # noqa: E402
-from analysis_daemon.metrics.geometry import analyze_embedding_geometry, geometry_and_neighbours  # noqa: E402
+from analysis_daemon.metrics.geometry import (  # noqa: E402
+    analyze_embedding_geometry, geometry_and_neighbours, geometry_neighbours_and_sizes)
 from analysis_daemon.metrics.clump import find_clump  # noqa: E402
 from analysis_daemon.metrics.galaxy import galaxy_map  # noqa: E402
 from analysis_daemon.metrics.insight import compute_insight  # noqa: E402
@@ -165,6 +167,49 @@ def run_part(args: argparse.Namespace) -> dict:
                    clustered=m["clustered_points"], ev=m["explained_variance"], found=found is not None,
                    candidates=int((cos[:, -1] > args.threshold).sum()), bytes=len(json.dumps(m)))
         return out
+    if args.part == "sizes":
+        # The explorer's per-token neighbourhood sizes: the daemon's pass (neighbour lists on) without and
+        # with them, alternating (and swapping which goes first) so both see the same load; the sizes must
+        # add up to the pair count. On a loaded machine whole passes vary by tens of percent, so the sizes'
+        # own work is also timed inside the pass, block by block (torch's CPU ops are synchronous): that
+        # share of the same run is the figure load cannot blur. One threshold per entry: this input has no
+        # pair above the default 0.7, so lower ones give a sparse (~3 per token, on a bin edge) and a
+        # denser (~36, off the edges) mask; 0.0 a dense one (half the pairs: a collapsed embedding).
+        from analysis_daemon.metrics import geometry
+        own, depth = [0.0], [0]
+
+        def timed(method):
+            def run(*a, **kw):  # only the outermost call counts: add_bins calls add_block itself
+                depth[0] += 1
+                t0 = time.perf_counter()
+                try:
+                    return method(*a, **kw)
+                finally:
+                    depth[0] -= 1
+                    if depth[0] == 0:
+                        own[0] += time.perf_counter() - t0
+            return run
+        for name in ("add_bins", "add_block"):
+            setattr(geometry._RowsAbove, name, timed(getattr(geometry._RowsAbove, name)))
+        out["thresholds"] = []
+        for threshold in args.sizes_thresholds:
+            times: dict[bool, list[float]] = {False: [], True: []}
+            shares = []
+            for r in range(args.repeats):
+                for sizes_on in ((False, True) if r % 2 == 0 else (True, False)):
+                    own[0] = 0.0
+                    t0 = time.perf_counter()
+                    geo, _, got = geometry_neighbours_and_sizes(w, threshold=threshold, chunk_size=args.chunk_size,
+                                                                knn_k=10, sizes=sizes_on)
+                    times[sizes_on].append(time.perf_counter() - t0)
+                    if sizes_on:
+                        shares.append((own[0], times[True][-1]))
+                        sizes, pairs = got, geo["local_density"]["neighbor_pairs"]
+                        assert int(sizes.sum()) == pairs, (int(sizes.sum()), pairs)
+            out["thresholds"].append({"threshold": threshold, "without": times[False], "with_sizes": times[True],
+                                      "own": shares, "pairs": pairs, "max_size": int(sizes.max()),
+                                      "isolated": int((sizes == 0).sum())})
+        return out
     t0 = time.perf_counter()
     if args.part == "ours":
         r = analyze_embedding_geometry(w, threshold=args.threshold, chunk_size=args.chunk_size)
@@ -188,7 +233,7 @@ def spawn(args: argparse.Namespace, part: str, vocab: int) -> dict:
     """Run one part in a fresh interpreter and return its JSON figures."""
     cmd = [sys.executable, __file__, "--part", part, "--vocab", str(vocab), "--dim", str(args.dim),
            "--chunk-size", str(args.chunk_size), "--threshold", str(args.threshold), "--seed", str(args.seed),
-           "--repeats", str(args.repeats)]
+           "--repeats", str(args.repeats), "--sizes-thresholds", ",".join(map(str, args.sizes_thresholds))]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -220,7 +265,11 @@ def main() -> None:
     p.add_argument("--skip-core", action="store_true", help="skip parts (a)-(d): only the extras' cost (f)")
     p.add_argument("--skip-extras", action="store_true", help="skip part (f)")
     p.add_argument("--skip-galaxy", action="store_true", help="skip part (g)")
-    p.add_argument("--part", choices=["geometry", "ours", "drift", "seed", "extras", "galaxy"], help=argparse.SUPPRESS)
+    p.add_argument("--skip-sizes", action="store_true", help="skip part (h)")
+    p.add_argument("--sizes-thresholds", type=lambda t: [float(x) for x in t.split(",")], default=[0.7, 0.4, 0.35, 0.0],
+                   help="thresholds of part (h), comma-separated")
+    p.add_argument("--part", choices=["geometry", "ours", "drift", "seed", "extras", "galaxy", "sizes"],
+                   help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.part:
         print(json.dumps(run_part(args)))
@@ -272,6 +321,18 @@ def main() -> None:
               f"clump found: {gx['found']}); every row a candidate: {f:.3f} s")
         print(f"    ratio (map + search)/analysis {(g + c) / a:8.3f}    (best of {args.repeats} each; target < 0.05; "
               f"rounds analysis/map/search: {rounds} s)")
+    if not args.skip_sizes:
+        sz = spawn(args, "sizes", v)
+        print("(h) per-token neighbourhood sizes: the pass with neighbour lists, without / with them, and the")
+        print("    sizes' own work timed inside the pass (its share of that pass's time; target: a few percent)")
+        for t in sz["thresholds"]:
+            a, b = min(t["without"]), min(t["with_sizes"])
+            rounds = ", ".join(f"{x:.2f}/{y:.2f}" for x, y in zip(t["without"], t["with_sizes"]))
+            own = ", ".join(f"{o:.2f} s = {o / total:.1%}" for o, total in t["own"])
+            print(f"    threshold {t['threshold']:<5} {a:7.2f} s / {b:7.2f} s (ratio {b / a:.3f});  own work {own}")
+            print(f"        {t['pairs'] / v:.1f} per token = sum of sizes / V, largest {t['max_size']}, "
+                  f"{t['isolated']} with none; rounds without/with {rounds} s")
+        print(f"    (whole passes: best of {args.repeats} each, interleaved)")
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

@@ -32,9 +32,11 @@ from analysis_daemon.pipeline import TokenArrays  # noqa: E402
 from analysis_daemon.sinks.token_data import TokenDataSink  # noqa: E402
 
 
-def per_iteration_bytes(rows: int, k: int = 10) -> int:
-    """knn ids + cosines (4 bytes each), drift, norm (4 each), xy (8): independent of d."""
-    return rows * (k * 8 + 4 + 4 + 8)
+def per_iteration_bytes(rows: int, k: int = 10, counted: bool = False) -> int:
+    """knn ids + cosines (4 bytes each), drift, norm, neighbourhood size (4 each), xy (8), and when the
+    trainer counts tokens, the counts since its previous snapshot (uint32) and the running total (int64):
+    independent of d."""
+    return rows * (k * 8 + 4 + 4 + 4 + 8 + (4 + 8 if counted else 0))
 
 
 def fetch_ms(url: str) -> tuple[float, bytes]:
@@ -53,8 +55,10 @@ def main() -> None:
     ap.add_argument("--no-browser", action="store_true")
     args = ap.parse_args()
     v, k = args.rows, 10
-    print(f"bytes per analysed iteration (k = {k}): 50304 tokens {per_iteration_bytes(50304) / 1e6:.2f} MB, "
-          f"128256 tokens {per_iteration_bytes(128256) / 1e6:.2f} MB (the width d does not matter)")
+    for counted in (False, True):
+        print(f"bytes per analysed iteration (k = {k}{', token counts' if counted else ''}): 50304 tokens "
+              f"{per_iteration_bytes(50304, counted=counted) / 1e6:.2f} MB, 128256 tokens "
+              f"{per_iteration_bytes(128256, counted=counted) / 1e6:.2f} MB (the width d does not matter)")
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(v, args.cols, generator=gen)
     t0 = time.perf_counter()
@@ -79,13 +83,16 @@ def main() -> None:
         for it in range(args.iters):
             arrays = TokenArrays(knn_ids=torch.randint(0, v, (v, k), generator=gen, dtype=torch.int32),
                                  knn_cos=torch.rand(v, k, generator=gen), drift=torch.rand(v, generator=gen),
-                                 norm=torch.rand(v, generator=gen) + 1, xy=xy)
+                                 norm=torch.rand(v, generator=gen) + 1, xy=xy,
+                                 nbhd=torch.randint(0, 50, (v,), generator=gen, dtype=torch.int32),
+                                 tokens_seen=torch.randint(0, 1000, (v,), generator=gen).to(torch.uint32),
+                                 tokens_total=torch.randint(0, 10**6, (v,), generator=gen), tokens_total_since=0)
             t0 = time.perf_counter()
             sink.handle_arrays({"run": "bench", "iter": 100 * it, "shape": [v, args.cols]}, arrays)
             t_write.append(time.perf_counter() - t0)
         on_disk = sum(f.stat().st_size for f in (Path(tmp) / "bench" / "tokens" / "000000000100").iterdir())
-        print(f"write one iteration (fsynced, atomic rename): median {statistics.median(t_write) * 1000:.0f} ms; "
-              f"{on_disk / 1e6:.2f} MB on disk")
+        print(f"write one iteration with token counts (fsynced, atomic rename): median "
+              f"{statistics.median(t_write) * 1000:.0f} ms; {on_disk / 1e6:.2f} MB on disk")
         port = 18765 + os.getpid() % 1000
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         proc = subprocess.Popen([sys.executable, "-m", "analysis_daemon", "explore", str(Path(tmp) / "bench"),

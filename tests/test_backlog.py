@@ -98,3 +98,27 @@ def test_lazy_state_dir_and_an_analysis_killed_midway_is_redone(start_daemon, pu
     r3 = d2.wait_results("mid", 3)[2]
     assert r3["prev_iter"] == 2  # names an iteration that has a record
     assert_drift_matches(r3["drift"], w2, w3)
+
+
+def test_a_skipped_snapshots_token_counts_go_on_with_its_tensors_next_snapshot() -> None:
+    """tokens_seen then covers everything fed since the previous analysed snapshot: no count is lost to a skip."""
+    def counted(it: int, ids: list[int], name: str = "wte") -> SnapshotData:
+        snap = _snap(it)
+        snap.name, snap.token_counts = name, torch.bincount(torch.tensor(ids, dtype=torch.int64), minlength=6)
+        return snap
+
+    a = RunState(run="a")
+    first, head = counted(1, [0, 0, 5]), counted(1, [1], name="lm_head")
+    enqueue(a, first)
+    enqueue(a, head)
+    last = counted(2, [5, 2])
+    enqueue(a, last)
+    assert [v for _, v in trim([a], budget=800, keep=last)] == [first]  # the oldest goes
+    assert last.token_counts.tolist() == [2, 0, 1, 0, 0, 2] and head.token_counts.tolist() == [0, 1, 0, 0, 0, 0]
+    # nothing of the tensor queued after the skipped one: held until its next snapshot arrives
+    assert [v for _, v in trim([a], budget=400, keep=last)] == [head]
+    assert a.skipped_counts["lm_head"].tolist() == [0, 1, 0, 0, 0, 0]
+    plain = _snap(3)
+    plain.name = "lm_head"  # a snapshot without counts of its own takes the held ones
+    enqueue(a, plain)
+    assert plain.token_counts.tolist() == [0, 1, 0, 0, 0, 0] and a.skipped_counts == {}

@@ -715,3 +715,32 @@ def test_bad_insight_options_fail_with_one_line(tmp_path: Path, env: dict[str, s
         proc = subprocess.run([sys.executable, "-m", "analysis_daemon", *args], capture_output=True, text=True,
                               env=env, cwd=tmp_path, timeout=60)
         assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(f"Error: {message}")
+
+
+def test_a_daemon_started_by_a_wandb_process_logs_after_that_process_ended(
+        tmp_path: Path, subprocess_env: dict[str, str], tcp_endpoint: str) -> None:
+    # wandb exports WANDB_SERVICE so a process's children share its W&B service; a daemon started from a
+    # trainer (or a notebook) inherits it, and once that process has gone every wandb.init in the daemon
+    # failed ("Failed to connect to service"): its results were counted lost. The daemon runs its own.
+    started_by = subprocess.run(
+        [sys.executable, "-c", "import os, wandb; wandb.setup(); print(os.environ['WANDB_SERVICE']); "
+                               "wandb.teardown()"],
+        env=dict(subprocess_env, WANDB_DIR=str(tmp_path / "parent")), capture_output=True, text=True, timeout=120)
+    token = started_by.stdout.strip()
+    assert started_by.returncode == 0 and "-unix-" in token, started_by.stderr
+    d = DaemonProc(tmp_path, dict(subprocess_env, WANDB_SERVICE=token), tcp_endpoint, "--exit-on-end")
+    try:
+        pub = publisher_for(tcp_endpoint, "orphan-run", wandb_info={"project": "emb-test"})
+        for i, w in enumerate(matrices(2)):
+            assert pub.publish(w, 10 * i)
+            d.wait_results("orphan-run", i + 1)
+        pub.close()
+        assert d.wait_exit() == 0, d.log()
+    finally:
+        d.kill()
+    assert "lost=0" in d.log() and "cannot start a run" not in d.log()
+    pid = token.split("-")[1]
+    assert f"not using the W&B service of the process that started this one (pid {pid})" in d.log()
+    files = [f for f in wandb_history.find_run_files(tmp_path) if "parent" not in f.parts]
+    assert len(files) == 1
+    assert [row["analysis/iter"] for row in wandb_history.history(files[0])] == [0, 10]

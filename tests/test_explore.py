@@ -20,8 +20,11 @@ import pytest
 import torch
 
 from analysis_daemon.cli import main as cli_main
+from analysis_daemon.metrics.bins import HIST_BINS, HIST_RANGE
+from analysis_daemon.metrics.geometry import _bin_map, _RowsAbove, geometry_neighbours_and_sizes
 from analysis_daemon.metrics.token_map import token_coordinates
 from tests.conftest import free_tcp_port
+from tests.test_daemon import DaemonProc, publisher_for
 
 pytest.importorskip("starlette", reason="the explorer's extra: pip install -e '.[explore]'")
 pytestmark = pytest.mark.timeout(240)
@@ -76,9 +79,69 @@ def replayed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, 
     return tmp / "runs", snaps
 
 
+# Token ids the trainer feeds before each snapshot of the "tally" run (600 and -1 are out of range: the
+# publisher counts them apart and never sends them).
+FED = {100: [[5, 5, 5, 7, 599, 0]], 200: [[1, 2, 3, 5], [5, 9, 600, -1]], 300: []}
+
+
+def expected_counts() -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """(tokens fed before each snapshot, running total) per iteration of the "tally" run, by bincount."""
+    seen, total, running = {}, {}, np.zeros(V, dtype=np.int64)
+    for it, batches in FED.items():
+        ids = np.array([i for b in batches for i in b if 0 <= i < V], dtype=np.int64)
+        seen[it] = np.bincount(ids, minlength=V)
+        running = running + seen[it]
+        total[it] = running
+    return seen, total
+
+
 @pytest.fixture(scope="module")
-def server(replayed) -> str:
-    """A real `analysis-daemon explore` process on a free loopback port; its base URL."""
+def tally(replayed) -> dict[int, np.ndarray]:
+    """A real daemon (with --tensorboard) fed the same snapshots by a real publisher that counts known token
+    ids between them (run "tally", beside the replayed run); returns its snapshots."""
+    runs, snaps = replayed
+    tmp = runs.parent
+    endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled", WANDB_DIR=str(tmp),
+               OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
+    d = DaemonProc(tmp, env, endpoint, "--exit-on-end", "--no-wandb", "--no-console", "--galaxy-rows", "0",
+                   "--tensorboard", str(tmp / "tb"), "--tensorboard-projector-keep", "3", tag="tally")
+    try:
+        pub = publisher_for(endpoint, "tally", vocab=vocab())  # the vocabulary gives count_tokens its rows
+        for n, (it, batches) in enumerate(FED.items(), start=1):
+            for batch in batches:
+                pub.count_tokens(torch.tensor(batch))
+            assert pub.publish(torch.from_numpy(snaps[it]), it)
+            d.wait_results("tally", n)
+        pub.close()
+        assert d.wait_exit() == 0, d.log()
+    finally:
+        d.kill()
+    assert d.results_dir == runs
+    return snaps
+
+
+@pytest.fixture(scope="module")
+def old_run(replayed) -> Path:
+    """The replayed run as an explorer of before the neighbourhood sizes and token counts wrote it:
+    a copy without nbhd.npy / tokens_*.npy and without their meta.json keys (run "planted-old")."""
+    runs, _ = replayed
+    old = runs / "planted-old"
+    shutil.copytree(runs / "planted", old)
+    for it_dir in (old / "tokens").iterdir():
+        if it_dir.is_dir():
+            for name in ("nbhd.npy", "tokens_seen.npy", "tokens_total.npy"):
+                (it_dir / name).unlink(missing_ok=True)
+            meta = json.loads((it_dir / "meta.json").read_text())
+            for key in ("threshold", "tokens_total_since"):
+                meta.pop(key, None)
+            (it_dir / "meta.json").write_text(json.dumps(meta))
+    return old
+
+
+@pytest.fixture(scope="module")
+def server(replayed, tally, old_run) -> str:
+    """A real `analysis-daemon explore` process on a free loopback port over the three runs; its base URL."""
     runs, _ = replayed
     port = free_tcp_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -121,16 +184,71 @@ def reference_drift(prev: np.ndarray, cur: np.ndarray) -> np.ndarray:
     return (xr * y).sum(1) / (np.linalg.norm(xr, axis=1) * np.linalg.norm(y, axis=1))
 
 
+def reference_sizes(w: np.ndarray, threshold: float) -> tuple[np.ndarray, float]:
+    """float64: each row's count of other rows with cosine > threshold (-1 for non-finite or zero rows), and
+    the smallest |cosine - threshold| over the pairs counted (how far the data keeps from the threshold)."""
+    w = w.astype(np.float64)
+    norms = np.linalg.norm(w, axis=1)
+    valid = np.isfinite(w).all(axis=1) & (norms > 0)
+    unit = w[valid] / norms[valid, None]
+    cos = unit @ unit.T
+    np.fill_diagonal(cos, -np.inf)
+    out = np.full(w.shape[0], -1, dtype=np.int64)
+    out[valid] = (cos > threshold).sum(axis=1)
+    np.fill_diagonal(cos, np.nan)
+    return out, float(np.nanmin(np.abs(cos - threshold)))
+
+
+def size_tolerance(d: int) -> float:
+    """Bound on |cosine the pass compares - float64 cosine| of float32 input rows. The pass compares
+    x = k*cos + c, a float32 dot product of d + 1 terms [k*u_i, c].[u_j, 1] whose absolute values add up
+    to at most k + c (unit rows): error <= gamma_{d+1} (k + c) with gamma_n = n u / (1 - n u), u = 2^-24,
+    plus k u for rounding k*u_i; normalising the rows in float32 moves each cosine by at most ~2 (d + 2) u."""
+    u = 2.0 ** -24
+    k, off = _bin_map(*HIST_RANGE, HIST_BINS)
+    c = off - k * HIST_RANGE[0]
+    gamma = (d + 1) * u / (1 - (d + 1) * u)
+    return (gamma * (k + c) + k * u) / k + 2 * (d + 2) * u
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse-hits", "dense-sums"])
+def test_neighbourhood_sizes_match_a_float64_reference(dense: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planted clusters (30 groups of 20), a non-finite and a zero row; thresholds on a bin edge (0.7, the
+    uint8 path) and off the edges; chunks that split the triangle unevenly; both ways of counting a block."""
+    monkeypatch.setattr(_RowsAbove, "_DENSE", 2.0 if not dense else 0.0)  # never / always the dense sums
+    w = snapshots()[300].copy()
+    w[17] = np.nan
+    w[333] = 0.0
+    tol = size_tolerance(D)
+    for threshold in (0.7, 0.6123, -0.3):
+        expected, margin = reference_sizes(w, threshold)
+        assert margin > tol, (threshold, margin, tol)  # no pair within rounding of the threshold: exact counts
+        for chunk, knn_k in ((37, 3), (1000, 0)):  # 16 blocks of 37 rows and one of 8 (with neighbour lists,
+            # whose block mask the sizes borrow); one block (the square alone)
+            geo, _, sizes = geometry_neighbours_and_sizes(torch.from_numpy(w), threshold, chunk, knn_k=knn_k)
+            assert sizes.dtype == torch.int32 and sizes.tolist() == expected.tolist(), (threshold, chunk)
+            # ordered pairs: each pair counts once for each of its rows, so the sizes add up to the pair count
+            assert int(sizes[sizes >= 0].sum()) == geo["local_density"]["neighbor_pairs"]
+            assert geo["local_density"]["average_neighborhood_size"] == pytest.approx(expected[expected >= 0].mean())
+        # sampled geometry: exact for the sampled rows (each meets every row), unknown for the others
+        _, _, sampled = geometry_neighbours_and_sizes(torch.from_numpy(w), threshold, 64, knn_k=0, sample_rows=50,
+                                                      seed=3)
+        known = sampled >= 0
+        assert int(known.sum()) == 50 and sampled[known].tolist() == expected[known.numpy()].tolist()
+
+
 def test_token_data_is_written_whole_and_bounded(replayed) -> None:
     runs, _ = replayed
     tokens = runs / "planted" / "tokens"
     dirs = sorted(p.name for p in tokens.iterdir())
     assert dirs == ["000000000100", "000000000200", "000000000300", "vocab.json"]  # no temporary left
     meta = json.loads((tokens / "000000000300" / "meta.json").read_text())
-    assert meta["rows"] == V and meta["k"] == 10 and meta["prev_iter"] == 200
-    # ids + cosines (V x k x 4 each), drift, norm (V x 4 each), xy (V x 8), plus the .npy headers
-    assert V * (10 * 8 + 16) <= meta["bytes"] <= V * (10 * 8 + 16) + 5 * 128
+    assert meta["rows"] == V and meta["k"] == 10 and meta["prev_iter"] == 200 and meta["threshold"] == 0.7
+    # ids + cosines (V x k x 4 each), drift, norm, neighbourhood size (V x 4 each), xy (V x 8), the .npy headers
+    assert V * (10 * 8 + 20) <= meta["bytes"] <= V * (10 * 8 + 20) + 6 * 128
     assert not (tokens / "000000000100" / "drift.npy").exists()  # the first snapshot has no drift
+    assert not (tokens / "000000000300" / "tokens_seen.npy").exists()  # replay has no token counts
+    assert meta["tokens_total_since"] is None
     assert json.loads((tokens / "vocab.json").read_text())[6] == HOSTILE
 
 
@@ -147,7 +265,7 @@ def test_keep_removes_the_oldest_iterations(tmp_path: Path) -> None:
 
 def test_api_matches_a_float64_reference(replayed, server: str) -> None:
     _, snaps = replayed
-    assert get(f"{server}/api/runs") == (200, {"runs": ["planted"]})
+    assert get(f"{server}/api/runs") == (200, {"runs": ["planted", "planted-old", "tally"]})
     assert get(f"{server}/api/iters") == (200, {"run": "planted", "iters": [100, 200, 300]})
     for it in (100, 300):
         for token in (0, 5, 123, 599):
@@ -168,11 +286,55 @@ def test_api_matches_a_float64_reference(replayed, server: str) -> None:
         assert body["drift_cosine"][i] == pytest.approx(expected, abs=1e-4)
     assert body["norm"] == pytest.approx([float(np.linalg.norm(snaps[it][5].astype(np.float64))) for it in (100, 200, 300)],
                                          rel=1e-6)
+    for token in (5, 6, 123, 599):
+        status, body = get(f"{server}/api/token?token={token}")
+        sizes = [reference_sizes(snaps[it], 0.7) for it in (100, 200, 300)]
+        assert all(margin > size_tolerance(D) for _, margin in sizes)  # exact: no pair within rounding of 0.7
+        assert status == 200 and body["neighbourhood_size"] == [int(s[token]) for s, _ in sizes]
+        assert body["tokens_seen"] == body["tokens_total"] == body["tokens_total_since"] == [None] * 3  # not counted
     status, (raw, headers) = get(f"{server}/api/points?iter=200")
-    assert status == 200 and headers["X-Rows"] == str(V) and len(raw) == 6 * V * 4
+    assert status == 200 and headers["X-Rows"] == str(V) and len(raw) == 7 * V * 4
     x = np.frombuffer(raw, dtype="<f4")
-    assert np.isfinite(x[: 2 * V]).all()
+    assert np.isfinite(x[: 2 * V]).all() and np.isnan(x[6 * V :]).all()  # no frequency: not counted
     assert headers["Content-Security-Policy"].startswith("default-src 'self'")
+
+
+def test_token_counts_from_a_real_publisher(tally, server: str, replayed) -> None:
+    runs, _ = replayed
+    seen, total = expected_counts()
+    for it in FED:
+        where = runs / "tally" / "tokens" / f"{it:012d}"
+        assert np.load(where / "tokens_seen.npy").tolist() == seen[it].tolist()
+        assert np.load(where / "tokens_total.npy").tolist() == total[it].tolist()
+        assert json.loads((where / "meta.json").read_text())["tokens_total_since"] == 100
+        sizes = np.load(where / "nbhd.npy")
+        record = next(r for r in map(json.loads, (runs / "tally" / "analysis.jsonl").read_text().splitlines())
+                      if r["iter"] == it)
+        assert record["tokens_seen"] == int(seen[it].sum())
+        assert int(sizes.sum()) == record["geometry"]["local_density"]["neighbor_pairs"]
+        assert sizes.tolist() == reference_sizes(tally[it], 0.7)[0].tolist()
+    status, body = get(f"{server}/api/token?run=tally&token=king")
+    assert status == 200 and body["id"] == 5 and body["iters"] == [100, 200, 300]
+    assert body["tokens_seen"] == [3, 2, 0] and body["tokens_total"] == [3, 5, 5]
+    assert body["tokens_total_since"] == [100, 100, 100]
+    status, (raw, _) = get(f"{server}/api/points?iter=300&run=tally")
+    assert np.frombuffer(raw, dtype="<f4")[6 * V :].tolist() == total[300].astype(np.float32).tolist()
+    # the TensorBoard projector's metadata: the running total as the frequency column
+    for it in FED:
+        rows = [line.split("\t") for line in
+                (runs.parent / "tb" / "tally" / "projector~" / f"iter_{it:09d}" / "metadata.tsv").read_text().splitlines()]
+        col = rows[0].index("frequency")
+        assert [int(r[col]) for r in rows[1:]] == total[it].tolist()
+
+
+def test_data_written_before_sizes_and_counts_is_still_served(old_run, server: str) -> None:
+    status, body = get(f"{server}/api/token?run=planted-old&token=king")
+    assert status == 200 and body["iters"] == [100, 200, 300] and body["norm"][0] is not None
+    assert body["neighbourhood_size"] == body["tokens_seen"] == body["tokens_total"] == [None] * 3
+    status, body = get(f"{server}/api/neighbours?run=planted-old&iter=300&token=king&k=3")
+    assert status == 200 and len(body["neighbours"]) == 3
+    status, (raw, _) = get(f"{server}/api/points?iter=300&run=planted-old")
+    assert status == 200 and len(raw) == 7 * V * 4
 
 
 @pytest.mark.parametrize("query, status, message", [
@@ -240,7 +402,25 @@ def test_the_page_in_headless_chromium(replayed, server: str, tmp_path: Path) ->
     assert shown == ids
     # the hostile string is text in the title, never an element
     assert "&lt;img src=x" in dom and "<img src=x" not in dom
+    # the three small charts: drift (two iterations have one), norm and neighbourhood size (three each)
+    for chart, points in (("chart-drift", 2), ("chart-norm", 3), ("chart-nbhd", 3)):
+        assert re.search(rf'<canvas id="{chart}"[^>]*data-points="{points}"', dom), chart
     png = tmp_path / "explore.png"
     _headless("--window-size=1300,900", f"--screenshot={png}", url)
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a drawn map, not a blank page
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs headless Chromium (Debian package `chromium`)")
+def test_the_page_colours_by_frequency_in_headless_chromium(tally, old_run, server: str) -> None:
+    _, total = expected_counts()
+    dom = _headless("--window-size=1300,900", "--dump-dom", f"{server}/?run=tally&token=king&iter=300&colour=frequency").stdout
+    body = re.search(r"<body([^>]*)>", dom).group(1)
+    assert 'data-ready="' in body and 'data-ready="error"' not in body, dom[:2000]
+    assert 'data-colour="frequency"' in body and f'data-drawn="{V}"' in body
+    assert f'data-unseen="{int((total[300] == 0).sum())}"' in body  # every never-seen token drawn apart
+    assert "tokens fed in total, log scale" in dom and "tokens seen: 5 in total since iteration 100" in dom
+    assert re.search(r'<canvas id="chart-nbhd"[^>]*data-points="3"', dom)
+    # data written before the sizes existed: the chart says so instead of drawing
+    dom = _headless("--window-size=1300,900", "--dump-dom", f"{server}/?run=planted-old&token=king&iter=300").stdout
+    assert re.search(r'<canvas id="chart-nbhd"[^>]*data-points="0"', dom) and 'data-token="5"' in dom

@@ -150,6 +150,8 @@ def test_gpt2_tied_every_n_eval_and_end_once_each_with_vocab_and_wandb(
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_PROJECT", "hf-emb-test")
     monkeypatch.setenv("WANDB_RUN_GROUP", "grp-hf")
+    import wandb
+    wandb.teardown()  # wandb reads WANDB_DIR and WANDB_RUN_GROUP once per process: drop an earlier test's setup
     # every 2 steps + eval every 3 + end at 6: 0 (start), 2, 3 (eval), 4, 6 (every-n, eval and end: once)
     expected = [0, 2, 3, 4, 6]
     pacer = Pacer(d, "hf-gpt2", expected, every_n=2)

@@ -75,6 +75,40 @@ def test_ray_tasks_give_the_in_process_records_and_put_each_snapshot_once(cluste
     assert RayExecutor(threads=1, max_concurrent=1).slots == 1
 
 
+def test_two_tensors_of_one_run_keep_their_own_object_refs(cluster) -> None:
+    # A run publishing its embedding and its output head, interleaved: each tensor's drift is against its own
+    # previous snapshot and its drift since init against its own first one, each snapshot put into the object
+    # store once (a per-run cache would evict the other tensor's reference and put it again every time).
+    from dataclasses import replace
+    wte, head = jobs(v=150, d=16, iters=3), jobs(v=150, d=16, iters=3)
+    head = [replace(j, current=replace(j.current, name="lm_head", tensor=j.current.tensor.flip(0).contiguous()))
+            for j in head]
+    for series in (wte, head):  # previous / first as the daemon links them, per tensor
+        for i, job in enumerate(series):
+            series[i] = replace(job, previous=series[i - 1].current if i else None, first=series[0].current)
+    settings = settings_for("cpu")
+    ex = RayExecutor(threads=1)
+    states = {"wte": RunInsight(), "lm_head": RunInsight()}
+    local_states = {"wte": RunInsight(), "lm_head": RunInsight()}
+    local_ex = InProcessExecutor()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for a, b in zip(wte, head):
+            for job in (a, b):
+                name = job.current.name
+                remote, states[name] = ex.analyse(job, settings, None, states[name], lambda: False)
+                local, local_states[name] = local_ex.analyse(job, settings, None, local_states[name], lambda: False)
+                assert remote["tensor"] == name
+                assert_same_records([local], [remote])
+    finally:
+        torch.set_num_threads(threads)
+    # 6 snapshots put once each, plus each tensor's first snapshot once more when it is neither current nor
+    # previous (the third job's since-init drift): 8
+    assert ex.puts == 8
+    assert ex.lost_tasks == 0 and ex.fallback is None
+
+
 def _crash_first_time(marker: str):
     def task(*args):
         if not Path(marker).exists():

@@ -333,3 +333,7 @@ def test_trainer_publishes_every_eval_to_a_real_daemon_over_curve(subprocess_env
     assert len(results) == published
     assert results[-1]["iter"] == 60  # the final state is always analysed
     assert all(r["run"] == "e2e" for r in results)
+    # the ids of every training forward before the last publish (iterations 0..59), even a dropped
+    # snapshot's (they join the next one); estimate_loss's eval-mode forwards are not counted
+    per_iter = int(proc.stdout.split("tokens per iteration: ")[1].split()[0].replace(",", ""))
+    assert sum(r["tokens_seen"] or 0 for r in results) == 60 * per_iter

@@ -14,7 +14,6 @@ import re
 import socket
 import sys
 import time
-from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -305,15 +304,19 @@ class StepPublisher:
                               "are only counted (callback.monitor.failures)", step)
             return False
 
-    def count(self, batch: Any) -> None:
-        """Count the batch's `input_ids` (a mapping's entry) for the next snapshot; never raises into training."""
-        ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
-        if self.publisher is None or not isinstance(ids, torch.Tensor):
+    def watch_tokens(self, module: Any) -> None:
+        """Count the ids the input embedding `module` sees in training (publisher.watch_tokens); never raises.
+
+        Removed when the publisher closes. A wrapper whose forward does not take the ids, or no module
+        at all (an `embedding=` tensor), is said once and training goes on uncounted.
+        """
+        if self.publisher is None:
             return
         try:
-            self.publisher.count_tokens(ids)
-        except Exception:  # noqa: BLE001 - monitoring must never end a training run
+            self.publisher.watch_tokens(module)
+        except Exception as exc:  # noqa: BLE001 - monitoring must never end a training run
             self.failures += 1
+            log.warning("embedding monitor: token counts are off for this run: %s", exc)
 
     def close(self) -> None:
         """Close the publisher (sends `end`); safe to call when none is open. A pending step is sent first."""

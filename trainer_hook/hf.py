@@ -6,7 +6,9 @@
 Publishes `model.get_input_embeddings()` at the start of training, at every evaluation, every
 `every_n_steps` optimizer steps when given, and at the last step (each step once, at `state.global_step`),
 then sends `end`. Each snapshot carries what the Trainer logged at its own step, named as the Trainer's
-W&B integration names it (`train/loss`, `train/learning_rate`, `eval/loss`, ...; docs/training-metrics.md).
+W&B integration names it (`train/loss`, `train/learning_rate`, `eval/loss`, ...; docs/training-metrics.md),
+and the token ids the input embedding saw in training since the previous snapshot (a forward pre-hook,
+`publisher.watch_tokens`; `count_tokens=False` turns it off).
 The only module of the project that imports `transformers`.
 """
 from __future__ import annotations
@@ -69,9 +71,12 @@ class EmbeddingMonitorCallback(TrainerCallback):
 
     def __init__(self, endpoint: str | None = None, run: str | None = None,
                  every_n_steps: int | None = None, *, tokenizer: Any = None, output_embeddings: bool = True,
-                 **publisher_options: Any) -> None:
+                 count_tokens: bool = True, **publisher_options: Any) -> None:
         self.run = run
         self.output_embeddings = output_embeddings  # also publish an untied get_output_embeddings() as "lm_head"
+        # count the ids the input embedding sees in training (a forward pre-hook: a TrainerCallback never
+        # sees the batch), for drift by token frequency
+        self.count_tokens = count_tokens
         self.tokenizer = tokenizer
         self.monitor = StepPublisher(endpoint, every_n_steps, publisher_options)
         self._model: Any = None
@@ -105,6 +110,8 @@ class EmbeddingMonitorCallback(TrainerCallback):
                            embedding=lambda: input_embeddings(model), model=lambda: model,  # FSDP1: the root
                            output=(lambda: untied_output_embedding([_unwrapped(model)], input_embeddings(model)))
                            if self.output_embeddings else None)
+        if self.count_tokens:
+            self.monitor.watch_tokens(embedding)  # removed when the publisher closes (on_train_end)
         if self.monitor.every_n_steps is None and args.eval_strategy == "no":
             log.info("embedding monitor: no evaluation and no every_n_steps: publishing the first and the last "
                      "step only")

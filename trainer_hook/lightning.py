@@ -9,7 +9,9 @@ step once at `trainer.global_step`, then sends `end`. Each snapshot carries the 
 `trainer.callback_metrics` (what the module logged with `self.log`, under its own names) that changed at
 its step: a validation's metrics go with the step that was validated (docs/training-metrics.md). The embedding is `pl_module.get_input_embeddings()`,
 else that of a direct submodule that has one (e.g. a wrapped transformers model), else `embedding=`
-(a module, a tensor or an attribute path such as "model.embed_tokens"). The only module of the project
+(a module, a tensor or an attribute path such as "model.embed_tokens"). The token ids that embedding sees
+in training forwards are counted (a forward pre-hook, whatever the batch looks like; not validation) and
+travel with each snapshot; `count_tokens=False` turns it off. The only module of the project
 that imports Lightning (`lightning`, or the older `pytorch_lightning` package when that is what is installed).
 """
 from __future__ import annotations
@@ -73,7 +75,7 @@ class EmbeddingMonitorCallback(pl.Callback):
                  output_embeddings: bool = True, count_tokens: bool = True, **publisher_options: Any) -> None:
         self.run = run
         self.output_embeddings = output_embeddings  # also publish an untied get_output_embeddings() as "lm_head"
-        self.count_tokens = count_tokens  # count each batch's "input_ids" (drift by token frequency)
+        self.count_tokens = count_tokens  # count the ids the embedding sees in training (drift by token frequency)
         self.embedding = embedding
         self.tokenizer = tokenizer
         self.monitor = StepPublisher(endpoint, every_n_steps, publisher_options)
@@ -126,6 +128,8 @@ class EmbeddingMonitorCallback(pl.Callback):
                            output=(lambda: untied_output_embedding(
                                [pl_module, *(child for _, child in pl_module.named_children())],
                                find_embedding(pl_module, self.embedding))) if self.output_embeddings else None)
+        if self.count_tokens:  # a forward pre-hook on the embedding: every training batch, whatever its key
+            self.monitor.watch_tokens(find_embedding(pl_module, self.embedding))
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """The starting weights, at the step training starts from (0, or the restored step on resume)."""
@@ -139,8 +143,6 @@ class EmbeddingMonitorCallback(pl.Callback):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Mark every `every_n_steps`-th optimizer step (with gradient accumulation: once, right after the step)."""
-        if self.count_tokens:
-            self.monitor.count(batch)
         step = int(trainer.global_step)
         if self.monitor.due(step) and self.monitor.wants(step):  # micro-batches after the step: already marked
             self.monitor.defer(step)

@@ -35,8 +35,9 @@ from protocol.shm import publisher_id as make_publisher_id
 
 from . import signals
 from .sender import EndJob, PrepareJob, Sender, SnapshotJob
-from .sharding import Part, dist_rank_and_world, find_weight, locate
+from .sharding import Part, dist_rank_and_world, find_weight, locate, vocab_rows
 from .staging import EventFactory, StagingPool, cuda_event
+from .tokens import TokenCounts, module_device, watch
 
 log = logging.getLogger("embedding_monitor.hook")
 
@@ -152,9 +153,10 @@ class EmbeddingPublisher:
         self._dropping = False
         self._last_warning = -_REWARN_AFTER_S
         self._metric_problems_logged: set[str] = set()
-        self._counts: torch.Tensor | None = None  # (rows + 1,) int64 on the ids' device; the last bin: out of range
+        self._tokens = TokenCounts()  # fed since the last snapshot of the main tensor (tokens.py)
         self._count_rows: int | None = None  # rows of the main tensor (known from the first publish or vocab)
         self._counts_warned = False
+        self._token_hooks: list[Any] = []  # watch_tokens' handles, removed at close
         self._vocab_rows = len(vocab) if vocab is not None else None
         self.metrics_rejected = 0  # metric entries left out of publishes (bad name, value or type)
         self._closed = False
@@ -354,9 +356,9 @@ class EmbeddingPublisher:
         job = SnapshotJob(iter=int(iter_num), name=self.name if name is None else name, dtype=wire_dtype(dtype), shape=shape,
                           connect_deadline=connect_deadline, metrics=clean, global_shape=part.global_shape,
                           offset=part.offset, start=part.start)
-        if main and self._counts is not None:
-            # enqueued before the weight's copy and its event: the sender reads both once the event fired
-            job.token_counts = self._take_counts(self._count_rows or 0, pin=weight.is_cuda)
+        # The counts go with the main tensor's snapshot, and are taken only once it is committed: every drop
+        # below leaves them in place for the next one (a job the sender drops later hands them back).
+        take_counts = main and self._tokens.counts is not None
         try:
             # A large snapshot uses the slots/buffers the sender thread prepared (prepare(), or queued by the
             # first publish): fresh pages here would stall this thread (shm slot: ~10 copies), and faulting
@@ -376,6 +378,8 @@ class EmbeddingPublisher:
                 _copy_into(view, weight, dtype, shape)
                 del view  # the slot's mapping must not stay exported
                 job.ref = self._writer.commit(job.slot)
+                if take_counts:
+                    job.token_counts = self._take_counts(part, pin=False)
             else:
                 fresh_ok = not big or ready or (prep is None and nbytes <= _FRESH_MAX_BYTES)
                 job.staged = self._pool.acquire(nbytes, pin=weight.is_cuda, allocate=fresh_ok)
@@ -388,6 +392,8 @@ class EmbeddingPublisher:
                     return self._drop("snapshots still in flight (daemon slow or unreachable), or buffers "
                                       "still being prepared (call publisher.prepare(weight) before the loop)")
                 _copy_into(job.staged.data, weight, dtype, shape, non_blocking=weight.is_cuda)
+                if take_counts:  # a CUDA count's copy is queued before the event: it lands before the event fires
+                    job.token_counts = self._take_counts(part, pin=weight.is_cuda, like=weight.device)
                 if weight.is_cuda or self._event_factory is not None:
                     job.event = (self._event_factory or cuda_event)()
                     job.event.record()  # fires after the DMA; the sender thread waits on it, not us
@@ -406,8 +412,9 @@ class EmbeddingPublisher:
         One scatter-add on the ids' own device (no host sync: ids outside [0, rows) go to a spare bin
         instead of being checked). The rows are the main tensor's, known after the first publish, or
         `vocab_size` / the hello's vocabulary before it; counts before any of these are left out (logged once).
+        `watch_tokens(embedding)` does this for every training forward instead.
         """
-        if self._sender is None or self._closed:
+        if self._closed or not self._shards_allowed:
             return
         rows = self._count_rows or vocab_size or self._vocab_rows
         if not rows:
@@ -417,23 +424,44 @@ class EmbeddingPublisher:
                             "vocab_size=: these counts are left out")
             return
         self._count_rows = rows
-        ids = input_ids.detach().reshape(-1).to(torch.int64)
-        counts = self._counts
-        if counts is None or counts.device != ids.device or counts.numel() != rows + 1:
-            counts = self._counts = torch.zeros(rows + 1, dtype=torch.int64, device=ids.device)
-        spare = torch.full_like(ids, rows)
-        counts.scatter_add_(0, torch.where((ids >= 0) & (ids < rows), ids, spare), torch.ones_like(ids))
+        self._tokens.add(input_ids, rows)
 
-    def _take_counts(self, rows: int, pin: bool) -> torch.Tensor | None:
-        """The counts since the last snapshot as a CPU tensor (non-blocking from a GPU), and reset them."""
-        counts = self._counts
-        if counts is None or rows < 1:
+    def watch_tokens(self, embedding: torch.nn.Module, rows: int | None = None) -> Any:
+        """Count the token ids `embedding` sees in every training-mode forward; returns a handle (`.remove()`).
+
+        A forward pre-hook on the input embedding module (the one the publisher publishes): one
+        scatter-add on the ids' device per forward, no host sync, no graph break under torch.compile;
+        evaluation forwards (eval mode) are not counted, every micro-batch of gradient accumulation is.
+        Call it once the model is on its device (the counts are allocated there now). `rows`: the full
+        vocabulary's rows (default: the module's `num_embeddings`, else its weight's global rows).
+        Removed at close(). Limits: docs/research-metrics.md (inputs_embeds, recomputed forwards).
+        """
+        if not isinstance(embedding, torch.nn.Module):
+            raise TypeError(f"watch_tokens needs the embedding module (its forward sees the ids), got "
+                            f"{type(embedding).__name__}")
+        if rows is None:
+            rows = getattr(embedding, "num_embeddings", None)
+            rows = int(rows) if isinstance(rows, int) else vocab_rows(find_weight(embedding))
+        if self._closed or not self._shards_allowed:
+            return torch.utils.hooks.RemovableHandle({})  # this rank never sends: nothing to count for
+        if self._count_rows is not None and self._count_rows != rows:
+            log.warning("embedding publisher: watch_tokens on %d rows, the main tensor has %d; counting %d", rows,
+                        self._count_rows, rows)
+        self._count_rows = rows
+        handle = watch(embedding, self._tokens, rows, module_device(embedding))
+        self._token_hooks.append(handle)
+        return handle
+
+    def _take_counts(self, part: Part, pin: bool, like: torch.device | None = None) -> torch.Tensor | None:
+        """The counts since the last snapshot as a CPU tensor (non-blocking from a GPU), and reset them.
+
+        None for a part whose rank shares its batch with another rank that sends the counts (Megatron: the
+        other tensor-parallel ranks of a group); its counts are reset all the same.
+        """
+        if not part.counts:
+            self._tokens.reset()
             return None
-        n = min(rows, counts.numel() - 1)  # counted with another row count: ids beyond this matrix are left out
-        host = torch.zeros(rows, dtype=torch.int64, pin_memory=pin and counts.is_cuda)
-        host[:n].copy_(counts[:n], non_blocking=pin and counts.is_cuda)  # lands before the copy event fires
-        counts.zero_()  # queued after the copy on the same stream
-        return host
+        return self._tokens.take(self._count_rows or 0, pin=pin, like=like)
 
     def _metric_problems(self, problems: list[str]) -> None:
         self.metrics_rejected += len(problems)
@@ -464,6 +492,9 @@ class EmbeddingPublisher:
         if os.getpid() != self._pid:  # a forked child (DataLoader worker) must not tear down the parent's
             return
         atexit.unregister(self.close)
+        for handle in self._token_hooks:
+            handle.remove()
+        self._token_hooks.clear()
         if self._sender is not None:
             end = EndJob(deadline=time.monotonic() + timeout)
             self._sender.jobs.put(end)

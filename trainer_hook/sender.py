@@ -52,6 +52,7 @@ class SnapshotJob:
     # tokens counted since the previous snapshot (int64 CPU tensor, rows of the matrix); for a CUDA count its
     # copy is non-blocking and lands before `event` fires (so read it only after event.synchronize())
     token_counts: Any = None
+    landed: bool = False  # set once `event` fired (or there is none): token_counts can be read
 
 
 @dataclass
@@ -110,6 +111,9 @@ class Sender(threading.Thread):
         self._pending: list[tuple[zmq.MessageTracker, StagingBuffer]] = []
         self.heartbeat_s = heartbeat_s
         self._last_sent = time.monotonic()  # any message tells the daemon we are alive
+        # Token counts of snapshots dropped after they were queued (daemon absent, queue full): added to the
+        # next snapshot that carries counts. Only this thread reads or writes it.
+        self.carried_counts: Any = None
 
     # ------------------------------------------------------------ helpers
 
@@ -255,13 +259,38 @@ class Sender(threading.Thread):
 
     # ------------------------------------------------------------ jobs
 
+    def _carry(self, job: SnapshotJob) -> None:
+        """Keep a dropped job's token counts for the next snapshot (those of a copy that never landed are lost)."""
+        counts, job.token_counts = job.token_counts, None
+        if counts is None or not job.landed:
+            return
+        carried = self.carried_counts
+        if carried is None:
+            self.carried_counts = counts.clone()  # not the pinned buffer: that one is freed with the job
+        else:
+            n = min(carried.numel(), counts.numel())  # another row count: only the rows both name
+            self.carried_counts = counts.clone()
+            self.carried_counts[:n] += carried[:n]
+
+    def _with_carried(self, job: SnapshotJob) -> None:
+        # Counts of earlier dropped snapshots join this one's; if this one is dropped too, _carry keeps the sum.
+        if job.token_counts is None or self.carried_counts is None:
+            return
+        carried, self.carried_counts = self.carried_counts, None
+        counts = job.token_counts.clone()
+        n = min(carried.numel(), counts.numel())
+        counts[:n] += carried[:n]
+        job.token_counts = counts
+
     def _snapshot(self, job: SnapshotJob) -> None:
         if job.event is not None:
             job.event.synchronize()  # the device-to-host copy has landed in the staging buffer
+        job.landed = True
         if job.staged is not None and self.shm_enabled and self.writer is not None:
             job.slot = self.shm_slot(job.staged.nbytes)
             if job.slot is None and self.shm_enabled:
                 self.pool.release(job.staged)
+                self._carry(job)
                 self.on_drop("every shared-memory slot is still held by the daemon")
                 return
             if job.slot is not None:
@@ -277,6 +306,7 @@ class Sender(threading.Thread):
             return self._fail(job, self.absent_reason())
         if self._need_hello and not self._send_hello():
             return self._fail(job, self.absent_reason())
+        self._with_carried(job)
         common = dict(run=self.run_name, iter=job.iter, seq=self._seq, name=job.name, dtype=job.dtype,
                       shape=job.shape, publisher=self.publisher_id, global_shape=job.global_shape,
                       offset=job.offset, metrics=job.metrics, start=job.start,
@@ -324,6 +354,7 @@ class Sender(threading.Thread):
             self.writer.release(job.slot)
         if job.staged is not None:
             self.pool.release(job.staged)
+        self._carry(job)
         self.on_drop(reason)
 
     def _prepare(self, job: PrepareJob) -> None:

@@ -33,6 +33,9 @@ class Part:
     global_shape: tuple[int, int] | None = None
     offset: tuple[int, int] | None = None
     start: int | None = None
+    # Whether this rank's token counts go with the part: False where another rank that sends a part fed the
+    # same batch (Megatron: every tensor-parallel rank of a group sees the group's batch; TP rank 0 counts).
+    counts: bool = True
 
 
 def dist_rank_and_world() -> tuple[int, int]:
@@ -140,7 +143,8 @@ def local_part(weight: torch.Tensor, sends_plain: bool, module: Any = None) -> P
         return None if piece is None else Part(piece[0], piece[1], start=piece[2])
     if stacks.is_megatron_tp(weight):
         where = stacks.megatron_piece(weight, module)
-        return None if where is None else Part(weight.detach(), where[0], where[1])
+        return None if where is None else Part(weight.detach(), where[0], where[1],
+                                               counts=stacks.megatron_counts_here())
     if not is_dtensor(weight):
         return Part(weight) if sends_plain else None
     from torch.distributed.tensor import Replicate, Shard

@@ -185,3 +185,10 @@ def megatron_piece(weight: torch.Tensor, module: Any = None) -> tuple[tuple[int,
         raise StackError(f"VocabParallelEmbedding has {total} rows but {tp_size} ranks x {local[0]}: cannot tell "
                          "where this rank's rows lie")
     return (full[0], full[1]), (offset[0], offset[1])
+
+
+def megatron_counts_here() -> bool:
+    """Whether this rank's token counts go with its part: the ranks of a tensor-parallel group all feed the
+    group's one batch, so only TP rank 0 sends them (else the daemon's sum would count it TP-size times)."""
+    ps = sys.modules.get("megatron.core.parallel_state")
+    return ps is None or ps.get_tensor_model_parallel_rank() == 0

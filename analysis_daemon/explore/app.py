@@ -3,9 +3,11 @@
     GET /api/runs                               {"runs": [name, ...]}
     GET /api/iters[?run=R]                      {"run", "iters": [...]}
     GET /api/neighbours?iter=N&token=T&k=K      {"iter", "token", "id", "neighbours": [[id, token, cosine], ...]}
-    GET /api/token?token=T                      {"id", "token", "iters", "drift_cosine", "norm"}
+    GET /api/token?token=T                      {"id", "token", "iters", "drift_cosine", "norm", "neighbourhood_size",
+                                                 "tokens_seen", "tokens_total", "tokens_total_since"}
     GET /api/vocab[?run=R]                      [token string or null, ...]
-    GET /api/points?iter=N[&run=R]              float32 little-endian: x, y, drift, norm, cluster, flag (V each)
+    GET /api/points?iter=N[&run=R]              float32 little-endian: x, y, drift, norm, cluster, flag,
+                                                 tokens_total (NaN: not counted) (V each)
     GET /                                       the page (static/index.html); ?token=T&iter=N opens there
 T is a token string or an id; R defaults to the first run. A bad or unknown argument is a 404 (400 for
 a malformed one) with {"error": "one line"}. Nothing outside the results directory can be named.
@@ -113,7 +115,8 @@ def create_app(runs: dict[str, RunData]) -> Starlette:
         nan = np.full(rows, np.nan, dtype=np.float32)
         cluster, flagged = run.categories(arrays.iter)
         parts = [np.ascontiguousarray(arrays.xy[:, 0]), np.ascontiguousarray(arrays.xy[:, 1]),
-                 arrays.drift if arrays.drift is not None else nan, arrays.norm, cluster, flagged]
+                 arrays.drift if arrays.drift is not None else nan, arrays.norm, cluster, flagged,
+                 arrays.tokens_total if arrays.tokens_total is not None else nan]
         body = b"".join(np.asarray(p, dtype="<f4").tobytes() for p in parts)
         return Response(body, media_type="application/octet-stream",
                         headers={**SECURITY_HEADERS, "X-Rows": str(rows), "Cache-Control": "no-store"})

@@ -40,6 +40,12 @@ class IterArrays:
     drift: np.ndarray | None
     knn_ids: np.ndarray | None
     knn_cos: np.ndarray | None
+    # absent in data written before they existed, and where not known (sampled geometry has sizes for
+    # its sample only: -1 elsewhere; counts only when the trainer counted tokens)
+    nbhd: np.ndarray | None = None
+    tokens_seen: np.ndarray | None = None
+    tokens_total: np.ndarray | None = None
+    tokens_total_since: int | None = None
 
 
 def _load(path: Path, shape: tuple[int, ...], dtype: str) -> np.ndarray | None:
@@ -143,7 +149,13 @@ class RunData:
             raise ExploreError(f"{where}: norm.npy or xy.npy missing")
         arrays = IterArrays(iter=iteration, norm=norm, xy=xy, drift=_load(where / "drift.npy", (rows,), "float32"),
                             knn_ids=_load(where / "knn_ids.npy", (rows, k), "int32") if k else None,
-                            knn_cos=_load(where / "knn_cos.npy", (rows, k), "float32") if k else None)
+                            knn_cos=_load(where / "knn_cos.npy", (rows, k), "float32") if k else None,
+                            nbhd=_load(where / "nbhd.npy", (rows,), "int32"),
+                            tokens_seen=_load(where / "tokens_seen.npy", (rows,), "uint32"),
+                            tokens_total=_load(where / "tokens_total.npy", (rows,), "int64"))
+        since = meta.get("tokens_total_since")
+        if isinstance(since, int) and not isinstance(since, bool) and arrays.tokens_total is not None:
+            arrays.tokens_total_since = since
         self._cache[iteration] = arrays
         while len(self._cache) > CACHED_ITERS:
             self._cache.popitem(last=False)
@@ -193,8 +205,10 @@ class RunData:
         return cluster, flagged
 
     def history(self, token_id: int) -> dict[str, list[Any]]:
-        """The token's drift cosine and norm at every iteration with token data (None where none)."""
-        iters, drift, norm = [], [], []
+        """The token's drift cosine, norm, neighbourhood size and token counts at every iteration with
+        token data, each a list aligned with "iters" (None where not known)."""
+        out: dict[str, list[Any]] = {name: [] for name in ("iters", "drift_cosine", "norm", "neighbourhood_size",
+                                                           "tokens_seen", "tokens_total", "tokens_total_since")}
         for it in self.iters():
             try:
                 arrays = self.arrays(it)
@@ -202,12 +216,18 @@ class RunData:
                 continue
             if token_id >= arrays.norm.shape[0]:
                 continue
-            iters.append(it)
+            out["iters"].append(it)
             value = float(arrays.drift[token_id]) if arrays.drift is not None else math.nan
-            drift.append(value if math.isfinite(value) else None)
+            out["drift_cosine"].append(value if math.isfinite(value) else None)
             n = float(arrays.norm[token_id])
-            norm.append(n if math.isfinite(n) else None)
-        return {"iters": iters, "drift_cosine": drift, "norm": norm}
+            out["norm"].append(n if math.isfinite(n) else None)
+            size = int(arrays.nbhd[token_id]) if arrays.nbhd is not None else -1
+            out["neighbourhood_size"].append(size if size >= 0 else None)
+            out["tokens_seen"].append(int(arrays.tokens_seen[token_id]) if arrays.tokens_seen is not None else None)
+            total = arrays.tokens_total
+            out["tokens_total"].append(int(total[token_id]) if total is not None else None)
+            out["tokens_total_since"].append(arrays.tokens_total_since if total is not None else None)
+        return out
 
 
 def find_runs(path: Path) -> dict[str, RunData]:

@@ -327,6 +327,66 @@ class _NearestNeighbours:
         return ids, cos
 
 
+class _RowsAbove:
+    """Each packed row's count of other rows with cosine above the threshold, from the triangle pass's blocks.
+
+    Block x holds rows r0:r1 against columns r0:n. Its above-threshold mask g gives row i (in r0:r1)
+    every partner j >= r0 (the square holds both orders of its pairs, so a row's own entries there
+    suffice) and column j >= r1 the rows r0:r1, its mirror pairs never computed; the diagonal is not a
+    pair. Summed over the blocks, row i meets every j != i exactly once, so the counts add up to the
+    pass's ordered-pair total. The mask is sparse for any healthy embedding (cos > 0.7 is rare): its
+    8-byte words are scanned and only the set entries are counted, which costs a fraction of dense
+    row and column sums; a dense mask (a collapsed embedding) takes the dense sums instead.
+    """
+
+    # Above this fraction of nonzero 8-byte words, dense row/column sums are cheaper than the hits.
+    _DENSE = 1 / 16
+
+    def __init__(self, n: int, m_max: int, above_bin: int | None, device: torch.device | str = "cpu",
+                 buffer: torch.Tensor | None = None) -> None:
+        self.counts = torch.zeros(n, dtype=torch.int64, device=device)
+        self.bin = above_bin  # aligned threshold: the first uint8 bin above it; None: x > x_threshold
+        size = min(m_max, n) * n
+        self._mask = None
+        if above_bin is not None:  # `buffer`: the neighbour lists' block mask, free again before they use it
+            self._mask = buffer if buffer is not None and buffer.numel() >= size and buffer.dtype == torch.bool \
+                else torch.empty(size, dtype=torch.bool, device=device)
+
+    def add_bins(self, q: torch.Tensor, r0: int, m: int) -> None:
+        """Count the block from its uint8 bins `q` (aligned threshold): "above" is q >= the threshold's
+        bin, exactly as the pass's bincount counts it, so the sizes add up to its pair count."""
+        assert self._mask is not None and self.bin is not None
+        cols = q.shape[1]
+        self.add_block(torch.ge(q, self.bin, out=self._mask[: m * cols].view(m, cols)), r0, m)
+
+    def add_block(self, g: torch.Tensor, r0: int, m: int) -> None:
+        """Count the contiguous (m, cols) above-threshold mask `g` of the block of rows r0:r0+m."""
+        cols = g.shape[1]
+        size = m * cols
+        flat = g.reshape(-1)
+        whole = size // 8 * 8
+        words = torch.nonzero(flat[:whole].view(torch.int64)).squeeze(1)
+        if words.numel() > self._DENSE * max(1, whole // 8):
+            self._dense(g, r0, m)
+            return
+        inner = torch.nonzero(flat[:whole].view(-1, 8).index_select(0, words))
+        pos = words.index_select(0, inner[:, 0]) * 8 + inner[:, 1]
+        tail = torch.nonzero(flat[whole:]).squeeze(1) + whole  # the < 8 entries past the last whole word
+        pos = torch.cat([pos, tail])
+        i = torch.div(pos, cols, rounding_mode="floor")
+        j = pos - i * cols
+        pair = i != j  # the diagonal (j == i: the square's first m columns) is a row with itself
+        self.counts.index_add_(0, r0 + i[pair], torch.ones_like(i[pair]))
+        mirror = j >= m  # past the square: the column's row meets row i here only
+        self.counts.index_add_(0, r0 + j[mirror], torch.ones_like(j[mirror]))
+
+    def _dense(self, g: torch.Tensor, r0: int, m: int) -> None:
+        rows = g.sum(dim=1, dtype=torch.int64) - g[:, :m].diagonal().to(torch.int64)
+        self.counts[r0 : r0 + m] += rows
+        if g.shape[1] > m:
+            self.counts[r0 + m :] += g[:, m:].sum(dim=0, dtype=torch.int64)
+
+
 def _triangle_pass(
     packed: torch.Tensor,
     d: int,
@@ -340,9 +400,11 @@ def _triangle_pass(
     threads: int,
     progress: Callable[[float], None] | None,
     knn: _NearestNeighbours | None = None,
+    rows_above: _RowsAbove | None = None,
 ) -> int:
     """Stream one triangle of similarity blocks: add the x = k*cos + c bin counts of all ordered pairs
-    i != j into `counts` (256 uint8 bins) and return the count of x > x_threshold (0 when `aligned`)."""
+    i != j into `counts` (256 uint8 bins) and return the count of x > x_threshold (0 when `aligned`);
+    `rows_above` (when given) gets every row's count above the threshold from the same blocks."""
     n, inner = packed.shape
     packed[:, d] = 1.0
     m_max = min(chunk_size, n)
@@ -373,9 +435,14 @@ def _triangle_pass(
         counts -= torch.bincount(square.diagonal(), minlength=256)
         if gt_buf is not None:
             xs = x[:, :m]
-            above += 2 * int(torch.count_nonzero(torch.gt(x, x_threshold, out=gt_buf[: m * cols].view(m, cols))))
+            gt = torch.gt(x, x_threshold, out=gt_buf[: m * cols].view(m, cols))
+            above += 2 * int(torch.count_nonzero(gt))
             above -= int(torch.count_nonzero(xs > x_threshold))
             above -= int(torch.count_nonzero(xs.diagonal() > x_threshold))
+            if rows_above is not None:
+                rows_above.add_block(gt, r0, m)
+        elif rows_above is not None:
+            rows_above.add_bins(q, r0, m)
         if knn is not None:  # last: it may overwrite the diagonal of x
             knn.add_block(x, q, r0, m)
         done += m * cols - m * (m - 1) // 2
@@ -438,6 +505,33 @@ def geometry_and_neighbours(
     rows). Ties at the k-th place are broken arbitrarily. With `sample_rows`, only the sampled rows
     have lists (see `analyze_embedding_geometry`). The math runs on `device`; the lists come back on the CPU.
     """
+    geometry, neighbours, _ = geometry_neighbours_and_sizes(
+        weights, threshold, chunk_size, knn_k=knn_k, progress=progress, sample_rows=sample_rows, seed=seed,
+        device=device, sizes=False)
+    return geometry, neighbours
+
+
+@torch.no_grad()
+def geometry_neighbours_and_sizes(
+    weights: torch.Tensor,
+    threshold: float = 0.7,
+    chunk_size: int = 512,
+    *,
+    knn_k: int = 10,
+    progress: Callable[[float], None] | None = None,
+    sample_rows: int | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    sizes: bool = True,
+) -> tuple[dict, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+    """`geometry_and_neighbours`' answer plus every row's neighbourhood size, from the same pass.
+
+    The third value (None unless `sizes`) is (V,) int32: row i's count of rows j != i with cosine above
+    the threshold, as the pass decides it, so the sizes of the valid rows add up to
+    `local_density.neighbor_pairs` exactly (ordered pairs: each pair counts once for each of its rows)
+    and their mean is `average_neighborhood_size`. -1 where not known: invalid rows, and with
+    `sample_rows` every row not in the sample (a sampled row is compared with every row, so its size is exact).
+    """
     if sample_rows is not None and (isinstance(sample_rows, bool) or not isinstance(sample_rows, int)
                                     or sample_rows < 1):
         raise ValueError(f"sample_rows must be a positive integer or None, got {sample_rows!r}")
@@ -473,14 +567,16 @@ def geometry_and_neighbours(
         index = torch.cat(index_parts) if index_parts else torch.zeros(0, dtype=torch.int64, device=device)
         return sampled_geometry(packed, index, int(weights.shape[0]), d, (k, c, off, HIST_BINS), threshold,
                                 off + round(edge) if aligned else None, (pairs, mean, std), (nonfinite, zero),
-                                sample_rows, seed, chunk_size, knn_k, progress)
+                                sample_rows, seed, chunk_size, knn_k, progress, sizes=sizes)
 
+    rows_above = _RowsAbove(n, chunk_size, off + round(edge) if aligned else None, device,
+                            buffer=knn.mask if knn is not None else None) if sizes else None
     if n >= 2:
         # The pool splits the CPU's single-core bincount over torch's threads; a GPU's bincount is parallel.
         threads = torch.get_num_threads() if device.type == "cpu" else 1
         with ThreadPoolExecutor(threads - 1) if threads > 1 else nullcontext() as pool:
             above_threshold = _triangle_pass(
-                packed, d, k, c, chunk_size, counts, x_threshold, aligned, pool, threads, progress, knn
+                packed, d, k, c, chunk_size, counts, x_threshold, aligned, pool, threads, progress, knn, rows_above
             )
     counts = counts.cpu()
     if aligned:
@@ -489,10 +585,13 @@ def geometry_and_neighbours(
     hist = counts[off : off + HIST_BINS].clone()
     hist[-1] += counts[off + HIST_BINS]  # cos == 1 up to rounding: the closed last bin
     edges = torch.linspace(lo, hi, HIST_BINS + 1, dtype=torch.float64, device="cpu")
-    neighbours = None
+    neighbours = row_sizes = None
+    index = torch.cat(index_parts).cpu() if index_parts else torch.zeros(0, dtype=torch.int64)
     if knn is not None:
-        index = torch.cat(index_parts) if index_parts else torch.zeros(0, dtype=torch.int64, device=device)
         neighbours = knn.result(index, int(weights.shape[0]), k, c, knn_k)
+    if rows_above is not None:
+        row_sizes = torch.full((int(weights.shape[0]),), -1, dtype=torch.int32)
+        row_sizes[index] = rows_above.counts.cpu().to(torch.int32)
     return {
         "rows": int(weights.shape[0]),
         "valid_rows": n,
@@ -512,4 +611,4 @@ def geometry_and_neighbours(
             "below_range_count": int(counts[:off].sum()),
             "above_range_count": int(counts[off + HIST_BINS + 1 :].sum()),
         },
-    }, neighbours
+    }, neighbours, row_sizes

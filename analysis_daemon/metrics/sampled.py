@@ -174,13 +174,15 @@ def sampled_geometry(
     chunk_size: int,
     knn_k: int,
     progress: Callable[[float], None] | None,
-) -> tuple[dict, tuple[torch.Tensor, torch.Tensor] | None]:
-    """`geometry_and_neighbours`' answer estimated from `sample_rows` of the n packed rows (n > sample_rows).
+    sizes: bool = False,
+) -> tuple[dict, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+    """`geometry_neighbours_and_sizes`' answer estimated from `sample_rows` of the n packed rows (n > sample_rows).
 
     `bin_map` = (k, c, off, bins) of the exact pass, `index` the original row id of each packed row,
     `moments` = (pairs, mean, std) and `invalid` = (nonfinite, zero) as the exact pass has them. The
     neighbour lists are those of the sampled rows (exact for them: each is compared with every row);
     the other rows have none (-1 / nan), so the neighbourhood drift averages over the sampled rows.
+    So with the neighbourhood sizes (`sizes`): exact for the sampled rows, -1 (unknown) for the others.
     """
     k, c, off, bins = bin_map
     n = packed.shape[0]
@@ -202,6 +204,10 @@ def sampled_geometry(
         ids[targets, :kk] = index[knn_ids].to(torch.int32)
         cos[targets, :kk] = (knn_vals - c) / k
         neighbours = (ids, cos)
+    row_sizes = None
+    if sizes:
+        row_sizes = torch.full((rows,), -1, dtype=torch.int32, device="cpu")
+        row_sizes[index.cpu()[sample]] = above.to(torch.int32)
     return {
         "rows": rows,
         "valid_rows": n,
@@ -225,4 +231,4 @@ def sampled_geometry(
             "above_range_count": est["above_range_count"],
         },
         "confidence_95": est["confidence_95"],
-    }, neighbours
+    }, neighbours, row_sizes

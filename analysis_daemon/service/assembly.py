@@ -6,7 +6,9 @@ a full-width block is an element range too). Per run at most one iteration is be
 full-size buffer is allocated at its first part (whose `global_shape` the protocol has bounded) and
 filled part by part. A part that overlaps one already placed is rejected with both parts named, so
 when the parts' elements add up to the matrix's, every element was covered exactly once; only then is
-it analysed, exactly like an unsharded snapshot. An iteration is dropped, with a logged and counted
+it analysed, exactly like an unsharded snapshot. Token counts: each part may carry its rank's counts over
+the whole vocabulary (ranks that feed different batches: data-parallel sharding); the iteration's counts
+are their sum, and None when no part carried any. An iteration is dropped, with a logged and counted
 reason, when a part of a newer iteration arrives first, when it stays incomplete past `timeout_s` (a
 rank died, a part was dropped at a full queue), or when the run ends (every rank's publisher sent
 `end` or is gone: liveness.py).
@@ -20,6 +22,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from protocol import DEFAULT_LIMITS, Snapshot
@@ -64,6 +67,7 @@ class _Assembly:
     covered: int = 0  # elements filled so far
     metrics: dict | None = None  # the trainer metrics of the lowest-ranked part that carried any (rank 0's)
     metrics_rank: int | None = None
+    token_counts: torch.Tensor | None = None  # (rows,) int64: the sum of the parts' counts so far
 
     @property
     def parts(self) -> int:
@@ -105,6 +109,7 @@ class Complete:
     sent_at: float
     parts: int
     metrics: dict | None = None
+    token_counts: torch.Tensor | None = None  # summed over the parts that carried counts
 
 
 class Assembler:
@@ -124,6 +129,11 @@ class Assembler:
         (the lowest rank that sent any), as every logger keeps them, whatever order the parts arrive in.
         """
         assert msg.global_shape is not None and (msg.offset is not None or msg.start is not None)
+        counts = msg.token_counts
+        if counts is not None and (type(counts) is not bytes or len(counts) != 4 * msg.global_shape[0]):
+            # the protocol checked this already; a part is refused before it costs anything if not
+            raise PartRejected(f"part of iter {msg.iter}: token counts of {len(counts)} bytes, the matrix's "
+                               f"{msg.global_shape[0]} rows need {4 * msg.global_shape[0]}")
         now = time.monotonic()
         current = self._current.get(run)
         if current is not None and msg.iter > current.iter:
@@ -165,13 +175,16 @@ class Assembler:
         current.sent_at = max(current.sent_at, msg.sent_at)
         if msg.metrics and (current.metrics_rank is None or rank < current.metrics_rank):
             current.metrics, current.metrics_rank = dict(msg.metrics), rank
+        if counts is not None:  # uint32 per row, at most MAX_PARTS of them: the int64 sum cannot overflow
+            mine = torch.from_numpy(np.frombuffer(counts, dtype="<u4").astype(np.int64))
+            current.token_counts = mine if current.token_counts is None else current.token_counts.add_(mine)
         # No part overlaps another, so once the parts' elements add up to the matrix's, each element is
         # covered exactly once: no gap is left.
         if current.covered < current.global_shape[0] * current.global_shape[1]:
             return None
         del self._current[run]
         return Complete(iter=current.iter, name=current.name, tensor=current.buffer, sent_at=current.sent_at,
-                        parts=current.parts, metrics=current.metrics)
+                        parts=current.parts, metrics=current.metrics, token_counts=current.token_counts)
 
     def _start(self, run: str, msg: Snapshot, now: float) -> _Assembly:
         from protocol import torch_dtype

@@ -7,6 +7,9 @@ not its neighbours), counted, logged, and its iteration is listed in `skipped_it
 result of that run; that result's drift is measured against the last snapshot analysed before it,
 which has a record of its own. The snapshot just received is never the one skipped: the newest
 snapshot of a run is always analysed (a budget smaller than one snapshot degrades to newest-wins).
+A skipped snapshot's token counts are not lost: they are added to the run's next snapshot of the same
+tensor, so a result's `tokens_seen` covers every token fed since the previous *analysed* snapshot (the
+interval its drift spans) and the explorer's running total misses none.
 
 The worker is fair by *source* first (protocol/peers.py: a user id, a CurveZMQ key or a peer address),
 then by run: the source served least recently goes first, and within it the run served least recently.
@@ -18,6 +21,8 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable
+
+import torch
 
 from ..records import SnapshotData
 from .state import RunState
@@ -53,10 +58,22 @@ def human(nbytes: int) -> str:
     return f"{size:.1f} GiB"
 
 
+def _add_counts(into: SnapshotData, counts: torch.Tensor | None) -> None:
+    """Add a skipped snapshot's token counts to `into`'s (another vocabulary size: the newer counts stand)."""
+    if counts is None:
+        return
+    if into.token_counts is None:
+        into.token_counts = counts
+    elif into.token_counts.shape == counts.shape:
+        into.token_counts = into.token_counts + counts
+
+
 def enqueue(state: RunState, snap: SnapshotData) -> None:
-    """Queue `snap` for analysis; iterations skipped since the run's last queued snapshot go with it."""
+    """Queue `snap` for analysis; iterations skipped since the run's last queued snapshot go with it, and
+    the token counts of skipped snapshots of its tensor too."""
     snap.skipped_before = state.skipped_iters + snap.skipped_before
     state.skipped_iters = []
+    _add_counts(snap, state.skipped_counts.pop(snap.name, None))
     state.queue.append(snap)
     state.queued_bytes += snap.nbytes
 
@@ -83,6 +100,16 @@ def trim(runs: Iterable[RunState], budget: int, keep: SnapshotData,
             later.skipped_before = iters + later.skipped_before  # shown in the next result of the run
         else:
             state.skipped_iters = iters + state.skipped_iters
+        if victim.token_counts is not None:  # the counts go on with the tensor's next snapshot
+            same = next((q for q in state.queue if q.name == victim.name), None)
+            if same is not None:
+                _add_counts(same, victim.token_counts)
+            else:
+                held = state.skipped_counts.get(victim.name)
+                if held is not None and held.shape == victim.token_counts.shape:
+                    state.skipped_counts[victim.name] = held + victim.token_counts
+                else:
+                    state.skipped_counts[victim.name] = victim.token_counts
         skipped.append((state, victim))
     return skipped
 

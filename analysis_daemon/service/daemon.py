@@ -546,7 +546,7 @@ class Daemon:
             return None
         log.debug("run %s: iter %d assembled from %d parts", run, done.iter, done.parts)
         return SnapshotData(iter=done.iter, seq=msg.seq, name=done.name, tensor=done.tensor, sent_at=done.sent_at,
-                            metrics=done.metrics)
+                            metrics=done.metrics, token_counts=done.token_counts)
 
     def _incomplete(self, run: str, why: str) -> None:
         with self.lock:

@@ -98,17 +98,20 @@ class RayExecutor:
         self.slots = min(fit, max_concurrent) if max_concurrent else fit
         self._remote = ray.remote(task).options(num_cpus=0 if self.gpu else self.threads,
                                                 num_gpus=1 if self.gpu else 0, max_retries=0)
-        self._refs: dict[str, tuple[torch.Tensor, Any]] = {}  # run -> (its last snapshot's tensor, object ref)
+        # Keyed by (run, tensor name): drift compares a tensor with its own previous snapshot, so a run
+        # publishing its embedding and its output head keeps one cached reference for each.
+        self._refs: dict[tuple[str, str], tuple[torch.Tensor, Any]] = {}  # -> (last snapshot's tensor, object ref)
         self.puts = 0  # snapshot tensors put into the object store
         self._vocab_refs: dict[str, tuple[int, Any]] = {}  # run -> (id of its hello, ref of its vocabulary)
-        self._first_refs: dict[str, tuple[torch.Tensor, Any]] = {}  # run -> (its first snapshot's tensor, ref)
+        self._first_refs: dict[tuple[str, str], tuple[torch.Tensor, Any]] = {}  # -> (first snapshot's tensor, ref)
         log.info("executor: Ray at %s, %d CPU(s) %d GPU(s); up to %d analyses at once (%s per task)",
                  address or "a local instance", cpus, gpus, self.slots, "1 GPU" if self.gpu else f"{self.threads} CPU(s)")
 
     # -- object store: each snapshot's bytes go in once ------------------------------------------------
     def _snapshot_refs(self, job: Job) -> tuple[Any, Any]:
-        """(current, previous) object refs; the previous one is the run's last current one when it is that tensor."""
-        cached = self._refs.get(job.run)
+        """(current, previous) object refs; the previous one is the tensor's last current one when it is that tensor."""
+        key = (job.run, job.current.name)
+        cached = self._refs.get(key)
         prev = None
         if job.previous is not None:
             if cached is not None and cached[0] is job.previous.tensor:
@@ -118,7 +121,7 @@ class RayExecutor:
                 self.puts += 1
         cur = self.ray.put(job.current.tensor)
         self.puts += 1
-        self._refs[job.run] = (job.current.tensor, cur)  # the run's next job compares against it
+        self._refs[key] = (job.current.tensor, cur)  # this tensor's next job compares against it
         return cur, prev
 
     def _vocab_ref(self, job: Job) -> Any:
@@ -134,8 +137,9 @@ class RayExecutor:
     def forget(self, runs: set[str]) -> None:
         """Drop the object references of runs no longer in the daemon (their bytes leave the store)."""
         for table in (self._refs, self._vocab_refs, self._first_refs):
-            for run in [r for r in list(table) if r not in runs]:  # list(): lanes may add runs meanwhile
-                table.pop(run, None)
+            # list(): lanes may add runs meanwhile; the snapshot tables are keyed by (run, tensor)
+            for key in [k for k in list(table) if (k[0] if isinstance(k, tuple) else k) not in runs]:
+                table.pop(key, None)
 
     def _alive(self) -> bool:
         if not self.ray.is_initialized():  # checked first: other calls would start a new local instance
@@ -171,10 +175,12 @@ class RayExecutor:
         if job.first is not None:  # the run's first snapshot (drift since init): by identity, or put once
             first_is = "current" if job.first is job.current else "previous" if job.first is job.previous else "own"
             if first_is == "own":
-                cached = self._first_refs.get(job.run)
+                key = (job.run, job.current.name)
+                cached = self._first_refs.get(key)
                 if cached is None or cached[0] is not job.first.tensor:
                     cached = (job.first.tensor, self.ray.put(job.first.tensor))
-                    self._first_refs[job.run] = cached
+                    self._first_refs[key] = cached
+                    self.puts += 1
                 first_ref = cached[1]
         shell = replace(job, current=replace(job.current, tensor=torch.empty(0), received_mono=waited),
                         previous=replace(job.previous, tensor=torch.empty(0)) if job.previous else None,

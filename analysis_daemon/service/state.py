@@ -42,6 +42,8 @@ class RunState:
     queued_bytes: int = 0  # bytes held by `queue` (the backlog budget counts these)
     busy: bool = False  # the worker is analysing a snapshot of this run right now
     skipped_iters: list[int] = field(default_factory=list)  # skipped with nothing queued after them yet
+    # token counts of skipped snapshots, by tensor, until that tensor's next snapshot is queued (backlog.py)
+    skipped_counts: dict[str, torch.Tensor] = field(default_factory=dict)
     served: int = 0  # when the worker last took a job of this run (a daemon-wide counter; round-robin)
     last_active: float = field(default_factory=time.monotonic)  # last message of the run (eviction order)
     max_iter: int | None = None  # highest iteration taken for analysis (a lower one is a repeat: resume)

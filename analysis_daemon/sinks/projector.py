@@ -97,7 +97,8 @@ def metadata_columns(result: dict[str, Any], arrays: Any, vocab: list[str] | Non
     if isinstance(insight, dict) and isinstance(insight.get("undertrained_tokens"), list):
         flagged = set(_ids(insight["undertrained_tokens"], rows))
         columns.append(("undertrained", ["1" if i in flagged else "0" for i in range(rows)]))
-    counts = getattr(arrays, "frequency", None)  # per-token counts of the trainer's batches, when sent
+    # tokens the trainer fed in total (the run's running total of the snapshots' counts), when it counted
+    counts = getattr(arrays, "tokens_total", None)
     if counts is not None and int(counts.numel()) == rows:
         columns.append(("frequency", [str(int(c)) for c in counts.flatten().tolist()]))
     return columns

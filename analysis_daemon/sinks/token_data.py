@@ -7,7 +7,10 @@ Each analysed iteration gets a directory of plain `.npy` arrays (no pickles; rea
     drift.npy     (V,)   float32  drift cosine against the previous snapshot (NaN: none)
     norm.npy      (V,)   float32  row norm
     xy.npy        (V, 2) float32  map coordinates, aligned across iterations
-    meta.json     iteration, shape, k, bytes
+    nbhd.npy      (V,)   int32    neighbourhood size: tokens with cosine above the threshold (-1: not known)
+    tokens_seen.npy  (V,) uint32  tokens the trainer fed since its previous snapshot (only when it counted)
+    tokens_total.npy (V,) int64   tokens fed in total since meta.json's `tokens_total_since` (when counted)
+    meta.json     iteration, shape, k, bytes, threshold, tokens_total_since
 and the run gets `tokens/vocab.json` (the trainer's token strings, each cut to 200 characters) once.
 An iteration is written into a hidden temporary directory and renamed into place, so a reader sees a
 whole iteration or none; only the newest `keep` iterations are kept (oldest removed first). A write
@@ -31,7 +34,7 @@ from . import Sink
 
 log = logging.getLogger("embedding_monitor.daemon")
 
-DEFAULT_KEEP = 50  # iterations per run: about 240 MB at 50304 tokens with k = 10 (4.8 MB each)
+DEFAULT_KEEP = 50  # iterations per run: about 250 MB at 50304 tokens with k = 10 (5.0 MB each; 5.6 with counts)
 MAX_TOKEN_CHARS = 200  # as the galaxy map: a hostile vocabulary cannot blow up the files
 ITER_DIGITS = 12  # zero-padded directory names sort as iterations
 
@@ -94,12 +97,8 @@ class TokenDataSink(Sink):
                     _write_json(base / "vocab.json", vocab, self.mode)
             shutil.rmtree(tmp, ignore_errors=True)
             make_dirs(tmp, dir_mode_for(self.mode))
-            files = {"norm": arrays.norm, "xy": arrays.xy, "drift": arrays.drift,
-                     "knn_ids": arrays.knn_ids, "knn_cos": arrays.knn_cos}
             written = 0
-            for name, tensor_value in files.items():
-                if tensor_value is None:
-                    continue
+            for name, tensor_value in arrays.stored().items():
                 path = tmp / f"{name}.npy"
                 with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.mode), "wb") as f:
                     os.fchmod(f.fileno(), self.mode)  # exactly the mode, whatever the umask
@@ -111,7 +110,10 @@ class TokenDataSink(Sink):
             k = int(arrays.knn_ids.shape[1]) if arrays.knn_ids is not None else 0
             _write_json(tmp / "meta.json", mode=self.mode, value={"iter": iteration, "tensor": tensor, "rows": rows, "k": k,
                                             "shape": result.get("shape"), "bytes": written,
-                                            "prev_iter": result.get("prev_iter")})
+                                            "prev_iter": result.get("prev_iter"),
+                                            "threshold": ((result.get("geometry") or {}).get("local_density")
+                                                          or {}).get("threshold"),
+                                            "tokens_total_since": getattr(arrays, "tokens_total_since", None)})
             if final.exists():  # a repeated iteration (a resumed trainer): the newest analysis wins
                 shutil.rmtree(final)
             os.rename(tmp, final)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from typing import Any
@@ -113,6 +114,27 @@ def galaxy_metrics(result: dict[str, Any], wandb: Any, vocab: list[str] | None =
     return {"analysis/galaxy": wandb.Table(columns=GALAXY_COLUMNS, data=rows)}
 
 
+def own_wandb_service() -> str | None:
+    """Forget a W&B service inherited from the process that started us; returns the line said, if any.
+
+    wandb exports WANDB_SERVICE (its token names the owner's pid) so a trainer's child processes share the
+    trainer's service. The daemon must not: it outlives the trainer, and once that service is gone every
+    wandb.init here fails ("Failed to connect to service"), losing the results it should log. A token of
+    this very process (the sink running in-process, e.g. replay from a notebook) is kept.
+    """
+    token = os.environ.get("WANDB_SERVICE")
+    if not token:
+        return None
+    owner = re.match(r"\d+-(\d+)-", token)
+    if owner is not None and int(owner.group(1)) == os.getpid():
+        return None
+    os.environ.pop("WANDB_SERVICE", None)
+    line = (f"wandb: not using the W&B service of the process that started this one (pid "
+            f"{owner.group(1) if owner else 'unknown'}); starting our own, so logging outlives that process")
+    log.info("%s", line)
+    return line
+
+
 class WandbSink(Sink):
     """Logs results to W&B from a background thread; trouble is logged once and never stops analysis."""
 
@@ -121,6 +143,7 @@ class WandbSink(Sink):
     def __init__(self, default_project: str | None = None, close_timeout: float | None = None,
                  config: dict[str, Any] | None = None, init_timeout: float = 20.0,
                  finish_timeout: float = 20.0) -> None:
+        own_wandb_service()
         self.default_project = default_project
         self.config = dict(config or {})  # the daemon's analysis settings, stored in every wandb run
         # An unreachable W&B must not hold the daemon: wandb.init gives up after init_timeout (the run

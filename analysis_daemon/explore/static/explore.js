@@ -6,7 +6,7 @@
   const $ = (id) => document.getElementById(id);
   const params = new URLSearchParams(location.search);
   const state = { run: params.get("run"), iters: [], index: 0, points: new Map(), vocab: null,
-                  token: null, neighbours: [], view: null, drag: null, drawnOnce: false };
+                  token: null, info: null, neighbours: [], view: null, drag: null, drawnOnce: false };
   const PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
                    "#9c755f", "#bab0ac", "#86bcb6", "#d37295", "#fabfd2", "#8cd17d", "#b6992d", "#499894"];
 
@@ -31,9 +31,13 @@
     const rows = parseInt(res.headers.get("X-Rows"), 10);
     const all = new Float32Array(await res.arrayBuffer());
     const part = (k) => all.subarray(k * rows, (k + 1) * rows);
-    const p = { rows, x: part(0), y: part(1), drift: part(2), norm: part(3), cluster: part(4), flag: part(5) };
+    const p = { rows, x: part(0), y: part(1), drift: part(2), norm: part(3), cluster: part(4), flag: part(5),
+                freq: part(6) };
     p.normRange = range(p.norm, 0.02, 0.98);
     p.driftRange = range(p.drift, 0.02, 1.0);
+    let most = 0;  // frequency colours on a log scale from 1 to the most fed token's count
+    for (let i = 0; i < rows; i++) if (p.freq[i] > most) most = p.freq[i];
+    p.freqMax = most;
     state.points.set(it, p);
     if (state.points.size > 8) state.points.delete(state.points.keys().next().value);
     return p;
@@ -80,6 +84,13 @@
       const hex = PALETTE[c % PALETTE.length];
       return [parseInt(hex.slice(1, 3), 16), parseInt(hex.slice(3, 5), 16), parseInt(hex.slice(5, 7), 16)];
     }
+    if (mode === "frequency") {
+      const v = p.freq[i];
+      if (!Number.isFinite(v)) return [110, 118, 129];  // not counted
+      if (v <= 0) return [214, 40, 200];  // counted, never seen: magenta, apart from the scale
+      const t = p.freqMax > 1 ? Math.log(v) / Math.log(p.freqMax) : 1;
+      return [Math.round(30 + 220 * t), Math.round(50 + 160 * t), Math.round(110 - 60 * t)];  // dark blue: rare
+    }
     const f = p.flag[i];
     if (f === 1) return [255, 140, 30];
     return Number.isFinite(f) ? [70, 90, 120] : [110, 118, 129];
@@ -94,11 +105,12 @@
     const img = ctx.createImageData(c.width, c.height);
     const data = img.data, w = c.width, h = c.height, mode = $("colour").value;
     for (let k = 0; k < data.length; k += 4) { data[k] = 15; data[k + 1] = 21; data[k + 2] = 32; data[k + 3] = 255; }
-    let drawn = 0;
+    let drawn = 0, unseen = 0;
     for (let i = 0; i < p.rows; i++) {
       const x = Math.round(sx(p.x[i])), y = Math.round(sy(p.y[i]));
       if (!(x >= 0 && x < w - 1 && y >= 0 && y < h - 1)) continue;
       drawn++;
+      if (p.freq[i] === 0) unseen++;
       const [r, g, b] = colourOf(p, i, mode);
       for (const o of [0, 4, 4 * w, 4 * w + 4]) {
         const at = 4 * (y * w + x) + o;
@@ -107,6 +119,8 @@
     }
     ctx.putImageData(img, 0, 0);
     document.body.dataset.drawn = String(drawn);
+    document.body.dataset.colour = mode;
+    document.body.dataset.unseen = String(unseen);  // drawn points counted but never seen (magenta in "frequency")
     if (state.token !== null && state.token < p.rows) {
       ctx.strokeStyle = "#ffffff"; ctx.lineWidth = 1;
       for (const [id] of state.neighbours) {
@@ -129,6 +143,9 @@
       norm: `row norm: dark ${p.normRange[0].toPrecision(3)} … yellow ${p.normRange[1].toPrecision(3)}`,
       cluster: "galaxy clusters of the map's token subset (colour per cluster; light grey: singleton; dark: not in the subset)",
       flag: "orange: flagged under-trained; grey: the record lists none",
+      frequency: Number.isFinite(p.freq[0])
+        ? `tokens fed in total, log scale: dark blue 1 … yellow ${p.freqMax.toLocaleString("en")}; magenta: never seen`
+        : "frequency: the trainer counted no tokens for this iteration (publisher.count_tokens)",
     }[mode];
     $("legend").textContent = text;
   }
@@ -141,6 +158,9 @@
       $("search").value = info.token === null ? String(info.id) : info.token;
       chart($("chart-drift"), info.iters, info.drift_cosine);
       chart($("chart-norm"), info.iters, info.norm);
+      chart($("chart-nbhd"), info.iters, info.neighbourhood_size);
+      state.info = info;
+      seen(info);
       await showNeighbours();
       await compare();
       const u = new URL(location.href);
@@ -152,6 +172,21 @@
       document.body.dataset.token = "error";
     }
     draw();
+  }
+
+  function seen(info) {
+    // at the selected iteration (else the newest one counted): the run's total, and what that snapshot added
+    if (!info) return;
+    const totals = info.tokens_total || [];
+    let last = info.iters.indexOf(iter());
+    if (last < 0 || totals[last] === null || totals[last] === undefined) {
+      last = -1;
+      totals.forEach((v, i) => { if (v !== null) last = i; });
+    }
+    $("token-seen").textContent = last < 0 ? "tokens seen: not counted (the trainer sent no token counts)"
+      : `tokens seen: ${info.tokens_total[last].toLocaleString("en")} in total since iteration ` +
+        `${info.tokens_total_since[last]} (${(info.tokens_seen[last] ?? 0).toLocaleString("en")} in the ` +
+        `interval before iteration ${info.iters[last]})`;
   }
 
   async function showNeighbours() {
@@ -200,10 +235,16 @@
     const ctx = canvas.getContext("2d"), w = canvas.width, h = canvas.height, pad = 6;
     ctx.clearRect(0, 0, w, h);
     const pts = xs.map((x, i) => [x, ys[i]]).filter((p) => p[1] !== null && Number.isFinite(p[1]));
+    canvas.dataset.points = String(pts.length);  // what is drawn (the page's tests read it)
     ctx.fillStyle = "#6b7785"; ctx.font = "11px system-ui";
     if (!pts.length) { ctx.fillText("no values", pad, h / 2); return; }
     let y0 = Math.min(...pts.map((p) => p[1])), y1 = Math.max(...pts.map((p) => p[1]));
-    if (y1 - y0 < 1e-9) { y0 -= Math.abs(y0) * 0.01 + 1e-6; y1 += Math.abs(y1) * 0.01 + 1e-6; }
+    const counts = pts.every((p) => Number.isInteger(p[1]));  // neighbourhood sizes: whole numbers
+    if (y1 - y0 < 1e-9) {
+      if (counts) { y0 = Math.max(0, y0 - 1); y1 += 1; }
+      else { y0 -= Math.abs(y0) * 0.01 + 1e-6; y1 += Math.abs(y1) * 0.01 + 1e-6; }
+    }
+    const label = (v) => (counts ? String(v) : v.toPrecision(6));
     const x0 = xs[0], x1 = xs[xs.length - 1] === x0 ? x0 + 1 : xs[xs.length - 1];
     const px = (x) => pad + (w - 2 * pad) * (x - x0) / (x1 - x0), py = (y) => h - pad - (h - 2 * pad) * (y - y0) / (y1 - y0);
     ctx.strokeStyle = "#4e79a7"; ctx.fillStyle = "#4e79a7"; ctx.beginPath();
@@ -211,7 +252,7 @@
     ctx.stroke();
     for (const [x, y] of pts) { ctx.beginPath(); ctx.arc(px(x), py(y), 2, 0, 2 * Math.PI); ctx.fill(); }
     ctx.fillStyle = "#1d232b";
-    ctx.fillText(y1.toPrecision(6), pad, 11); ctx.fillText(y0.toPrecision(6), pad, h - 2);
+    ctx.fillText(label(y1), pad, 11); ctx.fillText(label(y0), pad, h - 2);
     const cur = iter();
     if (cur !== undefined) { ctx.strokeStyle = "#e15759"; ctx.beginPath(); ctx.moveTo(px(cur), 0); ctx.lineTo(px(cur), h); ctx.stroke(); }
   }
@@ -274,17 +315,24 @@
       state.index = parseInt($("slider").value, 10);
       $("iter-label").textContent = String(iter());
       await draw();
-      if (state.token !== null) { await showNeighbours(); draw(); }
+      if (state.token !== null) { await showNeighbours(); seen(state.info); draw(); }
     });
-    $("colour").addEventListener("change", draw);
+    $("colour").addEventListener("change", () => {
+      const u = new URL(location.href);
+      u.searchParams.set("colour", $("colour").value);
+      history.replaceState(null, "", u);
+      draw();
+    });
     $("cmp-a").addEventListener("change", compare);
     $("cmp-b").addEventListener("change", compare);
     $("search-form").addEventListener("submit", (e) => { e.preventDefault(); const v = $("search").value; if (v !== "") selectToken(v); });
-    $("run").addEventListener("change", async () => { state.run = $("run").value; state.token = null; await loadRun(); });
+    $("run").addEventListener("change", async () => { state.run = $("run").value; state.token = null; state.info = null; await loadRun(); });
   }
 
   async function main() {
     wire();
+    const colour = params.get("colour");  // ?colour=frequency etc. opens with that colouring
+    if (colour !== null && Array.from($("colour").options).some((o) => o.value === colour)) $("colour").value = colour;
     try {
       const r = await getJSON("/api/runs");
       if (!state.run || !r.runs.includes(state.run)) state.run = r.runs[0];
