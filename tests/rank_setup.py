@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node=N tests/<name>_ranks.py ENDPOINT OUT_DIR RESULTS_DIR SCENARIO...
 
-Imported by tests/sharded_ranks.py, tests/stack_ranks.py, tests/fsdp_training_ranks.py and
+Imported by tests/sharded_ranks.py, tests/stack_ranks.py, tests/fsdp_training_ranks.py, tests/count_ranks.py and
 tests/hf_zero3_trainer.py (run as scripts, never by pytest).
 """
 from __future__ import annotations
