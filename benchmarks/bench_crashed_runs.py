@@ -23,29 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from daemon_driver import free_port, rss_mib, start_daemon, wait  # this folder's helpers
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
-
-
-def _wait(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := cond()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-    return value
 
 
 def _crashed_trainer(endpoint: str, run: str, rows: int, cols: int) -> None:
@@ -89,17 +69,11 @@ def main() -> int:
                               text=True, cwd=repo).stdout
     liveness = "--run-timeout" in helptext
     with tempfile.TemporaryDirectory() as tmp:
-        endpoint = f"tcp://127.0.0.1:{_port()}"
-        out, err = Path(tmp, "d.out"), Path(tmp, "d.err")
-        cmd = [sys.executable, "-m", "analysis_daemon", "--listen", endpoint, "--results-dir", f"{tmp}/runs",
-               "--threads", "1", "--nice", "0", "--no-wandb", "--no-console", "--no-extras"]
-        if liveness:
-            cmd += ["--run-timeout", str(args.run_timeout)]
-        with open(out, "w") as o, open(err, "w") as e:
-            daemon = subprocess.Popen(cmd, stdout=o, stderr=e, env=env, cwd=tmp)
+        endpoint = f"tcp://127.0.0.1:{free_port()}"
+        daemon, _, err = start_daemon(Path(tmp), env, endpoint, "--no-wandb", "--no-console", "--no-extras",
+                                      *(["--run-timeout", str(args.run_timeout)] if liveness else []))
         try:
-            _wait(lambda: "ready" in out.read_text(), 120, "the daemon's ready line")
-            rss0 = _rss_mib(daemon.pid)
+            rss0 = rss_mib(daemon.pid)
             pids = []
             series = []  # RSS after every quarter of the runs: a plateau, or growth per run?
             t0 = time.monotonic()
@@ -113,14 +87,14 @@ def main() -> int:
                 os.waitpid(pid, 0)
                 pids.append(pid)
                 if (i + 1) % max(1, args.runs // 4) == 0:
-                    series.append((i + 1, round(_rss_mib(daemon.pid))))
+                    series.append((i + 1, round(rss_mib(daemon.pid))))
             spawn_s = time.monotonic() - t0
             if liveness:  # every run closed by the liveness check (or the time it takes, at most)
-                _wait(lambda: err.read_text().count(": closed") >= args.runs, 60 + args.runs, "the runs to close")
+                wait(lambda: err.read_text().count(": closed") >= args.runs, 60 + args.runs, "the runs to close")
             else:
                 time.sleep(args.run_timeout + 2)
             time.sleep(1.0)
-            rss1 = _rss_mib(daemon.pid)
+            rss1 = rss_mib(daemon.pid)
             left = [n for n in os.listdir("/dev/shm") if any(n.startswith(f"emon-{p}-") for p in pids)]
             log = err.read_text()
             # One more trainer, alive: is it still served?
@@ -135,7 +109,7 @@ def main() -> int:
                                                 shape=[64, 8], payload=payload))
             results = Path(tmp, "runs", "alive", "analysis.jsonl")
             try:
-                _wait(lambda: results.exists() and results.read_text().endswith("\n"), 30, "the live run's result")
+                wait(lambda: results.exists() and results.read_text().endswith("\n"), 30, "the live run's result")
                 served = "yes"
             except TimeoutError:
                 served = "NO (" + next((ln.split(" WARNING ")[-1] for ln in reversed(err.read_text().splitlines())

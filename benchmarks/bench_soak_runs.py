@@ -16,12 +16,13 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from daemon_driver import free_port, rss_mib, start_daemon, wait  # this folder's helpers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,28 +48,6 @@ pub.close(timeout=30)
 """
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
-
-
-def _wait(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := cond()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-    return value
-
-
 def main() -> int:
     """Run the benchmark and print its figures."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -86,18 +65,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, PYTHONPATH=str(repo), OMP_WAIT_POLICY="PASSIVE", WANDB_MODE="offline",
                    WANDB_SILENT="true", WANDB_DIR=tmp)
-        endpoint = f"tcp://127.0.0.1:{_port()}"
-        out, err = Path(tmp, "d.out"), Path(tmp, "d.err")
-        cmd = [sys.executable, "-m", "analysis_daemon", "--listen", endpoint, "--results-dir", f"{tmp}/runs",
-               "--threads", "1", "--nice", "0", "--no-console", "--no-extras", "--wandb-finish-timeout", "60"]
-        if args.no_wandb:
-            cmd.append("--no-wandb")
-        with open(out, "w") as o, open(err, "w") as e:
-            daemon = subprocess.Popen(cmd, stdout=o, stderr=e, env=env, cwd=tmp)
+        endpoint = f"tcp://127.0.0.1:{free_port()}"
+        daemon, _, err = start_daemon(Path(tmp), env, endpoint, "--no-console", "--no-extras", "--wandb-finish-timeout",
+                                      "60", *(["--no-wandb"] if args.no_wandb else []))
         series: list[tuple[int, float, float]] = []
         try:
-            _wait(lambda: "ready" in out.read_text(), 120, "the daemon's ready line")
-            rss0 = _rss_mib(daemon.pid)
+            rss0 = rss_mib(daemon.pid)
             t0 = time.monotonic()
             served = 0
             for rnd in range(args.rounds):
@@ -114,11 +87,11 @@ def main() -> int:
                 for p in running:
                     p.wait(300)
                 served += len(names)
-                _wait(lambda: err.read_text().count(": closed") >= served, 600, f"{served} runs to close")
+                wait(lambda: err.read_text().count(": closed") >= served, 600, f"{served} runs to close")
                 if not args.no_wandb:  # the W&B sink finishes a run on its own thread, after the close
-                    _wait(lambda: all(Path(tmp, "runs", n, "analysis.jsonl").exists() for n in names), 60, "results")
+                    wait(lambda: all(Path(tmp, "runs", n, "analysis.jsonl").exists() for n in names), 60, "results")
                     time.sleep(3.0)
-                series.append((served, _rss_mib(daemon.pid), time.monotonic() - t0))
+                series.append((served, rss_mib(daemon.pid), time.monotonic() - t0))
                 print(f"round {rnd + 1}: {served} runs served, daemon RSS {series[-1][1]:.0f} MiB "
                       f"({series[-1][2]:.0f} s)", flush=True)
         finally:

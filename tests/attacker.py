@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import select
 import socket
 import struct
 import sys
@@ -199,8 +200,33 @@ def big_vocab(port: int, tokens: int) -> dict:
     return {"wire_bytes": len(body)}
 
 
+_stdin_open = True
+
+
+def _stop_asked() -> bool:
+    """Whether the test wrote `stop` to our stdin (it has seen what it needed): a flood ends early. End of
+    file or no stdin (a benchmark's terminal) leaves only the time bound."""
+    global _stdin_open
+    try:
+        if not _stdin_open or not select.select([sys.stdin], [], [], 0)[0]:
+            return False
+        line = sys.stdin.readline()
+    except (OSError, ValueError):
+        line = ""
+    _stdin_open = bool(line)
+    return line.strip() == "stop"
+
+
+def _pause(seconds: float) -> None:
+    """Sleep `seconds`, or less if the test says stop."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not _stop_asked():
+        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+
 def idle_peers(port: int, count: int, hold: float) -> dict:
-    """`count` connections that send the greeting and READY (where the daemon accepts them), then nothing."""
+    """`count` connections that send the greeting and READY (where the daemon accepts them), then nothing for
+    `hold` seconds (or until `stop` on stdin)."""
     socks, failed = [], 0
     for _ in range(count):  # non-blocking connects: a full accept backlog must not stall us
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -214,7 +240,7 @@ def idle_peers(port: int, count: int, hold: float) -> dict:
         except OSError:
             failed += 1  # still in the accept backlog, or already dropped: idle all the same
     print(json.dumps({"opened": len(socks), "greeting_not_sent": failed}), flush=True)
-    time.sleep(hold)
+    _pause(hold)  # or until the test has measured what it needed
     alive = 0
     for s in socks:
         try:
@@ -271,7 +297,8 @@ def fat_hellos(port: int, count: int) -> dict:
 
 def squat(port: int, seconds: float, marker: str) -> dict:
     """Listen on the daemon's port while it is down, complete the ZMTP handshake as a PULL peer with every
-    trainer that connects, and count what each sends after it (a hello would carry `marker`, its run name)."""
+    trainer that connects, and count what each sends after it (a hello would carry `marker`, its run name).
+    A line after each connection the trainer closed says how many there were; `stop` on stdin ends it early."""
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(("127.0.0.1", port))
@@ -281,7 +308,7 @@ def squat(port: int, seconds: float, marker: str) -> dict:
     handshakes = after = 0
     seen_marker = False
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not _stop_asked():
         try:
             conn, _ = srv.accept()
         except socket.timeout:
@@ -305,6 +332,7 @@ def squat(port: int, seconds: float, marker: str) -> dict:
                 data += chunk
             after += len(data)
             seen_marker = seen_marker or marker.encode() in data
+            print(json.dumps({"handshakes": handshakes}), flush=True)
         except (OSError, ConnectionError) as exc:
             print("squat:", repr(exc), file=sys.stderr, flush=True)
         finally:
@@ -334,8 +362,8 @@ def read_secrets(port: int, directory: str, seconds: float) -> dict:
 
 
 def _hold(port: int, count: int, seconds: float, greet: bool) -> dict:
-    """Keep `count` connections open for `seconds`, reopening each one the daemon drops; with `greet`
-    they send the ZMTP greeting and READY (idle ZeroMQ peers), else nothing at all."""
+    """Keep `count` connections open for `seconds` (or until stdin closes), reopening each one the daemon
+    drops; with `greet` they send the ZMTP greeting and READY (idle ZeroMQ peers), else nothing at all."""
     def opened() -> socket.socket:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setblocking(False)
@@ -347,7 +375,7 @@ def _hold(port: int, count: int, seconds: float, greet: bool) -> dict:
     total, reopened = count, 0
     deadline = time.monotonic() + seconds
     announced = False
-    while time.monotonic() < deadline:  # bounded: `seconds`
+    while time.monotonic() < deadline and not (announced and _stop_asked()):  # bounded: `seconds`
         time.sleep(0.2)
         for i, s in enumerate(socks):
             dropped = False

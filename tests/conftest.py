@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import os
 import random
+import select
+import signal
 import socket
+import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -36,22 +40,52 @@ def free_tcp_port() -> int:
         return s.getsockname()[1]
 
 
+def follow(cmd: list[str], needles: list[str], *, env: dict[str, str], cwd: Path | None = None, timeout: float = 60.0,
+           quiet: float = 0.5) -> subprocess.CompletedProcess:
+    """Run a command that never ends by itself (`launch.sh tail` follows a file) until its stdout holds every
+    one of `needles` and then nothing more for `quiet` seconds (or `timeout` passed), then stop it and its
+    children (SIGTERM to its process group). Its stdout and stderr as text, as subprocess.run gives them."""
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    out, deadline, last = b"", time.monotonic() + timeout, time.monotonic()
+    try:
+        while time.monotonic() < deadline:
+            if select.select([proc.stdout], [], [], 0.05)[0]:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break  # it ended by itself
+                out, last = out + chunk, time.monotonic()
+            elif time.monotonic() - last >= quiet and all(n.encode() in out for n in needles):
+                break
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        rest, err = proc.communicate(timeout=30)
+    return subprocess.CompletedProcess(cmd, proc.returncode, (out + rest).decode(errors="replace"),
+                                       err.decode(errors="replace"))
+
+
 @pytest.fixture
 def tcp_endpoint() -> str:
     """A fresh loopback endpoint for one test."""
     return f"tcp://127.0.0.1:{free_tcp_port()}"
 
 
-@pytest.fixture
-def subprocess_env(tmp_path: Path) -> dict[str, str]:
-    """Environment for child processes: repo on the path, wandb offline into tmp_path."""
+def child_env(tmp: Path) -> dict[str, str]:
+    """Environment for child processes: repo on the path, wandb offline into `tmp`."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     env["WANDB_MODE"] = "offline"
     env["WANDB_SILENT"] = "true"
-    env["WANDB_DIR"] = str(tmp_path)
+    env["WANDB_DIR"] = str(tmp)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@pytest.fixture
+def subprocess_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for child processes: repo on the path, wandb offline into tmp_path."""
+    return child_env(tmp_path)
 
 
 @pytest.fixture(autouse=True)

@@ -13,31 +13,18 @@ rank 0 waits for the daemon's record of an iteration before the next one.
 """
 from __future__ import annotations
 
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.rank_setup import ENDPOINT, OUT, RANK, wait_analysed, wait_sent  # noqa: E402
 from trainer_hook import EmbeddingPublisher  # noqa: E402
 
-ENDPOINT, OUT, RESULTS = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-RANK = int(os.environ["RANK"])
 ITERS = {0: 1, 1: 2}  # iteration -> optimizer steps trained before its publish
 D = 8
-
-
-def wait_analysed(run: str, n: int) -> None:
-    """Rank 0: until the daemon has written `n` results of `run`."""
-    path = RESULTS / run / "analysis.jsonl"
-    deadline = time.monotonic() + 120
-    while not (path.exists() and path.read_text().count("\n") >= n):
-        if time.monotonic() > deadline:
-            raise SystemExit(f"rank 0: the daemon wrote no result {n} of run {run} in 120 s")
-        time.sleep(0.02)
 
 
 def run_iters(run: str, embedding: torch.nn.Module, step, next_ids) -> None:
@@ -50,10 +37,7 @@ def run_iters(run: str, embedding: torch.nn.Module, step, next_ids) -> None:
             step(ids)
         torch.save(torch.cat([ids.reshape(-1) for ids in fed]), OUT / f"{run}-{RANK}-{it}.pt")
         assert pub.publish(embedding, it), f"rank {RANK}: {run} iter {it} not handed off"
-        deadline = time.monotonic() + 60
-        while pub.published < n + 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert pub.published == n + 1, f"rank {RANK}: {run} iter {it} not sent ({pub.dropped} dropped)"
+        wait_sent(pub, n + 1, f"{run} iter {it}: ")
         if RANK == 0:
             wait_analysed(run, n + 1)
         dist.barrier()

@@ -20,37 +20,12 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.sharded_ranks import OUT, RANK, wait_analysed, wait_sent  # noqa: E402  (same argv layout)
+from tests.rank_setup import ENDPOINT, OUT, RANK, wait_analysed, wait_sent  # noqa: E402
+from tests.tiny_lm import TinyLM  # noqa: E402
 from trainer_hook import EmbeddingPublisher  # noqa: E402
 from trainer_hook.sharding import is_dtensor  # noqa: E402
 
-ENDPOINT = sys.argv[1]
 VOCAB, DIM, SEQ, BATCH, STEPS = 97, 32, 16, 4, 4
-
-
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.norm, self.mlp = nn.LayerNorm(DIM), nn.Sequential(nn.Linear(DIM, 2 * DIM), nn.GELU(), nn.Linear(2 * DIM, DIM))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.mlp(self.norm(h))
-
-
-class Tiny(nn.Module):
-    """Embedding, two residual MLP blocks, an untied head: a language model's layout at toy size."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tok_embeddings = nn.Embedding(VOCAB, DIM)
-        self.layers = nn.ModuleList([Block(), Block()])
-        self.norm, self.output = nn.LayerNorm(DIM), nn.Linear(DIM, VOCAB, bias=False)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.tok_embeddings(ids)
-        for layer in self.layers:
-            h = layer(h)
-        return self.output(self.norm(h))
 
 
 def batch(step: int) -> torch.Tensor:
@@ -101,7 +76,7 @@ def scenario_fsdp2() -> None:
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
-    model = Tiny()
+    model = TinyLM(VOCAB, DIM)
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for layer in model.layers:
         fully_shard(layer, mesh=mesh)
@@ -130,7 +105,7 @@ def scenario_fsdp1() -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     torch.manual_seed(0)
-    model = Tiny()
+    model = TinyLM(VOCAB, DIM)
     for i, layer in enumerate(model.layers):
         model.layers[i] = FSDP(layer, device_id=torch.device("cpu"))
     model = FSDP(model, device_id=torch.device("cpu"))  # the embedding is in the root's FlatParameter

@@ -7,7 +7,6 @@ collective, for the test's reference only) and rank 0 saves it to OUT/hf-z3-<ste
 has sent that step (at the next on_step_begin), rank 0 waits until the daemon has written its result. Prints `RANK r published=P dropped=D` per rank.
 """
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -16,12 +15,13 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
+from tests.rank_setup import ENDPOINT, OUT, deepspeed_without_shm_kernel, wait_analysed  # noqa: E402
 from tests.test_hf_callback import Tokens, gpt2  # noqa: E402
 from trainer_hook.hf import EmbeddingMonitorCallback  # noqa: E402
 
-endpoint, out, results_dir = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+deepspeed_without_shm_kernel()  # before the Trainer sets DeepSpeed's backend up
 torch.set_num_threads(1)
-cb = EmbeddingMonitorCallback(endpoint, run="hf-z3", every_n_steps=2)
+cb = EmbeddingMonitorCallback(ENDPOINT, run="hf-z3", every_n_steps=2)
 seen = {}
 ZERO3 = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
@@ -39,7 +39,7 @@ class Reference(TrainerCallback):
             full = weight.detach().clone()
         seen["publisher"] = cb.publisher
         if torch.distributed.get_rank() == 0:
-            torch.save(full, out / f"hf-z3-{step}.pt")
+            torch.save(full, OUT / f"hf-z3-{step}.pt")
         self.saved += 1
 
     def on_train_begin(self, args, state, control, model=None, **kw):
@@ -52,15 +52,11 @@ class Reference(TrainerCallback):
     def on_step_begin(self, args, state, control, **kw):
         # the callback sent the marked step at this on_step_begin: rank 0 waits for the daemon's result,
         # so newest-wins skipping cannot hide a step (rank 1 waits in the next collective)
-        if torch.distributed.get_rank() != 0:
-            return
-        path = results_dir / "hf-z3" / "analysis.jsonl"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (path.exists() and path.read_text().count("\n") >= self.saved):
-            time.sleep(0.02)
+        if torch.distributed.get_rank() == 0:
+            wait_analysed("hf-z3", self.saved)
 
 
-args = TrainingArguments(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, report_to=[],
+args = TrainingArguments(output_dir=str(OUT), max_steps=4, per_device_train_batch_size=4, report_to=[],
                          save_strategy="no", disable_tqdm=True, logging_steps=100, seed=0, learning_rate=5e-2,
                          optim="sgd", deepspeed=ZERO3)
 Trainer(model=gpt2(), args=args, train_dataset=Tokens(), callbacks=[cb, Reference()]).train()

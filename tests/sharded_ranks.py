@@ -26,30 +26,10 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.rank_setup import ENDPOINT, OUT, RANK, wait_analysed, wait_sent  # noqa: E402
 from trainer_hook import EmbeddingPublisher  # noqa: E402
 
-ENDPOINT, OUT, RESULTS = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-RANK = int(os.environ["RANK"])
 WORLD = int(os.environ["WORLD_SIZE"])
-
-
-def wait_sent(pub: EmbeddingPublisher, n: int) -> None:
-    """Until `n` snapshots of this rank were handed to ZeroMQ (each iteration is complete before the next)."""
-    deadline = time.monotonic() + 60
-    while pub.published < n and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert pub.published >= n, f"rank {RANK}: only {pub.published} of {n} parts sent ({pub.dropped} dropped)"
-
-
-def wait_analysed(run: str, n: int) -> None:
-    """Rank 0: until the daemon has written `n` results of `run`."""
-    path = RESULTS / run / "analysis.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text().count("\n") >= n:
-            return
-        time.sleep(0.02)
-    raise SystemExit(f"rank 0: the daemon wrote no result {n} of run {run} in 120 s")
 
 
 def publish_iters(run: str, weight_fn, iters: list[int], step) -> None:

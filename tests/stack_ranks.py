@@ -27,30 +27,17 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.rank_setup import ENDPOINT, OUT, RANK, deepspeed_without_shm_kernel, wait_analysed, wait_sent  # noqa: E402
 from trainer_hook import EmbeddingPublisher  # noqa: E402
 
-ENDPOINT, OUT, RESULTS = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-RANK = int(os.environ["RANK"])
 ITERS = [0, 1]
 V, D = 1001, 16
-
-
-def wait_analysed(run: str, n: int) -> None:
-    """Rank 0: until the daemon has written `n` results of `run`."""
-    path = RESULTS / run / "analysis.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text().count("\n") >= n:
-            return
-        time.sleep(0.02)
-    raise SystemExit(f"rank 0: the daemon wrote no result {n} of run {run} in 120 s")
 
 
 def loop(runs: dict, step, publish_args, pubs: dict | None = None) -> None:
@@ -69,10 +56,7 @@ def loop(runs: dict, step, publish_args, pubs: dict | None = None) -> None:
             obj, kwargs = publish_args(run)
             if pubs[run].publish(obj, it, metrics={"train/loss": 1.0 / (it + 1)} if RANK == 0 else None, **kwargs):
                 sent[run] += 1
-            deadline = time.monotonic() + 60
-            while pubs[run].published < sent[run] and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert pubs[run].published == sent[run], f"rank {RANK}: {run} part not sent ({pubs[run].dropped} dropped)"
+            wait_sent(pubs[run], sent[run], f"{run}: ")
             if RANK == 0:
                 wait_analysed(run, n + 1)
             dist.barrier()
@@ -258,6 +242,7 @@ def main() -> None:
     if any(s.startswith("z") for s in scenarios):
         import deepspeed
 
+        deepspeed_without_shm_kernel()
         deepspeed.init_distributed(dist_backend="gloo")
     else:
         dist.init_process_group("gloo")

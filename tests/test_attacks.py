@@ -177,7 +177,8 @@ def test_idle_peers_cannot_exhaust_file_descriptors(tmp_path: Path, env: dict[st
         before, _ = rss(pid)
         cmd = ["setpriv", f"--reuid={ATTACKER_UID}", f"--regid={ATTACKER_UID}", "--clear-groups", SYSTEM_PYTHON,
                str(attacker_script), str(port_of(tcp_endpoint)), "idle-peers", "1100", "8"]
-        attacker = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={"PATH": "/usr/bin:/bin"})
+        attacker = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                    env={"PATH": "/usr/bin:/bin"})
         try:
             opened = json.loads(attacker.stdout.readline())
             cpu0, t0 = _cpu_seconds(pid), time.monotonic()
@@ -186,7 +187,8 @@ def test_idle_peers_cannot_exhaust_file_descriptors(tmp_path: Path, env: dict[st
                 legit.step()
             fds_during = len(os.listdir(f"/proc/{pid}/fd"))
             cpu = (_cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
-            final = json.loads(attacker.stdout.read().strip().splitlines()[-1])
+            out, _ = attacker.communicate("stop\n", timeout=WAIT_S)  # measured: the peers may go
+            final = json.loads(out.strip().splitlines()[-1])
         finally:
             if attacker.poll() is None:
                 attacker.kill()

@@ -34,15 +34,21 @@ def background(script: Path, port: int, *args: object) -> subprocess.Popen:
     """Start one attacker command as uid 65534; its stdout is read by the caller."""
     cmd = ["setpriv", f"--reuid={ATTACKER_UID}", f"--regid={ATTACKER_UID}", "--clear-groups",
            SYSTEM_PYTHON, str(script), str(port), *map(str, args)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={"PATH": "/usr/bin:/bin"})
 
 
 def finish(proc: subprocess.Popen) -> dict:
-    """The attacker's last JSON line (it exits by itself: its loops are bounded)."""
-    out, err = proc.communicate(timeout=WAIT_S)
+    """The attacker's last JSON line. `stop` on its stdin ends a connection flood at once (the test has seen
+    what it needed); its other loops are bounded by a count or seconds and end by themselves."""
+    out, err = proc.communicate("stop\n", timeout=WAIT_S)
     assert proc.returncode == 0, err
     return json.loads(out.strip().splitlines()[-1])
+
+
+# what ends a client's handshake: refused by the daemon's key check, or failed / cut off some other way
+HANDSHAKE_ENDED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                   | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_DISCONNECTED)
 
 
 def gate_counters(log: str) -> dict[str, int]:
@@ -254,17 +260,24 @@ def test_log_floods_are_summarised_by_kind_and_source(start_daemon, attacker_scr
     server_public = zmq.auth.load_certificate(keys / "server.key")[0]
     ctx = zmq.Context()
     for batch in range(30):  # bounded: 30 x 100 keys
-        socks = []
+        socks, monitors = [], []
         for _ in range(100):
             s = ctx.socket(zmq.PUSH)
             s.linger = 0
             s.curve_publickey, s.curve_secretkey = zmq.curve_keypair()
             s.curve_serverkey = server_public
+            monitors.append(s.get_monitor_socket(HANDSHAKE_ENDED))
             s.connect(c.endpoint)
             socks.append(s)
-        time.sleep(0.3)
+        # the next batch starts once each handshake of this one was answered (refused, as counted below)
+        deadline = time.monotonic() + WAIT_S
+        for m in monitors:
+            assert m.poll(max(1, int((deadline - time.monotonic()) * 1000))), "a handshake was never answered"
         for s in socks:
+            s.disable_monitor()
             s.close(0)
+        for m in monitors:
+            m.close(0)
     ctx.term()
     wait_for("the refusals", lambda: "refused a CurveZMQ handshake" in c.log(), proc=c)
     os.kill(c.proc.pid, signal.SIGTERM)

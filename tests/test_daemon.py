@@ -435,13 +435,16 @@ def test_wandb_failure_is_logged_once_and_results_still_written(
 
 # -------------------------------------------------------------------------------- signals, restarts
 
-def _big(seed: int = 3) -> torch.Tensor:
+def _big(seed: int = 3, rows: int = 0) -> torch.Tensor:
     # Big enough that geometry takes seconds on one thread even on a fast CPU (about 2e11
-    # multiply-adds), so SIGTERM reliably lands mid-analysis.
-    return torch.randn(BIG_ROWS, 256, generator=torch.Generator().manual_seed(seed))
+    # multiply-adds at BIG_ROWS), so SIGTERM reliably lands mid-analysis.
+    return torch.randn(rows or BIG_ROWS, 256, generator=torch.Generator().manual_seed(seed))
 
 
 BIG_ROWS = 40000
+# The grace test waits for its analysis to finish after SIGTERM: 7e10 multiply-adds are still seconds on one
+# thread of a fast CPU (the signal lands at the first progress line, 0.2 s in) and a third of BIG_ROWS' work.
+GRACE_ROWS = 24000
 
 
 def test_sigterm_mid_analysis_abandons_after_grace_and_flushes(start_daemon, push: zmq.Socket, tmp_path: Path) -> None:
@@ -462,13 +465,13 @@ def test_sigterm_mid_analysis_abandons_after_grace_and_flushes(start_daemon, pus
 
 def test_sigterm_mid_analysis_finishes_within_grace(start_daemon, push: zmq.Socket) -> None:
     d = start_daemon("--chunk-size", "64", "--progress-interval", "0.2", "--shutdown-grace", "60", "--no-wandb")
-    snapshot(push, "grace", 2, _big())
+    snapshot(push, "grace", 2, _big(rows=GRACE_ROWS))
     wait_for("a progress line", lambda: "run grace iter 2: geometry" in d.log(), proc=d)
     d.proc.send_signal(signal.SIGTERM)
     assert d.wait_exit() == 0
     assert "finished the running analysis (run grace iter 2)" in d.log()
     (r,) = d.results("grace")
-    assert r["iter"] == 2 and r["geometry"]["pairs"] == BIG_ROWS * (BIG_ROWS - 1)
+    assert r["iter"] == 2 and r["geometry"]["pairs"] == GRACE_ROWS * (GRACE_ROWS - 1)
 
 
 def test_sigkill_then_restart_with_state_dir_continues_drift(start_daemon, push: zmq.Socket, tmp_path: Path) -> None:
@@ -708,13 +711,16 @@ def test_no_extras_leaves_drift_and_geometry_only(start_daemon, tmp_path: Path, 
 
 
 def test_bad_insight_options_fail_with_one_line(tmp_path: Path, env: dict[str, str]) -> None:
-    for args, message in ((["--knn-k", "0"], "--knn-k must be at least 1"),
-                          (["--drift-window", "3"], "--drift-window must be at least 5"),
-                          (["--partial-collapse-share", "1.5"], "--partial-collapse-share must be in [0, 1]"),
-                          (["--galaxy-rows", "-1"], "--galaxy-rows must be >= 0")):
-        proc = subprocess.run([sys.executable, "-m", "analysis_daemon", *args], capture_output=True, text=True,
-                              env=env, cwd=tmp_path, timeout=60)
-        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(f"Error: {message}")
+    cases = ((["--knn-k", "0"], "--knn-k must be at least 1"),
+             (["--drift-window", "3"], "--drift-window must be at least 5"),
+             (["--partial-collapse-share", "1.5"], "--partial-collapse-share must be in [0, 1]"),
+             (["--galaxy-rows", "-1"], "--galaxy-rows must be >= 0"))
+    # started together: each spends its time importing (torch), not waiting on the others
+    procs = [subprocess.Popen([sys.executable, "-m", "analysis_daemon", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path) for args, _ in cases]
+    for proc, (_, message) in zip(procs, cases):
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2 and err.strip().splitlines()[-1].startswith(f"Error: {message}")
 
 
 def test_a_daemon_started_by_a_wandb_process_logs_after_that_process_ended(

@@ -14,6 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.conftest import follow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -82,11 +84,12 @@ def test_launch_runs_trainer_and_daemon_to_a_results_file(tmp_path, subprocess_e
     assert_last_line_names_results_and_report(proc.stderr, tmp_path / "runs" / "launch-test" / "analysis.jsonl")
     assert _leaked(before) == set()
 
-    tail = subprocess.run(["timeout", "3", str(ROOT / "launch.sh"), "tail"], env=env, capture_output=True,
-                          text=True, cwd=ROOT)
+    block = "--- ASYNC ANALYSIS RESULTS FOR ITERATION 60 (run launch-test) ---"
+    tail = follow([str(ROOT / "launch.sh"), "tail"], ["iter 60: analysed in", block, "[Geometry] Mean Similarity"],
+                  env=env, cwd=ROOT)
     assert "iter 60: analysed in" in tail.stdout
     # The metrics, not only the INFO lines.
-    assert "--- ASYNC ANALYSIS RESULTS FOR ITERATION 60 (run launch-test) ---" in tail.stdout
+    assert block in tail.stdout
     assert "[Geometry] Mean Similarity" in tail.stdout
 
 

@@ -135,7 +135,7 @@ def test_a_squatted_tcp_port_gets_nothing_and_the_daemon_is_served_after(attacke
     endpoint = f"tcp://127.0.0.1:{port}"
     squatter = subprocess.Popen(["setpriv", f"--reuid={ATTACKER_UID}", f"--regid={ATTACKER_UID}", "--clear-groups",
                                  SYSTEM_PYTHON, str(attacker_script), str(port), "squat", "6", "squat-victim"],
-                                stdout=subprocess.PIPE, text=True, env={"PATH": "/usr/bin:/bin"})
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={"PATH": "/usr/bin:/bin"})
     pub = None
     try:
         assert json.loads(squatter.stdout.readline()) == {"listening": port}
@@ -144,7 +144,11 @@ def test_a_squatted_tcp_port_gets_nothing_and_the_daemon_is_served_after(attacke
                                  wandb_info={"project": "private-project"})
         pub._sender.retry_after_refusal_s = 1.0  # noqa: SLF001 - retry often: several handshakes refused
         sent = [pub.publish(torch.randn(64, 8), it) for it in range(3)]
-        result = json.loads(squatter.communicate(timeout=WAIT_S)[0].strip().splitlines()[-1])
+        seen = []  # a line per connection the trainer closed (all it sent counted); bounded: the squatter's 6 s
+        while len(seen) < 2 and (line := squatter.stdout.readline()):
+            seen.append(line)
+        out = "".join(seen) + squatter.communicate("stop\n", timeout=WAIT_S)[0]
+        result = json.loads(out.strip().splitlines()[-1])
     finally:
         if squatter.poll() is None:
             squatter.kill()

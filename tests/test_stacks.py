@@ -2,8 +2,9 @@
 
 Every rank publishes the object a user holds; a real daemon assembles the parts. Its records must
 equal the analysis of the full matrix, gathered in tests/stack_ranks.py with the stack's own
-collectives and analysed here by the function the daemon's worker runs. One torchrun launch per
-stack (each is slow to start); DeepSpeed's JIT-built op is cached between launches.
+collectives and analysed here by the function the daemon's worker runs. Torchrun is slow to start
+(two interpreters importing torch and the stack), so one launch runs every layout in turn, each under
+its own run name, and the tests below check theirs; the HF Trainer under ZeRO-3 is a launch of its own.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import child_env, free_tcp_port
+from tests.test_daemon import DaemonProc
 from tests.test_sharded import close, daemons, reference  # noqa: F401 - daemons is a fixture
 
 pytestmark = pytest.mark.timeout(400)
@@ -22,6 +25,11 @@ pytestmark = pytest.mark.timeout(400)
 ROOT = Path(__file__).resolve().parent.parent
 RANKS_SCRIPT = ROOT / "tests" / "stack_ranks.py"
 ITERS = [0, 1]
+HAVE_MEGATRON = importlib.util.find_spec("megatron") is not None
+HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+FSDP1 = ["fsdp1-root", "fsdp1-own", "fsdp1-none", "fsdp1-bare", "fsdp1-callback", "fsdp1-noshard", "fsdp1-hybrid"]
+MEGATRON = ["mg-tp", "mg-dp"]
+ZERO = ["z3", "z3-bf16", "z3-init", "z2"]  # last: DeepSpeed's engine and zero.Init go after the others
 
 
 def torchrun(daemon, out: Path, env: dict, *scenarios: str) -> subprocess.CompletedProcess:
@@ -29,6 +37,28 @@ def torchrun(daemon, out: Path, env: dict, *scenarios: str) -> subprocess.Comple
            str(RANKS_SCRIPT), daemon.endpoint, str(out), str(daemon.results_dir), *scenarios]
     extra = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     return subprocess.run(cmd, env={**env, **extra}, capture_output=True, text=True, timeout=360)
+
+
+@pytest.fixture(scope="module")
+def stacks(tmp_path_factory: pytest.TempPathFactory):
+    """(daemon, out dir, finished torchrun) of the one launch that runs every installed stack's layouts."""
+    tmp = tmp_path_factory.mktemp("stacks")
+    env = child_env(tmp)
+    daemon = DaemonProc(tmp, dict(env, OMP_WAIT_POLICY="PASSIVE"), f"tcp://127.0.0.1:{free_tcp_port()}")
+    out = tmp / "full"
+    out.mkdir()
+    try:
+        scenarios = FSDP1 + MEGATRON * HAVE_MEGATRON + ZERO * HAVE_DEEPSPEED
+        yield daemon, out, torchrun(daemon, out, env, *scenarios)
+    finally:
+        daemon.kill()
+
+
+def launched(stacks):
+    """The shared launch, failing the test that reads it if the launch failed."""
+    daemon, out, proc = stacks
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return daemon, out, proc
 
 
 def check_runs(daemon, out: Path, runs: list[str], proc: subprocess.CompletedProcess) -> None:
@@ -48,33 +78,21 @@ def check_runs(daemon, out: Path, runs: list[str], proc: subprocess.CompletedPro
         torch.set_num_threads(threads)
 
 
-def run_stack(daemons, subprocess_env, tmp_path: Path, *scenarios: str):
-    daemon = daemons()
-    out = tmp_path / "full"
-    out.mkdir()
-    proc = torchrun(daemon, out, subprocess_env, *scenarios)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return daemon, out, proc
-
-
-needs_megatron = pytest.mark.skipif(importlib.util.find_spec("megatron") is None,
-                                    reason="megatron-core is not installed (pip install -e '.[test]')")
-needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                                     reason="deepspeed is not installed (pip install -e '.[test]')")
+needs_megatron = pytest.mark.skipif(not HAVE_MEGATRON, reason="megatron-core is not installed (pip install -e '.[test]')")
+needs_deepspeed = pytest.mark.skipif(not HAVE_DEEPSPEED, reason="deepspeed is not installed (pip install -e '.[test]')")
 
 
 @needs_megatron
-def test_megatron_vocab_parallel_embedding_and_head_every_tp_rank_sends_its_rows(daemons, subprocess_env, tmp_path):
-    daemon, out, proc = run_stack(daemons, subprocess_env, tmp_path, "mg-tp", "mg-dp")
+def test_megatron_vocab_parallel_embedding_and_head_every_tp_rank_sends_its_rows(stacks):
+    daemon, out, proc = launched(stacks)
     check_runs(daemon, out, ["mg-tp", "mg-head", "mg-dp"], proc)
     for rank in (0, 1):  # TP: both ranks send their half; DP x TP=1: only dp rank 0
         assert f"rank {rank} mg-tp: sent 2 parts" in proc.stdout and f"rank {rank} mg-head: sent 2 parts" in proc.stdout
     assert "rank 0 mg-dp: sent 2 parts" in proc.stdout and "rank 1 mg-dp: sent 0 parts" in proc.stdout
 
 
-def test_fsdp1_root_unit_own_unit_a_rank_holding_nothing_and_replicas(daemons, subprocess_env, tmp_path):
-    daemon, out, proc = run_stack(daemons, subprocess_env, tmp_path, "fsdp1-root", "fsdp1-own", "fsdp1-none",
-                                  "fsdp1-bare", "fsdp1-callback", "fsdp1-noshard", "fsdp1-hybrid")
+def test_fsdp1_root_unit_own_unit_a_rank_holding_nothing_and_replicas(stacks):
+    daemon, out, proc = launched(stacks)
     check_runs(daemon, out, ["fsdp1-root", "fsdp1-own", "fsdp1-none", "fsdp1-callback", "fsdp1-noshard",
                              "fsdp1-hybrid"], proc)
     for run in ("fsdp1-noshard", "fsdp1-hybrid"):  # every rank holds all of it: the first replica sends
@@ -91,8 +109,8 @@ def test_fsdp1_root_unit_own_unit_a_rank_holding_nothing_and_replicas(daemons, s
 
 
 @needs_deepspeed
-def test_deepspeed_zero3_partitions_bf16_zero_init_and_zero2(daemons, subprocess_env, tmp_path):
-    daemon, out, proc = run_stack(daemons, subprocess_env, tmp_path, "z3", "z3-bf16", "z3-init", "z2")
+def test_deepspeed_zero3_partitions_bf16_zero_init_and_zero2(stacks):
+    daemon, out, proc = launched(stacks)
     # bf16 partitions travel as bf16; the reference is the same bf16 values, so the numbers match as for fp32
     check_runs(daemon, out, ["z3", "z3-bf16", "z3-init", "z2"], proc)
     for rank in (0, 1):

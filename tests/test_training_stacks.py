@@ -9,17 +9,17 @@ training without it (publishing never touches the user's tensors). See docs/trai
 from __future__ import annotations
 
 import logging
-import os
+from functools import partial
 from typing import Callable
 
 import pytest
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from tests.conftest import ROOT, free_tcp_port
+from tests.conftest import child_env, free_tcp_port
 from tests.test_daemon import DaemonProc
 from tests.test_publish_untouched import state
+from tests.tiny_lm import TinyLM
 from trainer_hook import EmbeddingPublisher
 
 pytestmark = pytest.mark.timeout(180)
@@ -31,42 +31,12 @@ VOCAB, DIM, SEQ, BATCH = 61, 16, 12, 4
 def daemon(tmp_path_factory: pytest.TempPathFactory):
     """One real daemon for the whole file (each stack is its own run)."""
     tmp = tmp_path_factory.mktemp("stacks")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-               WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp), PYTHONUNBUFFERED="1",
-               OMP_WAIT_POLICY="PASSIVE")
-    d = DaemonProc(tmp, env, f"tcp://127.0.0.1:{free_tcp_port()}")
+    d = DaemonProc(tmp, dict(child_env(tmp), OMP_WAIT_POLICY="PASSIVE"), f"tcp://127.0.0.1:{free_tcp_port()}")
     yield d
     d.kill()
 
 
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.norm, self.mlp = nn.LayerNorm(DIM), nn.Sequential(nn.Linear(DIM, 2 * DIM), nn.GELU(), nn.Linear(2 * DIM, DIM))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.mlp(self.norm(h))
-
-
-class Tiny(nn.Module):
-    """Embedding, two residual blocks, a head; `checkpointed` recomputes the embedding and blocks in backward."""
-
-    def __init__(self, checkpointed: bool = False) -> None:
-        super().__init__()
-        self.tok_embeddings = nn.Embedding(VOCAB, DIM)
-        self.layers = nn.ModuleList([Block(), Block()])
-        self.head = nn.Linear(DIM, VOCAB, bias=False)
-        self.checkpointed = checkpointed
-
-    def body(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.tok_embeddings(ids)
-        for layer in self.layers:
-            h = layer(h)
-        return h
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = checkpoint(self.body, ids, use_reentrant=False) if self.checkpointed else self.body(ids)
-        return self.head(h)
+Tiny = partial(TinyLM, VOCAB, DIM)  # Tiny(checkpointed=True) recomputes the embedding and blocks in backward
 
 
 def batch(step: int) -> torch.Tensor:

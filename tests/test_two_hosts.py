@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import follow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 DAEMON_HOST, TRAINER_HOST = "10.213.7.1", "10.213.7.2"
@@ -134,9 +136,10 @@ def test_trainer_and_daemon_on_two_hosts_with_curve_keys(two_hosts, tmp_path, su
 
     # On the daemon host, `tail RUN` (or `tail HOST`, the trainer's host name) follows the daemon's log
     # filtered to that run: its log lines and its result blocks with the metrics.
+    block = "--- ASYNC ANALYSIS RESULTS FOR ITERATION 20 (run two-host) ---"
     for name in ("two-host", socket.gethostname()):
-        tail = subprocess.run(["timeout", "3", str(ROOT / "launch.sh"), "tail", name], env=env,
-                              capture_output=True, text=True, cwd=ROOT)
-        assert "--- ASYNC ANALYSIS RESULTS FOR ITERATION 20 (run two-host) ---" in tail.stdout, tail.stderr
+        tail = follow([str(ROOT / "launch.sh"), "tail", name], [block, "[Drift] vs iter 10", "run two-host: end"],
+                      env=env, cwd=ROOT)
+        assert block in tail.stdout, tail.stderr
         assert "[Drift] vs iter 10" in tail.stdout and "run two-host: end" in tail.stdout
         assert "ready on" not in tail.stdout  # other lines of the daemon's log are left out
