@@ -8,6 +8,7 @@ checks the bytes that arrived, that the tensor is exactly as before, and then fr
 from __future__ import annotations
 
 import hashlib
+import time
 
 import pytest
 import torch
@@ -57,6 +58,18 @@ def cases() -> list[tuple[str, torch.Tensor, torch.dtype | None, torch.dtype]]:
     ]
 
 
+def wait_released(pub: EmbeddingPublisher, timeout: float = 10.0) -> None:
+    """Until the sender thread has taken back every staging buffer of a snapshot already received.
+
+    The listener has the message before the sender thread sees libzmq's tracker done (it looks every 5 ms,
+    later on a loaded host); a publish in between finds every buffer in flight and is dropped, by design.
+    """
+    deadline = time.monotonic() + timeout
+    while pub._sender._pending or not pub._sender.jobs.empty():
+        assert time.monotonic() < deadline, "the sender thread kept its buffers"
+        time.sleep(0.002)
+
+
 @pytest.mark.parametrize("shared_memory", TRANSPORTS)
 def test_publish_leaves_every_tensor_as_it_was_and_fsdp_can_free_it(tcp_endpoint, listeners, shared_memory):
     listener = listeners(tcp_endpoint)
@@ -67,7 +80,8 @@ def test_publish_leaves_every_tensor_as_it_was_and_fsdp_can_free_it(tcp_endpoint
             before, expected = state(w), digest_of(w.to(wire))
             pub.send_dtype = send_dtype
             assert pub.publish(w, i), name
-            got = listener.next_snapshot()  # the sender thread has finished with it too
+            got = listener.next_snapshot()
+            wait_released(pub)  # the next case's publish needs a free buffer, not one libzmq still holds
             assert got["digest"] == expected and got["dtype"] == str(wire).removeprefix("torch."), name
             assert got["via"] == ("shm" if shared_memory else "inline"), name
             assert state(w) == before, name
