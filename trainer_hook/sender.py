@@ -30,6 +30,16 @@ _DOWN_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED | zmq.EVENT_HANDSHAKE_
                 | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_MONITOR_STOPPED)
 
 
+def _counts_plus(newer: Any, older: Any) -> Any:
+    """`newer` + `older` token counts as a new tensor (never the job's pinned buffer: that one is freed with
+    the job); counted against another row count, only the rows both name are added (the newer's rows stand)."""
+    out = newer.clone()
+    if older is not None:
+        n = min(out.numel(), older.numel())
+        out[:n] += older[:n]
+    return out
+
+
 @dataclass
 class SnapshotJob:
     """One snapshot on its way out: either committed to a shm slot, or in a staging buffer."""
@@ -262,25 +272,13 @@ class Sender(threading.Thread):
     def _carry(self, job: SnapshotJob) -> None:
         """Keep a dropped job's token counts for the next snapshot (those of a copy that never landed are lost)."""
         counts, job.token_counts = job.token_counts, None
-        if counts is None or not job.landed:
-            return
-        carried = self.carried_counts
-        if carried is None:
-            self.carried_counts = counts.clone()  # not the pinned buffer: that one is freed with the job
-        else:
-            n = min(carried.numel(), counts.numel())  # another row count: only the rows both name
-            self.carried_counts = counts.clone()
-            self.carried_counts[:n] += carried[:n]
+        if counts is not None and job.landed:
+            self.carried_counts = _counts_plus(counts, self.carried_counts)
 
     def _with_carried(self, job: SnapshotJob) -> None:
         # Counts of earlier dropped snapshots join this one's; if this one is dropped too, _carry keeps the sum.
-        if job.token_counts is None or self.carried_counts is None:
-            return
-        carried, self.carried_counts = self.carried_counts, None
-        counts = job.token_counts.clone()
-        n = min(carried.numel(), counts.numel())
-        counts[:n] += carried[:n]
-        job.token_counts = counts
+        if job.token_counts is not None and self.carried_counts is not None:
+            job.token_counts, self.carried_counts = _counts_plus(job.token_counts, self.carried_counts), None
 
     def _snapshot(self, job: SnapshotJob) -> None:
         if job.event is not None:
