@@ -187,7 +187,7 @@ def add_output_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                      help="keep every token's nearest neighbours, drift cosine, norm, neighbourhood size, map "
                           "position and (when the trainer counts them) token counts per analysed iteration in "
                           "RESULTS_DIR/<run>/tokens/ for `analysis-daemon explore` (about 5.0 MB per iteration "
-                          "at 50304 tokens, 5.6 MB with counts; default: on)")
+                          "at 50304 tokens, 5.8 MB with counts; default: on)")
     out.add_argument("--token-data-keep", type=int, default=50, metavar="N",
                      help="keep the token data of the newest N analysed iterations per run, removing older "
                           "ones (default: %(default)s)")
